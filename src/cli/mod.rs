@@ -1,0 +1,130 @@
+//! Command line: clap definitions (syntax only) turned into jobs; one file per command.
+
+mod helper;
+mod output;
+mod sync;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit statuses (rsync's numbers where they mean the same thing).
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Fatal error: nothing or only part was synced, the message says why.
+    pub const FATAL: u8 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// Some files could not be transferred; everything else was.
+    pub const PARTIAL: u8 = 23;
+    /// `--delete` was refused by the safety guard.
+    pub const DELETE_REFUSED: u8 = 25;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "devsync",
+    version,
+    about = "Fast rsync-style delta sync between your working tree and a remote dev box",
+    after_help = "Exit status: 0 ok, 1 error, 2 usage, 23 some files failed, 25 --delete refused."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Make DEST mirror the local directory SRC (only differences travel)
+    Push(SyncArgs),
+    /// Make the local directory DEST mirror SRC
+    Pull(SyncArgs),
+    /// Serve the sync protocol on stdin/stdout (started by devsync itself, locally or over SSH)
+    #[command(hide = true)]
+    Helper,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SyncArgs {
+    /// Source directory (push: local; pull: remote target or path)
+    #[arg(value_name = "SRC", allow_hyphen_values = true)]
+    src: String,
+    /// Destination directory (created if missing)
+    #[arg(value_name = "DEST", allow_hyphen_values = true)]
+    dst: String,
+    /// Delete destination entries that the source does not have (excluded entries are kept)
+    #[arg(long)]
+    delete: bool,
+    /// With --delete: skip the guard against emptying or mostly-emptying the destination
+    #[arg(long, requires = "delete")]
+    force_delete: bool,
+    /// Show what would change; change nothing
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Print one line per change, rsync --itemize-changes style
+    #[arg(short = 'i', long = "itemize", visible_alias = "itemize-changes")]
+    itemize: bool,
+    /// Compare file contents (BLAKE3) instead of size and modification time
+    #[arg(short = 'c', long)]
+    checksum: bool,
+    /// Exclude paths matching PATTERN (gitignore syntax; repeatable)
+    #[arg(long, value_name = "PATTERN")]
+    exclude: Vec<String>,
+    /// Do not read .gitignore files (.devsyncignore and --exclude still apply)
+    #[arg(long)]
+    no_gitignore: bool,
+    /// Leave version-control directories (.git, .hg, .svn, …) out of the sync
+    #[arg(long)]
+    exclude_vcs: bool,
+    /// Show a progress bar (default: on when stderr is a terminal)
+    #[arg(long, overrides_with = "no_progress")]
+    progress: bool,
+    /// Never show a progress bar
+    #[arg(long)]
+    no_progress: bool,
+    /// Print a machine-readable JSON summary on stdout instead of text
+    #[arg(long)]
+    json: bool,
+    /// Print only errors
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// Parses the command line, runs the command, and returns the process exit status.
+pub fn run() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print(); // nowhere else to report a failure to print
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
+        }
+    };
+    let code = match cli.cmd {
+        Cmd::Push(a) => sync::run(a, sync::Direction::Push),
+        Cmd::Pull(a) => sync::run(a, sync::Direction::Pull),
+        Cmd::Helper => helper::run(),
+    };
+    ExitCode::from(code)
+}
+
+/// A multi-threaded runtime sized for this machine.
+pub(crate) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// Raises the soft open-files limit to the hard limit (deep trees keep directories open).
+pub(crate) fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim); // best effort: the default still works
+    }
+}

@@ -1,0 +1,142 @@
+//! `devsync push` and `devsync pull`: resolve both sides, start the helper, run the session,
+//! report.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+use super::output::{Reporter, summary_json, summary_line};
+use super::{SyncArgs, exit};
+use crate::engine::filter::FilterOptions;
+use crate::engine::scan::check_root;
+use crate::proto::{Role, SyncOptions};
+use crate::session::client::{self, Job, Outcome};
+use crate::target::Target;
+use crate::transport::local::{self, LocalHelper};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Push,
+    Pull,
+}
+
+pub fn run(a: SyncArgs, dir: Direction) -> u8 {
+    super::raise_fd_limit();
+    match run_inner(&a, dir) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("devsync: error: {e:#}");
+            exit::FATAL
+        }
+    }
+}
+
+fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
+    let started = Instant::now();
+    let src = Target::parse(&a.src)?;
+    let dst = Target::parse(&a.dst)?;
+    let (local, remote, role) = match dir {
+        Direction::Push => (src, dst, Role::Sender),
+        Direction::Pull => (dst, src, Role::Receiver),
+    };
+    let Target::Local(local_root) = local else {
+        bail!(
+            "{} must be a local directory: one side of a sync is this machine",
+            if dir == Direction::Push {
+                "push SRC"
+            } else {
+                "pull DEST"
+            }
+        );
+    };
+    check_local_root(&local_root, dir, a.dry_run)?;
+    let opts = SyncOptions {
+        delete: a.delete,
+        force_delete: a.force_delete,
+        dry_run: a.dry_run,
+        checksum: a.checksum,
+        filters: FilterOptions {
+            gitignore: !a.no_gitignore,
+            exclude_vcs: a.exclude_vcs,
+            excludes: a.exclude.clone(),
+        },
+    };
+    // Bad patterns are a usage error: report them before connecting anywhere.
+    if let Err(e) = opts.filters.walker(Path::new(".")) {
+        bail!("{e}");
+    }
+    let progress =
+        !a.no_progress && (a.progress || (std::io::stderr().is_terminal() && !a.quiet && !a.json));
+    let reporter = Arc::new(Reporter::new(
+        role == Role::Sender,
+        a.itemize,
+        a.quiet,
+        a.json,
+        progress,
+    ));
+    let job = Job {
+        role,
+        local_root,
+        remote_root: Vec::new(),
+        opts,
+        obs: reporter.clone(),
+    };
+    let rt = super::runtime()?;
+    let outcome = rt.block_on(run_remote(remote, job));
+    reporter.finish_bar();
+    let outcome = outcome?;
+    let elapsed = started.elapsed();
+    let code = if outcome.stats.delete_refused {
+        exit::DELETE_REFUSED
+    } else if outcome.stats.errors > 0 || !reporter.errors().is_empty() {
+        exit::PARTIAL
+    } else {
+        exit::OK
+    };
+    if a.json {
+        println!("{}", summary_json(&outcome, elapsed, &reporter, code));
+    } else if !a.quiet {
+        println!("{}", summary_line(&outcome, elapsed, a.dry_run));
+    }
+    Ok(code)
+}
+
+fn check_local_root(root: &Path, dir: Direction, dry_run: bool) -> anyhow::Result<()> {
+    match dir {
+        Direction::Push => check_root(root).map_err(|e| anyhow::anyhow!("source {e}")),
+        Direction::Pull => match std::fs::metadata(root) {
+            Ok(md) if !md.is_dir() => bail!("destination {} is not a directory", root.display()),
+            Ok(_) => Ok(()),
+            Err(_) if dry_run => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(root)
+                .with_context(|| format!("creating destination {}", root.display())),
+            Err(e) => Err(e).with_context(|| format!("destination {}", root.display())),
+        },
+    }
+}
+
+async fn run_remote(remote: Target, mut job: Job) -> anyhow::Result<Outcome> {
+    match remote {
+        Target::Local(path) => {
+            let abs: PathBuf = std::path::absolute(&path)
+                .with_context(|| format!("resolving {}", path.display()))?;
+            job.remote_root = abs.into_os_string().into_encoded_bytes();
+            let helper = LocalHelper::spawn().context("starting the helper")?;
+            let (stdout, stdin, (mut child, stderr)) = helper.into_parts();
+            let result = client::run(stdout, stdin, job).await;
+            if result.is_err() {
+                let _ = child.start_kill(); // it may already have exited
+            }
+            let (status, err) = local::finish(child, stderr).await;
+            match result {
+                Ok(o) => Ok(o),
+                Err(e) if err.is_empty() => Err(e.into()),
+                Err(e) => Err(anyhow::anyhow!("{e}\nhelper (exit {status:?}): {err}")),
+            }
+        }
+        other => bail!("{other:?}: remote targets are not supported by this build yet"),
+    }
+}

@@ -1,0 +1,182 @@
+//! Frames: `u32 BE length | u32 BE header length | postcard header | raw payload`.
+//!
+//! A reader tells three things apart (mini-redis style): a clean end of stream between frames
+//! (`Ok(None)`), a stream that ends inside a frame ([`ProtoError::Truncated`]), and bytes that
+//! are not a frame ([`ProtoError::Oversized`] / [`ProtoError::Malformed`] / `Invalid`). The
+//! length is checked against [`MAX_FRAME`] before any buffer is allocated. (tokio-util's
+//! `LengthDelimitedCodec` reports these cases as indistinguishable `io::Error`s and copies
+//! every payload into its write buffer, hence this small reader and writer.)
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+
+use super::ProtoError;
+use super::msg::Msg;
+
+/// Largest frame accepted: one 4 MiB chunk as a worst-case (all literal) delta, plus headroom.
+pub const MAX_FRAME: u32 = 8 << 20;
+/// Largest encoded message header inside a frame.
+pub const MAX_HEADER: u32 = 1 << 20;
+
+pub struct FrameReader<R> {
+    inner: BufReader<R>,
+    bytes: u64,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(r: R) -> Self {
+        FrameReader {
+            inner: BufReader::with_capacity(256 << 10, r),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes consumed from the stream so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes
+    }
+
+    pub(crate) fn buffered(&mut self) -> &mut BufReader<R> {
+        &mut self.inner
+    }
+
+    /// The buffered stream underneath, for reading raw bytes outside frames (handshakes).
+    pub fn raw(&mut self) -> &mut BufReader<R> {
+        &mut self.inner
+    }
+
+    pub(crate) fn count(&mut self, n: u64) {
+        self.bytes += n;
+    }
+
+    /// Next message and its payload; `Ok(None)` on a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<(Msg, Bytes)>, ProtoError> {
+        let mut len = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            let n = self
+                .inner
+                .read(len.get_mut(got..).unwrap_or_default())
+                .await?;
+            if n == 0 {
+                return if got == 0 {
+                    Ok(None)
+                } else {
+                    Err(ProtoError::Truncated)
+                };
+            }
+            got += n;
+        }
+        let len = u32::from_be_bytes(len);
+        if len > MAX_FRAME {
+            return Err(ProtoError::Oversized { len: len.into() });
+        }
+        if len < 4 {
+            return Err(ProtoError::Malformed(format!(
+                "{len}-byte frame is too short"
+            )));
+        }
+        let mut buf = BytesMut::zeroed(len as usize);
+        self.inner.read_exact(&mut buf).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                ProtoError::Truncated
+            } else {
+                ProtoError::Io(e)
+            }
+        })?;
+        self.bytes += 4 + u64::from(len);
+        let mut frame = buf.freeze();
+        decode(&mut frame).map(Some)
+    }
+}
+
+/// Splits a frame body (without its length prefix) into a validated message and its payload.
+pub fn decode(frame: &mut Bytes) -> Result<(Msg, Bytes), ProtoError> {
+    let hlen = frame
+        .get(..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| ProtoError::Malformed("frame shorter than its header length".into()))?;
+    if hlen > MAX_HEADER || hlen as usize > frame.len() - 4 {
+        return Err(ProtoError::Malformed(format!(
+            "header length {hlen} does not fit in a {}-byte frame",
+            frame.len()
+        )));
+    }
+    let header = frame.slice(4..4 + hlen as usize);
+    let payload = frame.slice(4 + hlen as usize..);
+    let msg: Msg = postcard::from_bytes(&header)
+        .map_err(|e| ProtoError::Malformed(format!("undecodable message: {e}")))?;
+    msg.validate(payload.len())?;
+    Ok((msg, payload))
+}
+
+/// Encodes one frame into `out` (tests and fuzzing build raw streams with it).
+pub fn encode(msg: &Msg, payload: &[u8], out: &mut Vec<u8>) -> Result<(), ProtoError> {
+    let header = postcard::to_stdvec(msg).map_err(|e| ProtoError::Malformed(e.to_string()))?;
+    let total = 4 + header.len() + payload.len();
+    if total > MAX_FRAME as usize {
+        return Err(ProtoError::Oversized { len: total as u64 });
+    }
+    out.extend_from_slice(&(total as u32).to_be_bytes());
+    out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+pub struct FrameWriter<W> {
+    inner: BufWriter<W>,
+    header: Vec<u8>,
+    bytes: u64,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(w: W) -> Self {
+        FrameWriter {
+            inner: BufWriter::with_capacity(256 << 10, w),
+            header: Vec::with_capacity(256),
+            bytes: 0,
+        }
+    }
+
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Writes raw bytes (the handshake magic) outside of any frame.
+    pub async fn write_raw(&mut self, b: &[u8]) -> Result<(), ProtoError> {
+        self.inner.write_all(b).await?;
+        self.bytes += b.len() as u64;
+        Ok(())
+    }
+
+    /// Queues one frame; large payloads go straight to the stream without a copy.
+    pub async fn write(&mut self, msg: &Msg, payload: &[u8]) -> Result<(), ProtoError> {
+        self.header.clear();
+        let header = postcard::to_extend(msg, std::mem::take(&mut self.header))
+            .map_err(|e| ProtoError::Malformed(e.to_string()))?;
+        self.header = header;
+        let total = 4 + self.header.len() + payload.len();
+        if total > MAX_FRAME as usize {
+            return Err(ProtoError::Oversized { len: total as u64 });
+        }
+        self.inner.write_all(&(total as u32).to_be_bytes()).await?;
+        self.inner
+            .write_all(&(self.header.len() as u32).to_be_bytes())
+            .await?;
+        self.inner.write_all(&self.header).await?;
+        self.inner.write_all(payload).await?;
+        self.bytes += 4 + total as u64;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ProtoError> {
+        Ok(self.inner.flush().await?)
+    }
+
+    pub async fn shutdown(&mut self) -> Result<(), ProtoError> {
+        self.inner.flush().await?;
+        Ok(self.inner.shutdown().await?)
+    }
+}

@@ -1,0 +1,275 @@
+//! Message types and their validation. Every message decoded from a peer passes
+//! [`Msg::validate`] before the session sees it; checks that need session state (is this file
+//! id one I asked for? is this chunk index inside the file?) live in the session.
+
+use serde::{Deserialize, Serialize};
+
+use super::ProtoError;
+use crate::engine::delta::SigParams;
+use crate::engine::filter::{FilterOptions, MAX_EXCLUDES, MAX_PATTERN_LEN};
+use crate::engine::hash::{Cv, Digest, chunk_count};
+use crate::engine::plan::Change;
+use crate::engine::{Entry, EntryKind, MODE_MASK};
+
+/// Index of an entry in the sender's file list (assigned in the order entries are sent).
+pub type FileId = u32;
+
+/// Longest text (messages, warnings) accepted from a peer.
+pub const MAX_TEXT: usize = 64 << 10;
+/// Longest symlink target accepted.
+pub const MAX_LINK_TARGET: usize = 4096;
+/// Most chunk hashes in one message: a 64 TiB file.
+pub const MAX_CHUNKS: u64 = 1 << 24;
+
+/// The part the helper plays; the client plays the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Sender,
+    Receiver,
+}
+
+/// What the user asked for, shared by both peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncOptions {
+    pub delete: bool,
+    pub force_delete: bool,
+    pub dry_run: bool,
+    pub checksum: bool,
+    pub filters: FilterOptions,
+}
+
+/// Something the user should hear about, produced by either peer and shown by the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    Change(Change),
+    Warning { path: String, message: String },
+    Error { path: String, message: String },
+}
+
+/// Totals of one sync, counted by the receiver and reported to the client.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Entries in the sender's list, by kind.
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Sum of the sender's file sizes.
+    pub total_size: u64,
+    /// Items created or whose content changed (files, dirs, symlinks).
+    pub created: u64,
+    pub updated: u64,
+    /// Files whose content was already right but permissions or mtime were not.
+    pub metadata_only: u64,
+    pub deleted: u64,
+    /// Bytes of file content that crossed the wire (whole files plus delta streams).
+    pub literal_bytes: u64,
+    /// Bytes of rebuilt files that came from the receiver's own copy.
+    pub matched_bytes: u64,
+    /// Rebuilt files whose BLAKE3 did not match and were re-sent whole.
+    pub verify_retries: u64,
+    pub errors: u64,
+    pub warnings: u64,
+    /// `--delete` was refused by the guard (exit status 25).
+    pub delete_refused: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// Client → helper, first frame: who does what where.
+    Hello {
+        version: u32,
+        helper_role: Role,
+        #[serde(with = "serde_bytes")]
+        root: Vec<u8>,
+        opts: SyncOptions,
+    },
+    /// Helper → client: ready.
+    HelloOk { version: u32 },
+    /// Either way: the session cannot continue; the text says why.
+    Fatal { message: String },
+
+    /// Sender → receiver: one list entry (parents before children).
+    Entry { id: FileId, entry: Entry },
+    /// Sender → receiver: the list is complete. With scan errors, the receiver must not delete.
+    EndOfList { count: u32, scan_errors: u32 },
+
+    /// Receiver → sender: send this file whole.
+    NeedWhole { id: FileId },
+    /// Receiver → sender: my copy is small; here is its full signature (payload) and chunk hashes.
+    Signature {
+        id: FileId,
+        base_len: u64,
+        params: SigParams,
+        cvs: Vec<Cv>,
+    },
+    /// Receiver → sender: my copy is big; here are its chunk hashes, ask for signatures.
+    ChunkHashes {
+        id: FileId,
+        base_len: u64,
+        params: SigParams,
+        cvs: Vec<Cv>,
+    },
+    /// Sender → receiver: send block signatures of these base chunks (`None`: all).
+    SigRequest {
+        id: FileId,
+        chunks: Option<Vec<u32>>,
+    },
+    /// Receiver → sender: block signature of one base chunk (payload).
+    SigPart { id: FileId, chunk: u32 },
+
+    /// Sender → receiver: a complete file of at most one chunk (payload) and its BLAKE3.
+    WholeFile { id: FileId, digest: Digest },
+    /// Sender → receiver: literal bytes of one chunk (payload) of a bigger file.
+    Data { id: FileId, chunk: u32 },
+    /// Sender → receiver: a delta (payload) against a window of base chunks that rebuilds
+    /// chunk `chunk`, exactly `len` bytes.
+    Delta {
+        id: FileId,
+        chunk: u32,
+        window_start: u32,
+        window_len: u32,
+        len: u32,
+    },
+    /// Sender → receiver: this chunk equals the base chunk at the same offset.
+    Copy { id: FileId, chunk: u32 },
+    /// Sender → receiver: all chunks of the file were sent; its length and BLAKE3.
+    FileEnd {
+        id: FileId,
+        len: u64,
+        digest: Digest,
+    },
+    /// Sender → receiver: the receiver's copy already has this content.
+    Identical { id: FileId },
+    /// Sender → receiver: this file could not be read. `transient`: it vanished or changed
+    /// while being read (a warning; the next sync picks it up).
+    SendFailed {
+        id: FileId,
+        message: String,
+        transient: bool,
+    },
+
+    /// Helper → client: something to show the user.
+    Event(Event),
+    /// Receiver → sender: everything is applied; the totals.
+    Done { stats: Stats },
+    /// Sender → receiver: acknowledges `Done`; the session is over.
+    Bye,
+}
+
+fn invalid(what: impl Into<String>) -> ProtoError {
+    ProtoError::Invalid(what.into())
+}
+
+fn check_text(s: &str) -> Result<(), ProtoError> {
+    if s.len() > MAX_TEXT {
+        return Err(invalid(format!("{} bytes of text", s.len())));
+    }
+    Ok(())
+}
+
+fn check_cvs(base_len: u64, params: &SigParams, cvs: &[Cv]) -> Result<(), ProtoError> {
+    params.validate().map_err(|e| invalid(e.to_string()))?;
+    let n = chunk_count(base_len);
+    if n > MAX_CHUNKS || cvs.len() as u64 != n {
+        return Err(invalid(format!(
+            "{} chunk hashes for a {base_len}-byte file",
+            cvs.len()
+        )));
+    }
+    Ok(())
+}
+
+pub fn check_entry(e: &Entry) -> Result<(), ProtoError> {
+    e.path.check().map_err(|err| invalid(err.to_string()))?;
+    if e.mode & !MODE_MASK != 0 {
+        return Err(invalid(format!("{}: mode {:o}", e.path, e.mode)));
+    }
+    if !e.mtime.is_valid() {
+        return Err(invalid(format!(
+            "{}: mtime nanoseconds out of range",
+            e.path
+        )));
+    }
+    if let EntryKind::Symlink { target } = &e.kind
+        && (target.is_empty() || target.len() > MAX_LINK_TARGET || target.contains(&0))
+    {
+        return Err(invalid(format!("{}: bad symlink target", e.path)));
+    }
+    Ok(())
+}
+
+impl Msg {
+    /// Checks everything that can be checked without session state. `payload` is the length
+    /// of the raw bytes that came with the message.
+    pub fn validate(&self, payload: usize) -> Result<(), ProtoError> {
+        let takes_payload = matches!(
+            self,
+            Msg::Signature { .. }
+                | Msg::SigPart { .. }
+                | Msg::WholeFile { .. }
+                | Msg::Data { .. }
+                | Msg::Delta { .. }
+        );
+        if payload > 0 && !takes_payload {
+            return Err(invalid("unexpected payload"));
+        }
+        match self {
+            Msg::Hello { root, opts, .. } => {
+                if root.is_empty()
+                    || root.len() > crate::engine::relpath::MAX_PATH_LEN
+                    || root.contains(&0)
+                {
+                    return Err(invalid("bad root path"));
+                }
+                let f = &opts.filters;
+                if f.excludes.len() > MAX_EXCLUDES
+                    || f.excludes
+                        .iter()
+                        .any(|p| p.is_empty() || p.len() > MAX_PATTERN_LEN)
+                {
+                    return Err(invalid("bad exclude patterns"));
+                }
+            }
+            Msg::Fatal { message } => check_text(message)?,
+            Msg::Entry { entry, .. } => check_entry(entry)?,
+            Msg::Signature {
+                base_len,
+                params,
+                cvs,
+                ..
+            }
+            | Msg::ChunkHashes {
+                base_len,
+                params,
+                cvs,
+                ..
+            } => check_cvs(*base_len, params, cvs)?,
+            Msg::SigRequest {
+                chunks: Some(chunks),
+                ..
+            } if chunks.len() as u64 > MAX_CHUNKS
+                || chunks.windows(2).any(|w| w.first() >= w.get(1)) =>
+            {
+                return Err(invalid("signature request chunks not strictly increasing"));
+            }
+            Msg::Delta {
+                window_len, len, ..
+            } if *window_len == 0 || u64::from(*len) > crate::engine::hash::CHUNK => {
+                return Err(invalid("delta window or length out of range"));
+            }
+            Msg::WholeFile { .. } if payload as u64 > crate::engine::hash::CHUNK => {
+                return Err(invalid("whole-file message larger than a chunk"));
+            }
+            Msg::SendFailed { message, .. } => check_text(message)?,
+            Msg::Event(ev) => match ev {
+                Event::Change(c) => c.path.check().map_err(|e| invalid(e.to_string()))?,
+                Event::Warning { path, message } | Event::Error { path, message } => {
+                    check_text(path)?;
+                    check_text(message)?;
+                }
+            },
+            _ => {}
+        }
+        Ok(())
+    }
+}

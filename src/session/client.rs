@@ -1,0 +1,82 @@
+//! Client side of a session: handshake, tell the helper what to do, play the other role.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Observer, SessionError, conn, receiver, sender};
+use crate::proto::{
+    FrameReader, FrameWriter, Msg, PROTOCOL_VERSION, Role, Stats, SyncOptions, handshake,
+};
+
+/// One sync, as the client sees it.
+pub struct Job {
+    /// The role the client plays (push: `Sender`, pull: `Receiver`); the helper plays the other.
+    pub role: Role,
+    pub local_root: PathBuf,
+    /// The helper's root, as the user wrote it (the helper resolves `~` and relative paths).
+    pub remote_root: Vec<u8>,
+    pub opts: SyncOptions,
+    pub obs: Arc<dyn Observer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub stats: Stats,
+    /// Protocol bytes written to and read from the helper.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+pub async fn run<R, W>(r: R, w: W, job: Job) -> Result<Outcome, SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    handshake::client_start(&mut reader, &mut writer).await?;
+    let helper_role = match job.role {
+        Role::Sender => Role::Receiver,
+        Role::Receiver => Role::Sender,
+    };
+    let hello = Msg::Hello {
+        version: PROTOCOL_VERSION,
+        helper_role,
+        root: job.remote_root.clone(),
+        opts: job.opts.clone(),
+    };
+    writer.write(&hello, &[]).await?;
+    writer.flush().await?;
+    match reader.next().await? {
+        Some((Msg::HelloOk { version }, _)) if version == PROTOCOL_VERSION => {}
+        Some((Msg::HelloOk { version }, _)) => {
+            return Err(SessionError::Remote(format!(
+                "helper answered with protocol version {version}"
+            )));
+        }
+        Some((Msg::Fatal { message }, _)) => return Err(SessionError::Remote(message)),
+        Some((other, _)) => {
+            return Err(SessionError::Violation(format!(
+                "expected HelloOk, got {other:?}"
+            )));
+        }
+        None => return Err(SessionError::Eof),
+    }
+    let (out, writer_task) = conn::spawn_writer(writer);
+    let result = match job.role {
+        Role::Sender => sender::run(&mut reader, out, job.local_root, job.opts, job.obs).await,
+        Role::Receiver => receiver::run(&mut reader, out, job.local_root, job.opts, job.obs).await,
+    };
+    let bytes_received = reader.bytes_read();
+    let stats = result?;
+    let bytes_sent = writer_task
+        .await
+        .map_err(|e| SessionError::Local(format!("writer task: {e}")))??;
+    Ok(Outcome {
+        stats,
+        bytes_sent,
+        bytes_received,
+    })
+}

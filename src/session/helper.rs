@@ -1,0 +1,130 @@
+//! Helper side of a session (`devsync helper`): greet, take the client's instructions, play
+//! the role it asks for in the root it names, and forward everything the user should see.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::conn::Out;
+use super::{Observer, SessionError, conn, receiver, sender};
+use crate::engine::scan::check_root;
+use crate::proto::{Event, FrameReader, FrameWriter, Msg, PROTOCOL_VERSION, Role, handshake};
+
+/// Sends the helper's events to the client.
+struct Forward(Out);
+
+impl Observer for Forward {
+    fn event(&self, ev: Event) {
+        let _ = self.0.send(Msg::Event(ev)); // writer gone: the session is ending anyway
+    }
+}
+
+/// `~` and `~/x` are relative to `$HOME`; other relative paths to the working directory (the
+/// home directory, under SSH).
+pub fn resolve_root(root: &[u8]) -> PathBuf {
+    let home = || std::env::var_os("HOME").map(PathBuf::from);
+    if root == b"~" {
+        if let Some(h) = home() {
+            return h;
+        }
+    }
+    if let (Some(rest), Some(h)) = (root.strip_prefix(b"~/"), home()) {
+        return h.join(OsStr::from_bytes(rest));
+    }
+    PathBuf::from(OsStr::from_bytes(root))
+}
+
+pub async fn serve<R, W>(r: R, w: W) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    handshake::helper_greet(&mut writer).await?;
+    handshake::helper_expect_client(&mut reader).await?;
+    let (role, root, opts) = match reader.next().await? {
+        Some((
+            Msg::Hello {
+                version,
+                helper_role,
+                root,
+                opts,
+            },
+            _,
+        )) => {
+            if version != PROTOCOL_VERSION {
+                let message =
+                    format!("client speaks protocol version {version}, helper {PROTOCOL_VERSION}");
+                writer
+                    .write(
+                        &Msg::Fatal {
+                            message: message.clone(),
+                        },
+                        &[],
+                    )
+                    .await?;
+                writer.shutdown().await?;
+                return Err(SessionError::Remote(message));
+            }
+            (helper_role, resolve_root(&root), opts)
+        }
+        Some((other, _)) => {
+            return Err(SessionError::Violation(format!(
+                "expected Hello, got {other:?}"
+            )));
+        }
+        None => return Err(SessionError::Eof),
+    };
+    if let Err(message) = check_helper_root(role, &root, opts.dry_run) {
+        writer
+            .write(
+                &Msg::Fatal {
+                    message: message.clone(),
+                },
+                &[],
+            )
+            .await?;
+        writer.shutdown().await?;
+        return Err(SessionError::Remote(message));
+    }
+    writer
+        .write(
+            &Msg::HelloOk {
+                version: PROTOCOL_VERSION,
+            },
+            &[],
+        )
+        .await?;
+    writer.flush().await?;
+    let (out, writer_task) = conn::spawn_writer(writer);
+    let obs: Arc<dyn Observer> = Arc::new(Forward(out.clone()));
+    let result = match role {
+        Role::Sender => sender::run(&mut reader, out, root, opts, obs).await,
+        Role::Receiver => receiver::run(&mut reader, out, root, opts, obs).await,
+    };
+    result?;
+    writer_task
+        .await
+        .map_err(|e| SessionError::Local(format!("writer task: {e}")))??;
+    Ok(())
+}
+
+/// The helper's root must be a directory (a receiver may create it).
+fn check_helper_root(role: Role, root: &std::path::Path, dry_run: bool) -> Result<(), String> {
+    match role {
+        Role::Sender => check_root(root).map_err(|e| format!("source {e}")),
+        Role::Receiver => match std::fs::metadata(root) {
+            Ok(md) if md.is_dir() => Ok(()),
+            Ok(_) => Err(format!(
+                "destination {} exists and is not a directory",
+                root.display()
+            )),
+            Err(_) if dry_run => Ok(()),
+            Err(_) => crate::engine::dest::Dest::create_root(root).map_err(|e| e.to_string()),
+        },
+    }
+}

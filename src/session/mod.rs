@@ -1,0 +1,59 @@
+//! The two roles of a sync and how a client and a helper start one.
+//!
+//! [`sender`] streams the file list and answers requests with whole files or deltas;
+//! [`receiver`] plans against its own tree, asks for what it needs, rebuilds, verifies and
+//! applies. [`client`] opens a session over any byte stream and plays one role; [`helper`]
+//! answers on the other end and plays the other. The same code runs over a child's pipes, an
+//! SSH channel or an in-memory duplex.
+
+pub mod client;
+pub mod conn;
+pub mod helper;
+pub mod receiver;
+pub mod sender;
+
+use crate::engine::dest::DestError;
+use crate::engine::scan::ScanError;
+use crate::proto::{Event, ProtoError};
+
+/// Receives what the user should see. Implemented by the CLI (printing) and by the helper
+/// (forwarding to the client). Called from many threads; must not block for long.
+pub trait Observer: Send + Sync {
+    fn event(&self, ev: Event);
+    /// A file of `bytes` bytes will be transferred (progress total grows).
+    fn planned(&self, _bytes: u64) {}
+    /// `bytes` more of the planned data have been handled.
+    fn progressed(&self, _bytes: u64) {}
+    /// One planned file is complete.
+    fn file_done(&self) {}
+}
+
+/// Observer that drops everything (tests, quiet runs).
+pub struct Silent;
+impl Observer for Silent {
+    fn event(&self, _ev: Event) {}
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    #[error("{0}")]
+    Remote(String),
+    #[error("protocol violation by peer: {0}")]
+    Violation(String),
+    #[error("connection closed before the sync finished")]
+    Eof,
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    #[error(transparent)]
+    Dest(#[from] DestError),
+    #[error("{0}")]
+    Local(String),
+}
+
+impl From<conn::Closed> for SessionError {
+    fn from(_: conn::Closed) -> Self {
+        SessionError::Local("connection writer stopped".into())
+    }
+}

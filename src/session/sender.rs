@@ -1,0 +1,553 @@
+//! Sender role: stream the file list, then answer the receiver's requests with whole files,
+//! chunk copies and deltas. Bulk work runs on rayon; the async loop here only reads frames and
+//! dispatches, so it never blocks and the receiver can always make progress.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use rayon::prelude::*;
+use tokio::io::AsyncRead;
+
+use super::conn::{Budget, Out};
+use super::{Observer, SessionError};
+use crate::engine::delta::{self, SigParams};
+use crate::engine::hash::{self, CHUNK, Cv, chunk_count, chunk_span};
+use crate::engine::scan::{self, ScanEvent, ScanOptions};
+use crate::engine::{Entry, EntryKind};
+use crate::proto::{Event, FileId, FrameReader, Msg, Stats, SyncOptions};
+
+/// File data a sender may have read but not yet written to the stream.
+const SEND_BUDGET: u64 = 48 << 20;
+
+struct Ctx {
+    root: PathBuf,
+    out: Out,
+    obs: Arc<dyn Observer>,
+    entries: RwLock<Vec<Entry>>,
+    budget: Budget,
+    big: Mutex<HashMap<FileId, BigFile>>,
+    fatal: Mutex<Option<SessionError>>,
+    /// Wakes the read loop when a worker hits a fatal error, so a peer that never hangs up
+    /// cannot keep us waiting.
+    fatal_set: tokio::sync::Notify,
+}
+
+/// A big file waiting for the block signatures it asked for.
+struct BigFile {
+    len: u64,
+    base_len: u64,
+    params: SigParams,
+    cvs: Vec<Cv>,
+    same: Vec<bool>,
+    /// Requested base chunks (`None`: all) and what has arrived.
+    wanted: Option<Vec<u32>>,
+    parts: HashMap<u32, Bytes>,
+}
+
+impl BigFile {
+    fn complete(&self) -> bool {
+        let want = match &self.wanted {
+            Some(w) => w.len(),
+            None => chunk_count(self.base_len) as usize,
+        };
+        self.parts.len() == want
+    }
+}
+
+/// Runs the sender until the receiver reports completion; returns the receiver's totals.
+pub async fn run<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    out: Out,
+    root: PathBuf,
+    opts: SyncOptions,
+    obs: Arc<dyn Observer>,
+) -> Result<Stats, SessionError> {
+    let ctx = Arc::new(Ctx {
+        root,
+        out,
+        obs,
+        entries: RwLock::new(Vec::new()),
+        budget: Budget::new(SEND_BUDGET),
+        big: Mutex::new(HashMap::new()),
+        fatal: Mutex::new(None),
+        fatal_set: tokio::sync::Notify::new(),
+    });
+    let scan_ctx = ctx.clone();
+    let scan_opts = ScanOptions {
+        filters: opts.filters.clone(),
+        checksum: opts.checksum,
+        threads: 0,
+    };
+    std::thread::Builder::new()
+        .name("devsync-scan".into())
+        .spawn(move || scan_ctx.stream_list(&scan_opts))
+        .map_err(|e| SessionError::Local(format!("starting scanner: {e}")))?;
+
+    loop {
+        // Abandoning a half-read frame is fine here: after a fatal error nothing more is read.
+        let next = tokio::select! {
+            biased;
+            () = ctx.fatal_set.notified() => None,
+            r = reader.next() => Some(r?),
+        };
+        let Some((msg, payload)) = next.flatten() else {
+            return Err(ctx.take_fatal().unwrap_or(SessionError::Eof));
+        };
+        match msg {
+            Msg::NeedWhole { id } => {
+                let path = ctx.file_path(id)?;
+                let c = ctx.clone();
+                rayon::spawn(move || c.send_whole(id, path));
+            }
+            Msg::Signature {
+                id,
+                base_len,
+                params,
+                cvs,
+            } => {
+                let path = ctx.file_path(id)?;
+                let c = ctx.clone();
+                rayon::spawn(move || c.send_delta_small(id, path, base_len, params, cvs, payload));
+            }
+            Msg::ChunkHashes {
+                id,
+                base_len,
+                params,
+                cvs,
+            } => {
+                let path = ctx.file_path(id)?;
+                let c = ctx.clone();
+                rayon::spawn(move || c.compare_big(id, path, base_len, params, cvs));
+            }
+            Msg::SigPart { id, chunk } => {
+                if ctx.add_part(id, chunk, payload)? {
+                    let path = ctx.file_path(id)?;
+                    let c = ctx.clone();
+                    rayon::spawn(move || c.send_delta_big(id, path));
+                }
+            }
+            Msg::Event(ev) => ctx.obs.event(ev),
+            Msg::Done { stats } => {
+                ctx.out.send(Msg::Bye)?;
+                return Ok(stats);
+            }
+            Msg::Fatal { message } => return Err(SessionError::Remote(message)),
+            other => {
+                return Err(ctx.violation(format!("unexpected message for a sender: {other:?}")));
+            }
+        }
+    }
+}
+
+impl Ctx {
+    fn take_fatal(&self) -> Option<SessionError> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn violation(&self, what: String) -> SessionError {
+        let _ = self.out.send(Msg::Fatal {
+            message: format!("protocol violation: {what}"),
+        }); // the session ends with this error either way
+        SessionError::Violation(what)
+    }
+
+    fn file_path(&self, id: FileId) -> Result<PathBuf, SessionError> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        match entries.get(id as usize) {
+            Some(Entry {
+                path,
+                kind: EntryKind::File { .. },
+                ..
+            }) => Ok(self.root.join(path.as_os_str())),
+            _ => Err(self.violation(format!("request for unknown file id {id}"))),
+        }
+    }
+
+    /// Scans and streams entries; ids are list positions.
+    fn stream_list(&self, opts: &ScanOptions) {
+        let errors = std::sync::atomic::AtomicU32::new(0);
+        let result = scan::scan(&self.root, opts, &|ev| match ev {
+            ScanEvent::Entry(entry) => {
+                let id = {
+                    let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+                    entries.push(entry.clone());
+                    (entries.len() - 1) as FileId
+                };
+                let _ = self.out.send(Msg::Entry { id, entry }); // writer gone: the loop sees EOF
+            }
+            ScanEvent::Skipped { path, reason } => self.obs.event(Event::Warning {
+                path,
+                message: reason,
+            }),
+            ScanEvent::Error { path, message } => {
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.obs.event(Event::Error { path, message })
+            }
+        });
+        match result {
+            Ok(()) => {
+                let count = self.entries.read().unwrap_or_else(|p| p.into_inner()).len() as u32;
+                let scan_errors = errors.into_inner();
+                let _ = self.out.send(Msg::EndOfList { count, scan_errors });
+            }
+            Err(e) => {
+                let message = format!("scanning the source: {e}");
+                *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.into());
+                self.fatal_set.notify_one();
+                let _ = self.out.send(Msg::Fatal { message }); // already failing
+            }
+        }
+    }
+
+    fn open(&self, path: &PathBuf) -> io::Result<(File, u64)> {
+        let f = File::options()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)?;
+        let len = f.metadata()?.len();
+        Ok((f, len))
+    }
+
+    fn failed(&self, id: FileId, e: io::Error) {
+        // A file that vanished or changed while being read is picked up by the next sync.
+        let transient = matches!(
+            e.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof
+        );
+        let message = match e.kind() {
+            io::ErrorKind::NotFound => "vanished before it could be sent".to_string(),
+            io::ErrorKind::UnexpectedEof => {
+                "changed while being sent; it will be sent by the next sync".to_string()
+            }
+            _ => format!("reading: {e}"),
+        };
+        self.obs.file_done();
+        let _ = self.out.send(Msg::SendFailed {
+            id,
+            message,
+            transient,
+        });
+    }
+
+    fn send_whole(&self, id: FileId, path: PathBuf) {
+        if let Err(e) = self.try_send_whole(id, &path) {
+            self.failed(id, e);
+        }
+    }
+
+    fn try_send_whole(&self, id: FileId, path: &PathBuf) -> io::Result<()> {
+        let (f, len) = self.open(path)?;
+        self.obs.planned(len);
+        if len <= CHUNK {
+            let permit = self.budget.acquire(len);
+            let buf = hash::read_chunk(&f, len, 0)?;
+            let digest = *blake3::hash(&buf).as_bytes();
+            let _ = self.out.send_data(
+                Msg::WholeFile { id, digest },
+                Bytes::from(buf),
+                Some(permit),
+            );
+            self.obs.progressed(len);
+            self.obs.file_done();
+            return Ok(());
+        }
+        let cvs: Vec<Cv> = (0..chunk_count(len))
+            .into_par_iter()
+            .map(|k| {
+                let permit = self.budget.acquire(CHUNK);
+                let buf = hash::read_chunk(&f, len, k)?;
+                let cv = hash::chunk_cv(k, &buf);
+                let n = buf.len() as u64;
+                let _ = self.out.send_data(
+                    Msg::Data {
+                        id,
+                        chunk: k as u32,
+                    },
+                    Bytes::from(buf),
+                    Some(permit),
+                );
+                self.obs.progressed(n);
+                Ok(cv)
+            })
+            .collect::<io::Result<_>>()?;
+        self.finish_file(id, &f, len, &cvs)
+    }
+
+    /// Sends `FileEnd` with the digest of what was sent.
+    fn finish_file(&self, id: FileId, f: &File, len: u64, cvs: &[Cv]) -> io::Result<()> {
+        let digest = match hash::digest_from_cvs(cvs, len) {
+            Some(d) => d,
+            None => hash::file_digest(f, len)?,
+        };
+        let _ = self.out.send(Msg::FileEnd { id, len, digest });
+        self.obs.file_done();
+        Ok(())
+    }
+
+    /// Chaining values of all chunks of `f`, and which equal the base chunk at the same offset.
+    fn own_cvs(
+        &self,
+        f: &File,
+        len: u64,
+        base_len: u64,
+        base_cvs: &[Cv],
+    ) -> io::Result<(Vec<Cv>, Vec<bool>)> {
+        let cvs: Vec<Cv> = (0..chunk_count(len))
+            .into_par_iter()
+            .map(|k| hash::read_chunk(f, len, k).map(|b| hash::chunk_cv(k, &b)))
+            .collect::<io::Result<_>>()?;
+        let same = cvs
+            .iter()
+            .enumerate()
+            .map(|(k, cv)| {
+                let k64 = k as u64;
+                base_cvs.get(k) == Some(cv) && chunk_span(len, k64).1 == chunk_span(base_len, k64).1
+            })
+            .collect();
+        Ok((cvs, same))
+    }
+
+    fn send_delta_small(
+        &self,
+        id: FileId,
+        path: PathBuf,
+        base_len: u64,
+        params: SigParams,
+        base_cvs: Vec<Cv>,
+        sig: Bytes,
+    ) {
+        let r = (|| {
+            let (f, len) = self.open(&path)?;
+            self.obs.planned(len);
+            let (cvs, same) = self.own_cvs(&f, len, base_len, &base_cvs)?;
+            if len == base_len && same.iter().all(|&s| s) {
+                return self.identical(id, len);
+            }
+            let sig =
+                delta::join_signatures(&[(&sig, base_len as usize)], params).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("receiver's signature: {e}"),
+                    )
+                })?;
+            let index = sig.index();
+            let window = (0, chunk_count(base_len));
+            self.send_chunks(id, &f, len, &same, params.block_size, &|_| {
+                Ok((window, &index))
+            })?;
+            self.finish_file(id, &f, len, &cvs)
+        })();
+        if let Err(e) = r {
+            self.failed(id, e);
+        }
+    }
+
+    fn identical(&self, id: FileId, len: u64) -> io::Result<()> {
+        let _ = self.out.send(Msg::Identical { id });
+        self.obs.progressed(len);
+        self.obs.file_done();
+        Ok(())
+    }
+
+    /// Sends every chunk of `f`: a `Copy` where it equals the base chunk at the same offset,
+    /// otherwise a delta against the window `index_for(k)` returns. Chunks go out in parallel.
+    /// A diffed chunk next to another diffed chunk overlaps it by one block less a byte, so a
+    /// block shifted across the boundary still matches (no per-chunk loss after an insertion).
+    fn send_chunks<'s>(
+        &self,
+        id: FileId,
+        f: &File,
+        len: u64,
+        same: &[bool],
+        block: u32,
+        index_for: &(
+             dyn Fn(u64) -> io::Result<((u64, u64), &'s fast_rsync::IndexedSignature<'s>)> + Sync
+         ),
+    ) -> io::Result<()> {
+        let n_chunks = chunk_count(len);
+        let diffed = |k: u64| k < n_chunks && same.get(k as usize) != Some(&true);
+        (0..n_chunks).into_par_iter().try_for_each(|k| {
+            let chunk = k as u32;
+            let (off, n) = chunk_span(len, k);
+            if !diffed(k) {
+                let _ = self.out.send(Msg::Copy { id, chunk });
+            } else {
+                let overlap = u64::from(block) - 1;
+                let pre = if k > 0 && diffed(k - 1) { overlap } else { 0 };
+                let post = if diffed(k + 1) {
+                    overlap.min(len - off - n as u64)
+                } else {
+                    0
+                };
+                let permit = self.budget.acquire(n as u64);
+                let mut data = vec![0u8; (pre + n as u64 + post) as usize];
+                f.read_exact_at(&mut data, off - pre)?;
+                let ((start, count), index) = index_for(k)?;
+                let full = delta::diff(index, &data).map_err(io::Error::other)?;
+                let d = delta::trim(&full, pre, pre + n as u64).map_err(io::Error::other)?;
+                let msg = Msg::Delta {
+                    id,
+                    chunk,
+                    window_start: start as u32,
+                    window_len: count as u32,
+                    len: n as u32,
+                };
+                let _ = self.out.send_data(msg, Bytes::from(d.delta), Some(permit));
+            }
+            self.obs.progressed(n as u64);
+            Ok(())
+        })
+    }
+
+    fn compare_big(
+        &self,
+        id: FileId,
+        path: PathBuf,
+        base_len: u64,
+        params: SigParams,
+        base_cvs: Vec<Cv>,
+    ) {
+        let r = (|| {
+            let (f, len) = self.open(&path)?;
+            self.obs.planned(len);
+            let (cvs, same) = self.own_cvs(&f, len, base_len, &base_cvs)?;
+            if len == base_len && same.iter().all(|&s| s) {
+                return self.identical(id, len);
+            }
+            let mismatched: Vec<u64> = (0..same.len() as u64)
+                .filter(|&k| !same[k as usize])
+                .collect();
+            if mismatched.is_empty() {
+                // A truncation on a chunk boundary: everything left is in place.
+                let empty = fast_rsync::Signature::calculate(
+                    &[],
+                    fast_rsync::SignatureOptions {
+                        block_size: params.block_size,
+                        crypto_hash_size: params.strong_len,
+                    },
+                );
+                let index = empty.index();
+                self.send_chunks(id, &f, len, &same, params.block_size, &|_| {
+                    Ok(((0, 1), &index))
+                })?;
+                return self.finish_file(id, &f, len, &cvs);
+            }
+            let base_chunks = chunk_count(base_len);
+            let wanted = delta::signature_request(&mismatched, same.len() as u64, base_chunks)
+                .map(|v| v.into_iter().map(|c| c as u32).collect::<Vec<_>>());
+            let big = BigFile {
+                len,
+                base_len,
+                params,
+                cvs,
+                same,
+                wanted: wanted.clone(),
+                parts: HashMap::new(),
+            };
+            self.big
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, big);
+            let _ = self.out.send(Msg::SigRequest { id, chunks: wanted });
+            Ok(())
+        })();
+        if let Err(e) = r {
+            self.failed(id, e);
+        }
+    }
+
+    /// Stores a signature part; true when the file has all it asked for.
+    fn add_part(&self, id: FileId, chunk: u32, part: Bytes) -> Result<bool, SessionError> {
+        let mut big = self.big.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(b) = big.get_mut(&id) else {
+            drop(big);
+            return Err(self.violation(format!(
+                "signature part for file {id}, which asked for none"
+            )));
+        };
+        let wanted = match &b.wanted {
+            Some(w) => w.binary_search(&chunk).is_ok(),
+            None => u64::from(chunk) < chunk_count(b.base_len),
+        };
+        if !wanted || b.parts.insert(chunk, part).is_some() {
+            drop(big);
+            return Err(self.violation(format!("unrequested signature part {chunk} of file {id}")));
+        }
+        Ok(b.complete())
+    }
+
+    fn send_delta_big(&self, id: FileId, path: PathBuf) {
+        let Some(b) = self
+            .big
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+        else {
+            return;
+        };
+        let r = (|| {
+            let (f, len) = self.open(&path)?;
+            if len != b.len {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            let base_chunks = chunk_count(b.base_len);
+            let window_sig = |start: u64, count: u64| -> io::Result<fast_rsync::Signature> {
+                let mut parts = Vec::with_capacity(count as usize);
+                for j in start..start + count {
+                    let part = b
+                        .parts
+                        .get(&(j as u32))
+                        .ok_or_else(|| io::Error::other("missing signature part"))?;
+                    parts.push((&part[..], chunk_span(b.base_len, j).1));
+                }
+                delta::join_signatures(&parts, b.params).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("receiver's signature: {e}"),
+                    )
+                })
+            };
+            // One index over the whole base, or one per neighbourhood window.
+            let windows: Vec<(u64, u64)> = match b.wanted {
+                None => vec![(0, base_chunks)],
+                Some(_) => {
+                    let mut w: Vec<(u64, u64)> = (0..b.same.len() as u64)
+                        .filter(|&k| !b.same[k as usize])
+                        .map(|k| delta::window_for(k, base_chunks))
+                        .collect();
+                    w.dedup();
+                    w
+                }
+            };
+            let sigs: Vec<fast_rsync::Signature> = windows
+                .iter()
+                .map(|&(s, n)| window_sig(s, n))
+                .collect::<io::Result<_>>()?;
+            let indexes: Vec<fast_rsync::IndexedSignature<'_>> =
+                sigs.iter().map(|s| s.index()).collect();
+            let full = b.wanted.is_none();
+            let index_for = |k: u64| {
+                let w = if full {
+                    (0, base_chunks)
+                } else {
+                    delta::window_for(k, base_chunks)
+                };
+                let i = windows
+                    .iter()
+                    .position(|&x| x == w)
+                    .ok_or_else(|| io::Error::other("no window"))?;
+                Ok((w, &indexes[i]))
+            };
+            self.send_chunks(id, &f, len, &b.same, b.params.block_size, &index_for)?;
+            self.finish_file(id, &f, len, &b.cvs)
+        })();
+        if let Err(e) = r {
+            self.failed(id, e);
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Shared helpers: seeded tree generation, tree comparison, running the binary.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_devsync");
+
+/// What a tree holds, for comparison: relative path → description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    File {
+        content_hash: [u8; 32],
+        mode: u32,
+        mtime: (i64, i64),
+    },
+    Dir {
+        mode: u32,
+        mtime: (i64, i64),
+    },
+    Link {
+        target: Vec<u8>,
+    },
+}
+
+/// Snapshot of everything under `root` (not following symlinks), minus paths for which
+/// `skip` is true.
+pub fn snapshot_filtered(root: &Path, skip: &dyn Fn(&Path) -> bool) -> BTreeMap<PathBuf, Node> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(root).min_depth(1).follow_links(false) {
+        let e = e.unwrap();
+        let rel = e.path().strip_prefix(root).unwrap().to_path_buf();
+        if skip(&rel) {
+            continue;
+        }
+        let md = e.path().symlink_metadata().unwrap();
+        let mtime = (md.mtime(), md.mtime_nsec());
+        let node = if md.file_type().is_symlink() {
+            Node::Link {
+                target: fs::read_link(e.path())
+                    .unwrap()
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec(),
+            }
+        } else if md.is_dir() {
+            Node::Dir {
+                mode: md.mode() & 0o7777,
+                mtime,
+            }
+        } else if md.is_file() {
+            Node::File {
+                content_hash: *blake3::hash(&fs::read(e.path()).unwrap()).as_bytes(),
+                mode: md.mode() & 0o7777,
+                mtime,
+            }
+        } else {
+            continue; // fifos etc. are never synced
+        };
+        out.insert(rel, node);
+    }
+    out
+}
+
+pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
+    snapshot_filtered(root, &|_| false)
+}
+
+/// Asserts two trees are identical in content, modes, mtimes (ns), symlink targets, empty dirs.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let (sa, sb) = (snapshot(a), snapshot(b));
+    let only_a: Vec<_> = sa.keys().filter(|k| !sb.contains_key(*k)).collect();
+    let only_b: Vec<_> = sb.keys().filter(|k| !sa.contains_key(*k)).collect();
+    assert!(
+        only_a.is_empty() && only_b.is_empty(),
+        "only in {a:?}: {only_a:?}\nonly in {b:?}: {only_b:?}"
+    );
+    for (k, va) in &sa {
+        assert_eq!(Some(va), sb.get(k), "{k:?} differs");
+    }
+}
+
+fn set_mtime(p: &Path, sec: i64, nsec: u32) {
+    use rustix::fs::{AtFlags, CWD, Timespec, Timestamps, utimensat};
+    let t = Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec.into(),
+    };
+    utimensat(
+        CWD,
+        p,
+        &Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}
+
+/// Names that exercise quoting and encoding.
+const NAMES: &[&str] = &[
+    "plain",
+    "with space",
+    "-leading-dash",
+    "--double",
+    "ünïcödé",
+    "日本語",
+    "emoji 🚀",
+    ".hidden",
+    "a'quote",
+    "semi;colon",
+    "new\nline",
+    "back\\slash",
+    "UPPER",
+    "x.rs",
+    "y.txt",
+    "z.json",
+];
+
+pub struct TreeSpec {
+    pub files: usize,
+    pub max_size: usize,
+    pub dirs: usize,
+    pub links: usize,
+}
+
+/// Builds a seeded random tree: nested dirs (some empty), files of random sizes, modes and
+/// nanosecond mtimes, relative and dangling symlinks, awkward names.
+pub fn make_tree(root: &Path, seed: u64, spec: &TreeSpec) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    fs::create_dir_all(root).unwrap();
+    let mut dirs = vec![root.to_path_buf()];
+    for i in 0..spec.dirs {
+        let parent = dirs[rng.random_range(0..dirs.len())].clone();
+        let d = parent.join(format!("{} d{i}", NAMES[rng.random_range(0..NAMES.len())]));
+        fs::create_dir_all(&d).unwrap();
+        dirs.push(d);
+    }
+    let mut files = Vec::new();
+    for i in 0..spec.files {
+        let dir = &dirs[rng.random_range(0..dirs.len())];
+        let p = dir.join(format!("{}{i}", NAMES[rng.random_range(0..NAMES.len())]));
+        let size = match rng.random_range(0..10) {
+            0 => 0,
+            1..=7 => rng.random_range(1..4096),
+            _ => rng.random_range(4096..spec.max_size.max(4097)),
+        };
+        let mut data = vec![0u8; size];
+        rng.fill_bytes(&mut data);
+        fs::write(&p, &data).unwrap();
+        let mode = [0o644, 0o600, 0o755, 0o640, 0o444, 0o700][rng.random_range(0..6)];
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        files.push(p);
+    }
+    for i in 0..spec.links {
+        let dir = &dirs[rng.random_range(0..dirs.len())];
+        let target: PathBuf = if rng.random_bool(0.3) || files.is_empty() {
+            format!("../nowhere/{i}").into()
+        } else {
+            pathdiff(&files[rng.random_range(0..files.len())], dir)
+        };
+        symlink(&target, dir.join(format!("link {i}"))).unwrap();
+    }
+    for f in &files {
+        set_mtime(
+            f,
+            rng.random_range(1_000_000_000..1_800_000_000),
+            rng.random_range(0..1_000_000_000),
+        );
+    }
+    // Directory mtimes last, deepest first, with odd modes on a few.
+    for d in dirs.iter().skip(1).rev() {
+        if rng.random_bool(0.2) {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o750)).unwrap();
+        }
+        set_mtime(
+            d,
+            rng.random_range(1_000_000_000..1_800_000_000),
+            rng.random_range(0..1_000_000_000),
+        );
+    }
+}
+
+/// A relative path from `dir` to `file`.
+fn pathdiff(file: &Path, dir: &Path) -> PathBuf {
+    let f: Vec<_> = file.components().collect();
+    let d: Vec<_> = dir.components().collect();
+    let common = f.iter().zip(&d).take_while(|(a, b)| a == b).count();
+    let mut p = PathBuf::new();
+    for _ in common..d.len() {
+        p.push("..");
+    }
+    for c in &f[common..] {
+        p.push(c);
+    }
+    p
+}
+
+/// Runs the binary with `args`, returns its output.
+pub fn devsync(args: &[&OsStr]) -> Output {
+    Command::new(BIN).args(args).output().expect("run devsync")
+}
+
+/// Runs a sync with `--json`, asserting the exit status; returns the parsed summary.
+pub fn sync_json(
+    cmd: &str,
+    src: &Path,
+    dst: &Path,
+    extra: &[&str],
+    want_code: i32,
+) -> serde_json::Value {
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new(cmd),
+        OsStr::new("--json"),
+        src.as_os_str(),
+        dst.as_os_str(),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    let out = devsync(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(want_code),
+        "devsync {cmd} {extra:?}: stderr: {stderr}"
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad json ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+pub fn num(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}

@@ -1,0 +1,456 @@
+//! The real binary against local targets: `devsync push/pull SRC DST` where the far side is a
+//! path, served by a spawned `devsync helper` (the same code path as over SSH).
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use crate::common::*;
+
+fn spec() -> TreeSpec {
+    TreeSpec {
+        files: 300,
+        max_size: 300_000,
+        dirs: 40,
+        links: 20,
+    }
+}
+
+#[test]
+fn random_trees_push_then_resync_transfers_nothing() {
+    for seed in [1u64, 2, 3] {
+        let td = tempfile::tempdir().unwrap();
+        let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+        make_tree(&src, seed, &spec());
+        let first = sync_json("push", &src, &dst, &[], 0);
+        assert_same_tree(&src, &dst);
+        assert!(num(&first, "created") > 300, "{first}");
+        let second = sync_json("push", &src, &dst, &[], 0);
+        assert_same_tree(&src, &dst);
+        for k in [
+            "created",
+            "updated",
+            "metadata_only",
+            "deleted",
+            "literal_bytes",
+            "matched_bytes",
+        ] {
+            assert_eq!(num(&second, k), 0, "{k} on resync: {second}");
+        }
+        // Only the file list crossed the wire.
+        assert!(num(&second, "bytes_received") < 2000, "{second}");
+    }
+}
+
+#[test]
+fn random_trees_pull_and_modify() {
+    let td = tempfile::tempdir().unwrap();
+    let (remote, local) = (td.path().join("remote"), td.path().join("local"));
+    make_tree(&remote, 7, &spec());
+    sync_json("pull", &remote, &local, &[], 0);
+    assert_same_tree(&remote, &local);
+    // Change the remote side a little, pull again: only the change comes back.
+    let victim = walkdir::WalkDir::new(&remote)
+        .into_iter()
+        .filter_map(Result::ok)
+        .find(|e| e.file_type().is_file() && e.metadata().unwrap().len() > 50_000)
+        .expect("a big file")
+        .into_path();
+    let mut data = fs::read(&victim).unwrap();
+    data[1000] ^= 0xff;
+    fs::write(&victim, &data).unwrap();
+    fs::write(remote.join("brand new"), b"fresh").unwrap();
+    let v = sync_json("pull", &remote, &local, &["--delete"], 0);
+    assert_same_tree(&remote, &local);
+    assert_eq!(num(&v, "created"), 1, "{v}");
+    assert_eq!(num(&v, "updated"), 1, "{v}");
+    assert!(
+        num(&v, "literal_bytes") < 20_000,
+        "delta should be small: {v}"
+    );
+}
+
+#[test]
+fn metadata_only_changes_move_no_data() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("small"), b"tiny").unwrap();
+    fs::write(src.join("big"), random_bytes(200_000, 3)).unwrap();
+    sync_json("push", &src, &dst, &[], 0);
+    fs::set_permissions(src.join("small"), fs::Permissions::from_mode(0o600)).unwrap();
+    // Same content, new mtime: the big file goes through the delta path and comes out
+    // "identical", the small one is re-sent (it is below the delta threshold).
+    let now = std::time::SystemTime::now();
+    fs::File::options()
+        .write(true)
+        .open(src.join("big"))
+        .unwrap()
+        .set_modified(now)
+        .unwrap();
+    let v = sync_json("push", &src, &dst, &["-i"], 0);
+    assert_same_tree(&src, &dst);
+    assert_eq!(num(&v, "metadata_only"), 2, "{v}");
+    assert_eq!(num(&v, "literal_bytes"), 0, "{v}");
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    make_tree(&src, 11, &spec());
+    let v = sync_json("push", &src, &dst, &["-n", "-i"], 0);
+    assert!(!dst.exists(), "dry run created the destination");
+    assert!(num(&v, "created") > 300);
+    assert!(
+        v["changes"].as_array().unwrap().len() > 300,
+        "itemized changes listed"
+    );
+    sync_json("push", &src, &dst, &[], 0);
+    let before = snapshot(&dst);
+    fs::remove_file(
+        walkdir::WalkDir::new(&src)
+            .into_iter()
+            .filter_map(Result::ok)
+            .find(|e| e.file_type().is_file())
+            .unwrap()
+            .path(),
+    )
+    .unwrap();
+    fs::write(src.join("added"), b"x").unwrap();
+    let v = sync_json("push", &src, &dst, &["-n", "--delete"], 0);
+    assert_eq!(num(&v, "deleted"), 1, "{v}");
+    assert_eq!(num(&v, "created"), 1, "{v}");
+    assert_eq!(snapshot(&dst), before, "dry run modified the destination");
+}
+
+#[test]
+fn delete_and_its_guard() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    fs::create_dir_all(src.join("sub")).unwrap();
+    for i in 0..10 {
+        fs::write(src.join(format!("f{i}")), format!("{i}")).unwrap();
+    }
+    fs::write(src.join("sub/x"), b"x").unwrap();
+    sync_json("push", &src, &dst, &[], 0);
+    // Without --delete, extraneous files stay.
+    fs::remove_file(src.join("f0")).unwrap();
+    sync_json("push", &src, &dst, &[], 0);
+    assert!(dst.join("f0").exists());
+    // With --delete they go, directories included.
+    fs::remove_dir_all(src.join("sub")).unwrap();
+    let v = sync_json("push", &src, &dst, &["--delete", "-i"], 0);
+    assert_eq!(num(&v, "deleted"), 3, "{v}");
+    assert_same_tree(&src, &dst);
+    // Deleting most of the destination is refused (exit 25), and nothing is deleted.
+    for i in 1..9 {
+        fs::remove_file(src.join(format!("f{i}"))).unwrap();
+    }
+    let before = snapshot(&dst);
+    let v = sync_json("push", &src, &dst, &["--delete"], 25);
+    assert!(v["delete_refused"].as_bool().unwrap());
+    assert!(
+        v["errors"][0].as_str().unwrap().contains("f1"),
+        "refusal names victims: {v}"
+    );
+    assert_eq!(snapshot(&dst), before);
+    // An empty source is refused even for a single file.
+    let empty = td.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    sync_json("push", &empty, &dst, &["--delete"], 25);
+    assert_eq!(snapshot(&dst), before);
+    // --force-delete goes ahead.
+    sync_json("push", &src, &dst, &["--delete", "--force-delete"], 0);
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn gitignore_nested_negation_and_excludes_protect_receiver() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    let w = |p: &str, c: &str| {
+        let p = src.join(p);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, c).unwrap();
+    };
+    w(".gitignore", "*.log\n/build/\n!keep.log\n");
+    w("a.log", "x");
+    w("keep.log", "kept by negation");
+    w("build/out.o", "x");
+    w("sub/build/kept.txt", "anchored pattern does not match here");
+    w("sub/.gitignore", "*.tmp\n");
+    w("sub/x.tmp", "x");
+    w("sub/y.txt", "y");
+    w("other/x.tmp", "not ignored outside sub");
+    w(".devsyncignore", "secret/\n");
+    w("secret/key", "x");
+    w("notes.md", "x");
+    w(".git/HEAD", "ref: refs/heads/main\n");
+    w(".git/info/exclude", "excluded-by-git-info\n");
+    w("excluded-by-git-info", "x");
+    sync_json("push", &src, &dst, &["--exclude", "*.md"], 0);
+    let got: Vec<String> = snapshot(&dst)
+        .keys()
+        .map(|p| p.display().to_string())
+        .collect();
+    for must in [
+        "keep.log",
+        "sub/build/kept.txt",
+        "sub/y.txt",
+        "other/x.tmp",
+        ".git/HEAD",
+        ".gitignore",
+    ] {
+        assert!(got.iter().any(|g| g == must), "{must} missing: {got:?}");
+    }
+    for never in [
+        "a.log",
+        "build",
+        "sub/x.tmp",
+        "secret",
+        "notes.md",
+        "excluded-by-git-info",
+    ] {
+        assert!(!got.iter().any(|g| g == never), "{never} synced: {got:?}");
+    }
+    // Ignored files on the receiver survive --delete.
+    fs::write(dst.join("remote-only.log"), b"build output on the box").unwrap();
+    fs::create_dir_all(dst.join("build")).unwrap();
+    fs::write(dst.join("build/artifact"), b"x").unwrap();
+    fs::write(dst.join("stray"), b"x").unwrap();
+    let v = sync_json("push", &src, &dst, &["--exclude", "*.md", "--delete"], 0);
+    assert_eq!(num(&v, "deleted"), 1, "only the stray file goes: {v}");
+    assert!(dst.join("remote-only.log").exists() && dst.join("build/artifact").exists());
+    // --no-gitignore syncs what .gitignore hid; --exclude-vcs drops .git.
+    let dst2 = td.path().join("dst2");
+    sync_json("push", &src, &dst2, &["--no-gitignore", "--exclude-vcs"], 0);
+    assert!(dst2.join("a.log").exists() && dst2.join("build/out.o").exists());
+    assert!(!dst2.join(".git").exists());
+    assert!(
+        !dst2.join("secret").exists(),
+        ".devsyncignore still applies"
+    );
+}
+
+#[test]
+fn awkward_names_roundtrip() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("-src dir"), td.path().join("--dst ünï"));
+    fs::create_dir_all(&src).unwrap();
+    for n in [
+        "with space",
+        "-dash",
+        "--",
+        "ünï",
+        "new\nline",
+        "tab\there",
+        "\u{7f}del",
+        "a:b",
+    ] {
+        fs::write(src.join(n), n).unwrap();
+    }
+    fs::write(
+        src.join(OsStr::from_bytes_checked(b"bad\xffutf8")),
+        b"raw bytes",
+    )
+    .unwrap();
+    // Leading dashes in positional arguments are taken as paths.
+    sync_json("push", &src, &dst, &[], 0);
+    assert_same_tree(&src, &dst);
+}
+
+trait FromBytes {
+    fn from_bytes_checked(b: &[u8]) -> &OsStr;
+}
+impl FromBytes for OsStr {
+    fn from_bytes_checked(b: &[u8]) -> &OsStr {
+        std::os::unix::ffi::OsStrExt::from_bytes(b)
+    }
+}
+
+#[test]
+fn big_file_edits_travel_as_small_deltas() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    let size = 64 << 20;
+    let mut data = random_bytes(size, 5);
+    fs::write(src.join("big.bin"), &data).unwrap();
+    sync_json("push", &src, &dst, &[], 0);
+    let wire = |v: &serde_json::Value| num(v, "bytes_sent") + num(v, "bytes_received");
+
+    // Three in-place 4 KiB edits.
+    for (i, at) in [1_000_000usize, 30_000_000, 60_000_000]
+        .into_iter()
+        .enumerate()
+    {
+        data[at..at + 4096].copy_from_slice(&random_bytes(4096, 100 + i as u64));
+    }
+    fs::write(src.join("big.bin"), &data).unwrap();
+    let v = sync_json("push", &src, &dst, &[], 0);
+    assert_same_tree(&src, &dst);
+    assert!(
+        wire(&v) < 200_000,
+        "3 edits in 64 MiB cost {} bytes",
+        wire(&v)
+    );
+
+    // Insertion in the middle: everything after shifts.
+    data.splice(32_000_123..32_000_123, random_bytes(1000, 7));
+    fs::write(src.join("big.bin"), &data).unwrap();
+    let v = sync_json("push", &src, &dst, &[], 0);
+    assert_same_tree(&src, &dst);
+    assert!(wire(&v) < 200_000, "insertion cost {} bytes: {v}", wire(&v));
+    assert!(num(&v, "literal_bytes") < 40_000, "{v}");
+
+    // Deletion in the middle, pulled this time (roles swap, same protocol).
+    data.drain(10_000_000..10_003_000);
+    fs::write(src.join("big.bin"), &data).unwrap();
+    let v = sync_json("pull", &src, &dst, &[], 0);
+    assert_same_tree(&src, &dst);
+    assert!(wire(&v) < 200_000, "deletion cost {} bytes: {v}", wire(&v));
+    assert!(num(&v, "literal_bytes") < 40_000, "{v}");
+}
+
+#[test]
+fn cli_errors_are_clear_and_nonzero() {
+    let td = tempfile::tempdir().unwrap();
+    let missing = td.path().join("nope");
+    let out = devsync(&[
+        OsStr::new("push"),
+        missing.as_os_str(),
+        td.path().join("d").as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no such file or directory") && err.contains("nope"),
+        "{err}"
+    );
+    assert!(!td.path().join("d").exists(), "nothing created on failure");
+
+    let src = td.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let file = td.path().join("file");
+    fs::write(&file, b"x").unwrap();
+    let out = devsync(&[OsStr::new("push"), src.as_os_str(), file.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a directory"), "{err}");
+    assert_eq!(fs::read(&file).unwrap(), b"x");
+
+    let out = devsync(&[OsStr::new("pull"), src.as_os_str(), file.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+
+    let out = devsync(&[OsStr::new("push"), file.as_os_str(), src.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+
+    let out = devsync(&[
+        OsStr::new("push"),
+        OsStr::new("--bogus"),
+        src.as_os_str(),
+        src.as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = devsync(&[
+        OsStr::new("push"),
+        OsStr::new("--exclude"),
+        OsStr::new("a{"),
+        src.as_os_str(),
+        file.as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--exclude"));
+}
+
+#[test]
+fn unreadable_source_files_fail_alone() {
+    if rustix::process::geteuid().is_root() {
+        // Root reads everything; drop to nobody for this check when we can.
+        if Path::new("/usr/sbin/runuser").exists() || Path::new("/sbin/runuser").exists() {
+            return unreadable_as_nobody();
+        }
+        return;
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("ok"), b"fine").unwrap();
+    fs::write(src.join("secret"), b"x").unwrap();
+    fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o000)).unwrap();
+    let v = sync_json("push", &src, &dst, &[], 23);
+    assert!(v["errors"][0].as_str().unwrap().contains("secret"), "{v}");
+    assert_eq!(fs::read(dst.join("ok")).unwrap(), b"fine");
+    assert!(!dst.join("secret").exists());
+}
+
+fn unreadable_as_nobody() {
+    let td = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
+    fs::set_permissions(td.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("ok"), b"fine").unwrap();
+    fs::write(src.join("secret"), b"x").unwrap();
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(src.join("ok"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    let bin = td.path().join("devsync");
+    fs::copy(BIN, &bin).unwrap();
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(&bin)
+        .args(["push", "--json"])
+        .arg(&src)
+        .arg(&dst)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(23),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["errors"][0].as_str().unwrap().contains("secret"), "{v}");
+    assert_eq!(fs::read(dst.join("ok")).unwrap(), b"fine");
+    assert!(!dst.join("secret").exists());
+}
+
+#[test]
+fn kind_changes_and_symlinks_are_never_followed() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    let outside = td.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), b"in dir").unwrap();
+    fs::write(src.join("becomes_dir"), b"file").unwrap();
+    sync_json("push", &src, &dst, &[], 0);
+    // The receiver's "d" becomes a symlink to a directory outside; the sender still has a dir
+    // there: the link is replaced by a real directory, nothing is written outside.
+    fs::remove_dir_all(dst.join("d")).unwrap();
+    std::os::unix::fs::symlink(&outside, dst.join("d")).unwrap();
+    fs::remove_file(src.join("becomes_dir")).unwrap();
+    fs::create_dir(src.join("becomes_dir")).unwrap();
+    fs::write(src.join("becomes_dir/inner"), b"x").unwrap();
+    fs::write(src.join("d/f"), b"changed").unwrap();
+    sync_json("push", &src, &dst, &[], 0);
+    assert_same_tree(&src, &dst);
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "wrote through a symlink"
+    );
+    // A directory where the source now has a file needs --delete.
+    fs::remove_dir_all(src.join("becomes_dir")).unwrap();
+    fs::write(src.join("becomes_dir"), b"file again").unwrap();
+    let v = sync_json("push", &src, &dst, &[], 23);
+    assert!(v["errors"][0].as_str().unwrap().contains("--delete"), "{v}");
+    sync_json("push", &src, &dst, &["--delete"], 0);
+    assert_same_tree(&src, &dst);
+}

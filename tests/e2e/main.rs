@@ -1,0 +1,5 @@
+//! End-to-end tests: the real `devsync` binary and the real session code, on loopback only.
+
+mod common;
+mod local;
+mod protocol;
