@@ -9,4 +9,5 @@ pub mod engine;
 pub mod proto;
 pub mod session;
 pub mod target;
+pub mod trace;
 pub mod transport;

@@ -67,6 +67,10 @@ pub struct SyncArgs {
     /// Compare file contents (BLAKE3) instead of size and modification time
     #[arg(short = 'c', long)]
     checksum: bool,
+    /// Flush every written file to disk before it replaces the old one (survives power loss;
+    /// slower)
+    #[arg(long)]
+    fsync: bool,
     /// Exclude paths matching PATTERN (gitignore syntax; repeatable)
     #[arg(long, value_name = "PATTERN")]
     exclude: Vec<String>,

@@ -58,6 +58,7 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
         force_delete: a.force_delete,
         dry_run: a.dry_run,
         checksum: a.checksum,
+        fsync: a.fsync,
         filters: FilterOptions {
             gitignore: !a.no_gitignore,
             exclude_vcs: a.exclude_vcs,
@@ -127,9 +128,12 @@ async fn run_remote(remote: Target, mut job: Job) -> anyhow::Result<Outcome> {
             let helper = LocalHelper::spawn().context("starting the helper")?;
             let (stdout, stdin, (mut child, stderr)) = helper.into_parts();
             let result = client::run(stdout, stdin, job).await;
-            if result.is_err() {
-                let _ = child.start_kill(); // it may already have exited
+            if result.is_ok() {
+                // Every file is in place once the session ends; the helper's exit (which may
+                // include the kernel freeing a big replaced file) is not worth waiting for.
+                return Ok(result?);
             }
+            let _ = child.start_kill(); // it may already have exited
             let (status, err) = local::finish(child, stderr).await;
             match result {
                 Ok(o) => Ok(o),

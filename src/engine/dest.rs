@@ -428,9 +428,29 @@ impl TempFile {
         &self.path
     }
 
+    /// Reserves disk blocks for `len` bytes up front (size unchanged). A full disk is reported
+    /// before any data is written, and the file has no delayed allocation left for the final
+    /// rename to force out (ext4's `auto_da_alloc` otherwise makes replacing a big file cost as
+    /// much as writing it back). Filesystems without `fallocate` are fine.
+    pub fn preallocate(&self, len: u64) -> Result<()> {
+        match rfs::fallocate(&self.file, rfs::FallocateFlags::KEEP_SIZE, 0, len) {
+            Ok(()) | Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => Ok(()),
+            Err(e) => Err(DestError::io(&self.path, "reserving space", e)),
+        }
+    }
+
+    /// Sets the final length (dropping any reservation beyond it).
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| DestError::io(&self.path, "setting length", e))
+    }
+
     /// Applies the final mode and mtime, then moves the file to its path, replacing whatever
     /// file or symlink is there (never writing through it).
-    pub fn commit(&self, dest: &Dest, mode: u32, mtime: Mtime) -> Result<()> {
+    /// With `durable`, the data is on disk before the name points at it, and the directory
+    /// entry after (power-loss safe, and slower).
+    pub fn commit(&self, dest: &Dest, mode: u32, mtime: Mtime, durable: bool) -> Result<()> {
         let p = &self.path;
         if self.committed.swap(true, Ordering::AcqRel) {
             return Err(DestError::io(
@@ -441,6 +461,18 @@ impl TempFile {
         }
         set_fd_meta(&self.file, Some(mode), Some(mtime))
             .map_err(|e| DestError::io(p, "setting attributes", e))?;
+        if durable {
+            rfs::fdatasync(&self.file).map_err(|e| DestError::io(p, "fsync", e))?;
+        }
+        self.link_into_place(dest)?;
+        if durable {
+            rfs::fsync(&*self.dir).map_err(|e| DestError::io(p, "fsync of directory", e))?;
+        }
+        Ok(())
+    }
+
+    fn link_into_place(&self, dest: &Dest) -> Result<()> {
+        let p = &self.path;
         let name = p.file_name();
         let staged = match &self.named {
             Some(n) => n.clone(),
@@ -602,7 +634,7 @@ mod tests {
         use std::io::Write;
         let t = d.create_temp(&rp(p))?;
         t.file().write_all(data).unwrap();
-        t.commit(d, 0o640, T)
+        t.commit(d, 0o640, T, false)
     }
 
     #[test]

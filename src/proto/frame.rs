@@ -180,3 +180,143 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(self.inner.shutdown().await?)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::proto::Msg;
+
+    async fn read_all(bytes: &[u8]) -> Vec<Result<Option<(Msg, Bytes)>, String>> {
+        let mut r = FrameReader::new(bytes);
+        let mut out = Vec::new();
+        loop {
+            match r.next().await {
+                Ok(Some(f)) => out.push(Ok(Some(f))),
+                Ok(None) => {
+                    out.push(Ok(None));
+                    return out;
+                }
+                Err(e) => {
+                    out.push(Err(e.to_string()));
+                    return out;
+                }
+            }
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn roundtrip_and_clean_eof() {
+        let mut buf = Vec::new();
+        encode(&Msg::Bye, &[], &mut buf).unwrap();
+        encode(&Msg::Data { id: 3, chunk: 1 }, b"payload", &mut buf).unwrap();
+        let got = rt().block_on(read_all(&buf));
+        assert_eq!(got.len(), 3);
+        assert_eq!(
+            got[1].as_ref().unwrap().as_ref().unwrap().1.as_ref(),
+            b"payload"
+        );
+        assert!(matches!(got[2], Ok(None)));
+    }
+
+    #[test]
+    fn truncation_anywhere_is_an_error_not_a_panic() {
+        let mut buf = Vec::new();
+        encode(&Msg::Data { id: 3, chunk: 1 }, b"payload", &mut buf).unwrap();
+        for cut in 1..buf.len() {
+            let got = rt().block_on(read_all(&buf[..cut]));
+            let last = got.last().unwrap();
+            assert!(
+                last.as_ref()
+                    .is_err_and(|e| e.contains("middle of a frame")),
+                "cut {cut}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_allocating() {
+        let mut buf = (MAX_FRAME + 1).to_be_bytes().to_vec();
+        buf.extend_from_slice(&[0; 16]);
+        let got = rt().block_on(read_all(&buf));
+        assert!(
+            got[0].as_ref().is_err_and(|e| e.contains("limit")),
+            "{got:?}"
+        );
+        assert!(
+            encode(
+                &Msg::Data { id: 0, chunk: 0 },
+                &vec![0; MAX_FRAME as usize],
+                &mut Vec::new()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn malformed_and_invalid_frames() {
+        let frame = |body: &[u8]| {
+            let mut v = (body.len() as u32).to_be_bytes().to_vec();
+            v.extend_from_slice(body);
+            v
+        };
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (frame(&[0, 0]), "too short"),
+            (frame(&[0, 0, 0, 9, 1]), "does not fit"),
+            (frame(&[0, 0, 0, 1, 0xff]), "undecodable"),
+            (frame(&[0xff, 0xff, 0xff, 0xff]), "does not fit"),
+        ];
+        for (bytes, want) in cases {
+            let got = rt().block_on(read_all(&bytes));
+            assert!(
+                got[0].as_ref().is_err_and(|e| e.contains(want)),
+                "{want}: {got:?}"
+            );
+        }
+        // Well-formed but invalid: a payload on a message that takes none, an absolute path.
+        let mut buf = Vec::new();
+        let hdr = postcard::to_stdvec(&Msg::Bye).unwrap();
+        let body = [&(hdr.len() as u32).to_be_bytes()[..], &hdr, b"x"].concat();
+        buf.extend_from_slice(&frame(&body));
+        let got = rt().block_on(read_all(&buf));
+        assert!(
+            got[0]
+                .as_ref()
+                .is_err_and(|e| e.contains("unexpected payload")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+        let mut valid = Vec::new();
+        encode(
+            &Msg::SigRequest {
+                id: 1,
+                chunks: Some(vec![1, 2, 3]),
+            },
+            &[],
+            &mut valid,
+        )
+        .unwrap();
+        let rt = rt();
+        for _ in 0..5000 {
+            let mut b = valid.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..b.len());
+                b[i] = rng.random();
+            }
+            let _ = rt.block_on(read_all(&b));
+            let junk: Vec<u8> = (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
+            let _ = rt.block_on(read_all(&junk));
+        }
+    }
+}

@@ -35,6 +35,8 @@ pub struct SyncOptions {
     pub force_delete: bool,
     pub dry_run: bool,
     pub checksum: bool,
+    /// Flush each file (and its directory entry) to disk before moving on.
+    pub fsync: bool,
     pub filters: FilterOptions,
 }
 

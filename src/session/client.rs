@@ -36,7 +36,9 @@ where
 {
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
+    crate::trace!("client", "waiting for the helper");
     handshake::client_start(&mut reader, &mut writer).await?;
+    crate::trace!("client", "helper ready");
     let helper_role = match job.role {
         Role::Sender => Role::Receiver,
         Role::Receiver => Role::Sender,
@@ -70,6 +72,7 @@ where
         Role::Receiver => receiver::run(&mut reader, out, job.local_root, job.opts, job.obs).await,
     };
     let bytes_received = reader.bytes_read();
+    crate::trace!("client", "session over");
     let stats = result?;
     let bytes_sent = writer_task
         .await

@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::proto::{FrameWriter, Msg, ProtoError};
 
@@ -20,6 +20,8 @@ type Item = (Msg, Bytes, Option<Permit>);
 #[derive(Clone)]
 pub struct Out {
     tx: mpsc::UnboundedSender<Item>,
+    /// Set (once) when the writer failed: the connection is gone.
+    broken: watch::Receiver<Option<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,17 @@ impl Out {
     ) -> Result<(), Closed> {
         self.tx.send((msg, payload, permit)).map_err(|_| Closed)
     }
+
+    /// Resolves with the error once writing to the peer has failed; pending forever otherwise.
+    /// Read loops select on it: a link that fails for writing may never signal the read side.
+    pub async fn broken(&self) -> String {
+        let mut rx = self.broken.clone();
+        let seen = rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        match seen {
+            Ok(v) => v.unwrap_or_default(),
+            Err(_) => std::future::pending().await,
+        }
+    }
 }
 
 /// Starts the writer task. It ends (flushing and shutting the stream down) when every [`Out`]
@@ -50,21 +63,29 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut rx) = mpsc::unbounded_channel::<Item>();
+    let (broken_tx, broken) = watch::channel(None);
     let task = tokio::spawn(async move {
-        while let Some((msg, payload, permit)) = rx.recv().await {
-            w.write(&msg, &payload).await?;
-            drop(permit);
-            // Batch whatever is already queued into the same flush.
-            while let Ok((msg, payload, permit)) = rx.try_recv() {
+        let r: Result<u64, ProtoError> = async {
+            while let Some((msg, payload, permit)) = rx.recv().await {
                 w.write(&msg, &payload).await?;
                 drop(permit);
+                // Batch whatever is already queued into the same flush.
+                while let Ok((msg, payload, permit)) = rx.try_recv() {
+                    w.write(&msg, &payload).await?;
+                    drop(permit);
+                }
+                w.flush().await?;
             }
-            w.flush().await?;
+            w.shutdown().await?;
+            Ok(w.bytes_written())
         }
-        w.shutdown().await?;
-        Ok(w.bytes_written())
+        .await;
+        if let Err(e) = &r {
+            broken_tx.send_replace(Some(e.to_string()));
+        }
+        r
     });
-    (Out { tx }, task)
+    (Out { tx, broken }, task)
 }
 
 /// A counting semaphore over bytes, for producers running on plain threads.

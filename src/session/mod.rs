@@ -28,6 +28,17 @@ pub trait Observer: Send + Sync {
     fn file_done(&self) {}
 }
 
+/// A worker pool of its own for each role: the sender's jobs block on their byte budget, and
+/// in a process running both roles (tests, in-memory sessions) a shared pool would let them
+/// starve the receiver jobs that release it.
+pub(crate) fn worker_pool(role: &str) -> Result<rayon::ThreadPool, SessionError> {
+    let name = format!("devsync-{role}");
+    rayon::ThreadPoolBuilder::new()
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .map_err(|e| SessionError::Local(format!("starting worker threads: {e}")))
+}
+
 /// Observer that drops everything (tests, quiet runs).
 pub struct Silent;
 impl Observer for Silent {

@@ -30,6 +30,8 @@ use crate::proto::{Event, FileId, FrameReader, Msg, Stats, SyncOptions};
 
 /// File data received but not yet written to disk.
 const RECV_BUDGET: usize = 64 << 20;
+/// Files at least this big get their blocks reserved before writing.
+const PREALLOCATE_MIN: u64 = 1 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -57,10 +59,15 @@ impl Base {
 /// A file being transferred.
 struct Incoming {
     path: RelPath,
+    /// Size in the sender's list (the file may have changed since; `FileEnd` has the truth).
+    size: u64,
     mode: u32,
     mtime: Mtime,
     before: Option<LocalMeta>,
     st: Mutex<Assembly>,
+    /// Serializes writes into the temp file: concurrent `pwrite`s to one inode only spin on
+    /// the filesystem's inode lock, burning the core another chunk could hash on.
+    write: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -91,6 +98,7 @@ struct DirState {
 }
 
 struct Ctx {
+    pool: rayon::ThreadPool,
     dest: Option<Dest>,
     opts: SyncOptions,
     out: Out,
@@ -149,6 +157,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         })
     });
     let ctx = Arc::new(Ctx {
+        pool: super::worker_pool("recv")?,
         dest,
         opts,
         out,
@@ -185,6 +194,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         let next = tokio::select! {
             biased;
             () = ctx.fatal_set.notified() => None,
+            e = ctx.out.broken() => return Err(SessionError::Local(format!("connection lost: {e}"))),
             r = reader.next() => Some(r?),
         };
         let Some((msg, payload)) = next.flatten() else {
@@ -212,7 +222,7 @@ pub async fn run<R: AsyncRead + Unpin>(
                     .await
                     .map_err(|_| SessionError::Local("receive budget closed".into()))?;
                 let job = ctx.dispatch(msg, payload)?;
-                rayon::spawn(move || {
+                ctx.pool.spawn(move || {
                     job();
                     drop(permit);
                 });
@@ -487,7 +497,7 @@ impl Ctx {
                         lock(&self.track).outstanding += 1;
                         let c = self.clone();
                         let entry = entry.clone();
-                        rayon::spawn(move || {
+                        self.pool.spawn(move || {
                             let ours = c.dest.as_ref().map(|d| {
                                 d.open_file(&entry.path)
                                     .map_err(|e| e.to_string())
@@ -684,10 +694,12 @@ impl Ctx {
                 }
                 let inc = Arc::new(Incoming {
                     path: entry.path.clone(),
+                    size: *size,
                     mode: entry.mode,
                     mtime: entry.mtime,
                     before: local,
                     st: Mutex::new(Assembly::default()),
+                    write: Mutex::new(()),
                 });
                 if lock(&self.files).insert(id, inc.clone()).is_some() {
                     return self.fail(SessionError::Violation(format!("file id {id} reused")));
@@ -697,7 +709,7 @@ impl Ctx {
                 let base_len = local.map_or(0, |l| l.size);
                 if basis && base_len >= DELTA_MIN_BASE {
                     let c = self.clone();
-                    rayon::spawn(move || c.start_delta(id, &inc));
+                    self.pool.spawn(move || c.start_delta(id, &inc));
                 } else {
                     let _ = self.out.send(Msg::NeedWhole { id });
                 }
@@ -765,6 +777,12 @@ impl Ctx {
             st.params = Some(params);
         }
         let base_len = base.len;
+        crate::trace!(
+            "recv",
+            "{}: base hashed ({} chunks)",
+            inc.path,
+            chunk_count(base_len)
+        );
         if chunk_count(base_len) <= 2 {
             let sig = delta::chunk_signature(base.bytes(), params);
             let msg = Msg::Signature {
@@ -785,6 +803,7 @@ impl Ctx {
     }
 
     fn send_sig_parts(&self, id: FileId, base: &Base, params: SigParams, chunks: &[u64]) {
+        crate::trace!("recv", "file {id}: signing {} base chunks", chunks.len());
         chunks.par_iter().for_each(|&k| {
             let sig = delta::chunk_signature(base.chunk(k).unwrap_or_default(), params);
             let _ = self.out.send_data(
@@ -804,13 +823,17 @@ impl Ctx {
             return Ok(t.clone());
         }
         let d = self.dest.as_ref().ok_or("no destination")?;
-        let t = Arc::new(d.create_temp(&inc.path).map_err(|e| {
+        let report = |e: DestError| {
             if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
                 self.dest_error(&inc.path, e);
                 return "no space left".to_string();
             }
             e.to_string()
-        })?);
+        };
+        let t = Arc::new(d.create_temp(&inc.path).map_err(report)?);
+        if inc.size >= PREALLOCATE_MIN {
+            t.preallocate(inc.size).map_err(report)?;
+        }
         st.temp = Some(t.clone());
         Ok(t)
     }
@@ -883,12 +906,16 @@ impl Ctx {
                 s.literal_bytes += literal;
                 s.matched_bytes += matched;
             }
+            let cv = hash::chunk_cv(k, &data);
             let t = self.temp_file(inc)?;
-            t.file()
-                .write_all_at(&data, k * CHUNK)
-                .map_err(|e| self.write_error(inc, e))?;
+            {
+                let _serial = lock(&inc.write);
+                t.file()
+                    .write_all_at(&data, k * CHUNK)
+                    .map_err(|e| self.write_error(inc, e))?;
+            }
             self.obs.progressed(data.len() as u64);
-            Ok((data.len(), hash::chunk_cv(k, &data)))
+            Ok((data.len(), cv))
         })();
         let ready = {
             let mut st = lock(&inc.st);
@@ -923,6 +950,7 @@ impl Ctx {
             )
         };
         let Some((len, digest)) = end else { return };
+        crate::trace!("recv", "{}: all chunks written, verifying", inc.path);
         let r = (|| -> Result<(), String> {
             if let Some(e) = error {
                 return Err(e);
@@ -939,6 +967,7 @@ impl Ctx {
                 return Err("more chunks than the file has".into());
             }
             let t = self.temp_file(inc)?;
+            t.set_len(len).map_err(|e| e.to_string())?;
             let got = match hash::digest_from_cvs(&cvs, len) {
                 Some(d) => d,
                 // One chunk or less: hash what is actually in the file.
@@ -973,13 +1002,20 @@ impl Ctx {
         let r = staged.and_then(|()| {
             let t = self.temp_file(inc)?;
             let d = self.dest.as_ref().ok_or("no destination")?;
-            t.commit(d, inc.mode, inc.mtime).map_err(|e| {
-                let s = e.to_string();
-                self.dest_error(&inc.path, e);
-                s
-            })
+            t.commit(d, inc.mode, inc.mtime, self.opts.fsync)
+                .map_err(|e| {
+                    let s = e.to_string();
+                    self.dest_error(&inc.path, e);
+                    s
+                })
         });
         lock(&inc.st).temp = None;
+        crate::trace!(
+            "recv",
+            "{}: committed ({})",
+            inc.path,
+            if r.is_ok() { "ok" } else { "failed" }
+        );
         let outcome = match r {
             Ok(()) => {
                 let op = self.file_op(
@@ -1074,6 +1110,7 @@ impl Ctx {
     }
 
     fn finish(&self) {
+        crate::trace!("recv", "all transfers done");
         if self.opts.delete {
             self.delete_extraneous();
         }

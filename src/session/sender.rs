@@ -25,6 +25,7 @@ use crate::proto::{Event, FileId, FrameReader, Msg, Stats, SyncOptions};
 const SEND_BUDGET: u64 = 48 << 20;
 
 struct Ctx {
+    pool: rayon::ThreadPool,
     root: PathBuf,
     out: Out,
     obs: Arc<dyn Observer>,
@@ -68,6 +69,7 @@ pub async fn run<R: AsyncRead + Unpin>(
     obs: Arc<dyn Observer>,
 ) -> Result<Stats, SessionError> {
     let ctx = Arc::new(Ctx {
+        pool: super::worker_pool("send")?,
         root,
         out,
         obs,
@@ -93,6 +95,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         let next = tokio::select! {
             biased;
             () = ctx.fatal_set.notified() => None,
+            e = ctx.out.broken() => return Err(SessionError::Local(format!("connection lost: {e}"))),
             r = reader.next() => Some(r?),
         };
         let Some((msg, payload)) = next.flatten() else {
@@ -102,7 +105,7 @@ pub async fn run<R: AsyncRead + Unpin>(
             Msg::NeedWhole { id } => {
                 let path = ctx.file_path(id)?;
                 let c = ctx.clone();
-                rayon::spawn(move || c.send_whole(id, path));
+                ctx.pool.spawn(move || c.send_whole(id, path));
             }
             Msg::Signature {
                 id,
@@ -112,7 +115,8 @@ pub async fn run<R: AsyncRead + Unpin>(
             } => {
                 let path = ctx.file_path(id)?;
                 let c = ctx.clone();
-                rayon::spawn(move || c.send_delta_small(id, path, base_len, params, cvs, payload));
+                ctx.pool
+                    .spawn(move || c.send_delta_small(id, path, base_len, params, cvs, payload));
             }
             Msg::ChunkHashes {
                 id,
@@ -122,13 +126,14 @@ pub async fn run<R: AsyncRead + Unpin>(
             } => {
                 let path = ctx.file_path(id)?;
                 let c = ctx.clone();
-                rayon::spawn(move || c.compare_big(id, path, base_len, params, cvs));
+                ctx.pool
+                    .spawn(move || c.compare_big(id, path, base_len, params, cvs));
             }
             Msg::SigPart { id, chunk } => {
                 if ctx.add_part(id, chunk, payload)? {
                     let path = ctx.file_path(id)?;
                     let c = ctx.clone();
-                    rayon::spawn(move || c.send_delta_big(id, path));
+                    ctx.pool.spawn(move || c.send_delta_big(id, path));
                 }
             }
             Msg::Event(ev) => ctx.obs.event(ev),
@@ -415,7 +420,9 @@ impl Ctx {
         let r = (|| {
             let (f, len) = self.open(&path)?;
             self.obs.planned(len);
+            crate::trace!("send", "{}: hashing own chunks", path.display());
             let (cvs, same) = self.own_cvs(&f, len, base_len, &base_cvs)?;
+            crate::trace!("send", "{}: own chunks hashed", path.display());
             if len == base_len && same.iter().all(|&s| s) {
                 return self.identical(id, len);
             }
@@ -490,6 +497,7 @@ impl Ctx {
         else {
             return;
         };
+        crate::trace!("send", "{}: signatures in, diffing", path.display());
         let r = (|| {
             let (f, len) = self.open(&path)?;
             if len != b.len {

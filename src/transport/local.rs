@@ -30,21 +30,26 @@ impl LocalHelper {
             .arg("helper")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
+            // Traces are for a human watching; otherwise keep stderr to show on failure.
+            .stderr(if crate::trace::enabled() {
+                Stdio::inherit()
+            } else {
+                Stdio::piped()
+            })
             .spawn()
             .map_err(|e| {
                 std::io::Error::new(e.kind(), format!("starting {}: {e}", bin.display()))
             })?;
-        let (Some(stdin), Some(stdout), Some(mut err)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(std::io::Error::other("child pipes missing"));
         };
+        let mut err = child.stderr.take();
         let stderr = tokio::spawn(async move {
             let mut buf = Vec::new();
-            // Bounded: a misbehaving helper must not eat memory.
-            let _ = (&mut err).take(1 << 20).read_to_end(&mut buf).await;
+            if let Some(err) = &mut err {
+                // Bounded: a misbehaving helper must not eat memory.
+                let _ = err.take(1 << 20).read_to_end(&mut buf).await;
+            }
             buf
         });
         Ok(LocalHelper {

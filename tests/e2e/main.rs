@@ -3,3 +3,4 @@
 mod common;
 mod local;
 mod protocol;
+mod session;

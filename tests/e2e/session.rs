@@ -1,0 +1,363 @@
+//! Real client and real helper over in-memory streams (no processes): round trips, links cut
+//! at arbitrary points, and the BLAKE3 fallback when a rebuilt file does not verify.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use devsync::proto::{Msg, Role, SyncOptions, frame};
+use devsync::session::client::{self, Job, Outcome};
+use devsync::session::{SessionError, Silent, helper};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::common::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A stream that fails after `left` bytes were written through it (a link that drops).
+struct CutAfter<S> {
+    inner: S,
+    left: usize,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CutAfter<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.left == 0 {
+            return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CutAfter<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.left == 0 {
+            return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        }
+        let n = buf.len().min(self.left);
+        let r = Pin::new(&mut self.inner).poll_write(cx, &buf[..n]);
+        if let Poll::Ready(Ok(w)) = r {
+            self.left -= w;
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Runs one session in memory; the helper's writes are cut after `cut` bytes.
+async fn session(
+    role: Role,
+    local: &Path,
+    remote: &Path,
+    opts: SyncOptions,
+    cut: usize,
+) -> Result<Outcome, SessionError> {
+    let (a, b) = tokio::io::duplex(256 << 10);
+    let (hr, hw) = tokio::io::split(CutAfter {
+        inner: b,
+        left: cut,
+    });
+    let helper = tokio::spawn(async move { helper::serve(hr, hw).await });
+    let (cr, cw) = tokio::io::split(a);
+    let job = Job {
+        role,
+        local_root: local.to_path_buf(),
+        remote_root: remote.as_os_str().as_encoded_bytes().to_vec(),
+        opts,
+        obs: Arc::new(Silent),
+    };
+    let r = client::run(cr, cw, job).await;
+    let _ = helper.await;
+    r
+}
+
+#[test]
+fn push_and_pull_in_memory() {
+    let rt = rt();
+    let td = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        td.path().join("a"),
+        td.path().join("b"),
+        td.path().join("c"),
+    );
+    make_tree(
+        &a,
+        21,
+        &TreeSpec {
+            files: 200,
+            max_size: 9 << 20,
+            dirs: 20,
+            links: 10,
+        },
+    );
+    let o = rt
+        .block_on(session(
+            Role::Sender,
+            &a,
+            &b,
+            SyncOptions::default(),
+            usize::MAX,
+        ))
+        .unwrap();
+    assert_same_tree(&a, &b);
+    assert_eq!(o.stats.files, 200);
+    let o = rt
+        .block_on(session(
+            Role::Receiver,
+            &c,
+            &b,
+            SyncOptions::default(),
+            usize::MAX,
+        ))
+        .unwrap();
+    assert_same_tree(&b, &c);
+    assert!(
+        o.bytes_received > o.stats.total_size,
+        "pull carried the data"
+    );
+}
+
+/// Every file at a final path is complete: the old version or the new one, never a mix.
+fn assert_no_partial_files(
+    src: &Path,
+    dst: &Path,
+    old: &std::collections::BTreeMap<std::path::PathBuf, Node>,
+) {
+    let now = snapshot(dst);
+    let want = snapshot(src);
+    for (path, node) in &now {
+        if let Node::File { .. } = node {
+            assert!(
+                want.get(path)
+                    .map(|n| same_content(n, node))
+                    .unwrap_or(false)
+                    || old
+                        .get(path)
+                        .map(|n| same_content(n, node))
+                        .unwrap_or(false),
+                "{path:?} is neither the old nor the new version"
+            );
+        }
+    }
+    for e in std::fs::read_dir(dst).unwrap() {
+        let name = e.unwrap().file_name();
+        assert!(
+            !name.to_string_lossy().starts_with(".devsync-tmp"),
+            "temp file left: {name:?}"
+        );
+    }
+}
+
+fn same_content(a: &Node, b: &Node) -> bool {
+    matches!((a, b), (Node::File { content_hash: x, .. }, Node::File { content_hash: y, .. }) if x == y)
+}
+
+#[test]
+fn links_cut_mid_transfer_leave_no_partial_files() {
+    let rt = rt();
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("f{i}")), random_bytes(3 << 20, i)).unwrap();
+    }
+    // An older version on the receiving side, so deltas are in flight too.
+    std::fs::create_dir(&dst).unwrap();
+    for i in 0..3u64 {
+        let mut d = random_bytes(3 << 20, i);
+        d[1000] ^= 1;
+        std::fs::write(dst.join(format!("f{i}")), d).unwrap();
+    }
+    let old = snapshot(&dst);
+    // How much each side says in a full run (on a scratch copy), to cut at points inside it.
+    let scratch = td.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    for i in 0..3u64 {
+        std::fs::copy(dst.join(format!("f{i}")), scratch.join(format!("f{i}"))).unwrap();
+    }
+    let full = rt
+        .block_on(session(
+            Role::Sender,
+            &src,
+            &scratch,
+            SyncOptions::default(),
+            usize::MAX,
+        ))
+        .unwrap();
+    let helper_says = full.bytes_received as usize;
+    // Cut the receiver's side (helper) at various points: list, signatures, reports.
+    for cut in [
+        10,
+        100,
+        helper_says / 10,
+        helper_says / 2,
+        helper_says * 9 / 10,
+    ] {
+        let r = rt.block_on(session(
+            Role::Sender,
+            &src,
+            &dst,
+            SyncOptions::default(),
+            cut,
+        ));
+        assert!(r.is_err(), "cut at {cut} went unnoticed");
+        assert_no_partial_files(&src, &dst, &old);
+    }
+    // Cut the sender's side (helper pushes in a pull) mid-data.
+    let back = td.path().join("back");
+    for cut in [50, 70_000, 4 << 20, 9 << 20] {
+        let r = rt.block_on(session(
+            Role::Receiver,
+            &back,
+            &src,
+            SyncOptions::default(),
+            cut,
+        ));
+        assert!(r.is_err(), "cut at {cut} went unnoticed");
+        if back.exists() {
+            assert_no_partial_files(&src, &back, &Default::default());
+        }
+    }
+    // And a clean run afterwards completes the job.
+    rt.block_on(session(
+        Role::Sender,
+        &src,
+        &dst,
+        SyncOptions::default(),
+        usize::MAX,
+    ))
+    .unwrap();
+    assert_same_tree(&src, &dst);
+}
+
+/// A sender whose delta does not rebuild what it claims: the receiver must notice (BLAKE3),
+/// ask for the whole file, and end up with the right content.
+#[test]
+fn failed_verification_falls_back_to_whole_file() {
+    use devsync::engine::{Entry, EntryKind, Mtime, RelPath};
+    use devsync::proto::handshake::{CLIENT_MAGIC, HELPER_MAGIC};
+    use devsync::proto::{FrameReader, PROTOCOL_VERSION};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rt = rt();
+    let td = tempfile::tempdir().unwrap();
+    let dest = td.path().join("dest");
+    std::fs::create_dir(&dest).unwrap();
+    let base = random_bytes(100_000, 1);
+    std::fs::write(dest.join("f"), &base).unwrap();
+    let mut new = base.clone();
+    new[50_000] ^= 0xff;
+    let new2 = new.clone();
+    let out = rt.block_on(async move {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (hr, mut hw) = tokio::io::split(b);
+        let fake = tokio::spawn(async move {
+            let enc = |m: &Msg, p: &[u8]| {
+                let mut v = Vec::new();
+                frame::encode(m, p, &mut v).unwrap();
+                v
+            };
+            hw.write_all(HELPER_MAGIC).await.unwrap();
+            hw.write_all(&PROTOCOL_VERSION.to_be_bytes()).await.unwrap();
+            let mut r = FrameReader::new(hr);
+            let mut m = [0u8; 16];
+            r.raw().read_exact(&mut m).await.unwrap();
+            assert_eq!(&m, CLIENT_MAGIC);
+            r.next().await.unwrap().unwrap(); // Hello
+            hw.write_all(&enc(
+                &Msg::HelloOk {
+                    version: PROTOCOL_VERSION,
+                },
+                &[],
+            ))
+            .await
+            .unwrap();
+            let entry = Entry {
+                path: RelPath::new("f").unwrap(),
+                kind: EntryKind::File {
+                    size: new2.len() as u64,
+                    digest: None,
+                },
+                mode: 0o644,
+                mtime: Mtime {
+                    sec: 1_700_000_000,
+                    nsec: 5,
+                },
+            };
+            hw.write_all(&enc(&Msg::Entry { id: 0, entry }, &[]))
+                .await
+                .unwrap();
+            hw.write_all(&enc(
+                &Msg::EndOfList {
+                    count: 1,
+                    scan_errors: 0,
+                },
+                &[],
+            ))
+            .await
+            .unwrap();
+            let digest = *blake3::hash(&new2).as_bytes();
+            while let Ok(Some((msg, _))) = r.next().await {
+                match msg {
+                    // Lie: claim chunk 0 is unchanged (it is not).
+                    Msg::Signature { .. } => {
+                        hw.write_all(&enc(&Msg::Copy { id: 0, chunk: 0 }, &[]))
+                            .await
+                            .unwrap();
+                        let end = Msg::FileEnd {
+                            id: 0,
+                            len: new2.len() as u64,
+                            digest,
+                        };
+                        hw.write_all(&enc(&end, &[])).await.unwrap();
+                    }
+                    Msg::NeedWhole { id } => {
+                        hw.write_all(&enc(&Msg::WholeFile { id, digest }, &new2))
+                            .await
+                            .unwrap();
+                    }
+                    Msg::Done { .. } => {
+                        hw.write_all(&enc(&Msg::Bye, &[])).await.unwrap();
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let (cr, cw) = tokio::io::split(a);
+        let job = Job {
+            role: Role::Receiver,
+            local_root: dest.clone(),
+            remote_root: b"/r".to_vec(),
+            opts: SyncOptions::default(),
+            obs: Arc::new(Silent),
+        };
+        let o = client::run(cr, cw, job).await;
+        fake.await.unwrap();
+        o
+    });
+    let o = out.unwrap();
+    assert_eq!(o.stats.verify_retries, 1);
+    assert_eq!(o.stats.errors, 0);
+    assert_eq!(std::fs::read(td.path().join("dest/f")).unwrap(), new);
+}
