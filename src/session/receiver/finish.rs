@@ -1,0 +1,104 @@
+//! The end of a sync: guarded deletions, directory metadata, the totals.
+
+use std::sync::atomic::Ordering;
+
+
+use super::*;
+use crate::engine::plan::{self};
+
+impl Ctx {
+    pub(super) fn maybe_finish(&self) {
+        let go = {
+            let mut t = lock(&self.track);
+            let go = t.list_done && t.outstanding == 0 && !t.finished;
+            t.finished |= go;
+            go
+        };
+        if go {
+            self.finish();
+        }
+    }
+
+    pub(super) fn finish(&self) {
+        crate::trace!("recv", "all transfers done");
+        if self.opts.delete {
+            self.delete_extraneous();
+        }
+        if !self.opts.dry_run {
+            self.fix_dirs();
+        }
+        let stats = lock(&self.stats).clone();
+        *lock(&self.done) = Some(stats.clone());
+        let _ = self.out.send(Msg::Done { stats });
+    }
+
+    pub(super) fn delete_extraneous(&self) {
+        let Some(handle) = lock(&self.receiver_scan).take() else {
+            return;
+        };
+        let root = "";
+        let ours = match handle.join() {
+            Ok(Ok(entries)) => entries,
+            Ok(Err(e)) => return self.error(root, format!("scanning for --delete: {e}")),
+            Err(_) => return self.error(root, "scanning for --delete failed"),
+        };
+        if self.sender_scan_errors.load(Ordering::Relaxed) > 0 {
+            return self.warn(
+                root,
+                "the source had read errors; not deleting anything this time",
+            );
+        }
+        let sender_paths = std::mem::take(&mut *lock(&self.sender_paths));
+        let doomed = plan::deletions(&ours, &sender_paths);
+        let sender_total = self.sender_count.load(Ordering::Relaxed) as usize;
+        if let Err(refusal) =
+            plan::check_delete_guard(&doomed, ours.len(), sender_total, self.opts.force_delete)
+        {
+            lock(&self.stats).delete_refused = true;
+            self.obs.event(Event::Error {
+                path: String::new(),
+                message: refusal.to_string(),
+            });
+            return;
+        }
+        for e in doomed {
+            let kind = ItemKind::of(&e);
+            let removed = match (&self.dest, self.opts.dry_run) {
+                (Some(d), false) => d.remove(&e.path, e.is_dir()),
+                _ => Ok(Removed::Yes),
+            };
+            match removed {
+                Ok(Removed::Yes) => {
+                    lock(&self.stats).deleted += 1;
+                    self.report(&e.path, kind, ChangeOp::Deleted);
+                    self.touched(&e.path);
+                }
+                Ok(Removed::NotEmpty) => {
+                    self.warn(&e.path, "not deleted: the directory holds excluded entries")
+                }
+                // Already gone with a replaced parent.
+                Ok(Removed::Missing) | Err(DestError::ThroughSymlink { .. }) => {}
+                Err(err) => self.dest_error(&e.path, err),
+            }
+        }
+    }
+
+    pub(super) fn fix_dirs(&self) {
+        let Some(d) = &self.dest else { return };
+        let (wanted, fix) = {
+            let mut g = lock(&self.dirs);
+            (std::mem::take(&mut g.wanted), std::mem::take(&mut g.fix))
+        };
+        for dir in fix {
+            let Some(&(mode, mtime)) = wanted.get(&dir) else {
+                continue;
+            };
+            let Ok(path) = RelPath::new(dir) else {
+                continue;
+            };
+            if let Err(e) = d.set_dir_meta(&path, Some(mode), Some(mtime)) {
+                self.warn(&path, e);
+            }
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! Receiver role: plan each incoming entry against the local tree, ask for what differs,
+//! rebuild files chunk by chunk (in parallel, in any order), verify each with BLAKE3 before it
+//! replaces anything, then delete extraneous entries (guarded) and fix directory metadata.
+//!
+//! Threads: the async loop reads frames and dispatches; a planner thread handles the list in
+//! order (it needs parents before children); rayon runs signatures, chunk writes and commits.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+
+use bytes::Bytes;
+use memmap2::Mmap;
+use tokio::io::AsyncRead;
+use tokio::sync::Semaphore;
+
+use super::conn::Out;
+use super::{Observer, SessionError};
+use crate::engine::delta::{self, DELTA_MIN_BASE, SigParams};
+use crate::engine::dest::{Dest, DestError, Removed, TempFile};
+use crate::engine::hash::{self, CHUNK, Cv, Digest, chunk_count, chunk_span};
+use crate::engine::plan::{Change, ChangeOp, ItemKind};
+use crate::engine::scan::{self, ScanOptions};
+use crate::engine::{Entry, EntryKind, LocalKind, LocalMeta, Mtime, RelPath};
+use crate::proto::{Event, FileId, FrameReader, Msg, Stats, SyncOptions};
+
+mod assemble;
+mod finish;
+mod planning;
+
+/// File data received but not yet written to disk.
+const RECV_BUDGET: usize = 64 << 20;
+/// Files at least this big get their blocks reserved before writing.
+const PREALLOCATE_MIN: u64 = 1 << 20;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The receiver's old copy of a file, used as delta base.
+struct Base {
+    map: Option<Mmap>,
+    len: u64,
+}
+
+impl Base {
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or_default()
+    }
+
+    fn chunk(&self, k: u64) -> Option<&[u8]> {
+        let (off, n) = chunk_span(self.len, k);
+        self.bytes()
+            .get(off as usize..off as usize + n)
+            .filter(|_| k < chunk_count(self.len))
+    }
+}
+
+/// A file being transferred.
+struct Incoming {
+    path: RelPath,
+    /// Size in the sender's list (the file may have changed since; `FileEnd` has the truth).
+    size: u64,
+    mode: u32,
+    mtime: Mtime,
+    before: Option<LocalMeta>,
+    st: Mutex<Assembly>,
+    /// Serializes writes into the temp file: concurrent `pwrite`s to one inode only spin on
+    /// the filesystem's inode lock, burning the core another chunk could hash on.
+    write: Mutex<()>,
+}
+
+#[derive(Default)]
+struct Assembly {
+    base: Option<Arc<Base>>,
+    params: Option<SigParams>,
+    temp: Option<Arc<TempFile>>,
+    /// Written chunks: index → (length, chaining value).
+    chunks: HashMap<u64, (usize, Cv)>,
+    jobs: usize,
+    end: Option<(u64, Digest)>,
+    /// Whole-file resend already asked for after a failed verification.
+    retried: bool,
+    error: Option<String>,
+}
+
+struct Track {
+    outstanding: usize,
+    list_done: bool,
+    finished: bool,
+}
+
+struct DirState {
+    /// Sender's directories: desired (mode, mtime).
+    wanted: HashMap<Vec<u8>, (u32, Mtime)>,
+    /// Directories whose metadata must be (re)applied at the end.
+    fix: HashSet<Vec<u8>>,
+}
+
+struct Ctx {
+    pool: rayon::ThreadPool,
+    dest: Option<Dest>,
+    opts: SyncOptions,
+    out: Out,
+    obs: Arc<dyn Observer>,
+    stats: Mutex<Stats>,
+    files: Mutex<HashMap<FileId, Arc<Incoming>>>,
+    track: Mutex<Track>,
+    dirs: Mutex<DirState>,
+    sender_paths: Mutex<HashSet<RelPath>>,
+    sender_count: AtomicU32,
+    sender_scan_errors: AtomicU32,
+    receiver_scan: Mutex<Option<ScanThread>>,
+    fatal: Mutex<Option<SessionError>>,
+    /// Wakes the read loop when a worker hits a fatal error, so a peer that never hangs up
+    /// cannot keep us waiting.
+    fatal_set: tokio::sync::Notify,
+    done: Mutex<Option<Stats>>,
+}
+
+/// The receiver's own scan for `--delete`, running while transfers happen.
+type ScanThread = std::thread::JoinHandle<Result<Vec<Entry>, String>>;
+
+enum PlanItem {
+    Entry(FileId, Entry),
+    End { count: u32, scan_errors: u32 },
+}
+
+/// Runs the receiver until the sender acknowledges completion; returns the totals.
+pub async fn run<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    out: Out,
+    root: PathBuf,
+    opts: SyncOptions,
+    obs: Arc<dyn Observer>,
+) -> Result<Stats, SessionError> {
+    let dest = match root.is_dir() {
+        true => Some(Dest::open(&root)?),
+        // Only a dry run gets here without a root: it has nothing to compare against.
+        false if opts.dry_run => None,
+        false => {
+            Dest::create_root(&root)?;
+            Some(Dest::open(&root)?)
+        }
+    };
+    let receiver_scan = (opts.delete && dest.is_some()).then(|| {
+        let (root, filters) = (root.clone(), opts.filters.clone());
+        std::thread::spawn(move || {
+            let so = ScanOptions {
+                filters,
+                checksum: false,
+                threads: 0,
+            };
+            scan::scan_to_vec(&root, &so)
+                .map(|(entries, _)| entries)
+                .map_err(|e| e.to_string())
+        })
+    });
+    let ctx = Arc::new(Ctx {
+        pool: super::worker_pool("recv")?,
+        dest,
+        opts,
+        out,
+        obs,
+        stats: Mutex::new(Stats::default()),
+        files: Mutex::new(HashMap::new()),
+        track: Mutex::new(Track {
+            outstanding: 0,
+            list_done: false,
+            finished: false,
+        }),
+        dirs: Mutex::new(DirState {
+            wanted: HashMap::new(),
+            fix: HashSet::new(),
+        }),
+        sender_paths: Mutex::new(HashSet::new()),
+        sender_count: AtomicU32::new(0),
+        sender_scan_errors: AtomicU32::new(0),
+        receiver_scan: Mutex::new(receiver_scan),
+        fatal: Mutex::new(None),
+        fatal_set: tokio::sync::Notify::new(),
+        done: Mutex::new(None),
+    });
+    let (plan_tx, plan_rx) = mpsc::channel::<PlanItem>();
+    let planner_ctx = ctx.clone();
+    std::thread::Builder::new()
+        .name("devsync-plan".into())
+        .spawn(move || planner_ctx.planner(plan_rx))
+        .map_err(|e| SessionError::Local(format!("starting planner: {e}")))?;
+    let budget = Arc::new(Semaphore::new(RECV_BUDGET));
+
+    loop {
+        // Abandoning a half-read frame is fine here: after a fatal error nothing more is read.
+        let next = tokio::select! {
+            biased;
+            () = ctx.fatal_set.notified() => None,
+            e = ctx.out.broken() => return Err(SessionError::Local(format!("connection lost: {e}"))),
+            r = reader.next() => Some(r?),
+        };
+        let Some((msg, payload)) = next.flatten() else {
+            return Err(ctx.take_fatal().unwrap_or(SessionError::Eof));
+        };
+        match msg {
+            Msg::Entry { id, entry } => {
+                let _ = plan_tx.send(PlanItem::Entry(id, entry)); // planner gone: it reported why
+            }
+            Msg::EndOfList { count, scan_errors } => {
+                let _ = plan_tx.send(PlanItem::End { count, scan_errors });
+            }
+            Msg::Event(ev) => ctx.obs.event(ev),
+            Msg::Bye => {
+                let stats = lock(&ctx.done).take();
+                return stats
+                    .ok_or_else(|| ctx.violation("goodbye before the receiver finished".into()));
+            }
+            Msg::Fatal { message } => return Err(SessionError::Remote(message)),
+            msg => {
+                let n = payload.len().clamp(1, RECV_BUDGET) as u32;
+                let permit = budget
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|_| SessionError::Local("receive budget closed".into()))?;
+                let job = ctx.dispatch(msg, payload)?;
+                ctx.pool.spawn(move || {
+                    job();
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+impl Ctx {
+    fn take_fatal(&self) -> Option<SessionError> {
+        lock(&self.fatal).take()
+    }
+
+    fn violation(&self, what: String) -> SessionError {
+        let _ = self.out.send(Msg::Fatal {
+            message: format!("protocol violation: {what}"),
+        }); // the session ends with this error either way
+        SessionError::Violation(what)
+    }
+
+    /// Records a fatal error from a worker and tells the peer, which then closes the session.
+    /// The error is stored before the peer hears of it, so whichever way the read loop wakes
+    /// up (our notification or the peer hanging up) it reports this error.
+    fn fail(&self, e: SessionError) {
+        let message = e.to_string();
+        lock(&self.fatal).get_or_insert(e);
+        self.fatal_set.notify_one();
+        let _ = self.out.send(Msg::Fatal { message }); // already failing
+    }
+
+    fn incoming(&self, id: FileId) -> Result<Arc<Incoming>, SessionError> {
+        lock(&self.files)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| self.violation(format!("data for file {id}, which was not requested")))
+    }
+
+    /// Validates a content message against the file's state and returns the work to do.
+    fn dispatch(self: &Arc<Self>, msg: Msg, payload: Bytes) -> Result<Job, SessionError> {
+        let c = self.clone();
+        let job: Job = match msg {
+            Msg::SigRequest { id, chunks } => {
+                let inc = self.incoming(id)?;
+                let (base, params) = {
+                    let st = lock(&inc.st);
+                    (st.base.clone(), st.params)
+                };
+                let (Some(base), Some(params)) = (base, params) else {
+                    return Err(
+                        self.violation(format!("signature request for file {id} without a base"))
+                    );
+                };
+                let n = chunk_count(base.len);
+                let chunks: Vec<u64> = match chunks {
+                    Some(v) => v.into_iter().map(u64::from).collect(),
+                    None => (0..n).collect(),
+                };
+                if chunks.iter().any(|&k| k >= n) {
+                    return Err(
+                        self.violation(format!("signature request beyond the end of file {id}"))
+                    );
+                }
+                Box::new(move || c.send_sig_parts(id, &base, params, &chunks))
+            }
+            Msg::WholeFile { id, digest } => {
+                let inc = self.incoming(id)?;
+                Box::new(move || c.whole_file(id, &inc, digest, &payload))
+            }
+            Msg::Data { id, chunk } | Msg::Copy { id, chunk } | Msg::Delta { id, chunk, .. } => {
+                let inc = self.incoming(id)?;
+                let window = match msg {
+                    Msg::Delta {
+                        window_start,
+                        window_len,
+                        len,
+                        ..
+                    } => Some(Window {
+                        start: u64::from(window_start),
+                        count: u64::from(window_len),
+                        len: len as usize,
+                    }),
+                    _ => None,
+                };
+                let is_copy = matches!(msg, Msg::Copy { .. });
+                let base = {
+                    let mut st = lock(&inc.st);
+                    st.jobs += 1;
+                    st.base.clone()
+                };
+                if (is_copy || window.is_some()) && base.is_none() {
+                    return Err(self.violation(format!("delta for file {id} without a base")));
+                }
+                let piece = match (is_copy, window) {
+                    (true, _) => Piece::Copy,
+                    (false, Some(w)) => Piece::Delta(w, payload),
+                    (false, None) => Piece::Literal(payload),
+                };
+                Box::new(move || c.chunk(id, &inc, base, u64::from(chunk), piece))
+            }
+            Msg::FileEnd { id, len, digest } => {
+                let inc = self.incoming(id)?;
+                if chunk_count(len) > crate::proto::msg::MAX_CHUNKS {
+                    return Err(self.violation(format!("file {id} claims {len} bytes")));
+                }
+                Box::new(move || {
+                    let ready = {
+                        let mut st = lock(&inc.st);
+                        st.end = Some((len, digest));
+                        st.jobs == 0
+                    };
+                    if ready {
+                        c.finalize(id, &inc);
+                    }
+                })
+            }
+            Msg::Identical { id } => {
+                let inc = self.incoming(id)?;
+                Box::new(move || c.identical(id, &inc))
+            }
+            Msg::SendFailed {
+                id,
+                message,
+                transient,
+            } => {
+                let inc = self.incoming(id)?;
+                Box::new(move || {
+                    let ev = if transient {
+                        Event::Warning {
+                            path: inc.path.to_string(),
+                            message,
+                        }
+                    } else {
+                        Event::Error {
+                            path: inc.path.to_string(),
+                            message,
+                        }
+                    };
+                    c.complete(id, &inc, Err(ev));
+                })
+            }
+            other => {
+                return Err(self.violation(format!("unexpected message for a receiver: {other:?}")));
+            }
+        };
+        Ok(job)
+    }
+}
+
+const VERIFY_FAILED: &str = "rebuilt file does not match the sender's BLAKE3 digest";
+
+enum Piece {
+    Literal(Bytes),
+    Copy,
+    Delta(Window, Bytes),
+}
+
+/// Where a delta's base window lies and how long the chunk it rebuilds is.
+struct Window {
+    start: u64,
+    count: u64,
+    len: usize,
+}

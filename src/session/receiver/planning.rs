@@ -1,0 +1,377 @@
+//! Planning: each entry of the sender's list against the local tree, in list order.
+
+use std::collections::HashSet;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, mpsc};
+
+
+use super::*;
+use crate::engine::plan::{self, FileAction};
+
+impl Ctx {
+    pub(super) fn planner(self: Arc<Self>, rx: mpsc::Receiver<PlanItem>) {
+        let mut dirs_seen: HashSet<Vec<u8>> = HashSet::new();
+        let mut ids: HashSet<FileId> = HashSet::new();
+        for item in rx {
+            match item {
+                PlanItem::Entry(id, entry) => {
+                    if !ids.insert(id) {
+                        return self
+                            .fail(SessionError::Violation(format!("file id {id} used twice")));
+                    }
+                    if let Some(parent) = entry.path.parent()
+                        && !dirs_seen.contains(parent)
+                    {
+                        return self.fail(SessionError::Violation(format!(
+                            "{}: listed before its parent directory (or inside a non-directory)",
+                            entry.path
+                        )));
+                    }
+                    if entry.is_dir() {
+                        dirs_seen.insert(entry.path.as_bytes().to_vec());
+                    }
+                    if self.opts.delete {
+                        lock(&self.sender_paths).insert(entry.path.clone());
+                    }
+                    self.plan_entry(id, entry);
+                }
+                PlanItem::End { count, scan_errors } => {
+                    if count as usize != ids.len() {
+                        return self.fail(SessionError::Violation(format!(
+                            "list ended with count {count}, but {} entries arrived",
+                            ids.len()
+                        )));
+                    }
+                    self.sender_count.store(count, Ordering::Relaxed);
+                    self.sender_scan_errors
+                        .store(scan_errors, Ordering::Relaxed);
+                    lock(&self.track).list_done = true;
+                    self.maybe_finish();
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn report(&self, path: &RelPath, kind: ItemKind, op: ChangeOp) {
+        self.obs.event(Event::Change(Change {
+            path: path.clone(),
+            kind,
+            op,
+        }));
+    }
+
+    pub(super) fn error(&self, path: impl std::fmt::Display, message: impl ToString) {
+        lock(&self.stats).errors += 1;
+        self.obs.event(Event::Error {
+            path: path.to_string(),
+            message: message.to_string(),
+        });
+    }
+
+    pub(super) fn warn(&self, path: impl std::fmt::Display, message: impl ToString) {
+        lock(&self.stats).warnings += 1;
+        self.obs.event(Event::Warning {
+            path: path.to_string(),
+            message: message.to_string(),
+        });
+    }
+
+    /// Reports a destination error; a full disk ends the whole sync.
+    pub(super) fn dest_error(&self, path: &RelPath, e: DestError) {
+        if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+            self.fail(SessionError::Local(format!(
+                "no space left on the receiving side (while writing {path}); files already \
+                 replaced are complete, nothing is half-written. Free some space and run again."
+            )));
+        }
+        self.error(path, e);
+    }
+
+    pub(super) fn touched(&self, path: &RelPath) {
+        let parent = path.parent().unwrap_or(b"");
+        if !parent.is_empty() {
+            lock(&self.dirs).fix.insert(parent.to_vec());
+        }
+    }
+
+    pub(super) fn lstat(&self, path: &RelPath) -> Result<Option<LocalMeta>, DestError> {
+        match &self.dest {
+            Some(d) => d.lstat(path),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) fn plan_entry(self: &Arc<Self>, id: FileId, entry: Entry) {
+        {
+            let mut s = lock(&self.stats);
+            match entry.kind {
+                EntryKind::File { size, .. } => {
+                    s.files += 1;
+                    s.total_size += size;
+                }
+                EntryKind::Dir => s.dirs += 1,
+                EntryKind::Symlink { .. } => s.symlinks += 1,
+            }
+        }
+        let local = match self.lstat(&entry.path) {
+            Ok(l) => l,
+            Err(e) => return self.dest_error(&entry.path, e),
+        };
+        let r = match &entry.kind {
+            EntryKind::Dir => self.plan_dir(&entry, local),
+            EntryKind::Symlink { target } => self.plan_symlink(&entry, target, local),
+            EntryKind::File { size, digest } => {
+                if let Err(e) = self.clear_dir_in_the_way(&entry, local.as_ref()) {
+                    return self.dest_error(&entry.path, e);
+                }
+                let local = local.filter(|l| l.kind == LocalKind::File);
+                match (digest, local) {
+                    (Some(_), Some(l)) if l.size == *size => {
+                        // --checksum: hash our copy off the planner thread.
+                        lock(&self.track).outstanding += 1;
+                        let c = self.clone();
+                        let entry = entry.clone();
+                        self.pool.spawn(move || {
+                            let ours = c.dest.as_ref().map(|d| {
+                                d.open_file(&entry.path)
+                                    .map_err(|e| e.to_string())
+                                    .and_then(|f| {
+                                        hash::file_digest(&f, l.size).map_err(|e| e.to_string())
+                                    })
+                            });
+                            match ours {
+                                Some(Err(e)) => {
+                                    c.error(&entry.path, format!("reading for --checksum: {e}"))
+                                }
+                                Some(Ok(d)) => c.plan_file(id, &entry, Some(l), Some(&d)),
+                                None => c.plan_file(id, &entry, Some(l), None),
+                            }
+                            c.release();
+                        });
+                        Ok(())
+                    }
+                    _ => {
+                        self.plan_file(id, &entry, local, None);
+                        Ok(())
+                    }
+                }
+            }
+        };
+        if let Err(e) = r {
+            self.dest_error(&entry.path, e);
+        }
+    }
+
+    /// A directory where the sender has a file or symlink goes only with `--delete`.
+    pub(super) fn clear_dir_in_the_way(
+        &self,
+        entry: &Entry,
+        local: Option<&LocalMeta>,
+    ) -> Result<(), DestError> {
+        if local.map(|l| l.kind) != Some(LocalKind::Dir) {
+            return Ok(());
+        }
+        if !self.opts.delete {
+            return Err(DestError::Io {
+                path: entry.path.to_string(),
+                op: "replacing a directory",
+                source: io::Error::other(format!(
+                    "the receiving side has a directory where the source has a {}; pass --delete to replace it",
+                    if entry.is_dir() {
+                        "directory"
+                    } else {
+                        "file or symlink"
+                    }
+                )),
+            });
+        }
+        self.report(&entry.path, ItemKind::Dir, ChangeOp::Deleted);
+        match &self.dest {
+            Some(d) if !self.opts.dry_run => d.remove_tree(&entry.path),
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) fn plan_dir(
+        &self,
+        entry: &Entry,
+        local: Option<LocalMeta>,
+    ) -> Result<(), DestError> {
+        let key = entry.path.as_bytes().to_vec();
+        lock(&self.dirs)
+            .wanted
+            .insert(key.clone(), (entry.mode, entry.mtime));
+        let dry = self.opts.dry_run;
+        match local {
+            Some(l) if l.kind == LocalKind::Dir => {
+                let perms = l.mode != entry.mode;
+                if perms {
+                    self.report(
+                        &entry.path,
+                        ItemKind::Dir,
+                        ChangeOp::Updated {
+                            content: false,
+                            size: false,
+                            time: l.mtime != entry.mtime,
+                            perms,
+                        },
+                    );
+                    lock(&self.stats).metadata_only += 1;
+                }
+                if perms || l.mtime != entry.mtime {
+                    lock(&self.dirs).fix.insert(key);
+                }
+                // Keep it writable for us while we fill it; the final mode comes at the end.
+                if let (Some(d), false) = (&self.dest, dry)
+                    && l.mode & 0o700 != 0o700
+                {
+                    d.set_dir_meta(&entry.path, Some(l.mode | 0o700), None)?;
+                    lock(&self.dirs).fix.insert(entry.path.as_bytes().to_vec());
+                }
+                return Ok(());
+            }
+            Some(_) => {
+                // A file, symlink or special file where the sender has a directory.
+                if let (Some(d), false) = (&self.dest, dry) {
+                    d.remove(&entry.path, false)?;
+                }
+            }
+            None => {}
+        }
+        if let (Some(d), false) = (&self.dest, dry) {
+            d.mkdir(&entry.path)?;
+        }
+        self.report(&entry.path, ItemKind::Dir, ChangeOp::Created);
+        lock(&self.stats).created += 1;
+        lock(&self.dirs).fix.insert(key);
+        self.touched(&entry.path);
+        Ok(())
+    }
+
+    pub(super) fn plan_symlink(
+        &self,
+        entry: &Entry,
+        target: &[u8],
+        local: Option<LocalMeta>,
+    ) -> Result<(), DestError> {
+        self.clear_dir_in_the_way(entry, local.as_ref())?;
+        let existing = match (&self.dest, local) {
+            (Some(d), Some(l)) if l.kind == LocalKind::Symlink => Some(d.read_link(&entry.path)?),
+            _ => None,
+        };
+        if existing.as_deref() == Some(target) {
+            return Ok(());
+        }
+        if let (Some(d), false) = (&self.dest, self.opts.dry_run) {
+            d.symlink(&entry.path, target, entry.mtime)?;
+        }
+        let op = match local {
+            Some(l) if l.kind == LocalKind::Symlink => ChangeOp::Updated {
+                content: true,
+                size: false,
+                time: false,
+                perms: false,
+            },
+            _ => ChangeOp::Created,
+        };
+        self.count_change(op);
+        self.report(&entry.path, ItemKind::Symlink, op);
+        self.touched(&entry.path);
+        Ok(())
+    }
+
+    pub(super) fn count_change(&self, op: ChangeOp) {
+        let mut s = lock(&self.stats);
+        match op {
+            ChangeOp::Created => s.created += 1,
+            _ => s.updated += 1,
+        }
+    }
+
+    pub(super) fn plan_file(
+        self: &Arc<Self>,
+        id: FileId,
+        entry: &Entry,
+        local: Option<LocalMeta>,
+        local_digest: Option<&Digest>,
+    ) {
+        let EntryKind::File { size, digest } = &entry.kind else {
+            return;
+        };
+        let action = plan::file_action(
+            *size,
+            entry.mode,
+            entry.mtime,
+            digest.as_ref(),
+            local.as_ref(),
+            local_digest,
+        );
+        match action {
+            FileAction::UpToDate => {}
+            FileAction::Metadata { perms, time } => {
+                if let (Some(d), false) = (&self.dest, self.opts.dry_run)
+                    && let Err(e) =
+                        d.set_file_meta(&entry.path, Some(entry.mode), Some(entry.mtime))
+                {
+                    return self.dest_error(&entry.path, e);
+                }
+                lock(&self.stats).metadata_only += 1;
+                let op = ChangeOp::Updated {
+                    content: false,
+                    size: false,
+                    time,
+                    perms,
+                };
+                self.report(&entry.path, ItemKind::File, op);
+            }
+            FileAction::Transfer { basis } => {
+                if self.opts.dry_run {
+                    let op = self.file_op(local.as_ref(), *size, entry, digest.is_some());
+                    self.count_change(op);
+                    return self.report(&entry.path, ItemKind::File, op);
+                }
+                let inc = Arc::new(Incoming {
+                    path: entry.path.clone(),
+                    size: *size,
+                    mode: entry.mode,
+                    mtime: entry.mtime,
+                    before: local,
+                    st: Mutex::new(Assembly::default()),
+                    write: Mutex::new(()),
+                });
+                if lock(&self.files).insert(id, inc.clone()).is_some() {
+                    return self.fail(SessionError::Violation(format!("file id {id} reused")));
+                }
+                lock(&self.track).outstanding += 1;
+                self.obs.planned(*size);
+                let base_len = local.map_or(0, |l| l.size);
+                if basis && base_len >= DELTA_MIN_BASE {
+                    let c = self.clone();
+                    self.pool.spawn(move || c.start_delta(id, &inc));
+                } else {
+                    let _ = self.out.send(Msg::NeedWhole { id });
+                }
+            }
+        }
+    }
+
+    pub(super) fn file_op(
+        &self,
+        before: Option<&LocalMeta>,
+        size: u64,
+        entry: &Entry,
+        content_known: bool,
+    ) -> ChangeOp {
+        match before.filter(|l| l.kind == LocalKind::File) {
+            None => ChangeOp::Created,
+            Some(l) => ChangeOp::Updated {
+                content: content_known || !self.opts.dry_run,
+                size: l.size != size,
+                time: l.mtime != entry.mtime,
+                perms: l.mode != entry.mode,
+            },
+        }
+    }
+}
