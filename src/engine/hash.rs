@@ -7,7 +7,6 @@
 //! against one whole-file digest. Pure functions: no I/O beyond the reader passed in.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
 use rayon::prelude::*;
@@ -71,8 +70,25 @@ fn subtree(cvs: &[Cv], len: u64) -> Cv {
 /// Reads chunk `k` of `file` (whose length is `len`) into a fresh buffer.
 pub fn read_chunk(file: &File, len: u64, k: u64) -> std::io::Result<Vec<u8>> {
     let (off, n) = chunk_span(len, k);
-    let mut buf = vec![0u8; n];
-    file.read_exact_at(&mut buf, off)?;
+    read_at(file, off, n)
+}
+
+/// Reads exactly `n` bytes at `off` into a new buffer, without zero-filling it first (at 4 MiB
+/// a chunk, the memset alone cost a fifth of hashing throughput). A file that got shorter
+/// meanwhile is `UnexpectedEof`.
+pub fn read_at(file: &File, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(n);
+    while buf.len() < n {
+        let done = buf.len();
+        let want = &mut buf.spare_capacity_mut()[..n - done];
+        let (got, _) = rustix::io::pread(file, want, off + done as u64)?;
+        let filled = got.len();
+        if filled == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        // SAFETY: `pread` initialized the first `filled` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + filled) };
+    }
     Ok(buf)
 }
 

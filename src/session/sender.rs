@@ -393,8 +393,15 @@ impl Ctx {
                 let mut data = vec![0u8; (pre + n as u64 + post) as usize];
                 f.read_exact_at(&mut data, off - pre)?;
                 let ((start, count), index) = index_for(k)?;
-                let full = delta::diff(index, &data).map_err(io::Error::other)?;
-                let d = delta::trim(&full, pre, pre + n as u64).map_err(io::Error::other)?;
+                let d = if delta::probably_matches(index, &data, block) {
+                    let full = delta::diff(index, &data).map_err(io::Error::other)?;
+                    delta::trim(&full, pre, pre + n as u64)
+                        .map_err(io::Error::other)?
+                        .delta
+                } else {
+                    let own = &data[pre as usize..pre as usize + n];
+                    delta::literal(own)
+                };
                 let msg = Msg::Delta {
                     id,
                     chunk,
@@ -402,7 +409,7 @@ impl Ctx {
                     window_len: count as u32,
                     len: n as u32,
                 };
-                let _ = self.out.send_data(msg, Bytes::from(d.delta), Some(permit));
+                let _ = self.out.send_data(msg, Bytes::from(d), Some(permit));
             }
             self.obs.progressed(n as u64);
             Ok(())

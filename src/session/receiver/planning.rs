@@ -5,7 +5,6 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 
-
 use super::*;
 use crate::engine::plan::{self, FileAction};
 
