@@ -137,7 +137,8 @@ async fn run_remote(remote: Target, mut job: Job) -> anyhow::Result<Outcome> {
             let (status, err) = local::finish(child, stderr).await;
             match result {
                 Ok(o) => Ok(o),
-                Err(e) if err.is_empty() => Err(e.into()),
+                // The helper's own report of an error we already have adds nothing.
+                Err(e) if err.is_empty() || err.contains(&e.to_string()) => Err(e.into()),
                 Err(e) => Err(anyhow::anyhow!("{e}\nhelper (exit {status:?}): {err}")),
             }
         }

@@ -454,3 +454,95 @@ fn kind_changes_and_symlinks_are_never_followed() {
     sync_json("push", &src, &dst, &["--delete"], 0);
     assert_same_tree(&src, &dst);
 }
+
+#[test]
+fn checksum_mode_catches_same_size_same_mtime_changes() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("a"), b"version one").unwrap();
+    fs::write(src.join("big"), random_bytes(300_000, 1)).unwrap();
+    sync_json("push", &src, &dst, &[], 0);
+    // Same size, same mtime, different content: the quick check cannot see it.
+    let sneak = |p: &Path, data: &[u8]| {
+        let t = fs::metadata(p).unwrap().modified().unwrap();
+        fs::write(p, data).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    };
+    sneak(&src.join("a"), b"version two");
+    let mut big = random_bytes(300_000, 1);
+    big[123_456] ^= 1;
+    sneak(&src.join("big"), &big);
+    let v = sync_json("push", &src, &dst, &[], 0);
+    assert_eq!(num(&v, "updated"), 0, "quick check: {v}");
+    assert_eq!(fs::read(dst.join("a")).unwrap(), b"version one");
+    let v = sync_json("push", &src, &dst, &["-c", "-i"], 0);
+    assert_eq!(num(&v, "updated"), 2, "{v}");
+    assert!(
+        num(&v, "literal_bytes") < 20_000,
+        "the big one went as a delta: {v}"
+    );
+    assert_same_tree(&src, &dst);
+    let v = sync_json("push", &src, &dst, &["-c"], 0);
+    assert_eq!(num(&v, "updated") + num(&v, "metadata_only"), 0, "{v}");
+}
+
+/// A destination filesystem that fills up: a clear error, non-zero exit, nothing half-written.
+#[test]
+fn no_space_is_a_clear_error() {
+    let td = tempfile::tempdir().unwrap();
+    let small = td.path().join("small");
+    fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4m",
+            "devsync-test",
+            small.to_str().unwrap(),
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&small);
+    let src = td.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("fits"), random_bytes(1 << 20, 1)).unwrap();
+    fs::write(src.join("too big"), random_bytes(6 << 20, 2)).unwrap();
+    let dst = small.join("dst");
+    let out = devsync(&[OsStr::new("push"), src.as_os_str(), dst.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("no space left"), "{err}");
+    if let Ok(got) = fs::read(dst.join("too big")) {
+        panic!("partial file at final path ({} bytes)", got.len());
+    }
+    // Whatever did land is complete.
+    if let Ok(got) = fs::read(dst.join("fits")) {
+        assert_eq!(got, random_bytes(1 << 20, 1));
+    }
+    let leftovers: Vec<_> = fs::read_dir(&dst)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers
+            .iter()
+            .all(|n| !n.to_string_lossy().starts_with(".devsync-tmp")),
+        "{leftovers:?}"
+    );
+}
