@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod engine;
 pub mod proto;
+pub mod server;
 pub mod session;
 pub mod target;
 pub mod trace;

@@ -2,6 +2,7 @@
 
 mod helper;
 mod output;
+mod serve;
 mod sync;
 
 use std::process::ExitCode;
@@ -39,6 +40,8 @@ enum Cmd {
     Push(SyncArgs),
     /// Make the local directory DEST mirror SRC
     Pull(SyncArgs),
+    /// Run the embedded endpoint: TLS gateway, SSH server and devbox key API in one process
+    Serve(serve::ServeArgs),
     /// Serve the sync protocol on stdin/stdout (started by devsync itself, locally or over SSH)
     #[command(hide = true)]
     Helper,
@@ -92,10 +95,37 @@ pub struct SyncArgs {
     /// Print only errors
     #[arg(short, long)]
     quiet: bool,
+    /// Private key for SSH hosts (repeatable; tried before the ssh-agent and ~/.ssh/id_*)
+    #[arg(short = 'I', long = "identity", value_name = "FILE")]
+    identity: Vec<std::path::PathBuf>,
+    /// Refuse SSH hosts missing from ~/.ssh/known_hosts (default: record them on first use)
+    #[arg(long)]
+    strict_host_keys: bool,
+    /// Extra CA certificate (PEM) to trust for devbox gateways and the API
+    #[arg(long, value_name = "FILE", env = "DEVSYNC_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Skip verifying the devbox gateway's TLS certificate (the SSH host key is still pinned)
+    #[arg(long)]
+    insecure_tls: bool,
+    /// devsync binary to install on remotes of another platform than this one
+    #[arg(long, value_name = "FILE")]
+    helper_binary: Option<std::path::PathBuf>,
+    /// Directory for helper binaries on remotes
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "DEVSYNC_REMOTE_DIR",
+        default_value = "~/.cache/devsync"
+    )]
+    remote_dir: String,
+    /// Seconds to wait for a connection, handshake or authentication
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    timeout: u64,
 }
 
 /// Parses the command line, runs the command, and returns the process exit status.
 pub fn run() -> ExitCode {
+    crate::transport::tls::install_crypto_provider();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -110,6 +140,7 @@ pub fn run() -> ExitCode {
     let code = match cli.cmd {
         Cmd::Push(a) => sync::run(a, sync::Direction::Push),
         Cmd::Pull(a) => sync::run(a, sync::Direction::Pull),
+        Cmd::Serve(a) => serve::run(a),
         Cmd::Helper => helper::run(),
     };
     ExitCode::from(code)

@@ -74,6 +74,14 @@ impl Reporter {
         }
     }
 
+    /// A progress notice (connecting, installing the helper…): stderr, unless quiet (also
+    /// with --json, whose output is stdout).
+    pub fn notice(&self, msg: &str) {
+        if !self.quiet {
+            self.out(&format!("devsync: {msg}"), true);
+        }
+    }
+
     pub fn finish_bar(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
@@ -120,7 +128,7 @@ impl Observer for Reporter {
                 }
             }
             Event::Warning { path, message } => {
-                if !self.quiet && !self.json {
+                if !self.quiet {
                     self.out(
                         &format!("devsync: warning: {}", located(&path, &message)),
                         true,

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
@@ -15,7 +15,11 @@ use crate::engine::scan::check_root;
 use crate::proto::{Role, SyncOptions};
 use crate::session::client::{self, Job, Outcome};
 use crate::target::Target;
+use crate::transport::bootstrap::BootstrapOptions;
 use crate::transport::local::{self, LocalHelper};
+use crate::transport::remote::{self, Notice, RemoteOptions};
+use crate::transport::ssh;
+use crate::transport::tls::TlsPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -85,8 +89,9 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
         opts,
         obs: reporter.clone(),
     };
+    let ropts = remote_options(a);
     let rt = super::runtime()?;
-    let outcome = rt.block_on(run_remote(remote, job));
+    let outcome = rt.block_on(run_remote(remote, job, &ropts, reporter.clone()));
     reporter.finish_bar();
     let outcome = outcome?;
     let elapsed = started.elapsed();
@@ -119,7 +124,38 @@ fn check_local_root(root: &Path, dir: Direction, dry_run: bool) -> anyhow::Resul
     }
 }
 
-async fn run_remote(remote: Target, mut job: Job) -> anyhow::Result<Outcome> {
+fn remote_options(a: &SyncArgs) -> RemoteOptions {
+    let ms = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    };
+    let d = RemoteOptions::default();
+    RemoteOptions {
+        tls: TlsPolicy {
+            extra_ca: a.tls_ca.clone(),
+            insecure: a.insecure_tls,
+        },
+        identities: a.identity.clone(),
+        strict_host_keys: a.strict_host_keys,
+        bootstrap: BootstrapOptions {
+            remote_dir: a.remote_dir.clone(),
+            helper_binary: a.helper_binary.clone(),
+        },
+        timeout: Duration::from_secs(a.timeout.max(1)),
+        // For scripts and tests that do not want to wait 3 s between status checks.
+        poll_every: ms("DEVSYNC_POLL_INTERVAL_MS").unwrap_or(d.poll_every),
+        poll_limit: d.poll_limit,
+    }
+}
+
+async fn run_remote(
+    remote: Target,
+    mut job: Job,
+    ropts: &RemoteOptions,
+    reporter: Arc<Reporter>,
+) -> anyhow::Result<Outcome> {
     match remote {
         Target::Local(path) => {
             let abs: PathBuf = std::path::absolute(&path)
@@ -142,6 +178,28 @@ async fn run_remote(remote: Target, mut job: Job) -> anyhow::Result<Outcome> {
                 Err(e) => Err(anyhow::anyhow!("{e}\nhelper (exit {status:?}): {err}")),
             }
         }
-        other => bail!("{other:?}: remote targets are not supported by this build yet"),
+        target => {
+            let notice: Notice = Arc::new(move |m: String| reporter.notice(&m));
+            let remote = remote::open(&target, ropts, notice).await?;
+            job.remote_root = remote.root.clone();
+            let mut status = remote.helper.status.clone();
+            let result = client::run_ready(remote.helper.reader, remote.helper.writer, job).await;
+            match result {
+                Ok(o) => {
+                    remote.conn.close().await;
+                    Ok(o)
+                }
+                Err(e) => {
+                    let st = ssh::wait_exit(&mut status, Duration::from_secs(2)).await;
+                    let err = st.stderr_text();
+                    remote.conn.close().await;
+                    if err.is_empty() || err.contains(&e.to_string()) {
+                        Err(e.into())
+                    } else {
+                        Err(anyhow::anyhow!("{e}\nremote helper said: {err}"))
+                    }
+                }
+            }
+        }
     }
 }

@@ -58,6 +58,17 @@ pub async fn client_start<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
 ) -> Result<Vec<u8>, ProtoError> {
+    let junk = await_helper(r).await?;
+    client_answer(w).await?;
+    Ok(junk)
+}
+
+/// Client side, first half: read (and return) whatever precedes the helper's greeting, then
+/// the greeting; checks the version. Transports use it to tell "helper running" from "helper
+/// missing" before handing the stream to the session.
+pub async fn await_helper<R: AsyncRead + Unpin>(
+    r: &mut FrameReader<R>,
+) -> Result<Vec<u8>, ProtoError> {
     let mut junk: Vec<u8> = Vec::new();
     loop {
         let buf = r.buffered().fill_buf().await?;
@@ -84,7 +95,6 @@ pub async fn client_start<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                      the remote devsync binary is from another release"
                 )));
             }
-            w.write_raw(CLIENT_MAGIC).await?;
             return Ok(junk);
         }
         if junk.len() > MAX_JUNK {
@@ -94,6 +104,13 @@ pub async fn client_start<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             )));
         }
     }
+}
+
+/// Client side, second half: answer the greeting.
+pub async fn client_answer<W: AsyncWrite + Unpin>(
+    w: &mut FrameWriter<W>,
+) -> Result<(), ProtoError> {
+    w.write_raw(CLIENT_MAGIC).await
 }
 
 /// Reads the 4-byte version that follows the magic. `already` holds bytes read past the magic,

@@ -35,9 +35,23 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut reader = FrameReader::new(r);
-    let mut writer = FrameWriter::new(w);
     crate::trace!("client", "waiting for the helper");
-    handshake::client_start(&mut reader, &mut writer).await?;
+    handshake::await_helper(&mut reader).await?;
+    run_ready(reader, w, job).await
+}
+
+/// Like [`run`], for a stream whose helper greeting was already read ([`handshake::await_helper`]).
+pub async fn run_ready<R, W>(
+    mut reader: FrameReader<R>,
+    w: W,
+    job: Job,
+) -> Result<Outcome, SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut writer = FrameWriter::new(w);
+    handshake::client_answer(&mut writer).await?;
     crate::trace!("client", "helper ready");
     let helper_role = match job.role {
         Role::Sender => Role::Receiver,

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod credentials;
+
 /// One side of a sync.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {

@@ -3,4 +3,5 @@
 mod common;
 mod local;
 mod protocol;
+mod remote;
 mod session;

@@ -1,0 +1,360 @@
+//! Starting `devsync helper` on an SSH server, uploading it first when it is missing.
+//!
+//! Helpers live at `<dir>/<build>/devsync` on the remote (`<dir>` defaults to
+//! `~/.cache/devsync`; `<build>` is this binary's version plus a hash of its bytes, so a client
+//! and its helper are always the same build). One exec runs the helper if it is there;
+//! otherwise it reports the platform (`uname -sm`) and home directory on stderr and exits 111.
+//! The client then checks the platform, uploads itself (or `--helper-binary`) over SFTP to a
+//! temporary name, makes it executable, renames it into place and tries once more. Nothing
+//! needs to be preinstalled remotely besides `sh` and an SFTP server.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+
+use super::TransportError;
+use super::ssh::{Connection, ExecStatus, wait_exit};
+use crate::proto::FrameReader;
+use crate::proto::handshake::await_helper;
+
+/// Exit status of the start script when no helper is installed.
+const NEED_HELPER: u32 = 111;
+const MARKER: &str = "DEVSYNC-NEED-HELPER";
+
+#[derive(Debug, Clone)]
+pub struct BootstrapOptions {
+    /// Remote directory holding helpers (`~/` means the remote home).
+    pub remote_dir: String,
+    /// Binary to upload instead of this one (for a remote of another platform).
+    pub helper_binary: Option<PathBuf>,
+}
+
+impl Default for BootstrapOptions {
+    fn default() -> Self {
+        BootstrapOptions {
+            remote_dir: "~/.cache/devsync".into(),
+            helper_binary: None,
+        }
+    }
+}
+
+/// A helper that has greeted us.
+pub struct Started {
+    pub reader: FrameReader<Box<dyn AsyncRead + Send + Unpin>>,
+    pub writer: Box<dyn AsyncWrite + Send + Unpin>,
+    pub status: watch::Receiver<ExecStatus>,
+    /// Whether the helper binary had to be uploaded.
+    pub uploaded: bool,
+}
+
+/// This build's identity: version and a hash of the executable. The hash is remembered in
+/// the state directory per (inode, size, mtime) of the executable, so it is computed once per
+/// build rather than on every connection.
+pub fn build_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        let hash = std::env::current_exe()
+            .map_err(|e| e.to_string())
+            .and_then(|exe| cached_hash(&exe))
+            .unwrap_or_else(|_| "unknown".into());
+        format!("{}-{hash}", env!("CARGO_PKG_VERSION"))
+    })
+}
+
+fn cached_hash(exe: &Path) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(exe).map_err(|e| e.to_string())?;
+    let stamp = format!(
+        "{} {} {} {} {}",
+        exe.display(),
+        md.dev(),
+        md.ino(),
+        md.len(),
+        md.mtime_nsec() + md.mtime() * 1_000_000_000
+    );
+    let cache = crate::target::credentials::state_dir().map(|d| d.join("build-id"));
+    if let Ok(c) = &cache
+        && let Ok(text) = std::fs::read_to_string(c)
+        && let Some((seen, hash)) = text.trim_end().rsplit_once(' ')
+        && seen == stamp
+    {
+        return Ok(hash.to_string());
+    }
+    let bytes = std::fs::read(exe).map_err(|e| e.to_string())?;
+    let hash = blake3::hash(&bytes).to_hex()[..12].to_string();
+    if let Ok(c) = cache {
+        // A cache that cannot be written only costs hashing again next time.
+        let _ = c.parent().map(std::fs::create_dir_all);
+        let _ = std::fs::write(c, format!("{stamp} {hash}\n"));
+    }
+    Ok(hash)
+}
+
+/// Characters allowed in the remote directory: it goes into a shell script.
+fn check_dir(dir: &str) -> Result<(), TransportError> {
+    let ok = !dir.is_empty()
+        && dir
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-~+@,".contains(c))
+        && (dir.starts_with('/') || dir.starts_with("~/"));
+    if ok {
+        Ok(())
+    } else {
+        Err(TransportError::Config(format!(
+            "remote helper directory {dir:?} must be absolute or start with ~/, and use only \
+             letters, digits and / . _ - + @ ,"
+        )))
+    }
+}
+
+/// The remote start script, as one exec command (single-quoted for the login shell, POSIX sh
+/// inside, so it works whatever the user's shell is).
+fn start_script(dir: &str) -> String {
+    let d = match dir.strip_prefix("~/") {
+        Some(rest) => format!("\"$HOME/{rest}/{}\"", build_id()),
+        None => format!("\"{dir}/{}\"", build_id()),
+    };
+    format!(
+        "sh -c 'h={d}/devsync; if [ -x \"$h\" ]; then exec \"$h\" helper; fi; \
+         echo \"{MARKER} $(uname -s) $(uname -m) $HOME\" >&2; exit {NEED_HELPER}'"
+    )
+}
+
+/// What the start script reported when no helper was there.
+#[derive(Debug, PartialEq, Eq)]
+struct Need {
+    os: String,
+    arch: String,
+    home: String,
+}
+
+fn parse_need(stderr: &str) -> Option<Need> {
+    let line = stderr.lines().find_map(|l| l.trim().strip_prefix(MARKER))?;
+    let mut it = line.split_whitespace();
+    let (os, arch) = (it.next()?.to_string(), it.next()?.to_string());
+    let home = it.collect::<Vec<_>>().join(" ");
+    Some(Need { os, arch, home })
+}
+
+/// `uname -s`/`uname -m` of the machine this binary was built for.
+fn local_platform() -> (String, String) {
+    let os = match std::env::consts::OS {
+        "linux" => "Linux",
+        "macos" => "Darwin",
+        "freebsd" => "FreeBSD",
+        other => other,
+    };
+    (os.to_string(), std::env::consts::ARCH.to_string())
+}
+
+fn same_platform(need: &Need) -> bool {
+    let norm = |a: &str| match a {
+        "arm64" => "aarch64".to_string(),
+        "amd64" => "x86_64".to_string(),
+        other => other.to_string(),
+    };
+    let (os, arch) = local_platform();
+    need.os == os && norm(&need.arch) == norm(&arch)
+}
+
+/// Starts the helper, uploading it once if needed.
+pub async fn start(
+    conn: &Connection,
+    opts: &BootstrapOptions,
+    notice: Arc<dyn Fn(String) + Send + Sync>,
+) -> Result<Started, TransportError> {
+    check_dir(&opts.remote_dir)?;
+    let helper_err = |msg: String| TransportError::Helper {
+        host: conn.label().to_string(),
+        msg,
+    };
+    let mut uploaded = false;
+    loop {
+        crate::trace!("client", "starting the remote helper");
+        let exec = conn
+            .exec(&start_script(&opts.remote_dir))
+            .await
+            .map_err(|e| helper_err(format!("opening the exec channel: {e}")))?;
+        let mut status = exec.status;
+        let mut reader = FrameReader::new(exec.reader);
+        let greeting = await_helper(&mut reader).await;
+        if greeting.is_ok() {
+            return Ok(Started {
+                reader,
+                writer: exec.writer,
+                status,
+                uploaded,
+            });
+        }
+        let st = wait_exit(&mut status, Duration::from_secs(10)).await;
+        let stderr = st.stderr_text();
+        match (st.code, parse_need(&stderr), uploaded) {
+            (Some(NEED_HELPER), Some(need), false) => {
+                upload(conn, opts, &need, &*notice)
+                    .await
+                    .map_err(helper_err)?;
+                uploaded = true;
+            }
+            _ => {
+                let mut msg = greeting.err().map(|e| e.to_string()).unwrap_or_default();
+                if let Some(c) = st.code {
+                    msg.push_str(&format!("; exit status {c}"));
+                }
+                if let Some(s) = &st.signal {
+                    msg.push_str(&format!("; killed by signal {s}"));
+                }
+                if !stderr.is_empty() {
+                    msg.push_str(&format!("; remote stderr: {stderr}"));
+                }
+                return Err(helper_err(msg));
+            }
+        }
+    }
+}
+
+/// Uploads the helper binary for `need`'s platform to its versioned path over SFTP.
+async fn upload(
+    conn: &Connection,
+    opts: &BootstrapOptions,
+    need: &Need,
+    notice: &(dyn Fn(String) + Send + Sync),
+) -> Result<(), String> {
+    let local = match &opts.helper_binary {
+        Some(p) => p.clone(),
+        None if same_platform(need) => std::env::current_exe().map_err(|e| e.to_string())?,
+        None => {
+            let (os, arch) = local_platform();
+            return Err(format!(
+                "the remote is {} {} but this devsync is built for {os} {arch}; pass \
+                 --helper-binary PATH with a devsync built for {} {}",
+                need.os, need.arch, need.os, need.arch
+            ));
+        }
+    };
+    let base = match opts.remote_dir.strip_prefix("~/") {
+        Some(rest) => format!("{}/{rest}", need.home.trim_end_matches('/')),
+        None => opts.remote_dir.clone(),
+    };
+    let dir = format!("{base}/{}", build_id());
+    let size = std::fs::metadata(&local)
+        .map_err(|e| format!("{}: {e}", local.display()))?
+        .len();
+    notice(format!(
+        "installing the devsync helper ({:.1} MiB) on {} in {dir}",
+        size as f64 / (1 << 20) as f64,
+        conn.label()
+    ));
+    crate::trace!("client", "uploading the helper to {dir}");
+    let sftp = conn.sftp().await?;
+    let r = put(&sftp, &local, &dir).await;
+    let _ = sftp.close().await; // the upload's outcome is what matters
+    r
+}
+
+async fn put(
+    sftp: &russh_sftp::client::SftpSession,
+    local: &Path,
+    dir: &str,
+) -> Result<(), String> {
+    let sftp_err = |what: &str, e: russh_sftp::client::error::Error| format!("{what}: {e}");
+    // mkdir -p
+    let mut path = String::new();
+    for comp in dir.split('/').filter(|c| !c.is_empty()) {
+        path.push('/');
+        path.push_str(comp);
+        if !sftp.try_exists(path.clone()).await.unwrap_or(false)
+            && let Err(e) = sftp.create_dir(path.clone()).await
+            && !sftp.try_exists(path.clone()).await.unwrap_or(false)
+        {
+            return Err(sftp_err(&format!("creating {path}"), e));
+        }
+    }
+    let fin = format!("{dir}/devsync");
+    let tmp = format!("{dir}/.devsync.upload.{}", std::process::id());
+    let mut remote = sftp
+        .create(tmp.clone())
+        .await
+        .map_err(|e| sftp_err(&format!("creating {tmp}"), e))?;
+    let file = tokio::fs::File::open(local)
+        .await
+        .map_err(|e| format!("{}: {e}", local.display()))?;
+    let mut src = BufReader::with_capacity(1 << 20, file);
+    tokio::io::copy_buf(&mut src, &mut remote)
+        .await
+        .map_err(|e| format!("uploading to {tmp}: {e}"))?;
+    remote
+        .shutdown()
+        .await
+        .map_err(|e| format!("closing {tmp}: {e}"))?;
+    let mut attrs = russh_sftp::protocol::FileAttributes::empty();
+    attrs.permissions = Some(0o755);
+    sftp.set_metadata(tmp.clone(), attrs)
+        .await
+        .map_err(|e| sftp_err(&format!("chmod {tmp}"), e))?;
+    if let Err(e) = sftp.rename(tmp.clone(), fin.clone()).await {
+        // Another client may have installed the same build meanwhile: that one is as good.
+        let _ = sftp.remove_file(tmp.clone()).await;
+        if !sftp.try_exists(fin.clone()).await.unwrap_or(false) {
+            return Err(sftp_err(&format!("renaming {tmp} to {fin}"), e));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_parsing() {
+        assert_eq!(
+            parse_need("motd\nDEVSYNC-NEED-HELPER Linux x86_64 /home/u\n"),
+            Some(Need {
+                os: "Linux".into(),
+                arch: "x86_64".into(),
+                home: "/home/u".into()
+            })
+        );
+        assert_eq!(
+            parse_need("DEVSYNC-NEED-HELPER Darwin arm64 /Users/a b")
+                .unwrap()
+                .home,
+            "/Users/a b"
+        );
+        assert_eq!(parse_need("sh: 1: exec: not found"), None);
+    }
+
+    #[test]
+    fn platform_names() {
+        let (os, arch) = local_platform();
+        assert!(same_platform(&Need {
+            os,
+            arch,
+            home: String::new()
+        }));
+        assert!(
+            !same_platform(&Need {
+                os: "Darwin".into(),
+                arch: "arm64".into(),
+                home: String::new()
+            }) || cfg!(all(target_os = "macos", target_arch = "aarch64"))
+        );
+    }
+
+    #[test]
+    fn remote_dirs_are_checked() {
+        check_dir("~/.cache/devsync").unwrap();
+        check_dir("/opt/devsync-helpers").unwrap();
+        for bad in [
+            "", "relative", "/a b", "/a'b", "/a\"b", "/$x", "~user/x", "/a`b`",
+        ] {
+            assert!(check_dir(bad).is_err(), "{bad}");
+        }
+        let s = start_script("~/.cache/devsync");
+        assert!(s.starts_with("sh -c '") && s.ends_with('\''));
+        assert_eq!(s.matches('\'').count(), 2);
+    }
+}

@@ -1,0 +1,335 @@
+//! The hosted devbox service's HTTP API: devbox status and SSH credentials.
+//!
+//! `RUNLOOP_API_KEY` authenticates (bearer), `RUNLOOP_BASE_URL` picks the service (default
+//! `https://api.runloop.ai`), `RUNLOOP_SSH_GATEWAY` overrides the TLS gateway (default
+//! `ssh.<domain>:443` for `api.<domain>`). Requests time out after 30 s and are retried on
+//! 408/409/429/5xx and connection failures with exponential backoff, like the official clients.
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::TransportError;
+use super::tls::{TlsPolicy, client_config};
+use crate::target::credentials::DevboxCreds;
+
+pub const DEFAULT_BASE: &str = "https://api.runloop.ai";
+
+/// Retry schedule for API calls.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    pub retries: u32,
+    pub first: Duration,
+    pub max: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            retries: 5,
+            first: Duration::from_millis(500),
+            max: Duration::from_secs(8),
+        }
+    }
+}
+
+/// One failed attempt: worth retrying or not.
+#[derive(Debug)]
+pub enum Attempt {
+    Retry(String),
+    Fail(String),
+}
+
+/// Runs `op` until it succeeds, fails for good, or the retries run out (backoff doubling from
+/// `first` up to `max`).
+pub async fn with_retry<T, F, Fut>(policy: Retry, mut op: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Attempt>>,
+{
+    let mut delay = policy.first;
+    for attempt in 0..=policy.retries {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(Attempt::Fail(e)) => return Err(e),
+            Err(Attempt::Retry(e)) if attempt == policy.retries => {
+                return Err(format!("{e} (gave up after {} attempts)", attempt + 1));
+            }
+            Err(Attempt::Retry(_)) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(policy.max);
+            }
+        }
+    }
+    Err("no attempt made".into())
+}
+
+#[derive(Deserialize)]
+struct KeyResponse {
+    url: String,
+    ssh_private_key: String,
+    ssh_user: String,
+}
+
+#[derive(Deserialize)]
+struct DevboxResponse {
+    status: String,
+}
+
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+    retry: Retry,
+}
+
+impl Api {
+    pub fn from_env(tls: &TlsPolicy) -> Result<Api, TransportError> {
+        let key = std::env::var("RUNLOOP_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                TransportError::Api(
+                    "RUNLOOP_API_KEY is not set: export your API key to reach devboxes".into(),
+                )
+            })?;
+        let base = std::env::var("RUNLOOP_BASE_URL")
+            .ok()
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| DEFAULT_BASE.into())
+            .trim_end_matches('/')
+            .to_string();
+        let tls_cfg = client_config(tls, None).map_err(TransportError::Config)?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("devsync/", env!("CARGO_PKG_VERSION")))
+            .tls_backend_preconfigured((*tls_cfg).clone())
+            .build()
+            .map_err(|e| TransportError::Api(format!("HTTP client: {e}")))?;
+        Ok(Api {
+            http,
+            base,
+            key,
+            retry: Retry::default(),
+        })
+    }
+
+    /// `host:port` of the TLS gateway in front of the devboxes.
+    pub fn gateway(&self) -> Result<String, TransportError> {
+        if let Ok(g) = std::env::var("RUNLOOP_SSH_GATEWAY")
+            && !g.is_empty()
+        {
+            return Ok(if g.contains(':') {
+                g
+            } else {
+                format!("{g}:443")
+            });
+        }
+        let host = reqwest::Url::parse(&self.base)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        match host.strip_prefix("api.") {
+            Some(domain) => Ok(format!("ssh.{domain}:443")),
+            None => Err(TransportError::Config(format!(
+                "cannot derive the SSH gateway from RUNLOOP_BASE_URL={}; set \
+                 RUNLOOP_SSH_GATEWAY=host:port",
+                self.base
+            ))),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        id: &str,
+    ) -> Result<String, TransportError> {
+        let url = format!("{}{path}", self.base);
+        with_retry(self.retry, || async {
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(&self.key);
+            if method == reqwest::Method::POST {
+                req = req.json(&serde_json::json!({}));
+            }
+            let resp = req.send().await.map_err(|e| {
+                let msg = format!("{url}: {e}");
+                if e.is_connect() || e.is_timeout() || e.is_request() {
+                    Attempt::Retry(msg)
+                } else {
+                    Attempt::Fail(msg)
+                }
+            })?;
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            if status.is_success() {
+                return Ok(body);
+            }
+            let snippet: String = body.chars().take(300).collect();
+            let msg = match status.as_u16() {
+                401 | 403 => format!("the API refused RUNLOOP_API_KEY ({status}); check the key"),
+                404 => format!("devbox {id} not found ({status}); check the id"),
+                _ => format!("{url}: {status} {snippet}"),
+            };
+            match status.as_u16() {
+                408 | 409 | 429 | 500..=599 => Err(Attempt::Retry(msg)),
+                _ => Err(Attempt::Fail(msg)),
+            }
+        })
+        .await
+        .map_err(TransportError::Api)
+    }
+
+    pub async fn status(&self, id: &str) -> Result<String, TransportError> {
+        let body = self
+            .call(reqwest::Method::GET, &format!("/v1/devboxes/{id}"), id)
+            .await?;
+        serde_json::from_str::<DevboxResponse>(&body)
+            .map(|d| d.status)
+            .map_err(|e| TransportError::Api(format!("unexpected devbox status answer: {e}")))
+    }
+
+    pub async fn create_ssh_key(&self, id: &str) -> Result<DevboxCreds, TransportError> {
+        let path = format!("/v1/devboxes/{id}/create_ssh_key");
+        let body = self.call(reqwest::Method::POST, &path, id).await?;
+        let k: KeyResponse = serde_json::from_str(&body)
+            .map_err(|e| TransportError::Api(format!("unexpected create_ssh_key answer: {e}")))?;
+        Ok(DevboxCreds {
+            key_pem: k.ssh_private_key,
+            url: k.url,
+            ssh_user: k.ssh_user,
+        })
+    }
+}
+
+/// Devbox states that will not become `running` by waiting.
+const DEAD_STATES: &[&str] = &["failure", "shutdown", "suspended"];
+
+/// Polls `status` until it says `running`; gives up on a dead state or after `limit`.
+pub async fn wait_running<F, Fut>(
+    id: &str,
+    mut status: F,
+    every: Duration,
+    limit: Duration,
+    notice: &(dyn Fn(String) + Send + Sync),
+) -> Result<(), TransportError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<String, TransportError>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut announced: Option<String> = None;
+    loop {
+        let s = status().await?;
+        if s == "running" {
+            return Ok(());
+        }
+        if DEAD_STATES.contains(&s.as_str()) {
+            let hint = if s == "suspended" {
+                " (resume it first)"
+            } else {
+                ""
+            };
+            return Err(TransportError::Api(format!("devbox {id} is {s}{hint}")));
+        }
+        if start.elapsed() >= limit {
+            return Err(TransportError::Api(format!(
+                "devbox {id} is still {s} after {}s",
+                limit.as_secs()
+            )));
+        }
+        if announced.as_deref() != Some(s.as_str()) {
+            notice(format!("devbox {id} is {s}; waiting for it to be running…"));
+            announced = Some(s);
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_then_succeed() {
+        let calls = AtomicU32::new(0);
+        let t0 = tokio::time::Instant::now();
+        let r = with_retry(Retry::default(), || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0..=2 => Err(Attempt::Retry("503".into())),
+                _ => Ok(7),
+            }
+        })
+        .await;
+        assert_eq!(r, Ok(7));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(t0.elapsed(), Duration::from_millis(500 + 1000 + 2000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_give_up_and_fatal_stops_at_once() {
+        let calls = AtomicU32::new(0);
+        let r: Result<(), _> = with_retry(Retry::default(), || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(Attempt::Retry("429".into()))
+        })
+        .await;
+        assert!(r.unwrap_err().contains("gave up after 6 attempts"));
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+        let calls = AtomicU32::new(0);
+        let r: Result<(), _> = with_retry(Retry::default(), || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(Attempt::Fail("401".into()))
+        })
+        .await;
+        assert_eq!(r.unwrap_err(), "401");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_running_and_names_dead_states() {
+        let seq =
+            Mutex::new(vec!["provisioning", "initializing", "initializing", "running"].into_iter());
+        let notes = Mutex::new(Vec::new());
+        let t0 = tokio::time::Instant::now();
+        wait_running(
+            "dbx_x",
+            || async { Ok(seq.lock().unwrap().next().unwrap().to_string()) },
+            Duration::from_secs(3),
+            Duration::from_secs(180),
+            &|m| notes.lock().unwrap().push(m),
+        )
+        .await
+        .unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_secs(9));
+        assert_eq!(notes.lock().unwrap().len(), 2, "one message per state");
+        for dead in ["failure", "shutdown", "suspended"] {
+            let e = wait_running(
+                "dbx_x",
+                || async { Ok(dead.to_string()) },
+                Duration::from_secs(3),
+                Duration::from_secs(180),
+                &|_| {},
+            )
+            .await
+            .unwrap_err();
+            assert!(e.to_string().contains(dead), "{e}");
+        }
+        let e = wait_running(
+            "dbx_x",
+            || async { Ok("provisioning".to_string()) },
+            Duration::from_secs(3),
+            Duration::from_secs(180),
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("after 180s"), "{e}");
+    }
+}

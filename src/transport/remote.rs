@@ -1,0 +1,318 @@
+//! Reaching a helper on another machine: a devbox (API credentials, TLS gateway, SSH) or a
+//! plain SSH host (`~/.ssh/config`, keys, agent, known_hosts). Returns the started helper.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::PrivateKey;
+use tokio::net::TcpStream;
+
+use super::TransportError;
+use super::bootstrap::{self, BootstrapOptions, Started};
+use super::devbox_api::{self, Api};
+use super::ssh::{self, Connection, Credential, HostKeyCheck};
+use super::tls::{self, TlsPolicy};
+use crate::target::Target;
+use crate::target::credentials::{self, DevboxCreds};
+
+/// Everything about connecting that the command line can change.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    pub tls: TlsPolicy,
+    /// Private keys to offer first (`--identity`).
+    pub identities: Vec<PathBuf>,
+    /// Refuse SSH hosts missing from known_hosts instead of learning them.
+    pub strict_host_keys: bool,
+    pub bootstrap: BootstrapOptions,
+    /// Connect, handshake and authentication timeout.
+    pub timeout: Duration,
+    /// Devbox status polling: interval and limit.
+    pub poll_every: Duration,
+    pub poll_limit: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            tls: TlsPolicy::default(),
+            identities: Vec::new(),
+            strict_host_keys: false,
+            bootstrap: BootstrapOptions::default(),
+            timeout: Duration::from_secs(30),
+            poll_every: Duration::from_secs(3),
+            poll_limit: Duration::from_secs(180),
+        }
+    }
+}
+
+pub type Notice = Arc<dyn Fn(String) + Send + Sync>;
+
+/// A helper running on a remote machine, greeted and ready for the session.
+pub struct Remote {
+    pub helper: Started,
+    pub conn: Connection,
+    /// The remote root as the user wrote it.
+    pub root: Vec<u8>,
+}
+
+pub async fn open(
+    target: &Target,
+    opts: &RemoteOptions,
+    notice: Notice,
+) -> Result<Remote, TransportError> {
+    let (conn, path) = match target {
+        Target::Devbox { id, user, path } => (
+            connect_devbox(id, user.as_deref(), opts, &notice).await?,
+            path,
+        ),
+        Target::Ssh {
+            user,
+            host,
+            port,
+            path,
+        } => (
+            connect_ssh(user.as_deref(), host, *port, opts, &notice).await?,
+            path,
+        ),
+        Target::Local(p) => {
+            return Err(TransportError::Config(format!(
+                "{} is a local path",
+                p.display()
+            )));
+        }
+    };
+    crate::trace!("client", "SSH ready");
+    let helper = bootstrap::start(&conn, &opts.bootstrap, notice.clone()).await?;
+    Ok(Remote {
+        helper,
+        conn,
+        root: path.as_bytes().to_vec(),
+    })
+}
+
+async fn connect_devbox(
+    id: &str,
+    user: Option<&str>,
+    opts: &RemoteOptions,
+    notice: &Notice,
+) -> Result<Connection, TransportError> {
+    let api = Api::from_env(&opts.tls)?;
+    devbox_api::wait_running(
+        id,
+        || api.status(id),
+        opts.poll_every,
+        opts.poll_limit,
+        &**notice,
+    )
+    .await?;
+    crate::trace!("client", "devbox running");
+    let cached = credentials::load(id).map_err(TransportError::Config)?;
+    let (creds, from_cache) = match cached {
+        Some(c) => (c, true),
+        None => (fetch(&api, id).await?, false),
+    };
+    match devbox_ssh(&api, id, user, &creds, opts, notice).await {
+        Err(TransportError::Auth { .. }) if from_cache => {
+            notice(format!(
+                "the cached key for {id} was refused; fetching a fresh one"
+            ));
+            let fresh = fetch(&api, id).await?;
+            devbox_ssh(&api, id, user, &fresh, opts, notice).await
+        }
+        r => r,
+    }
+}
+
+async fn fetch(api: &Api, id: &str) -> Result<DevboxCreds, TransportError> {
+    let creds = api.create_ssh_key(id).await?;
+    credentials::store(id, &creds).map_err(TransportError::Config)?;
+    Ok(creds)
+}
+
+async fn devbox_ssh(
+    api: &Api,
+    id: &str,
+    user: Option<&str>,
+    creds: &DevboxCreds,
+    opts: &RemoteOptions,
+    notice: &Notice,
+) -> Result<Connection, TransportError> {
+    let gateway = api.gateway()?;
+    let gw_host = gateway
+        .rsplit_once(':')
+        .map_or(gateway.as_str(), |(h, _)| h);
+    let cfg = tls::client_config(&opts.tls, Some(gw_host)).map_err(TransportError::Config)?;
+    let stream = tls::connect(cfg, &gateway, &creds.url, opts.timeout).await?;
+    crate::trace!("client", "TLS up");
+    let key = russh::keys::decode_secret_key(&creds.key_pem, None)
+        .map_err(|e| TransportError::Api(format!("the devbox key for {id} does not parse: {e}")))?;
+    let cred = Credential::Key {
+        key: Arc::new(key),
+        source: format!(
+            "devbox key {}",
+            credentials::key_path(id).unwrap_or_default().display()
+        ),
+    };
+    let pins = credentials::pin_file().map_err(TransportError::Config)?;
+    let check = HostKeyCheck::Pin {
+        file: pins,
+        name: id.to_string(),
+    };
+    let user = user.unwrap_or(&creds.ssh_user);
+    ssh::connect(
+        stream,
+        id,
+        user,
+        &[cred],
+        check,
+        opts.timeout,
+        notice.clone(),
+    )
+    .await
+}
+
+async fn connect_ssh(
+    user: Option<&str>,
+    host: &str,
+    port: Option<u16>,
+    opts: &RemoteOptions,
+    notice: &Notice,
+) -> Result<Connection, TransportError> {
+    // `~/.ssh/config` Host aliases: HostName, User, Port, IdentityFile.
+    let cfg =
+        russh_config::parse_home(host).unwrap_or_else(|_| russh_config::Config::default(host));
+    let hostname = cfg.host().to_string();
+    let port = port.or(cfg.host_config.port).unwrap_or(22);
+    let user = user
+        .map(str::to_string)
+        .or(cfg.host_config.user.clone())
+        .unwrap_or_else(current_user);
+    let mut creds = Vec::new();
+    for path in &opts.identities {
+        creds.push(load_key(path)?);
+    }
+    let home = dirs::home_dir().unwrap_or_default();
+    let from_config: Vec<PathBuf> = cfg
+        .host_config
+        .identity_file
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| expand_tilde(&p, &home))
+        .collect();
+    for path in &from_config {
+        match load_key(path) {
+            Ok(c) => creds.push(c),
+            Err(e) => notice(format!("skipping {}: {e}", path.display())),
+        }
+    }
+    if std::env::var_os("SSH_AUTH_SOCK").is_some() {
+        creds.push(Credential::Agent);
+    }
+    if opts.identities.is_empty() && from_config.is_empty() {
+        for name in ["id_ed25519", "id_ecdsa"] {
+            let p = home.join(".ssh").join(name);
+            if p.exists() {
+                match load_key(&p) {
+                    Ok(c) => creds.push(c),
+                    Err(e) => notice(format!("skipping {}: {e}", p.display())),
+                }
+            }
+        }
+    }
+    let addr = format!("{hostname}:{port}");
+    let tcp = tokio::time::timeout(opts.timeout, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| TransportError::Connect {
+            addr: addr.clone(),
+            msg: format!("no answer within {}s", opts.timeout.as_secs()),
+        })?
+        .map_err(|e| TransportError::Connect {
+            addr: addr.clone(),
+            msg: e.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true); // interactive protocol: latency over packet count
+    let known = cfg
+        .host_config
+        .user_known_hosts_file
+        .clone()
+        .map(|p| expand_tilde(&p, &home))
+        .unwrap_or_else(|| home.join(".ssh/known_hosts"));
+    let check = HostKeyCheck::KnownHosts {
+        file: known,
+        host: hostname.clone(),
+        port,
+        strict: opts.strict_host_keys || cfg.host_config.strict_host_key_checking == Some(true),
+    };
+    let label = if port == 22 { hostname } else { addr };
+    ssh::connect(
+        tcp,
+        &label,
+        &user,
+        &creds,
+        check,
+        opts.timeout,
+        notice.clone(),
+    )
+    .await
+}
+
+fn current_user() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "root".into())
+}
+
+fn expand_tilde(p: &Path, home: &Path) -> PathBuf {
+    match p.strip_prefix("~") {
+        Ok(rest) => home.join(rest),
+        Err(_) => p.to_path_buf(),
+    }
+}
+
+/// Loads a private key file, refusing ones others can read and explaining encrypted ones.
+fn load_key(path: &Path) -> Result<Credential, TransportError> {
+    credentials::check_key_mode(path).map_err(TransportError::Config)?;
+    let key: PrivateKey = russh::keys::load_secret_key(path, None).map_err(|e| {
+        let hint = match e {
+            russh::keys::Error::KeyIsEncrypted => {
+                " (it is passphrase-protected: add it to ssh-agent instead)"
+            }
+            _ => " (supported: Ed25519 and ECDSA keys in OpenSSH, PKCS#8 or SEC1 PEM; RSA is not)",
+        };
+        TransportError::Config(format!("private key {}: {e}{hint}", path.display()))
+    })?;
+    Ok(Credential::Key {
+        key: Arc::new(key),
+        source: path.display().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use russh::keys::{Algorithm, EcdsaCurve};
+
+    #[test]
+    fn devbox_keys_decode_in_every_pem_layout() {
+        let layouts = [
+            include_str!("../../fixtures/keys/p256-sec1.pem"),
+            include_str!("../../fixtures/keys/p256-pkcs8.pem"),
+            include_str!("../../fixtures/keys/p256-openssh.pem"),
+        ];
+        for pem in layouts {
+            let key = russh::keys::decode_secret_key(pem, None).unwrap();
+            assert_eq!(
+                key.algorithm(),
+                Algorithm::Ecdsa {
+                    curve: EcdsaCurve::NistP256
+                }
+            );
+        }
+        // SEC1 and PKCS#8 are the same key.
+        let a = russh::keys::decode_secret_key(layouts[0], None).unwrap();
+        let b = russh::keys::decode_secret_key(layouts[1], None).unwrap();
+        assert_eq!(a.public_key(), b.public_key());
+    }
+}

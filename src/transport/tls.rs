@@ -1,0 +1,240 @@
+//! TLS to a devbox gateway (rustls, ring): which certificates to trust and how to connect.
+//!
+//! Trust: the webpki roots plus the system's, plus an extra CA file (`--tls-ca`, for
+//! self-hosted `devsync serve`). A certificate is accepted when it is valid for the SNI name
+//! (the devbox's host name) or for the gateway host, since gateways commonly present their own
+//! name. `--insecure-tls` skips certificate checks altogether (handshake signatures are still
+//! verified); it exists for gateways with private certificates you cannot get the CA of, such
+//! as the hosted service's gateway which the official CLI never verifies. The SSH host key is
+//! still checked and pinned, so the connection stays authenticated end to end.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::TransportError;
+
+/// How server certificates are judged.
+#[derive(Debug, Clone, Default)]
+pub struct TlsPolicy {
+    /// Extra CA certificates (PEM) to trust.
+    pub extra_ca: Option<std::path::PathBuf>,
+    /// Accept any certificate (see the module docs for why this exists).
+    pub insecure: bool,
+}
+
+/// Installs ring as the process-wide rustls provider (reqwest's `rustls-no-provider` needs one).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default(); // already installed: fine
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
+/// Root store: webpki roots, the system's roots, and `extra_ca`.
+pub fn roots(extra_ca: Option<&Path>) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // Unreadable system stores are not fatal: the bundled roots remain.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = extra_ca {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("reading CA file {}: {e}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("parsing CA file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("CA file {} holds no certificate", path.display()));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+        }
+    }
+    Ok(roots)
+}
+
+/// A client configuration for `policy`. `alt_name` is the other name a certificate may be valid
+/// for (the gateway host).
+pub fn client_config(
+    policy: &TlsPolicy,
+    alt_name: Option<&str>,
+) -> Result<Arc<ClientConfig>, String> {
+    let provider = provider();
+    let algs = provider.signature_verification_algorithms;
+    let verifier: Arc<dyn ServerCertVerifier> = if policy.insecure {
+        Arc::new(AcceptAnyCert { algs })
+    } else {
+        let roots = Arc::new(roots(policy.extra_ca.as_deref())?);
+        let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let alt = alt_name.and_then(|n| ServerName::try_from(n.to_string()).ok());
+        Arc::new(EitherName { inner, alt })
+    };
+    let cfg = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// Opens TCP to `gateway` (`host:port`) and TLS with SNI `sni` (no ALPN).
+pub async fn connect(
+    cfg: Arc<ClientConfig>,
+    gateway: &str,
+    sni: &str,
+    timeout: Duration,
+) -> Result<TlsStream<TcpStream>, TransportError> {
+    let tls_err = |msg: String| TransportError::Tls {
+        gateway: gateway.to_string(),
+        msg,
+    };
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(gateway))
+        .await
+        .map_err(|_| TransportError::Connect {
+            addr: gateway.to_string(),
+            msg: format!("no answer within {}s", timeout.as_secs()),
+        })?
+        .map_err(|e| TransportError::Connect {
+            addr: gateway.to_string(),
+            msg: e.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true); // latency matters more than segment count here
+    let name = ServerName::try_from(sni.to_string())
+        .map_err(|e| tls_err(format!("bad server name {sni:?}: {e}")))?;
+    let handshake = TlsConnector::from(cfg).connect(name, tcp);
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| tls_err("handshake timed out".into()))?
+        .map_err(|e| tls_err(explain_tls(&e)))
+}
+
+fn explain_tls(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("certificate")
+        || text.contains("UnknownIssuer")
+        || text.contains("NotValidFor")
+    {
+        format!(
+            "{text} (the gateway's certificate is not trusted: pass --tls-ca FILE with its CA, \
+             e.g. the ca.pem in a `devsync serve` state directory, or --insecure-tls)"
+        )
+    } else {
+        text
+    }
+}
+
+/// Valid for the SNI name, or else for the gateway's own name.
+#[derive(Debug)]
+struct EitherName {
+    inner: Arc<WebPkiServerVerifier>,
+    alt: Option<ServerName<'static>>,
+}
+
+impl ServerCertVerifier for EitherName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if self.alt.is_some() => {
+                let alt = self.alt.as_ref().unwrap_or(server_name);
+                self.inner
+                    .verify_server_cert(end_entity, intermediates, alt, ocsp, now)
+            }
+            r => r,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// `--insecure-tls`: any certificate, but the handshake must still be signed by its key.
+#[derive(Debug)]
+struct AcceptAnyCert {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}

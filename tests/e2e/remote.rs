@@ -1,0 +1,352 @@
+//! The real binary against the embedded endpoint (`devsync serve` as a library, listeners bound
+//! here on 127.0.0.1:0): devbox targets end to end through the key API, TLS gateway, SSH, the
+//! helper bootstrap, and the failure paths.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use devsync::server::{self, KeyFormat, Listeners, Running, ServeConfig, StateOptions};
+
+use crate::common::*;
+
+pub struct Endpoint {
+    /// Runs the endpoint's tasks while the test thread waits on client processes.
+    pub _rt: tokio::runtime::Runtime,
+    pub running: Running,
+    pub gateway: SocketAddr,
+    pub api: SocketAddr,
+    pub state_dir: tempfile::TempDir,
+    /// `HOME` of client processes (key cache, pins, devsync state).
+    pub home: tempfile::TempDir,
+}
+
+pub fn endpoint(
+    devboxes: &[&str],
+    upstream: Option<String>,
+    user: &str,
+    key_format: KeyFormat,
+) -> Endpoint {
+    devsync::transport::tls::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let state_dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let (running, gateway, api) = rt.block_on(async {
+        let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (ga, aa) = (gw.local_addr().unwrap(), api.local_addr().unwrap());
+        let cfg = ServeConfig {
+            state: StateOptions {
+                dir: state_dir.path().to_path_buf(),
+                domain: "devsync.test".into(),
+                token: Some("test-token".into()),
+                default_user: user.into(),
+                create_on_demand: false,
+                key_format,
+                devboxes: devboxes.iter().map(|s| s.to_string()).collect(),
+            },
+            cert: None,
+            gateway_names: vec![],
+            upstream,
+            auth_rejection: Duration::from_millis(10),
+        };
+        (
+            server::start(Listeners { gateway: gw, api }, cfg).unwrap(),
+            ga,
+            aa,
+        )
+    });
+    Endpoint {
+        _rt: rt,
+        running,
+        gateway,
+        api,
+        state_dir,
+        home,
+    }
+}
+
+impl Endpoint {
+    pub fn ca(&self) -> PathBuf {
+        self.running.state.ca_path()
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("HOME", self.home.path())
+            .env("RUNLOOP_BASE_URL", format!("http://{}", self.api))
+            .env("RUNLOOP_SSH_GATEWAY", self.gateway.to_string())
+            .env("RUNLOOP_API_KEY", "test-token")
+            .env("DEVSYNC_TLS_CA", self.ca())
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("DEVSYNC_STATE_DIR")
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("DEVSYNC_REMOTE_DIR");
+        c
+    }
+
+    /// Runs `devsync <args>` and returns (exit code, stdout json or null, stderr).
+    pub fn run(
+        &self,
+        args: &[&str],
+        tweak: impl FnOnce(&mut Command),
+    ) -> (i32, serde_json::Value, String) {
+        let mut c = self.cmd();
+        c.args(args);
+        tweak(&mut c);
+        let out: Output = c.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.code().unwrap_or(-1), json, stderr)
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn devbox_push_pull_with_bootstrap_then_reuse() {
+    let ep = endpoint(&["dbx_one"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let (src, back) = (td.path().join("src"), td.path().join("back"));
+    let remote = td.path().join("remote dir");
+    make_tree(
+        &src,
+        31,
+        &TreeSpec {
+            files: 150,
+            max_size: 6 << 20,
+            dirs: 15,
+            links: 8,
+        },
+    );
+    let dst = format!("dbx_one:{}", s(&remote));
+    let (code, v, err) = ep.run(&["push", "--json", s(&src), &dst], |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("installing the devsync helper"),
+        "first run uploads: {err}"
+    );
+    assert!(err.contains("pinned the host key"), "{err}");
+    assert_same_tree(&src, &remote);
+    assert_eq!(num(&v, "files"), 150);
+    // The key is cached where the official CLI keeps it, private.
+    let key = ep.home.path().join(".runloop/ssh_keys/dbx_one.pem");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    // Second run: the cached key and the installed helper are reused; nothing to transfer.
+    let (code, v, err) = ep.run(&["push", "--json", s(&src), &dst], |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("installing"), "helper re-uploaded: {err}");
+    assert_eq!(num(&v, "literal_bytes"), 0, "{v}");
+    // Edit one big file: a delta over the network.
+    let big = walkdir::WalkDir::new(&src)
+        .into_iter()
+        .filter_map(Result::ok)
+        .find(|e| e.file_type().is_file() && e.metadata().unwrap().len() > 1 << 20)
+        .unwrap()
+        .into_path();
+    let mut data = std::fs::read(&big).unwrap();
+    data[500_000..500_100].fill(7);
+    std::fs::write(&big, &data).unwrap();
+    let (code, v, err) = ep.run(&["push", "--json", s(&src), &dst], |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert!(num(&v, "bytes_sent") < 100_000, "{v}");
+    assert_same_tree(&src, &remote);
+    // Pull it back.
+    let (code, _, err) = ep.run(&["pull", "--json", &dst, s(&back)], |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&remote, &back);
+}
+
+#[test]
+fn devbox_key_formats_and_refetch_of_a_refused_cached_key() {
+    let ep = endpoint(&["dbx_fmt"], None, "user", KeyFormat::OpenSsh);
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let dst = format!("dbx_fmt:{}", s(&td.path().join("r")));
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
+    assert_eq!(code, 0, "OpenSSH-format key: {err}");
+    // Replace the cached key with a stranger's: refused, fetched again, sync goes through.
+    let key = ep.home.path().join(".runloop/ssh_keys/dbx_fmt.pem");
+    std::fs::write(&key, include_str!("../../fixtures/keys/p256-sec1.pem")).unwrap();
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("was refused; fetching a fresh one"), "{err}");
+    assert_ne!(
+        std::fs::read_to_string(&key).unwrap(),
+        include_str!("../../fixtures/keys/p256-sec1.pem")
+    );
+    // A cached key readable by others is refused with the fix.
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
+    assert_eq!(code, 1);
+    assert!(err.contains("chmod 600"), "{err}");
+}
+
+#[test]
+fn devbox_failures_are_clear() {
+    let ep = endpoint(&["dbx_bad"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let remote = td.path().join("r");
+    let dst = format!("dbx_bad:{}", s(&remote));
+    let check = |code: i32, err: &str, want: &str| {
+        assert_eq!(code, 1, "{want}: {err}");
+        assert!(err.contains(want), "want {want:?} in: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |c| {
+        c.env("RUNLOOP_API_KEY", "wrong");
+    });
+    check(code, &err, "refused RUNLOOP_API_KEY (401");
+    let (code, _, err) = ep.run(&["push", s(&src), "dbx_missing:/tmp/x"], |_| {});
+    check(code, &err, "devbox dbx_missing not found (404");
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |c| {
+        c.env_remove("RUNLOOP_API_KEY");
+    });
+    check(code, &err, "RUNLOOP_API_KEY is not set");
+    // Nothing listens on port 1.
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |c| {
+        c.env("RUNLOOP_SSH_GATEWAY", "127.0.0.1:1");
+    });
+    check(code, &err, "connecting to 127.0.0.1:1");
+    // Without our CA the gateway's certificate is not trusted; --insecure-tls proceeds.
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |c| {
+        c.env_remove("DEVSYNC_TLS_CA");
+    });
+    check(code, &err, "--tls-ca");
+    let (code, _, err) = ep.run(&["push", "--insecure-tls", s(&src), &dst], |c| {
+        c.env_remove("DEVSYNC_TLS_CA");
+    });
+    assert_eq!(code, 0, "{err}");
+    // A certificate for other names is refused (wrong CA of another endpoint here).
+    let other = endpoint(&["dbx_bad"], None, "user", KeyFormat::Pkcs8);
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |c| {
+        c.env("DEVSYNC_TLS_CA", other.ca());
+    });
+    check(code, &err, "certificate");
+    // Wrong login user: authentication fails even with a fresh key.
+    let (code, _, err) = ep.run(&["push", s(&src), &format!("mallory@{dst}")], |_| {});
+    check(
+        code,
+        &err,
+        "SSH authentication as mallory on dbx_bad failed",
+    );
+    // States that will not become running.
+    for state in ["failure", "shutdown", "suspended"] {
+        ep.running.state.set_status("dbx_bad", state).unwrap();
+        let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
+        check(code, &err, &format!("devbox dbx_bad is {state}"));
+    }
+    // A devbox that is still starting is waited for, visibly.
+    ep.running
+        .state
+        .set_status("dbx_bad", "provisioning")
+        .unwrap();
+    let state = ep.running.state.clone();
+    let flip = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        state.set_status("dbx_bad", "running").unwrap();
+    });
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |c| {
+        c.env("DEVSYNC_POLL_INTERVAL_MS", "100");
+    });
+    flip.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("devbox dbx_bad is provisioning; waiting"),
+        "{err}"
+    );
+    // Host key change: the pin no longer matches.
+    let pins = ep.home.path().join(".local/state/devsync/known_hosts");
+    let pinned = std::fs::read_to_string(&pins).unwrap();
+    let other_key = other
+        .running
+        .state
+        .host_key
+        .public_key()
+        .to_openssh()
+        .unwrap();
+    std::fs::write(&pins, format!("dbx_bad {other_key}\n")).unwrap();
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
+    check(code, &err, "HOST KEY OF DEVBOX DBX_BAD CHANGED");
+    assert!(
+        err.contains("ssh-keygen -R"),
+        "says how to clear the pin: {err}"
+    );
+    std::fs::write(&pins, pinned).unwrap();
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn helper_killed_mid_sync_leaves_no_partial_files() {
+    let ep = endpoint(&["dbx_kill"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    let remote = td.path().join("r");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("warmup"), b"x").unwrap();
+    let dst = format!("dbx_kill:{}", s(&remote));
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
+    assert_eq!(code, 0, "{err}");
+    for i in 0..24u64 {
+        std::fs::write(src.join(format!("big{i}")), random_bytes(16 << 20, i)).unwrap();
+    }
+    let child = ep
+        .cmd()
+        .args(["push", s(&src), &dst])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the remote helper as soon as it is receiving.
+    let helper_dir = ep
+        .state_dir
+        .path()
+        .join("devboxes/dbx_kill/home/.cache/devsync");
+    let started = Instant::now();
+    let mut killed = false;
+    while started.elapsed() < Duration::from_secs(30) && !killed {
+        let out = Command::new("pgrep")
+            .args(["-f", &format!("{}.*helper", helper_dir.display())])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if remote.join("big0").exists()
+                || remote.read_dir().map(|d| d.count() > 1).unwrap_or(false)
+            {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+                killed = true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(killed, "helper never seen");
+    assert_ne!(out.status.code(), Some(0), "sync claimed success: {err}");
+    assert!(err.contains("error"), "{err}");
+    // Every file at a final path is complete.
+    for e in std::fs::read_dir(&remote).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        assert!(!name.starts_with(".devsync-tmp"), "temp file left: {name}");
+        assert_eq!(
+            std::fs::read(e.path()).unwrap(),
+            std::fs::read(src.join(&name)).unwrap(),
+            "{name} is partial"
+        );
+    }
+}
