@@ -2,6 +2,7 @@
 
 mod common;
 mod local;
+mod openssh;
 mod protocol;
 mod remote;
 mod session;

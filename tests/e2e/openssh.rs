@@ -1,0 +1,305 @@
+//! Interop with real OpenSSH: `sshd` (inetd mode, one process per connection accepted on a
+//! listener bound here, so no port races) with a generated config and keys. Push and pull
+//! over plain SSH and over TLS (`devsync serve --upstream`), the helper bootstrapped through
+//! OpenSSH's own sftp-server. `.ci/run` installs openssh-server; without it (or without root,
+//! which sshd needs) these tests say so and do nothing.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use devsync::server::KeyFormat;
+
+use crate::common::*;
+use crate::remote::endpoint;
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+pub struct Sshd {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub client_key: PathBuf,
+}
+
+fn keygen(path: &Path) {
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "devsync-test", "-f"])
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ssh-keygen failed");
+}
+
+pub fn sshd() -> Option<Sshd> {
+    if !Path::new(SSHD).exists() || !rustix::process::geteuid().is_root() {
+        eprintln!("skipping OpenSSH interop: needs {SSHD} and root (.ci/run provides both)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    keygen(&d.join("host_ed25519"));
+    keygen(&d.join("client"));
+    std::fs::copy(d.join("client.pub"), d.join("authorized_keys")).unwrap();
+    let sftp = [
+        "/usr/lib/openssh/sftp-server",
+        "/usr/libexec/openssh/sftp-server",
+        "/usr/libexec/sftp-server",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("sftp-server");
+    std::fs::write(
+        d.join("sshd_config"),
+        format!(
+            "HostKey {d}/host_ed25519\nAuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\nStrictModes no\n\
+             Subsystem sftp {sftp}\nPidFile none\nLogLevel VERBOSE\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap(); // privilege separation directory
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (cfg, log) = (d.join("sshd_config"), d.join("sshd.log"));
+    std::thread::spawn(move || {
+        // Bounded: no test opens anywhere near this many connections.
+        for stream in listener.incoming().take(200) {
+            let Ok(stream) = stream else { continue };
+            let fd: OwnedFd = stream.into();
+            let Ok(fd2) = fd.try_clone() else { continue };
+            let child = Command::new(SSHD)
+                .arg("-i")
+                .arg("-f")
+                .arg(&cfg)
+                .arg("-E")
+                .arg(&log)
+                .stdin(Stdio::from(fd))
+                .stdout(Stdio::from(fd2))
+                .stderr(Stdio::null())
+                .spawn();
+            if let Ok(mut c) = child {
+                std::thread::spawn(move || c.wait());
+            }
+        }
+    });
+    let client_key = d.join("client");
+    Some(Sshd {
+        dir,
+        addr,
+        client_key,
+    })
+}
+
+fn run(home: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("HOME", home)
+        .env_remove("SSH_AUTH_SOCK")
+        .env_remove("DEVSYNC_STATE_DIR")
+        .env_remove("XDG_STATE_HOME")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn push_and_pull_over_plain_openssh() {
+    let Some(sshd) = sshd() else { return };
+    let td = tempfile::tempdir().unwrap();
+    let home = td.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let (src, remote, back) = (
+        td.path().join("src"),
+        td.path().join("remote"),
+        td.path().join("back"),
+    );
+    let helpers = td.path().join("helpers");
+    make_tree(
+        &src,
+        41,
+        &TreeSpec {
+            files: 120,
+            max_size: 5 << 20,
+            dirs: 12,
+            links: 6,
+        },
+    );
+    let dst = format!("root@127.0.0.1:{}:{}", sshd.addr.port(), s(&remote));
+    let common = ["-I", s(&sshd.client_key), "--remote-dir", s(&helpers)];
+    let push = |extra: &[&str]| {
+        let mut a = vec!["push", s(&src), &dst];
+        a.extend_from_slice(&common);
+        a.extend_from_slice(extra);
+        run(&home, &a)
+    };
+    let (code, err) = push(&[]);
+    assert_eq!(
+        code,
+        0,
+        "{err}\nsshd log: {}",
+        std::fs::read_to_string(sshd.dir.path().join("sshd.log")).unwrap_or_default()
+    );
+    assert!(err.contains("installing the devsync helper"), "{err}");
+    assert_same_tree(&src, &remote);
+    let known = std::fs::read_to_string(home.join(".ssh/known_hosts")).unwrap();
+    assert!(
+        known.contains(&format!("[127.0.0.1]:{}", sshd.addr.port())),
+        "{known}"
+    );
+    // Second run reuses the helper.
+    let (code, err) = push(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("installing"), "{err}");
+    // Pull back.
+    let mut a = vec!["pull", &dst, s(&back)];
+    a.extend_from_slice(&common);
+    let (code, err) = run(&home, &a);
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&remote, &back);
+    // A changed host key is refused with the fix.
+    let original = std::fs::read_to_string(home.join(".ssh/known_hosts")).unwrap();
+    let other = td.path().join("otherhost");
+    keygen(&other);
+    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    std::fs::write(
+        home.join(".ssh/known_hosts"),
+        format!("[127.0.0.1]:{} {}", sshd.addr.port(), other_pub),
+    )
+    .unwrap();
+    let (code, err) = push(&[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("CHANGED") && err.contains("ssh-keygen -R"),
+        "{err}"
+    );
+    std::fs::write(home.join(".ssh/known_hosts"), original).unwrap();
+    // Unknown host with --strict-host-keys: refused.
+    let fresh_home = td.path().join("fresh");
+    std::fs::create_dir(&fresh_home).unwrap();
+    let mut a = vec!["push", s(&src), &dst, "--strict-host-keys"];
+    a.extend_from_slice(&common);
+    let (code, err) = run(&fresh_home, &a);
+    assert_eq!(code, 1);
+    assert!(err.contains("--strict-host-keys"), "{err}");
+    // Wrong key: a clear authentication error naming what was tried.
+    let stranger = td.path().join("stranger");
+    keygen(&stranger);
+    let (code, err) = run(
+        &home,
+        &[
+            "push",
+            s(&src),
+            &dst,
+            "-I",
+            s(&stranger),
+            "--remote-dir",
+            s(&helpers),
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("SSH authentication as root") && err.contains("stranger"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ssh_config_aliases_are_honoured() {
+    let Some(sshd) = sshd() else { return };
+    let td = tempfile::tempdir().unwrap();
+    let home = td.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::write(
+        home.join(".ssh/config"),
+        format!(
+            "Host devbox-alias\n  HostName 127.0.0.1\n  Port {}\n  User root\n  IdentityFile {}\n",
+            sshd.addr.port(),
+            sshd.client_key.display()
+        ),
+    )
+    .unwrap();
+    let (src, remote) = (td.path().join("src"), td.path().join("remote"));
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("hello"), b"via an alias").unwrap();
+    let helpers = td.path().join("helpers");
+    let (code, err) = run(
+        &home,
+        &[
+            "push",
+            s(&src),
+            &format!("devbox-alias:{}", s(&remote)),
+            "--remote-dir",
+            s(&helpers),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read(remote.join("hello")).unwrap(),
+        b"via an alias"
+    );
+}
+
+#[test]
+fn devbox_over_tls_to_an_upstream_openssh() {
+    let Some(sshd) = sshd() else { return };
+    let ep = endpoint(
+        &["dbx_up"],
+        Some(sshd.addr.to_string()),
+        "root",
+        KeyFormat::Pkcs8,
+    );
+    // The upstream sshd must accept the devbox key.
+    let devbox_pub = ep
+        .running
+        .state
+        .devbox("dbx_up")
+        .unwrap()
+        .public_key
+        .to_openssh()
+        .unwrap();
+    let auth = sshd.dir.path().join("authorized_keys");
+    let mut keys = std::fs::read_to_string(&auth).unwrap();
+    keys.push_str(&format!("{devbox_pub}\n"));
+    std::fs::write(&auth, keys).unwrap();
+    let td = tempfile::tempdir().unwrap();
+    let (src, remote, back) = (
+        td.path().join("src"),
+        td.path().join("remote"),
+        td.path().join("back"),
+    );
+    make_tree(
+        &src,
+        43,
+        &TreeSpec {
+            files: 80,
+            max_size: 3 << 20,
+            dirs: 8,
+            links: 4,
+        },
+    );
+    let helpers = td.path().join("helpers");
+    let dst = format!("dbx_up:{}", s(&remote));
+    let (code, _, err) = ep.run(
+        &["push", s(&src), &dst, "--remote-dir", s(&helpers)],
+        |_| {},
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("installing the devsync helper"), "{err}");
+    assert_same_tree(&src, &remote);
+    let (code, _, err) = ep.run(
+        &["pull", &dst, s(&back), "--remote-dir", s(&helpers)],
+        |_| {},
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&remote, &back);
+}
