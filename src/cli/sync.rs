@@ -180,10 +180,13 @@ async fn run_remote(
         }
         target => {
             let notice: Notice = Arc::new(move |m: String| reporter.notice(&m));
+            // Scan while connecting: the handshakes and the walk overlap.
+            let prepared = client::prepare(&job)?;
             let remote = remote::open(&target, ropts, notice).await?;
             job.remote_root = remote.root.clone();
             let mut status = remote.helper.status.clone();
-            let result = client::run_ready(remote.helper.reader, remote.helper.writer, job).await;
+            let result =
+                client::run_ready(remote.helper.reader, remote.helper.writer, job, prepared).await;
             match result {
                 Ok(o) => {
                     remote.conn.close().await;

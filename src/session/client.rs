@@ -29,15 +29,42 @@ pub struct Outcome {
     pub bytes_received: u64,
 }
 
+/// Work that can begin before the helper is reachable: for a push, scanning the source and
+/// queueing the file list (so connection setup and the scan overlap).
+pub struct Prepared {
+    out: conn::Out,
+    pending: conn::Pending,
+    sender: Option<sender::Started>,
+}
+
+pub fn prepare(job: &Job) -> Result<Prepared, SessionError> {
+    let (out, pending) = conn::channel();
+    let sender = match job.role {
+        Role::Sender => Some(sender::start(
+            out.clone(),
+            job.local_root.clone(),
+            &job.opts,
+            job.obs.clone(),
+        )?),
+        Role::Receiver => None,
+    };
+    Ok(Prepared {
+        out,
+        pending,
+        sender,
+    })
+}
+
 pub async fn run<R, W>(r: R, w: W, job: Job) -> Result<Outcome, SessionError>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let prepared = prepare(&job)?;
     let mut reader = FrameReader::new(r);
     crate::trace!("client", "waiting for the helper");
     handshake::await_helper(&mut reader).await?;
-    run_ready(reader, w, job).await
+    run_ready(reader, w, job, prepared).await
 }
 
 /// Like [`run`], for a stream whose helper greeting was already read ([`handshake::await_helper`]).
@@ -45,6 +72,7 @@ pub async fn run_ready<R, W>(
     mut reader: FrameReader<R>,
     w: W,
     job: Job,
+    prepared: Prepared,
 ) -> Result<Outcome, SessionError>
 where
     R: AsyncRead + Unpin + Send,
@@ -63,6 +91,7 @@ where
         root: job.remote_root.clone(),
         opts: job.opts.clone(),
     };
+    // Hello goes out before anything queued (the list may already be waiting).
     writer.write(&hello, &[]).await?;
     writer.flush().await?;
     match reader.next().await? {
@@ -80,10 +109,18 @@ where
         }
         None => return Err(SessionError::Eof),
     }
-    let (out, writer_task) = conn::spawn_writer(writer);
-    let result = match job.role {
-        Role::Sender => sender::run(&mut reader, out, job.local_root, job.opts, job.obs).await,
-        Role::Receiver => receiver::run(&mut reader, out, job.local_root, job.opts, job.obs).await,
+    let Prepared {
+        out,
+        pending,
+        sender,
+    } = prepared;
+    let writer_task = pending.start(writer);
+    let result = match (job.role, sender) {
+        (Role::Sender, Some(started)) => {
+            drop(out);
+            sender::serve(&mut reader, started).await
+        }
+        _ => receiver::run(&mut reader, out, job.local_root, job.opts, job.obs).await,
     };
     let bytes_received = reader.bytes_read();
     crate::trace!("client", "session over");

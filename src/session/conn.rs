@@ -54,38 +54,65 @@ impl Out {
     }
 }
 
-/// Starts the writer task. It ends (flushing and shutting the stream down) when every [`Out`]
-/// is dropped, and returns the number of bytes written.
-pub fn spawn_writer<W>(
-    mut w: FrameWriter<W>,
-) -> (Out, tokio::task::JoinHandle<Result<u64, ProtoError>>)
+/// The receiving end of an [`Out`] whose writer has not started yet: frames queue up until
+/// [`Pending::start`] is given a stream (so work can begin before the connection exists).
+pub struct Pending {
+    rx: mpsc::UnboundedReceiver<Item>,
+    broken: watch::Sender<Option<String>>,
+}
+
+/// A queue for frames and its not-yet-started writer.
+pub fn channel() -> (Out, Pending) {
+    let (tx, rx) = mpsc::unbounded_channel::<Item>();
+    let (broken, broken_rx) = watch::channel(None);
+    (
+        Out {
+            tx,
+            broken: broken_rx,
+        },
+        Pending { rx, broken },
+    )
+}
+
+/// Starts the writer task at once (see [`Pending::start`]).
+pub fn spawn_writer<W>(w: FrameWriter<W>) -> (Out, tokio::task::JoinHandle<Result<u64, ProtoError>>)
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Item>();
-    let (broken_tx, broken) = watch::channel(None);
-    let task = tokio::spawn(async move {
-        let r: Result<u64, ProtoError> = async {
-            while let Some((msg, payload, permit)) = rx.recv().await {
-                w.write(&msg, &payload).await?;
-                drop(permit);
-                // Batch whatever is already queued into the same flush.
-                while let Ok((msg, payload, permit)) = rx.try_recv() {
+    let (out, pending) = channel();
+    (out, pending.start(w))
+}
+
+impl Pending {
+    /// Starts the writer task. It ends (flushing and shutting the stream down) when every
+    /// [`Out`] is dropped, and returns the number of bytes written.
+    pub fn start<W>(self, mut w: FrameWriter<W>) -> tokio::task::JoinHandle<Result<u64, ProtoError>>
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let Pending { mut rx, broken } = self;
+        tokio::spawn(async move {
+            let r: Result<u64, ProtoError> = async {
+                while let Some((msg, payload, permit)) = rx.recv().await {
                     w.write(&msg, &payload).await?;
                     drop(permit);
+                    // Batch whatever is already queued into the same flush.
+                    while let Ok((msg, payload, permit)) = rx.try_recv() {
+                        w.write(&msg, &payload).await?;
+                        drop(permit);
+                    }
+                    w.flush().await?;
                 }
-                w.flush().await?;
+                w.shutdown().await?;
+                Ok(w.bytes_written())
             }
-            w.shutdown().await?;
-            Ok(w.bytes_written())
-        }
-        .await;
-        if let Err(e) = &r {
-            broken_tx.send_replace(Some(e.to_string()));
-        }
-        r
-    });
-    (Out { tx, broken }, task)
+            .await;
+            if let Err(e) = &r {
+                broken.send_replace(Some(e.to_string()));
+            }
+            r
+        })
+    }
 }
 
 /// A counting semaphore over bytes, for producers running on plain threads.

@@ -60,14 +60,17 @@ impl BigFile {
     }
 }
 
-/// Runs the sender until the receiver reports completion; returns the receiver's totals.
-pub async fn run<R: AsyncRead + Unpin>(
-    reader: &mut FrameReader<R>,
+/// A sender whose list is already streaming into its [`Out`] (possibly before the connection
+/// exists: frames queue until the writer starts).
+pub struct Started(Arc<Ctx>);
+
+/// Starts scanning `root` and queueing the list.
+pub fn start(
     out: Out,
     root: PathBuf,
-    opts: SyncOptions,
+    opts: &SyncOptions,
     obs: Arc<dyn Observer>,
-) -> Result<Stats, SessionError> {
+) -> Result<Started, SessionError> {
     let ctx = Arc::new(Ctx {
         pool: super::worker_pool("send")?,
         root,
@@ -89,7 +92,26 @@ pub async fn run<R: AsyncRead + Unpin>(
         .name("devsync-scan".into())
         .spawn(move || scan_ctx.stream_list(&scan_opts))
         .map_err(|e| SessionError::Local(format!("starting scanner: {e}")))?;
+    Ok(Started(ctx))
+}
 
+/// Runs the sender until the receiver reports completion; returns the receiver's totals.
+pub async fn run<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    out: Out,
+    root: PathBuf,
+    opts: SyncOptions,
+    obs: Arc<dyn Observer>,
+) -> Result<Stats, SessionError> {
+    serve(reader, start(out, root, &opts, obs)?).await
+}
+
+/// Answers the receiver for a started sender.
+pub async fn serve<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    started: Started,
+) -> Result<Stats, SessionError> {
+    let ctx = started.0;
     loop {
         // Abandoning a half-read frame is fine here: after a fatal error nothing more is read.
         let next = tokio::select! {
