@@ -59,16 +59,7 @@ where
             if version != PROTOCOL_VERSION {
                 let message =
                     format!("client speaks protocol version {version}, helper {PROTOCOL_VERSION}");
-                writer
-                    .write(
-                        &Msg::Fatal {
-                            message: message.clone(),
-                        },
-                        &[],
-                    )
-                    .await?;
-                writer.shutdown().await?;
-                return Err(SessionError::Remote(message));
+                return refuse(&mut writer, message).await;
             }
             (helper_role, resolve_root(&root), opts)
         }
@@ -80,16 +71,7 @@ where
         None => return Err(SessionError::Eof),
     };
     if let Err(message) = check_helper_root(role, &root, opts.dry_run) {
-        writer
-            .write(
-                &Msg::Fatal {
-                    message: message.clone(),
-                },
-                &[],
-            )
-            .await?;
-        writer.shutdown().await?;
-        return Err(SessionError::Remote(message));
+        return refuse(&mut writer, message).await;
     }
     writer
         .write(
@@ -111,6 +93,23 @@ where
         .await
         .map_err(|e| SessionError::Local(format!("writer task: {e}")))??;
     Ok(())
+}
+
+/// Tells the client why the session cannot start, and ends it.
+async fn refuse<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    message: String,
+) -> Result<(), SessionError> {
+    writer
+        .write(
+            &Msg::Fatal {
+                message: message.clone(),
+            },
+            &[],
+        )
+        .await?;
+    writer.shutdown().await?;
+    Err(SessionError::Remote(message))
 }
 
 /// The helper's root must be a directory (a receiver may create it).

@@ -39,6 +39,58 @@ pub(crate) fn worker_pool(role: &str) -> Result<rayon::ThreadPool, SessionError>
         .map_err(|e| SessionError::Local(format!("starting worker threads: {e}")))
 }
 
+/// A session's fatal error, recorded by whichever thread hits it first, and a wake-up for the
+/// read loop so that a peer that never hangs up cannot keep us waiting.
+#[derive(Default)]
+pub(crate) struct Fatal {
+    err: std::sync::Mutex<Option<SessionError>>,
+    set: tokio::sync::Notify,
+}
+
+impl Fatal {
+    /// Records `e` (the first error wins) and tells the peer, which then closes the session.
+    /// The error is stored before the peer hears of it, so whichever way the read loop wakes
+    /// up (our notification or the peer hanging up) it reports this error.
+    pub(crate) fn fail(&self, out: &conn::Out, e: SessionError) {
+        let message = e.to_string();
+        self.err
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+        self.set.notify_one();
+        let _ = out.send(crate::proto::Msg::Fatal { message }); // already failing
+    }
+
+    /// Tells the peer it broke the protocol; returns the error to end the session with.
+    pub(crate) fn violation(out: &conn::Out, what: String) -> SessionError {
+        let _ = out.send(crate::proto::Msg::Fatal {
+            message: format!("protocol violation: {what}"),
+        }); // the session ends with this error either way
+        SessionError::Violation(what)
+    }
+
+    fn take(&self) -> Option<SessionError> {
+        self.err.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// The next frame from the peer; ends early with the recorded fatal error, or when our own
+/// writer has failed (a link that breaks for writing may never wake the read side).
+/// Abandoning a half-read frame is fine: after either, nothing more is read.
+pub(crate) async fn next_frame<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut crate::proto::FrameReader<R>,
+    fatal: &Fatal,
+    out: &conn::Out,
+) -> Result<(crate::proto::Msg, bytes::Bytes), SessionError> {
+    let next = tokio::select! {
+        biased;
+        () = fatal.set.notified() => None,
+        e = out.broken() => return Err(SessionError::Local(format!("connection lost: {e}"))),
+        r = reader.next() => r?,
+    };
+    next.ok_or_else(|| fatal.take().unwrap_or(SessionError::Eof))
+}
+
 /// Observer that drops everything (tests, quiet runs).
 pub struct Silent;
 impl Observer for Silent {

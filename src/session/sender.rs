@@ -32,10 +32,7 @@ struct Ctx {
     entries: RwLock<Vec<Entry>>,
     budget: Budget,
     big: Mutex<HashMap<FileId, BigFile>>,
-    fatal: Mutex<Option<SessionError>>,
-    /// Wakes the read loop when a worker hits a fatal error, so a peer that never hangs up
-    /// cannot keep us waiting.
-    fatal_set: tokio::sync::Notify,
+    fatal: super::Fatal,
 }
 
 /// A big file waiting for the block signatures it asked for.
@@ -79,8 +76,7 @@ pub fn start(
         entries: RwLock::new(Vec::new()),
         budget: Budget::new(SEND_BUDGET),
         big: Mutex::new(HashMap::new()),
-        fatal: Mutex::new(None),
-        fatal_set: tokio::sync::Notify::new(),
+        fatal: Default::default(),
     });
     let scan_ctx = ctx.clone();
     let scan_opts = ScanOptions {
@@ -113,16 +109,7 @@ pub async fn serve<R: AsyncRead + Unpin>(
 ) -> Result<Stats, SessionError> {
     let ctx = started.0;
     loop {
-        // Abandoning a half-read frame is fine here: after a fatal error nothing more is read.
-        let next = tokio::select! {
-            biased;
-            () = ctx.fatal_set.notified() => None,
-            e = ctx.out.broken() => return Err(SessionError::Local(format!("connection lost: {e}"))),
-            r = reader.next() => Some(r?),
-        };
-        let Some((msg, payload)) = next.flatten() else {
-            return Err(ctx.take_fatal().unwrap_or(SessionError::Eof));
-        };
+        let (msg, payload) = super::next_frame(reader, &ctx.fatal, &ctx.out).await?;
         match msg {
             Msg::NeedWhole { id } => {
                 let path = ctx.file_path(id)?;
@@ -172,15 +159,8 @@ pub async fn serve<R: AsyncRead + Unpin>(
 }
 
 impl Ctx {
-    fn take_fatal(&self) -> Option<SessionError> {
-        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-
     fn violation(&self, what: String) -> SessionError {
-        let _ = self.out.send(Msg::Fatal {
-            message: format!("protocol violation: {what}"),
-        }); // the session ends with this error either way
-        SessionError::Violation(what)
+        super::Fatal::violation(&self.out, what)
     }
 
     fn file_path(&self, id: FileId) -> Result<PathBuf, SessionError> {
@@ -222,12 +202,10 @@ impl Ctx {
                 let scan_errors = errors.into_inner();
                 let _ = self.out.send(Msg::EndOfList { count, scan_errors });
             }
-            Err(e) => {
-                let message = format!("scanning the source: {e}");
-                *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.into());
-                self.fatal_set.notify_one();
-                let _ = self.out.send(Msg::Fatal { message }); // already failing
-            }
+            Err(e) => self.fatal.fail(
+                &self.out,
+                SessionError::Local(format!("scanning the source: {e}")),
+            ),
         }
     }
 

@@ -160,6 +160,22 @@ fn same_platform(need: &Need) -> bool {
     need.os == os && norm(&need.arch) == norm(&arch)
 }
 
+/// The binary to install for `need`'s platform: `--helper-binary`, or this one if it fits.
+fn choose_binary(need: &Need, helper_binary: Option<&Path>) -> Result<PathBuf, String> {
+    match helper_binary {
+        Some(p) => Ok(p.to_path_buf()),
+        None if same_platform(need) => std::env::current_exe().map_err(|e| e.to_string()),
+        None => {
+            let (os, arch) = local_platform();
+            Err(format!(
+                "the remote is {} {} but this devsync is built for {os} {arch}; pass \
+                 --helper-binary PATH with a devsync built for {} {}",
+                need.os, need.arch, need.os, need.arch
+            ))
+        }
+    }
+}
+
 /// Starts the helper, uploading it once if needed.
 pub async fn start(
     conn: &Connection,
@@ -222,18 +238,7 @@ async fn upload(
     need: &Need,
     notice: &(dyn Fn(String) + Send + Sync),
 ) -> Result<(), String> {
-    let local = match &opts.helper_binary {
-        Some(p) => p.clone(),
-        None if same_platform(need) => std::env::current_exe().map_err(|e| e.to_string())?,
-        None => {
-            let (os, arch) = local_platform();
-            return Err(format!(
-                "the remote is {} {} but this devsync is built for {os} {arch}; pass \
-                 --helper-binary PATH with a devsync built for {} {}",
-                need.os, need.arch, need.os, need.arch
-            ));
-        }
-    };
+    let local = choose_binary(need, opts.helper_binary.as_deref())?;
     let base = match opts.remote_dir.strip_prefix("~/") {
         Some(rest) => format!("{}/{rest}", need.home.trim_end_matches('/')),
         None => opts.remote_dir.clone(),
@@ -341,6 +346,34 @@ mod tests {
                 arch: "arm64".into(),
                 home: String::new()
             }) || cfg!(all(target_os = "macos", target_arch = "aarch64"))
+        );
+    }
+
+    #[test]
+    fn a_foreign_platform_needs_a_matching_binary() {
+        let mac = Need {
+            os: "Darwin".into(),
+            arch: "arm64".into(),
+            home: "/Users/x".into(),
+        };
+        if !same_platform(&mac) {
+            let e = choose_binary(&mac, None).unwrap_err();
+            assert!(
+                e.contains("the remote is Darwin arm64") && e.contains("--helper-binary"),
+                "{e}"
+            );
+        }
+        let given = Path::new("/opt/devsync-darwin-arm64");
+        assert_eq!(choose_binary(&mac, Some(given)).unwrap(), given);
+        let (os, arch) = local_platform();
+        let here = Need {
+            os,
+            arch,
+            home: String::new(),
+        };
+        assert_eq!(
+            choose_binary(&here, None).unwrap(),
+            std::env::current_exe().unwrap()
         );
     }
 

@@ -118,27 +118,10 @@ impl Api {
 
     /// `host:port` of the TLS gateway in front of the devboxes.
     pub fn gateway(&self) -> Result<String, TransportError> {
-        if let Ok(g) = std::env::var("RUNLOOP_SSH_GATEWAY")
-            && !g.is_empty()
-        {
-            return Ok(if g.contains(':') {
-                g
-            } else {
-                format!("{g}:443")
-            });
-        }
-        let host = reqwest::Url::parse(&self.base)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_string))
-            .unwrap_or_default();
-        match host.strip_prefix("api.") {
-            Some(domain) => Ok(format!("ssh.{domain}:443")),
-            None => Err(TransportError::Config(format!(
-                "cannot derive the SSH gateway from RUNLOOP_BASE_URL={}; set \
-                 RUNLOOP_SSH_GATEWAY=host:port",
-                self.base
-            ))),
-        }
+        gateway_for(
+            &self.base,
+            std::env::var("RUNLOOP_SSH_GATEWAY").ok().as_deref(),
+        )
     }
 
     async fn call(
@@ -206,6 +189,28 @@ impl Api {
     }
 }
 
+/// The gateway for API base `base`: `over` (`RUNLOOP_SSH_GATEWAY`, port 443 if none is given),
+/// else `ssh.<domain>:443` for `https://api.<domain>`.
+pub fn gateway_for(base: &str, over: Option<&str>) -> Result<String, TransportError> {
+    if let Some(g) = over.filter(|g| !g.is_empty()) {
+        return Ok(if g.contains(':') {
+            g.to_string()
+        } else {
+            format!("{g}:443")
+        });
+    }
+    let host = reqwest::Url::parse(base)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
+    match host.strip_prefix("api.") {
+        Some(domain) => Ok(format!("ssh.{domain}:443")),
+        None => Err(TransportError::Config(format!(
+            "cannot derive the SSH gateway from RUNLOOP_BASE_URL={base}; set RUNLOOP_SSH_GATEWAY=host:port"
+        ))),
+    }
+}
+
 /// Devbox states that will not become `running` by waiting.
 const DEAD_STATES: &[&str] = &["failure", "shutdown", "suspended"];
 
@@ -255,6 +260,30 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn gateway_is_derived_from_the_api_host() {
+        assert_eq!(
+            gateway_for("https://api.runloop.ai", None).unwrap(),
+            "ssh.runloop.ai:443"
+        );
+        assert_eq!(
+            gateway_for("https://api.example.dev/", None).unwrap(),
+            "ssh.example.dev:443"
+        );
+        assert_eq!(
+            gateway_for("http://127.0.0.1:8080", Some("127.0.0.1:8443")).unwrap(),
+            "127.0.0.1:8443"
+        );
+        assert_eq!(
+            gateway_for("https://api.runloop.ai", Some("gw.local")).unwrap(),
+            "gw.local:443"
+        );
+        let e = gateway_for("http://127.0.0.1:8080", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RUNLOOP_SSH_GATEWAY"), "{e}");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn retries_back_off_then_succeed() {

@@ -98,6 +98,25 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// The certificate verifier for `policy`.
+pub fn verifier(
+    policy: &TlsPolicy,
+    alt_name: Option<&str>,
+) -> Result<Arc<dyn ServerCertVerifier>, String> {
+    let provider = provider();
+    if policy.insecure {
+        return Ok(Arc::new(AcceptAnyCert {
+            algs: provider.signature_verification_algorithms,
+        }));
+    }
+    let roots = Arc::new(roots(policy.extra_ca.as_deref())?);
+    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let alt = alt_name.and_then(|n| ServerName::try_from(n.to_string()).ok());
+    Ok(Arc::new(EitherName { inner, alt }))
+}
+
 /// Opens TCP to `gateway` (`host:port`) and TLS with SNI `sni` (no ALPN).
 pub async fn connect(
     cfg: Arc<ClientConfig>,
@@ -236,5 +255,98 @@ impl ServerCertVerifier for AcceptAnyCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA (as a temp PEM file) and a leaf certificate for `names` signed by it.
+    fn pki(names: &[&str]) -> (tempfile::NamedTempFile, CertificateDer<'static>) {
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(p, ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let leaf = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), ca.pem()).unwrap();
+        (f, leaf.der().clone())
+    }
+
+    fn verify(
+        policy: &TlsPolicy,
+        alt: Option<&str>,
+        cert: &CertificateDer<'_>,
+        sni: &str,
+    ) -> Result<(), rustls::Error> {
+        install_crypto_provider();
+        let name = ServerName::try_from(sni.to_string()).unwrap();
+        verifier(policy, alt)
+            .unwrap()
+            .verify_server_cert(cert, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    #[test]
+    fn certificates_valid_for_the_sni_or_the_gateway_name() {
+        let (ca, leaf) = pki(&["*.devboxes.example"]);
+        let policy = TlsPolicy {
+            extra_ca: Some(ca.path().to_path_buf()),
+            insecure: false,
+        };
+        verify(&policy, None, &leaf, "dbx_abc.devboxes.example").unwrap();
+        // Valid for the gateway's name only: accepted when that is the gateway we dialled.
+        let (ca2, gw_leaf) = pki(&["ssh.example"]);
+        let policy2 = TlsPolicy {
+            extra_ca: Some(ca2.path().to_path_buf()),
+            insecure: false,
+        };
+        verify(
+            &policy2,
+            Some("ssh.example"),
+            &gw_leaf,
+            "dbx_abc.devboxes.example",
+        )
+        .unwrap();
+        assert!(
+            verify(
+                &policy2,
+                Some("other.example"),
+                &gw_leaf,
+                "dbx_abc.devboxes.example"
+            )
+            .is_err()
+        );
+        assert!(verify(&policy2, None, &gw_leaf, "dbx_abc.devboxes.example").is_err());
+        // An untrusted CA is refused whatever the name; --insecure-tls accepts it.
+        assert!(
+            verify(
+                &TlsPolicy::default(),
+                None,
+                &leaf,
+                "dbx_abc.devboxes.example"
+            )
+            .is_err()
+        );
+        let insecure = TlsPolicy {
+            extra_ca: None,
+            insecure: true,
+        };
+        verify(&insecure, None, &leaf, "anything.at.all").unwrap();
+    }
+
+    #[test]
+    fn bad_ca_files_are_reported() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), "not a certificate").unwrap();
+        let e = roots(Some(f.path())).unwrap_err();
+        assert!(e.contains("holds no certificate"), "{e}");
+        assert!(roots(Some(Path::new("/nonexistent/ca.pem"))).is_err());
     }
 }

@@ -303,3 +303,88 @@ fn devbox_over_tls_to_an_upstream_openssh() {
     assert_eq!(code, 0, "{err}");
     assert_same_tree(&remote, &back);
 }
+
+#[test]
+fn ssh_agent_keys_are_used() {
+    let Some(sshd) = sshd() else { return };
+    let td = tempfile::tempdir().unwrap();
+    let sock = td.path().join("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .args(["-D", "-a"])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !sock.exists() && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let added = Command::new("ssh-add")
+        .arg(&sshd.client_key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let home = td.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let (src, remote) = (td.path().join("src"), td.path().join("remote"));
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("hello"), b"signed by the agent").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "push",
+            s(&src),
+            &format!("root@127.0.0.1:{}:{}", sshd.addr.port(), s(&remote)),
+        ])
+        .args(["--remote-dir", s(&td.path().join("helpers"))])
+        .env("HOME", &home)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(remote.join("hello")).unwrap(),
+        b"signed by the agent"
+    );
+}
+
+#[test]
+fn default_identity_files_are_tried() {
+    let Some(sshd) = sshd() else { return };
+    let td = tempfile::tempdir().unwrap();
+    let home = td.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::copy(&sshd.client_key, home.join(".ssh/id_ed25519")).unwrap();
+    std::fs::set_permissions(
+        home.join(".ssh/id_ed25519"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let (src, remote) = (td.path().join("src"), td.path().join("remote"));
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("x"), b"default key").unwrap();
+    let dst = format!("root@127.0.0.1:{}:{}", sshd.addr.port(), s(&remote));
+    let (code, err) = run(
+        &home,
+        &[
+            "push",
+            s(&src),
+            &dst,
+            "--remote-dir",
+            s(&td.path().join("h")),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(remote.join("x")).unwrap(), b"default key");
+}

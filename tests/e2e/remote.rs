@@ -22,19 +22,55 @@ pub struct Endpoint {
     pub home: tempfile::TempDir,
 }
 
+/// How a test endpoint is set up.
+pub struct Opts {
+    pub devboxes: Vec<String>,
+    pub upstream: Option<String>,
+    pub user: String,
+    pub key_format: KeyFormat,
+    pub create_on_demand: bool,
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// Reuse a state directory (restart); default a fresh one.
+    pub state_dir: Option<tempfile::TempDir>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            devboxes: vec![],
+            upstream: None,
+            user: "user".into(),
+            key_format: KeyFormat::Pkcs8,
+            create_on_demand: false,
+            cert: None,
+            state_dir: None,
+        }
+    }
+}
+
 pub fn endpoint(
     devboxes: &[&str],
     upstream: Option<String>,
     user: &str,
     key_format: KeyFormat,
 ) -> Endpoint {
+    endpoint_with(Opts {
+        devboxes: devboxes.iter().map(|s| s.to_string()).collect(),
+        upstream,
+        user: user.into(),
+        key_format,
+        ..Opts::default()
+    })
+}
+
+pub fn endpoint_with(o: Opts) -> Endpoint {
     devsync::transport::tls::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let state_dir = tempfile::tempdir().unwrap();
+    let state_dir = o.state_dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
     let home = tempfile::tempdir().unwrap();
     let (running, gateway, api) = rt.block_on(async {
         let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -45,14 +81,14 @@ pub fn endpoint(
                 dir: state_dir.path().to_path_buf(),
                 domain: "devsync.test".into(),
                 token: Some("test-token".into()),
-                default_user: user.into(),
-                create_on_demand: false,
-                key_format,
-                devboxes: devboxes.iter().map(|s| s.to_string()).collect(),
+                default_user: o.user,
+                create_on_demand: o.create_on_demand,
+                key_format: o.key_format,
+                devboxes: o.devboxes,
             },
-            cert: None,
+            cert: o.cert,
             gateway_names: vec![],
-            upstream,
+            upstream: o.upstream,
             auth_rejection: Duration::from_millis(10),
         };
         (
@@ -349,4 +385,158 @@ fn helper_killed_mid_sync_leaves_no_partial_files() {
             "{name} is partial"
         );
     }
+}
+
+#[test]
+fn serve_creates_on_demand_and_keeps_its_identity_across_restarts() {
+    let ep = endpoint_with(Opts {
+        create_on_demand: true,
+        ..Opts::default()
+    });
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let dst = format!("dbx_fresh:{}", s(&td.path().join("r")));
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
+    assert_eq!(code, 0, "created on first use: {err}");
+    let key_before = ep
+        .running
+        .state
+        .devbox("dbx_fresh")
+        .unwrap()
+        .public_key
+        .clone();
+    let host_before = ep.running.state.host_key.public_key().clone();
+    let ca_before = std::fs::read(ep.ca()).unwrap();
+    // Restart on the same state directory, same client home: same keys, pins still valid.
+    let Endpoint {
+        _rt,
+        running,
+        state_dir,
+        home,
+        ..
+    } = ep;
+    running.task.abort();
+    drop(_rt);
+    let ep2 = endpoint_with(Opts {
+        state_dir: Some(state_dir),
+        ..Opts::default()
+    });
+    assert_eq!(
+        ep2.running.state.devbox("dbx_fresh").unwrap().public_key,
+        key_before
+    );
+    assert_eq!(*ep2.running.state.host_key.public_key(), host_before);
+    assert_eq!(
+        std::fs::read(ep2.ca()).unwrap(),
+        ca_before,
+        "the CA clients trust is stable"
+    );
+    let (code, _, err) = ep2.run(&["push", s(&src), &dst], |c| {
+        c.env("HOME", home.path());
+    });
+    assert_eq!(
+        code, 0,
+        "the pinned host key still matches after a restart: {err}"
+    );
+    assert!(!err.contains("installing"), "{err}");
+    // Without on-demand creation, unknown devboxes are 404.
+    let (code, _, err) = ep2.run(&["push", s(&src), "dbx_other:/tmp/x"], |_| {});
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+}
+
+#[test]
+fn serve_with_a_given_certificate() {
+    // A CA and a gateway certificate of our own, as a self-hoster would bring.
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["*.devsync.test".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let td = tempfile::tempdir().unwrap();
+    let (cert, key, ca_pem) = (
+        td.path().join("gw.pem"),
+        td.path().join("gw.key"),
+        td.path().join("ca.pem"),
+    );
+    std::fs::write(&cert, leaf.pem()).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    let ep = endpoint_with(Opts {
+        devboxes: vec!["dbx_cert".into()],
+        cert: Some((cert, key)),
+        ..Opts::default()
+    });
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let dst = format!("dbx_cert:{}", s(&td.path().join("r")));
+    // The state's own CA does not vouch for this certificate; ours does.
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("certificate"), "{err}");
+    let (code, _, err) = ep.run(&["push", "--tls-ca", s(&ca_pem), s(&src), &dst], |c| {
+        c.env_remove("DEVSYNC_TLS_CA");
+    });
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn helper_bootstrap_failures_are_clear() {
+    let ep = endpoint(&["dbx_boot"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let dst = format!("dbx_boot:{}", s(&td.path().join("r")));
+    let (code, _, err) = ep.run(
+        &[
+            "push",
+            s(&src),
+            &dst,
+            "--remote-dir",
+            "/proc/devsync-no-such-place",
+        ],
+        |_| {},
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("starting the helper on dbx_boot")
+            && err.contains("/proc/devsync-no-such-place"),
+        "{err}"
+    );
+    let (code, _, err) = ep.run(
+        &["push", s(&src), &dst, "--remote-dir", "relative/dir"],
+        |_| {},
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("must be absolute or start with ~/"), "{err}");
+    // A helper binary that is not devsync: it runs, says something, never greets.
+    let fake = td.path().join("not-devsync");
+    std::fs::write(&fake, "#!/bin/sh\necho 'this is not devsync' >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let helpers = td.path().join("h");
+    let (code, _, err) = ep.run(
+        &[
+            "push",
+            s(&src),
+            &dst,
+            "--helper-binary",
+            s(&fake),
+            "--remote-dir",
+            s(&helpers),
+        ],
+        |_| {},
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("this is not devsync") && err.contains("exit status 3"),
+        "remote stderr and status shown: {err}"
+    );
 }

@@ -112,10 +112,7 @@ struct Ctx {
     sender_count: AtomicU32,
     sender_scan_errors: AtomicU32,
     receiver_scan: Mutex<Option<ScanThread>>,
-    fatal: Mutex<Option<SessionError>>,
-    /// Wakes the read loop when a worker hits a fatal error, so a peer that never hangs up
-    /// cannot keep us waiting.
-    fatal_set: tokio::sync::Notify,
+    fatal: super::Fatal,
     done: Mutex<Option<Stats>>,
 }
 
@@ -178,8 +175,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         sender_count: AtomicU32::new(0),
         sender_scan_errors: AtomicU32::new(0),
         receiver_scan: Mutex::new(receiver_scan),
-        fatal: Mutex::new(None),
-        fatal_set: tokio::sync::Notify::new(),
+        fatal: Default::default(),
         done: Mutex::new(None),
     });
     let (plan_tx, plan_rx) = mpsc::channel::<PlanItem>();
@@ -191,16 +187,7 @@ pub async fn run<R: AsyncRead + Unpin>(
     let budget = Arc::new(Semaphore::new(RECV_BUDGET));
 
     loop {
-        // Abandoning a half-read frame is fine here: after a fatal error nothing more is read.
-        let next = tokio::select! {
-            biased;
-            () = ctx.fatal_set.notified() => None,
-            e = ctx.out.broken() => return Err(SessionError::Local(format!("connection lost: {e}"))),
-            r = reader.next() => Some(r?),
-        };
-        let Some((msg, payload)) = next.flatten() else {
-            return Err(ctx.take_fatal().unwrap_or(SessionError::Eof));
-        };
+        let (msg, payload) = super::next_frame(reader, &ctx.fatal, &ctx.out).await?;
         match msg {
             Msg::Entry { id, entry } => {
                 let _ = plan_tx.send(PlanItem::Entry(id, entry)); // planner gone: it reported why
@@ -235,25 +222,13 @@ pub async fn run<R: AsyncRead + Unpin>(
 type Job = Box<dyn FnOnce() + Send>;
 
 impl Ctx {
-    fn take_fatal(&self) -> Option<SessionError> {
-        lock(&self.fatal).take()
-    }
-
     fn violation(&self, what: String) -> SessionError {
-        let _ = self.out.send(Msg::Fatal {
-            message: format!("protocol violation: {what}"),
-        }); // the session ends with this error either way
-        SessionError::Violation(what)
+        super::Fatal::violation(&self.out, what)
     }
 
-    /// Records a fatal error from a worker and tells the peer, which then closes the session.
-    /// The error is stored before the peer hears of it, so whichever way the read loop wakes
-    /// up (our notification or the peer hanging up) it reports this error.
+    /// Records a fatal error from a worker and tells the peer (see [`super::Fatal::fail`]).
     fn fail(&self, e: SessionError) {
-        let message = e.to_string();
-        lock(&self.fatal).get_or_insert(e);
-        self.fatal_set.notify_one();
-        let _ = self.out.send(Msg::Fatal { message }); // already failing
+        self.fatal.fail(&self.out, e);
     }
 
     fn incoming(&self, id: FileId) -> Result<Arc<Incoming>, SessionError> {
