@@ -144,12 +144,15 @@ impl State {
             key_format: o.key_format,
             devboxes: Mutex::new(HashMap::new()),
         };
-        // CA certificate for clients (regenerated from the stored key: same name, same key).
-        let ca = state
-            .ca_params()
-            .self_signed(&state.ca_key)
-            .map_err(|e| err(e.to_string()))?;
-        std::fs::write(state.ca_path(), ca.pem()).map_err(|e| err(e.to_string()))?;
+        // CA certificate for clients: written once, so copies handed to clients stay identical
+        // (the issuer of gateway certificates is rebuilt from the same key and name).
+        if !state.ca_path().exists() {
+            let ca = state
+                .ca_params()
+                .self_signed(&state.ca_key)
+                .map_err(|e| err(e.to_string()))?;
+            std::fs::write(state.ca_path(), ca.pem()).map_err(|e| err(e.to_string()))?;
+        }
         state.load_devboxes().map_err(err)?;
         for id in &o.devboxes {
             if state.devbox(id).is_none() {
