@@ -78,18 +78,32 @@ pub fn read_chunk(file: &File, len: u64, k: u64) -> std::io::Result<Vec<u8>> {
 /// meanwhile is `UnexpectedEof`.
 pub fn read_at(file: &File, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(n);
-    while buf.len() < n {
-        let done = buf.len();
+    read_at_into(file, off, n, &mut buf)?;
+    Ok(buf)
+}
+
+/// Appends exactly `n` bytes read at `off` to `buf` (nothing appended on error).
+pub fn read_at_into(file: &File, off: u64, n: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let start = buf.len();
+    buf.reserve(n);
+    while buf.len() - start < n {
+        let done = buf.len() - start;
         let want = &mut buf.spare_capacity_mut()[..n - done];
-        let (got, _) = rustix::io::pread(file, want, off + done as u64)?;
-        let filled = got.len();
-        if filled == 0 {
+        let got = match rustix::io::pread(file, want, off + done as u64) {
+            Ok((got, _)) => got.len(),
+            Err(e) => {
+                buf.truncate(start);
+                return Err(e.into());
+            }
+        };
+        if got == 0 {
+            buf.truncate(start);
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        // SAFETY: `pread` initialized the first `filled` bytes of the spare capacity.
-        unsafe { buf.set_len(buf.len() + filled) };
+        // SAFETY: `pread` initialized the first `got` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + got) };
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// Chaining values of every chunk of `file`, computed in parallel.

@@ -75,10 +75,21 @@ pub fn scan(
     opts: &ScanOptions,
     sink: &(dyn Fn(ScanEvent) + Sync),
 ) -> Result<(), ScanError> {
+    scan_each(root, opts, &|| move |ev| sink(ev))
+}
+
+/// Walks `root` with one sink per walker thread, made by `make`. Each sink sees its thread's
+/// events in order and is dropped when the walk ends (so it can batch, and flush on drop).
+pub fn scan_each<S, M>(root: &Path, opts: &ScanOptions, make: &M) -> Result<(), ScanError>
+where
+    S: FnMut(ScanEvent) + Send,
+    M: Fn() -> S + Sync,
+{
     check_root(root)?;
     let mut walker = opts.filters.walker(root)?;
     walker.threads(opts.threads);
     walker.build_parallel().run(|| {
+        let mut sink = make();
         Box::new(move |item| {
             match item {
                 Ok(dent) if dent.depth() == 0 => {}

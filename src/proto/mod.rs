@@ -11,10 +11,10 @@ pub mod handshake;
 pub mod msg;
 
 pub use frame::{FrameReader, FrameWriter, MAX_FRAME};
-pub use msg::{Event, FileId, Msg, Role, Stats, SyncOptions};
+pub use msg::{Event, FileId, Msg, Role, Stats, SyncOptions, WholeItem};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {

@@ -21,6 +21,17 @@ pub const MAX_LINK_TARGET: usize = 4096;
 /// Most chunk hashes in one message: a 64 TiB file.
 pub const MAX_CHUNKS: u64 = 1 << 24;
 
+/// One file in a [`Msg::WholeFiles`] batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WholeItem {
+    pub id: FileId,
+    pub len: u32,
+    pub digest: Digest,
+}
+
+/// Most ids or files in one batch message.
+pub const MAX_BATCH: usize = 1 << 16;
+
 /// The part the helper plays; the client plays the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -90,13 +101,17 @@ pub enum Msg {
     /// Either way: the session cannot continue; the text says why.
     Fatal { message: String },
 
-    /// Sender → receiver: one list entry (parents before children).
-    Entry { id: FileId, entry: Entry },
+    /// Sender → receiver: list entries with consecutive ids from `first_id` (a directory is
+    /// always sent before anything inside it).
+    Entries {
+        first_id: FileId,
+        entries: Vec<Entry>,
+    },
     /// Sender → receiver: the list is complete. With scan errors, the receiver must not delete.
     EndOfList { count: u32, scan_errors: u32 },
 
-    /// Receiver → sender: send this file whole.
-    NeedWhole { id: FileId },
+    /// Receiver → sender: send these files whole.
+    NeedWhole { ids: Vec<FileId> },
     /// Receiver → sender: my copy is small; here is its full signature (payload) and chunk hashes.
     Signature {
         id: FileId,
@@ -119,8 +134,9 @@ pub enum Msg {
     /// Receiver → sender: block signature of one base chunk (payload).
     SigPart { id: FileId, chunk: u32 },
 
-    /// Sender → receiver: a complete file of at most one chunk (payload) and its BLAKE3.
-    WholeFile { id: FileId, digest: Digest },
+    /// Sender → receiver: complete files of at most one chunk each; the payload is their
+    /// contents one after the other, in `files` order.
+    WholeFiles { files: Vec<WholeItem> },
     /// Sender → receiver: literal bytes of one chunk (payload) of a bigger file.
     Data { id: FileId, chunk: u32 },
     /// Sender → receiver: a delta (payload) against a window of base chunks that rebuilds
@@ -208,7 +224,7 @@ impl Msg {
             self,
             Msg::Signature { .. }
                 | Msg::SigPart { .. }
-                | Msg::WholeFile { .. }
+                | Msg::WholeFiles { .. }
                 | Msg::Data { .. }
                 | Msg::Delta { .. }
         );
@@ -233,7 +249,28 @@ impl Msg {
                 }
             }
             Msg::Fatal { message } => check_text(message)?,
-            Msg::Entry { entry, .. } => check_entry(entry)?,
+            Msg::Entries { entries, .. } => {
+                if entries.len() > MAX_BATCH {
+                    return Err(invalid("too many entries in one message"));
+                }
+                for e in entries {
+                    check_entry(e)?;
+                }
+            }
+            Msg::NeedWhole { ids } if ids.len() > MAX_BATCH => {
+                return Err(invalid("too many ids in one request"));
+            }
+            Msg::WholeFiles { files } => {
+                let total: u64 = files.iter().map(|f| u64::from(f.len)).sum();
+                if files.len() > MAX_BATCH
+                    || total != payload as u64
+                    || files
+                        .iter()
+                        .any(|f| u64::from(f.len) > crate::engine::hash::CHUNK)
+                {
+                    return Err(invalid("whole-file batch lengths do not match its payload"));
+                }
+            }
             Msg::Signature {
                 base_len,
                 params,
@@ -258,9 +295,6 @@ impl Msg {
                 window_len, len, ..
             } if *window_len == 0 || u64::from(*len) > crate::engine::hash::CHUNK => {
                 return Err(invalid("delta window or length out of range"));
-            }
-            Msg::WholeFile { .. } if payload as u64 > crate::engine::hash::CHUNK => {
-                return Err(invalid("whole-file message larger than a chunk"));
             }
             Msg::SendFailed { message, .. } => check_text(message)?,
             Msg::Event(ev) => match ev {

@@ -147,6 +147,20 @@ impl Budget {
     }
 }
 
+impl Budget {
+    /// One permit holding all of `permits` (`None` if there are none).
+    pub fn merge(&self, permits: Vec<Permit>) -> Option<Permit> {
+        let mut n = 0;
+        for mut p in permits {
+            n += std::mem::take(&mut p.n);
+        }
+        (n > 0).then(|| Permit {
+            budget: self.clone(),
+            n,
+        })
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         let (lock, cv) = &*self.budget.0;

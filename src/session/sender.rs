@@ -19,10 +19,55 @@ use crate::engine::delta::{self, SigParams};
 use crate::engine::hash::{self, CHUNK, Cv, chunk_count, chunk_span};
 use crate::engine::scan::{self, ScanEvent, ScanOptions};
 use crate::engine::{Entry, EntryKind};
-use crate::proto::{Event, FileId, FrameReader, Msg, Stats, SyncOptions};
+use crate::proto::{Event, FileId, FrameReader, Msg, Stats, SyncOptions, WholeItem};
 
 /// File data a sender may have read but not yet written to the stream.
 const SEND_BUDGET: u64 = 48 << 20;
+/// Files up to this size travel many to a frame; bigger ones one per frame or in chunks.
+const SMALL_FILE: u64 = 256 << 10;
+/// A batch of small files ends at this many files or bytes.
+const BATCH_FILES: usize = 256;
+const BATCH_BYTES: u64 = 1 << 20;
+/// File-list entries buffered per walker thread before a frame goes out.
+const LIST_BATCH: usize = 256;
+
+/// One walker thread's list entries on their way out. A directory flushes the batch at once:
+/// its children are only discovered after it is visited, so they always go out after it.
+struct ListBatch<'a> {
+    ctx: &'a Ctx,
+    buf: Vec<Entry>,
+}
+
+impl ListBatch<'_> {
+    fn push(&mut self, entry: Entry) {
+        let dir = entry.is_dir();
+        self.buf.push(entry);
+        if dir || self.buf.len() >= LIST_BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(&mut self.buf);
+        let first_id = {
+            let mut all = self.ctx.entries.write().unwrap_or_else(|p| p.into_inner());
+            let first = all.len() as FileId;
+            all.extend(entries.iter().cloned());
+            first
+        };
+        // Writer gone: the read loop sees the end.
+        let _ = self.ctx.out.send(Msg::Entries { first_id, entries });
+    }
+}
+
+impl Drop for ListBatch<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
 
 struct Ctx {
     pool: rayon::ThreadPool,
@@ -111,10 +156,28 @@ pub async fn serve<R: AsyncRead + Unpin>(
     loop {
         let (msg, payload) = super::next_frame(reader, &ctx.fatal, &ctx.out).await?;
         match msg {
-            Msg::NeedWhole { id } => {
-                let path = ctx.file_path(id)?;
-                let c = ctx.clone();
-                ctx.pool.spawn(move || c.send_whole(id, path));
+            Msg::NeedWhole { ids } => {
+                let mut small = Vec::new();
+                let mut small_bytes = 0;
+                for id in ids {
+                    let (path, size) = ctx.file(id)?;
+                    if size > SMALL_FILE {
+                        let c = ctx.clone();
+                        ctx.pool.spawn(move || c.send_whole(id, path));
+                        continue;
+                    }
+                    small.push((id, path, size));
+                    small_bytes += size;
+                    if small.len() >= BATCH_FILES || small_bytes >= BATCH_BYTES {
+                        let (c, batch) = (ctx.clone(), std::mem::take(&mut small));
+                        ctx.pool.spawn(move || c.send_batch(batch));
+                        small_bytes = 0;
+                    }
+                }
+                if !small.is_empty() {
+                    let c = ctx.clone();
+                    ctx.pool.spawn(move || c.send_batch(small));
+                }
             }
             Msg::Signature {
                 id,
@@ -164,13 +227,18 @@ impl Ctx {
     }
 
     fn file_path(&self, id: FileId) -> Result<PathBuf, SessionError> {
+        self.file(id).map(|(p, _)| p)
+    }
+
+    /// Path and listed size of file `id` (a protocol violation if it is not a listed file).
+    fn file(&self, id: FileId) -> Result<(PathBuf, u64), SessionError> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         match entries.get(id as usize) {
             Some(Entry {
                 path,
-                kind: EntryKind::File { .. },
+                kind: EntryKind::File { size, .. },
                 ..
-            }) => Ok(self.root.join(path.as_os_str())),
+            }) => Ok((self.root.join(path.as_os_str()), *size)),
             _ => Err(self.violation(format!("request for unknown file id {id}"))),
         }
     }
@@ -178,22 +246,22 @@ impl Ctx {
     /// Scans and streams entries; ids are list positions.
     fn stream_list(&self, opts: &ScanOptions) {
         let errors = std::sync::atomic::AtomicU32::new(0);
-        let result = scan::scan(&self.root, opts, &|ev| match ev {
-            ScanEvent::Entry(entry) => {
-                let id = {
-                    let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-                    entries.push(entry.clone());
-                    (entries.len() - 1) as FileId
-                };
-                let _ = self.out.send(Msg::Entry { id, entry }); // writer gone: the loop sees EOF
-            }
-            ScanEvent::Skipped { path, reason } => self.obs.event(Event::Warning {
-                path,
-                message: reason,
-            }),
-            ScanEvent::Error { path, message } => {
-                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.obs.event(Event::Error { path, message })
+        let result = scan::scan_each(&self.root, opts, &|| {
+            let mut batch = ListBatch {
+                ctx: self,
+                buf: Vec::new(),
+            };
+            let errors = &errors;
+            move |ev| match ev {
+                ScanEvent::Entry(entry) => batch.push(entry),
+                ScanEvent::Skipped { path, reason } => self.obs.event(Event::Warning {
+                    path,
+                    message: reason,
+                }),
+                ScanEvent::Error { path, message } => {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.obs.event(Event::Error { path, message })
+                }
             }
         });
         match result {
@@ -239,6 +307,48 @@ impl Ctx {
         });
     }
 
+    /// Small files, read and sent as one frame.
+    fn send_batch(&self, files: Vec<(FileId, PathBuf, u64)>) {
+        let mut items = Vec::with_capacity(files.len());
+        // Sized from the listed sizes and filled in place: no per-file buffers, no regrowth.
+        let mut payload: Vec<u8> = Vec::with_capacity(files.iter().map(|f| f.2 as usize).sum());
+        let mut permits = Vec::new();
+        for (id, path, _) in files {
+            let start = payload.len();
+            let read = self.open(&path).and_then(|(f, len)| {
+                if len > SMALL_FILE {
+                    return Ok(false); // grew since the scan: send it on its own
+                }
+                permits.push(self.budget.acquire(len));
+                hash::read_at_into(&f, 0, len as usize, &mut payload).map(|()| true)
+            });
+            match read {
+                Ok(true) => {
+                    let data = &payload[start..];
+                    let n = data.len() as u64;
+                    self.obs.planned(n);
+                    items.push(WholeItem {
+                        id,
+                        len: n as u32,
+                        digest: *blake3::hash(data).as_bytes(),
+                    });
+                    self.obs.progressed(n);
+                    self.obs.file_done();
+                }
+                Ok(false) => self.send_whole(id, path),
+                Err(e) => self.failed(id, e),
+            }
+        }
+        if !items.is_empty() {
+            let permit = self.budget.merge(permits);
+            let _ = self.out.send_data(
+                Msg::WholeFiles { files: items },
+                Bytes::from(payload),
+                permit,
+            );
+        }
+    }
+
     fn send_whole(&self, id: FileId, path: PathBuf) {
         if let Err(e) = self.try_send_whole(id, &path) {
             self.failed(id, e);
@@ -251,9 +361,13 @@ impl Ctx {
         if len <= CHUNK {
             let permit = self.budget.acquire(len);
             let buf = hash::read_chunk(&f, len, 0)?;
-            let digest = *blake3::hash(&buf).as_bytes();
+            let item = WholeItem {
+                id,
+                len: buf.len() as u32,
+                digest: *blake3::hash(&buf).as_bytes(),
+            };
             let _ = self.out.send_data(
-                Msg::WholeFile { id, digest },
+                Msg::WholeFiles { files: vec![item] },
                 Bytes::from(buf),
                 Some(permit),
             );

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use devsync::engine::{Entry, EntryKind, Mtime, RelPath};
 use devsync::proto::handshake::{CLIENT_MAGIC, HELPER_MAGIC};
-use devsync::proto::{FrameReader, Msg, PROTOCOL_VERSION, Role, SyncOptions, frame};
+use devsync::proto::{FrameReader, Msg, PROTOCOL_VERSION, Role, SyncOptions, WholeItem, frame};
 use devsync::session::client::{self, Job, Outcome};
 use devsync::session::{SessionError, Silent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -81,11 +81,14 @@ async fn pull_from_fake(
         }
         // Serve whatever is asked for with hostile bytes, until the client hangs up.
         while let Ok(Some((msg, _))) = reader.next().await {
-            if let Msg::NeedWhole { id } = msg {
-                let digest = *blake3::hash(b"EVIL").as_bytes();
-                let _ = hw
-                    .write_all(&frame(&Msg::WholeFile { id, digest }, b"EVIL"))
-                    .await;
+            if let Msg::NeedWhole { ids } = &msg {
+                for &id in ids {
+                    let digest = *blake3::hash(b"EVIL").as_bytes();
+                    let item = WholeItem { id, len: 4, digest };
+                    let _ = hw
+                        .write_all(&frame(&Msg::WholeFiles { files: vec![item] }, b"EVIL"))
+                        .await;
+                }
             }
             if let Msg::Fatal { .. } = msg {
                 return; // like a real sender: the session is over
@@ -143,9 +146,9 @@ fn hostile_paths_are_refused_and_nothing_is_written_outside() {
         let td = tempfile::tempdir().unwrap();
         let dest = td.path().join("dest");
         let script = vec![frame(
-            &Msg::Entry {
-                id: 0,
-                entry: file(bad),
+            &Msg::Entries {
+                first_id: 0,
+                entries: vec![file(bad)],
             },
             &[],
         )];
@@ -167,9 +170,9 @@ fn paths_through_receiver_symlinks_are_refused() {
     std::os::unix::fs::symlink(&outside, dest.join("link")).unwrap();
     // A file under "link/" without "link" announced as a directory first: a protocol violation.
     let script = vec![frame(
-        &Msg::Entry {
-            id: 0,
-            entry: file(b"link/evil"),
+        &Msg::Entries {
+            first_id: 0,
+            entries: vec![file(b"link/evil")],
         },
         &[],
     )];
@@ -183,16 +186,16 @@ fn paths_through_receiver_symlinks_are_refused() {
     // Announcing "link" as a directory replaces the symlink with a real directory first.
     let script = vec![
         frame(
-            &Msg::Entry {
-                id: 0,
-                entry: raw_entry(b"link", EntryKind::Dir),
+            &Msg::Entries {
+                first_id: 0,
+                entries: vec![raw_entry(b"link", EntryKind::Dir)],
             },
             &[],
         ),
         frame(
-            &Msg::Entry {
-                id: 1,
-                entry: file(b"link/evil"),
+            &Msg::Entries {
+                first_id: 1,
+                entries: vec![file(b"link/evil")],
             },
             &[],
         ),
@@ -248,16 +251,16 @@ fn entries_that_lie_are_refused() {
         (
             vec![
                 frame(
-                    &Msg::Entry {
-                        id: 0,
-                        entry: file(b"a"),
+                    &Msg::Entries {
+                        first_id: 0,
+                        entries: vec![file(b"a")],
                     },
                     &[],
                 ),
                 frame(
-                    &Msg::Entry {
-                        id: 0,
-                        entry: file(b"b"),
+                    &Msg::Entries {
+                        first_id: 0,
+                        entries: vec![file(b"b")],
                     },
                     &[],
                 ),
@@ -267,9 +270,9 @@ fn entries_that_lie_are_refused() {
         (
             vec![
                 frame(
-                    &Msg::Entry {
-                        id: 0,
-                        entry: file(b"a"),
+                    &Msg::Entries {
+                        first_id: 0,
+                        entries: vec![file(b"a")],
                     },
                     &[],
                 ),
@@ -288,7 +291,7 @@ fn entries_that_lie_are_refused() {
             "not requested",
         ),
         (
-            vec![frame(&Msg::NeedWhole { id: 0 }, &[])],
+            vec![frame(&Msg::NeedWhole { ids: vec![0] }, &[])],
             "unexpected message",
         ),
     ];

@@ -304,9 +304,15 @@ fn failed_verification_falls_back_to_whole_file() {
                     nsec: 5,
                 },
             };
-            hw.write_all(&enc(&Msg::Entry { id: 0, entry }, &[]))
-                .await
-                .unwrap();
+            hw.write_all(&enc(
+                &Msg::Entries {
+                    first_id: 0,
+                    entries: vec![entry],
+                },
+                &[],
+            ))
+            .await
+            .unwrap();
             hw.write_all(&enc(
                 &Msg::EndOfList {
                     count: 1,
@@ -331,8 +337,16 @@ fn failed_verification_falls_back_to_whole_file() {
                         };
                         hw.write_all(&enc(&end, &[])).await.unwrap();
                     }
-                    Msg::NeedWhole { id } => {
-                        hw.write_all(&enc(&Msg::WholeFile { id, digest }, &new2))
+                    Msg::NeedWhole { ids } => {
+                        let files = ids
+                            .into_iter()
+                            .map(|id| devsync::proto::WholeItem {
+                                id,
+                                len: new2.len() as u32,
+                                digest,
+                            })
+                            .collect();
+                        hw.write_all(&enc(&Msg::WholeFiles { files }, &new2))
                             .await
                             .unwrap();
                     }

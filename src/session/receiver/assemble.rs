@@ -42,7 +42,7 @@ impl Ctx {
             Ok(p) if p.0.len >= DELTA_MIN_BASE => p,
             // Unreadable or shrunk base: the whole file it is.
             _ => {
-                let _ = self.out.send(Msg::NeedWhole { id });
+                self.need_whole(id, false);
                 return;
             }
         };
@@ -272,7 +272,7 @@ impl Ctx {
             };
             if retry {
                 lock(&self.stats).verify_retries += 1;
-                let _ = self.out.send(Msg::NeedWhole { id });
+                self.need_whole(id, false);
                 return;
             }
         }

@@ -106,6 +106,8 @@ struct Ctx {
     obs: Arc<dyn Observer>,
     stats: Mutex<Stats>,
     files: Mutex<HashMap<FileId, Arc<Incoming>>>,
+    /// Whole-file requests the planner has not sent yet.
+    needs: Mutex<Vec<FileId>>,
     track: Mutex<Track>,
     dirs: Mutex<DirState>,
     sender_paths: Mutex<HashSet<RelPath>>,
@@ -162,6 +164,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         obs,
         stats: Mutex::new(Stats::default()),
         files: Mutex::new(HashMap::new()),
+        needs: Mutex::new(Vec::new()),
         track: Mutex::new(Track {
             outstanding: 0,
             list_done: false,
@@ -189,8 +192,13 @@ pub async fn run<R: AsyncRead + Unpin>(
     loop {
         let (msg, payload) = super::next_frame(reader, &ctx.fatal, &ctx.out).await?;
         match msg {
-            Msg::Entry { id, entry } => {
-                let _ = plan_tx.send(PlanItem::Entry(id, entry)); // planner gone: it reported why
+            Msg::Entries { first_id, entries } => {
+                for (i, entry) in entries.into_iter().enumerate() {
+                    let Some(id) = first_id.checked_add(i as FileId) else {
+                        return Err(ctx.violation("file ids overflow".into()));
+                    };
+                    let _ = plan_tx.send(PlanItem::Entry(id, entry)); // planner gone: it reported why
+                }
             }
             Msg::EndOfList { count, scan_errors } => {
                 let _ = plan_tx.send(PlanItem::End { count, scan_errors });
@@ -265,9 +273,20 @@ impl Ctx {
                 }
                 Box::new(move || c.send_sig_parts(id, &base, params, &chunks))
             }
-            Msg::WholeFile { id, digest } => {
-                let inc = self.incoming(id)?;
-                Box::new(move || c.whole_file(id, &inc, digest, &payload))
+            Msg::WholeFiles { files } => {
+                let mut work = Vec::with_capacity(files.len());
+                let mut off = 0usize;
+                for f in files {
+                    let inc = self.incoming(f.id)?;
+                    let data = payload.slice(off..off + f.len as usize);
+                    off += f.len as usize;
+                    work.push((f.id, inc, f.digest, data));
+                }
+                Box::new(move || {
+                    for (id, inc, digest, data) in work {
+                        c.whole_file(id, &inc, digest, &data);
+                    }
+                })
             }
             Msg::Data { id, chunk } | Msg::Copy { id, chunk } | Msg::Delta { id, chunk, .. } => {
                 let inc = self.incoming(id)?;

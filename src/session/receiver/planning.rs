@@ -12,7 +12,19 @@ impl Ctx {
     pub(super) fn planner(self: Arc<Self>, rx: mpsc::Receiver<PlanItem>) {
         let mut dirs_seen: HashSet<Vec<u8>> = HashSet::new();
         let mut ids: HashSet<FileId> = HashSet::new();
-        for item in rx {
+        loop {
+            // Requests go out in batches, and whenever the list pauses.
+            let item = match rx.try_recv() {
+                Ok(item) => item,
+                Err(mpsc::TryRecvError::Empty) => {
+                    self.flush_needs();
+                    match rx.recv() {
+                        Ok(item) => item,
+                        Err(_) => return,
+                    }
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            };
             match item {
                 PlanItem::Entry(id, entry) => {
                     if !ids.insert(id) {
@@ -42,6 +54,7 @@ impl Ctx {
                             ids.len()
                         )));
                     }
+                    self.flush_needs();
                     self.sender_count.store(count, Ordering::Relaxed);
                     self.sender_scan_errors
                         .store(scan_errors, Ordering::Relaxed);
@@ -144,15 +157,15 @@ impl Ctx {
                                 Some(Err(e)) => {
                                     c.error(&entry.path, format!("reading for --checksum: {e}"))
                                 }
-                                Some(Ok(d)) => c.plan_file(id, &entry, Some(l), Some(&d)),
-                                None => c.plan_file(id, &entry, Some(l), None),
+                                Some(Ok(d)) => c.plan_file(id, &entry, Some(l), Some(&d), false),
+                                None => c.plan_file(id, &entry, Some(l), None, false),
                             }
                             c.release();
                         });
                         Ok(())
                     }
                     _ => {
-                        self.plan_file(id, &entry, local, None);
+                        self.plan_file(id, &entry, local, None, true);
                         Ok(())
                     }
                 }
@@ -295,6 +308,7 @@ impl Ctx {
         entry: &Entry,
         local: Option<LocalMeta>,
         local_digest: Option<&Digest>,
+        batched: bool,
     ) {
         let EntryKind::File { size, digest } = &entry.kind else {
             return;
@@ -350,7 +364,7 @@ impl Ctx {
                     let c = self.clone();
                     self.pool.spawn(move || c.start_delta(id, &inc));
                 } else {
-                    let _ = self.out.send(Msg::NeedWhole { id });
+                    self.need_whole(id, batched);
                 }
             }
         }
@@ -374,3 +388,32 @@ impl Ctx {
         }
     }
 }
+
+impl Ctx {
+    /// Asks for file `id` whole: queued with others when called from the planner (which
+    /// flushes whenever its input pauses), at once otherwise.
+    pub(super) fn need_whole(&self, id: FileId, batched: bool) {
+        if !batched {
+            let _ = self.out.send(Msg::NeedWhole { ids: vec![id] }); // writer gone: loop sees it
+            return;
+        }
+        let full = {
+            let mut needs = lock(&self.needs);
+            needs.push(id);
+            needs.len() >= NEED_BATCH
+        };
+        if full {
+            self.flush_needs();
+        }
+    }
+
+    pub(super) fn flush_needs(&self) {
+        let ids = std::mem::take(&mut *lock(&self.needs));
+        if !ids.is_empty() {
+            let _ = self.out.send(Msg::NeedWhole { ids }); // writer gone: loop sees it
+        }
+    }
+}
+
+/// Whole-file requests per message.
+const NEED_BATCH: usize = 512;
