@@ -8,23 +8,39 @@ import json, os, shutil, statistics, subprocess, sys, time
 
 DEVSYNC = os.environ.get('DEVSYNC', os.path.abspath('target/release/devsync'))
 DATA = os.environ.get('BENCH_DIR', '/tmp/devsync-bench')
-RUNS = int(os.environ.get('RUNS', '3'))
+RUNS = int(os.environ.get('RUNS', '5'))
 HAVE_RSYNC = shutil.which('rsync') is not None
 
 def sh(cmd, **kw):
     return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, capture_output=True, text=True, **kw)
 
-def timed(cmd, prepare=None, runs=RUNS):
+SPREAD = {}
+
+def timed(cmd, prepare=None, runs=RUNS, env=None):
     """Median seconds over `runs`, and the last run's stdout."""
-    times, out = [], ''
+    return interleaved([(cmd, prepare, env)], runs)[0]
+
+def interleaved(jobs, runs=RUNS):
+    """Runs several (cmd, prepare, env) jobs round-robin, `runs` rounds, so slow drift of the
+    machine (page cache filling, VM memory, disk state) hits every tool alike. Returns
+    [(median, last stdout)] in job order; the min and max go to SPREAD for the table."""
+    times = [[] for _ in jobs]
+    outs = [''] * len(jobs)
     for _ in range(runs):
-        if prepare:
-            prepare()
-        sh('sync')
-        t = time.perf_counter()
-        out = sh(cmd).stdout
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for i, (cmd, prepare, env) in enumerate(jobs):
+            if prepare:
+                prepare()
+            sh('sync')
+            t = time.perf_counter()
+            outs[i] = subprocess.run(cmd, shell=isinstance(cmd, str), check=True, capture_output=True,
+                                     text=True, env=env).stdout
+            times[i].append(time.perf_counter() - t)
+    res = []
+    for ts, out in zip(times, outs):
+        m = statistics.median(ts)
+        SPREAD[m] = (min(ts), max(ts))
+        res.append((m, out))
+    return res
 
 TRASH = f'{DATA}/trash'
 _trash_n = [0]
@@ -62,8 +78,10 @@ def human(n):
 rows = []
 def row(case, tool, secs, ref=None, nbytes=None):
     ratio = f'{secs / ref:.2f}x' if ref else ''
-    rows.append((case, tool, f'{secs:.3f}s', ratio, human(nbytes) if nbytes is not None else ''))
-    print(f'{case:<28} {tool:<26} {secs:8.3f}s {ratio:>8} {rows[-1][4]:>12}', flush=True)
+    lo, hi = SPREAD.get(secs, (secs, secs))
+    spread = f'{lo:.2f}–{hi:.2f}s'
+    rows.append((case, tool, f'{secs:.3f}s', spread, ratio, human(nbytes) if nbytes is not None else ''))
+    print(f'{case:<28} {tool:<26} {secs:8.3f}s {spread:>13} {ratio:>8} {rows[-1][5]:>12}', flush=True)
 
 def prepare_data():
     tree, big, big_edit = f'{DATA}/tree', f'{DATA}/big.orig', f'{DATA}/big.edit'
@@ -80,27 +98,32 @@ def prepare_data():
     du = sh(['du', '-sb', tree]).stdout.split()[0]
     nfiles = sh(f'find {tree} -type f | wc -l').stdout.strip()
     print(f'tree: {nfiles} files, {human(int(du))}; runs per case: {RUNS}\n')
-    print(f'{"case":<28} {"tool":<26} {"median":>9} {"vs ref":>8} {"wire":>12}')
+    print(f'{"case":<28} {"tool":<26} {"median":>9} {"min–max":>13} {"vs ref":>8} {"wire":>12}')
     return tree, big, big_edit
 
 def local_bench(tree, big, big_edit):
 
-    # 1. Initial copy into an empty directory.
+    # 1. Initial copy into an empty directory (tools interleaved round by round).
     d = f'{DATA}/dst'
-    cp, _ = timed(['cp', '-a', tree, d], prepare=lambda: rm(d))
-    row('initial copy (tree)', 'cp -a (reference)', cp)
-    ds, out = timed([DEVSYNC, 'push', '--json', tree, d], prepare=lambda: rm(d))
-    row('initial copy (tree)', 'devsync push', ds, cp, ds_bytes(out))
+    jobs = [(['cp', '-a', tree, d], lambda: rm(d), None),
+            ([DEVSYNC, 'push', '--json', tree, d], lambda: rm(d), None)]
     if HAVE_RSYNC:
-        rs, out = timed(['rsync', '-a', '--stats', tree + '/', d + '/'], prepare=lambda: rm(d))
-        row('initial copy (tree)', 'rsync -a', rs, cp, rsync_bytes(out))
+        jobs.append((['rsync', '-a', '--stats', tree + '/', d + '/'], lambda: rm(d), None))
+    res = interleaved(jobs)
+    cp = res[0][0]
+    row('initial copy (tree)', 'cp -a (reference)', cp)
+    row('initial copy (tree)', 'devsync push', res[1][0], cp, ds_bytes(res[1][1]))
+    if HAVE_RSYNC:
+        row('initial copy (tree)', 'rsync -a', res[2][0], cp, rsync_bytes(res[2][1]))
 
     # 2. No-change resync (destination up to date).
-    ds_nc, out = timed([DEVSYNC, 'push', '--json', tree, d], runs=RUNS + 2)
-    row('no-change resync (tree)', 'devsync push', ds_nc, None, ds_bytes(out))
+    jobs = [([DEVSYNC, 'push', '--json', tree, d], None, None)]
     if HAVE_RSYNC:
-        rs_nc, out = timed(['rsync', '-a', '--stats', tree + '/', d + '/'], runs=RUNS + 2)
-        row('no-change resync (tree)', 'rsync -a', rs_nc, ds_nc, rsync_bytes(out))
+        jobs.append((['rsync', '-a', '--stats', tree + '/', d + '/'], None, None))
+    res = interleaved(jobs, RUNS + 2)
+    row('no-change resync (tree)', 'devsync push', res[0][0], None, ds_bytes(res[0][1]))
+    if HAVE_RSYNC:
+        row('no-change resync (tree)', 'rsync -a', res[1][0], res[0][0], rsync_bytes(res[1][1]))
     rm(d)
 
     # 3. 1 GiB file with three 4 KiB edits; destination has the original.
@@ -112,13 +135,16 @@ def local_bench(tree, big, big_edit):
         sh(['cp', big, f'{dst}/big.bin'])
         st = os.stat(f'{src}/big.bin')
         os.utime(f'{dst}/big.bin', ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
-    ds_d, out = timed([DEVSYNC, 'push', '--json', src, dst], prepare=restore)
-    row('1 GiB, three 4 KiB edits', 'devsync push', ds_d, None, ds_bytes(out))
+    jobs = [([DEVSYNC, 'push', '--json', src, dst], restore, None)]
     if HAVE_RSYNC:
-        rs_d, out = timed(['rsync', '-a', '--no-whole-file', '--stats', src + '/', dst + '/'], prepare=restore)
-        row('1 GiB, three 4 KiB edits', 'rsync -a --no-whole-file', rs_d, ds_d, rsync_bytes(out))
-        rs_w, out = timed(['rsync', '-a', '--stats', src + '/', dst + '/'], prepare=restore)
-        row('1 GiB, three 4 KiB edits', 'rsync -a (whole-file)', rs_w, ds_d, rsync_bytes(out))
+        jobs.append((['rsync', '-a', '--no-whole-file', '--stats', src + '/', dst + '/'], restore, None))
+        jobs.append((['rsync', '-a', '--stats', src + '/', dst + '/'], restore, None))
+    res = interleaved(jobs)
+    ds_d = res[0][0]
+    row('1 GiB, three 4 KiB edits', 'devsync push', ds_d, None, ds_bytes(res[0][1]))
+    if HAVE_RSYNC:
+        row('1 GiB, three 4 KiB edits', 'rsync -a --no-whole-file', res[1][0], ds_d, rsync_bytes(res[1][1]))
+        row('1 GiB, three 4 KiB edits', 'rsync -a (whole-file)', res[2][0], ds_d, rsync_bytes(res[2][1]))
     shutil.rmtree(src, ignore_errors=True); shutil.rmtree(dst, ignore_errors=True)
 
 def remote_bench(tree, big, big_edit):
@@ -166,26 +192,17 @@ def remote_bench(tree, big, big_edit):
         subprocess.run([DEVSYNC, 'push', '-q', warm, f'dbx_bench:{R}/warm-dst'], env=env, check=True)  # installs the helper
         sh(['rsync', '-a', '-e', ssh, warm + '/', f'benchbox:{R}/warm-rs/'])
 
-        def ds(args, prepare=None, runs=RUNS):
-            times, out = [], ''
-            for _ in range(runs):
-                if prepare:
-                    prepare()
-                sh('sync')
-                t = time.perf_counter()
-                out = subprocess.run([DEVSYNC] + args, env=env, check=True, capture_output=True, text=True).stdout
-                times.append(time.perf_counter() - t)
-            return statistics.median(times), out
-
         d_ds, d_rs = f'{R}/dst-devsync', f'{R}/dst-rsync'
-        rs, out = timed(['rsync', '-a', '--stats', '-e', ssh, tree + '/', f'benchbox:{d_rs}/'], prepare=lambda: rm(d_rs))
-        row('remote initial push (tree)', 'rsync over ssh+TLS', rs, None, rsync_bytes(out))
-        dsi, out = ds(['push', '--json', tree, f'dbx_bench:{d_ds}'], prepare=lambda: rm(d_ds))
-        row('remote initial push (tree)', 'devsync push dbx_', dsi, rs, ds_bytes(out))
-        rs_nc, out = timed(['rsync', '-a', '--stats', '-e', ssh, tree + '/', f'benchbox:{d_rs}/'], runs=RUNS + 2)
-        row('remote no-change (tree)', 'rsync over ssh+TLS', rs_nc, None, rsync_bytes(out))
-        ds_nc, out = ds(['push', '--json', tree, f'dbx_bench:{d_ds}'], runs=RUNS + 2)
-        row('remote no-change (tree)', 'devsync push dbx_', ds_nc, rs_nc, ds_bytes(out))
+        res = interleaved([
+            (['rsync', '-a', '--stats', '-e', ssh, tree + '/', f'benchbox:{d_rs}/'], lambda: rm(d_rs), None),
+            ([DEVSYNC, 'push', '--json', tree, f'dbx_bench:{d_ds}'], lambda: rm(d_ds), env)])
+        row('remote initial push (tree)', 'rsync over ssh+TLS', res[0][0], None, rsync_bytes(res[0][1]))
+        row('remote initial push (tree)', 'devsync push dbx_', res[1][0], res[0][0], ds_bytes(res[1][1]))
+        res = interleaved([
+            (['rsync', '-a', '--stats', '-e', ssh, tree + '/', f'benchbox:{d_rs}/'], None, None),
+            ([DEVSYNC, 'push', '--json', tree, f'dbx_bench:{d_ds}'], None, env)], RUNS + 2)
+        row('remote no-change (tree)', 'rsync over ssh+TLS', res[0][0], None, rsync_bytes(res[0][1]))
+        row('remote no-change (tree)', 'devsync push dbx_', res[1][0], res[0][0], ds_bytes(res[1][1]))
         rm(d_ds); rm(d_rs)
 
         src = f'{R}/bigsrc'
@@ -198,11 +215,11 @@ def remote_bench(tree, big, big_edit):
                 st = os.stat(f'{src}/big.bin')
                 os.utime(f'{dst}/big.bin', ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
             return f
-        rs_d, out = timed(['rsync', '-a', '--stats', '-e', ssh, src + '/', f'benchbox:{R}/bigdst-rs/'],
-                          prepare=restore(f'{R}/bigdst-rs'))
-        row('remote 1 GiB, 3 edits', 'rsync over ssh+TLS', rs_d, None, rsync_bytes(out))
-        ds_d, out = ds(['push', '--json', src, f'dbx_bench:{R}/bigdst-ds'], prepare=restore(f'{R}/bigdst-ds'))
-        row('remote 1 GiB, 3 edits', 'devsync push dbx_', ds_d, rs_d, ds_bytes(out))
+        res = interleaved([
+            (['rsync', '-a', '--stats', '-e', ssh, src + '/', f'benchbox:{R}/bigdst-rs/'], restore(f'{R}/bigdst-rs'), None),
+            ([DEVSYNC, 'push', '--json', src, f'dbx_bench:{R}/bigdst-ds'], restore(f'{R}/bigdst-ds'), env)])
+        row('remote 1 GiB, 3 edits', 'rsync over ssh+TLS', res[0][0], None, rsync_bytes(res[0][1]))
+        row('remote 1 GiB, 3 edits', 'devsync push dbx_', res[1][0], res[0][0], ds_bytes(res[1][1]))
     finally:
         for p in procs:
             p.terminate()
@@ -222,8 +239,8 @@ def main():
         remote_bench(tree, big, big_edit)
     shutil.rmtree(TRASH, ignore_errors=True)
     print()
-    print('| case | tool | median | ratio | wire |')
-    print('|---|---|---|---|---|')
+    print('| case | tool | median | min–max | ratio | wire |')
+    print('|---|---|---|---|---|---|')
     for r in rows:
         print('| ' + ' | '.join(r) + ' |')
 

@@ -301,9 +301,10 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
         let mut valid = Vec::new();
         encode(
-            &Msg::SigRequest {
+            &Msg::DeltaRequest {
                 id: 1,
-                chunks: Some(vec![1, 2, 3]),
+                chunks: vec![1, 2, 3],
+                full: false,
             },
             &[],
             &mut valid,

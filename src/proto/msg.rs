@@ -119,20 +119,23 @@ pub enum Msg {
         params: SigParams,
         cvs: Vec<Cv>,
     },
-    /// Receiver → sender: my copy is big; here are its chunk hashes, ask for signatures.
-    ChunkHashes {
+    /// Receiver → sender: my copy is big (signed with `params`); send your chunk hashes.
+    NeedDelta {
         id: FileId,
         base_len: u64,
         params: SigParams,
-        cvs: Vec<Cv>,
     },
-    /// Sender → receiver: send block signatures of these base chunks (`None`: all).
-    SigRequest {
-        id: FileId,
-        chunks: Option<Vec<u32>>,
-    },
+    /// Sender → receiver: the chaining value of every chunk of the new file.
+    NewHashes { id: FileId, len: u64, cvs: Vec<Cv> },
     /// Receiver → sender: block signature of one base chunk (payload).
     SigPart { id: FileId, chunk: u32 },
+    /// Receiver → sender (after the signature parts it needs): send deltas for these new
+    /// chunks, against the whole base (`full`) or each chunk's neighbourhood; then `FileEnd`.
+    DeltaRequest {
+        id: FileId,
+        chunks: Vec<u32>,
+        full: bool,
+    },
 
     /// Sender → receiver: complete files of at most one chunk each; the payload is their
     /// contents one after the other, in `files` order.
@@ -276,20 +279,24 @@ impl Msg {
                 params,
                 cvs,
                 ..
-            }
-            | Msg::ChunkHashes {
-                base_len,
-                params,
-                cvs,
-                ..
             } => check_cvs(*base_len, params, cvs)?,
-            Msg::SigRequest {
-                chunks: Some(chunks),
-                ..
-            } if chunks.len() as u64 > MAX_CHUNKS
-                || chunks.windows(2).any(|w| w.first() >= w.get(1)) =>
+            Msg::NeedDelta { params, .. } => {
+                params.validate().map_err(|e| invalid(e.to_string()))?
+            }
+            Msg::NewHashes { len, cvs, .. } => {
+                let n = chunk_count(*len);
+                if n > MAX_CHUNKS || cvs.len() as u64 != n {
+                    return Err(invalid(format!(
+                        "{} chunk hashes for a {len}-byte file",
+                        cvs.len()
+                    )));
+                }
+            }
+            Msg::DeltaRequest { chunks, .. }
+                if chunks.len() as u64 > MAX_CHUNKS
+                    || chunks.windows(2).any(|w| w.first() >= w.get(1)) =>
             {
-                return Err(invalid("signature request chunks not strictly increasing"));
+                return Err(invalid("delta request chunks not strictly increasing"));
             }
             Msg::Delta {
                 window_len, len, ..

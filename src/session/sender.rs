@@ -86,20 +86,8 @@ struct BigFile {
     base_len: u64,
     params: SigParams,
     cvs: Vec<Cv>,
-    same: Vec<bool>,
-    /// Requested base chunks (`None`: all) and what has arrived.
-    wanted: Option<Vec<u32>>,
+    /// Block signatures of base chunks, as they arrive.
     parts: HashMap<u32, Bytes>,
-}
-
-impl BigFile {
-    fn complete(&self) -> bool {
-        let want = match &self.wanted {
-            Some(w) => w.len(),
-            None => chunk_count(self.base_len) as usize,
-        };
-        self.parts.len() == want
-    }
 }
 
 /// A sender whose list is already streaming into its [`Out`] (possibly before the connection
@@ -190,23 +178,32 @@ pub async fn serve<R: AsyncRead + Unpin>(
                 ctx.pool
                     .spawn(move || c.send_delta_small(id, path, base_len, params, cvs, payload));
             }
-            Msg::ChunkHashes {
+            Msg::NeedDelta {
                 id,
                 base_len,
                 params,
-                cvs,
             } => {
                 let path = ctx.file_path(id)?;
                 let c = ctx.clone();
                 ctx.pool
-                    .spawn(move || c.compare_big(id, path, base_len, params, cvs));
+                    .spawn(move || c.hash_for_delta(id, path, base_len, params));
             }
-            Msg::SigPart { id, chunk } => {
-                if ctx.add_part(id, chunk, payload)? {
-                    let path = ctx.file_path(id)?;
-                    let c = ctx.clone();
-                    ctx.pool.spawn(move || c.send_delta_big(id, path));
-                }
+            Msg::SigPart { id, chunk } => ctx.add_part(id, chunk, payload)?,
+            Msg::DeltaRequest { id, chunks, full } => {
+                let path = ctx.file_path(id)?;
+                let Some(big) = ctx
+                    .big
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id)
+                else {
+                    return Err(
+                        ctx.violation(format!("delta request for file {id} before its hashes"))
+                    );
+                };
+                let c = ctx.clone();
+                ctx.pool
+                    .spawn(move || c.send_delta_big(id, path, big, chunks, full));
             }
             Msg::Event(ev) => ctx.obs.event(ev),
             Msg::Done { stats } => {
@@ -456,9 +453,15 @@ impl Ctx {
                 })?;
             let index = sig.index();
             let window = (0, chunk_count(base_len));
-            self.send_chunks(id, &f, len, &same, params.block_size, &|_| {
-                Ok((window, &index))
-            })?;
+            self.send_chunks(
+                id,
+                &f,
+                len,
+                &|k| !same[k as usize],
+                true,
+                params.block_size,
+                &|_| Ok((window, &index)),
+            )?;
             self.finish_file(id, &f, len, &cvs)
         })();
         if let Err(e) = r {
@@ -473,28 +476,33 @@ impl Ctx {
         Ok(())
     }
 
-    /// Sends every chunk of `f`: a `Copy` where it equals the base chunk at the same offset,
-    /// otherwise a delta against the window `index_for(k)` returns. Chunks go out in parallel.
-    /// A diffed chunk next to another diffed chunk overlaps it by one block less a byte, so a
-    /// block shifted across the boundary still matches (no per-chunk loss after an insertion).
+    /// Sends the chunks of `f`: a delta against the window `index_for(k)` returns for those
+    /// `diffed` says, a `Copy` (if `copies`) for the others, which equal the base chunk at the
+    /// same offset. Chunks go out in parallel. A diffed chunk next to another diffed chunk
+    /// overlaps it by one block less a byte, so a block shifted across the boundary still
+    /// matches (no per-chunk loss after an insertion).
+    #[allow(clippy::too_many_arguments)] // the knobs of one loop; a struct would only rename them
     fn send_chunks<'s>(
         &self,
         id: FileId,
         f: &File,
         len: u64,
-        same: &[bool],
+        diffed: &(dyn Fn(u64) -> bool + Sync),
+        copies: bool,
         block: u32,
         index_for: &(
              dyn Fn(u64) -> io::Result<((u64, u64), &'s fast_rsync::IndexedSignature<'s>)> + Sync
          ),
     ) -> io::Result<()> {
         let n_chunks = chunk_count(len);
-        let diffed = |k: u64| k < n_chunks && same.get(k as usize) != Some(&true);
+        let diffed = |k: u64| k < n_chunks && diffed(k);
         (0..n_chunks).into_par_iter().try_for_each(|k| {
             let chunk = k as u32;
             let (off, n) = chunk_span(len, k);
             if !diffed(k) {
-                let _ = self.out.send(Msg::Copy { id, chunk });
+                if copies {
+                    let _ = self.out.send(Msg::Copy { id, chunk });
+                }
             } else {
                 let overlap = u64::from(block) - 1;
                 let pre = if k > 0 && diffed(k - 1) { overlap } else { 0 };
@@ -530,58 +538,30 @@ impl Ctx {
         })
     }
 
-    fn compare_big(
-        &self,
-        id: FileId,
-        path: PathBuf,
-        base_len: u64,
-        params: SigParams,
-        base_cvs: Vec<Cv>,
-    ) {
+    /// First step of a big file's delta: hash our chunks and tell the receiver, which
+    /// compares them with its copy as it reads it once, then asks for what differs.
+    fn hash_for_delta(&self, id: FileId, path: PathBuf, base_len: u64, params: SigParams) {
         let r = (|| {
             let (f, len) = self.open(&path)?;
             self.obs.planned(len);
             crate::trace!("send", "{}: hashing own chunks", path.display());
-            let (cvs, same) = self.own_cvs(&f, len, base_len, &base_cvs)?;
+            let cvs: Vec<Cv> = (0..chunk_count(len))
+                .into_par_iter()
+                .map(|k| hash::read_chunk(&f, len, k).map(|b| hash::chunk_cv(k, &b)))
+                .collect::<io::Result<_>>()?;
             crate::trace!("send", "{}: own chunks hashed", path.display());
-            if len == base_len && same.iter().all(|&s| s) {
-                return self.identical(id, len);
-            }
-            let mismatched: Vec<u64> = (0..same.len() as u64)
-                .filter(|&k| !same[k as usize])
-                .collect();
-            if mismatched.is_empty() {
-                // A truncation on a chunk boundary: everything left is in place.
-                let empty = fast_rsync::Signature::calculate(
-                    &[],
-                    fast_rsync::SignatureOptions {
-                        block_size: params.block_size,
-                        crypto_hash_size: params.strong_len,
-                    },
-                );
-                let index = empty.index();
-                self.send_chunks(id, &f, len, &same, params.block_size, &|_| {
-                    Ok(((0, 1), &index))
-                })?;
-                return self.finish_file(id, &f, len, &cvs);
-            }
-            let base_chunks = chunk_count(base_len);
-            let wanted = delta::signature_request(&mismatched, same.len() as u64, base_chunks)
-                .map(|v| v.into_iter().map(|c| c as u32).collect::<Vec<_>>());
             let big = BigFile {
                 len,
                 base_len,
                 params,
-                cvs,
-                same,
-                wanted: wanted.clone(),
+                cvs: cvs.clone(),
                 parts: HashMap::new(),
             };
             self.big
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, big);
-            let _ = self.out.send(Msg::SigRequest { id, chunks: wanted });
+            let _ = self.out.send(Msg::NewHashes { id, len, cvs });
             Ok(())
         })();
         if let Err(e) = r {
@@ -589,36 +569,28 @@ impl Ctx {
         }
     }
 
-    /// Stores a signature part; true when the file has all it asked for.
-    fn add_part(&self, id: FileId, chunk: u32, part: Bytes) -> Result<bool, SessionError> {
+    /// Stores a signature part of a big file's base.
+    fn add_part(&self, id: FileId, chunk: u32, part: Bytes) -> Result<(), SessionError> {
         let mut big = self.big.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(b) = big.get_mut(&id) else {
-            drop(big);
-            return Err(self.violation(format!(
-                "signature part for file {id}, which asked for none"
-            )));
-        };
-        let wanted = match &b.wanted {
-            Some(w) => w.binary_search(&chunk).is_ok(),
-            None => u64::from(chunk) < chunk_count(b.base_len),
-        };
-        if !wanted || b.parts.insert(chunk, part).is_some() {
-            drop(big);
-            return Err(self.violation(format!("unrequested signature part {chunk} of file {id}")));
+        let ok = big.get_mut(&id).is_some_and(|b| {
+            u64::from(chunk) < chunk_count(b.base_len) && b.parts.insert(chunk, part).is_none()
+        });
+        drop(big);
+        if ok {
+            Ok(())
+        } else {
+            Err(self.violation(format!("unexpected signature part {chunk} of file {id}")))
         }
-        Ok(b.complete())
     }
 
-    fn send_delta_big(&self, id: FileId, path: PathBuf) {
-        let Some(b) = self
-            .big
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id)
-        else {
-            return;
-        };
-        crate::trace!("send", "{}: signatures in, diffing", path.display());
+    /// Deltas for the chunks the receiver found different, then `FileEnd`.
+    fn send_delta_big(&self, id: FileId, path: PathBuf, b: BigFile, chunks: Vec<u32>, full: bool) {
+        crate::trace!(
+            "send",
+            "{}: signatures in, diffing {} chunks",
+            path.display(),
+            chunks.len()
+        );
         let r = (|| {
             let (f, len) = self.open(&path)?;
             if len != b.len {
@@ -628,10 +600,11 @@ impl Ctx {
             let window_sig = |start: u64, count: u64| -> io::Result<fast_rsync::Signature> {
                 let mut parts = Vec::with_capacity(count as usize);
                 for j in start..start + count {
-                    let part = b
-                        .parts
-                        .get(&(j as u32))
-                        .ok_or_else(|| io::Error::other("missing signature part"))?;
+                    let part = b.parts.get(&(j as u32)).ok_or_else(|| {
+                        io::Error::other(format!(
+                            "the receiver sent no signature of base chunk {j}"
+                        ))
+                    })?;
                     parts.push((&part[..], chunk_span(b.base_len, j).1));
                 }
                 delta::join_signatures(&parts, b.params).map_err(|e| {
@@ -641,38 +614,33 @@ impl Ctx {
                     )
                 })
             };
-            // One index over the whole base, or one per neighbourhood window.
-            let windows: Vec<(u64, u64)> = match b.wanted {
-                None => vec![(0, base_chunks)],
-                Some(_) => {
-                    let mut w: Vec<(u64, u64)> = (0..b.same.len() as u64)
-                        .filter(|&k| !b.same[k as usize])
-                        .map(|k| delta::window_for(k, base_chunks))
-                        .collect();
-                    w.dedup();
-                    w
+            let window = |k: u64| {
+                if full {
+                    (0, base_chunks)
+                } else {
+                    delta::window_for(k, base_chunks)
                 }
             };
+            // One index over the whole base, or one per neighbourhood window.
+            let mut windows: Vec<(u64, u64)> =
+                chunks.iter().map(|&k| window(u64::from(k))).collect();
+            windows.dedup();
             let sigs: Vec<fast_rsync::Signature> = windows
                 .iter()
                 .map(|&(s, n)| window_sig(s, n))
                 .collect::<io::Result<_>>()?;
             let indexes: Vec<fast_rsync::IndexedSignature<'_>> =
                 sigs.iter().map(|s| s.index()).collect();
-            let full = b.wanted.is_none();
             let index_for = |k: u64| {
-                let w = if full {
-                    (0, base_chunks)
-                } else {
-                    delta::window_for(k, base_chunks)
-                };
+                let w = window(k);
                 let i = windows
                     .iter()
                     .position(|&x| x == w)
                     .ok_or_else(|| io::Error::other("no window"))?;
                 Ok((w, &indexes[i]))
             };
-            self.send_chunks(id, &f, len, &b.same, b.params.block_size, &index_for)?;
+            let diffed = |k: u64| chunks.binary_search(&(k as u32)).is_ok();
+            self.send_chunks(id, &f, len, &diffed, false, b.params.block_size, &index_for)?;
             self.finish_file(id, &f, len, &b.cvs)
         })();
         if let Err(e) = r {

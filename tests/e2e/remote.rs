@@ -355,15 +355,12 @@ fn helper_killed_mid_sync_leaves_no_partial_files() {
     let started = Instant::now();
     let mut killed = false;
     while started.elapsed() < Duration::from_secs(30) && !killed {
-        let out = Command::new("pgrep")
-            .args(["-f", &format!("{}.*helper", helper_dir.display())])
-            .output()
-            .unwrap();
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        for pid in processes_running_from(&helper_dir) {
             if remote.join("big0").exists()
                 || remote.read_dir().map(|d| d.count() > 1).unwrap_or(false)
             {
-                let _ = Command::new("kill").args(["-9", pid]).status();
+                // Already gone is fine: the loop looks again.
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
                 killed = true;
             }
         }
@@ -539,4 +536,21 @@ fn helper_bootstrap_failures_are_clear() {
         err.contains("this is not devsync") && err.contains("exit status 3"),
         "remote stderr and status shown: {err}"
     );
+}
+
+/// Processes whose executable lies under `dir` (from /proc, so no procps is needed).
+fn processes_running_from(dir: &Path) -> Vec<rustix::process::Pid> {
+    let prefix = dir.as_os_str().as_encoded_bytes();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    rd.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.starts_with(prefix))
+                .unwrap_or(false)
+        })
+        .filter_map(rustix::process::Pid::from_raw)
+        .collect()
 }

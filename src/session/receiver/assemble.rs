@@ -10,11 +10,13 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 use super::*;
+use std::sync::atomic::Ordering;
 
 impl Ctx {
-    /// Signs our copy and asks for a delta (chunk hashes first for big files).
+    /// Opens our copy as a delta base. A small one is signed whole at once; for a big one the
+    /// sender hashes its chunks first ([`Ctx::match_chunks`] takes it from there).
     pub(super) fn start_delta(&self, id: FileId, inc: &Arc<Incoming>) {
-        let prepared = (|| -> io::Result<(Arc<Base>, SigParams, Vec<Cv>)> {
+        let prepared = (|| -> io::Result<(Arc<Base>, SigParams)> {
             let d = self
                 .dest
                 .as_ref()
@@ -31,14 +33,9 @@ impl Ctx {
                 None
             };
             let base = Arc::new(Base { map, len });
-            let params = SigParams::for_len(len);
-            let cvs = (0..chunk_count(len))
-                .into_par_iter()
-                .map(|k| hash::chunk_cv(k, base.chunk(k).unwrap_or_default()))
-                .collect();
-            Ok((base, params, cvs))
+            Ok((base, SigParams::for_len(len)))
         })();
-        let (base, params, cvs) = match prepared {
+        let (base, params) = match prepared {
             Ok(p) if p.0.len >= DELTA_MIN_BASE => p,
             // Unreadable or shrunk base: the whole file it is.
             _ => {
@@ -52,13 +49,11 @@ impl Ctx {
             st.params = Some(params);
         }
         let base_len = base.len;
-        crate::trace!(
-            "recv",
-            "{}: base hashed ({} chunks)",
-            inc.path,
-            chunk_count(base_len)
-        );
         if chunk_count(base_len) <= 2 {
+            let cvs = (0..chunk_count(base_len))
+                .into_par_iter()
+                .map(|k| hash::chunk_cv(k, base.chunk(k).unwrap_or_default()))
+                .collect();
             let sig = delta::chunk_signature(base.bytes(), params);
             let msg = Msg::Signature {
                 id,
@@ -68,13 +63,123 @@ impl Ctx {
             };
             let _ = self.out.send_data(msg, Bytes::from(sig), None);
         } else {
-            let _ = self.out.send(Msg::ChunkHashes {
+            let _ = self.out.send(Msg::NeedDelta {
                 id,
                 base_len,
                 params,
-                cvs,
             });
         }
+    }
+
+    /// A big file, given the sender's chunk hashes: read our copy once, comparing chunk by
+    /// chunk. Once one chunk differs (the file is not identical, so a new one will be built),
+    /// matching chunks are written into it in the same pass, hashed as written; chunks that
+    /// matched before that are written afterwards. Then ask for deltas of the rest.
+    pub(super) fn match_chunks(&self, id: FileId, inc: &Arc<Incoming>, len: u64, cvs: Vec<Cv>) {
+        let (base, params) = {
+            let st = lock(&inc.st);
+            (st.base.clone(), st.params)
+        };
+        let (Some(base), Some(params)) = (base, params) else {
+            return self.fail(SessionError::Violation(format!(
+                "chunk hashes for file {id} without a base"
+            )));
+        };
+        crate::trace!("recv", "{}: comparing {} chunks", inc.path, cvs.len());
+        let (new_chunks, base_chunks) = (chunk_count(len), chunk_count(base.len));
+        let same_span =
+            |k: u64| k < base_chunks && chunk_span(len, k).1 == chunk_span(base.len, k).1;
+        // Different lengths: it cannot be identical, so write from the start.
+        let writing = std::sync::atomic::AtomicBool::new(len != base.len);
+        let copy = |k: u64, data: &[u8], cv: Cv| -> Result<(), String> {
+            let t = self.temp_file(inc)?;
+            {
+                let _serial = lock(&inc.write);
+                t.file()
+                    .write_all_at(data, k * CHUNK)
+                    .map_err(|e| self.write_error(inc, e))?;
+            }
+            lock(&inc.st).chunks.insert(k, (data.len(), cv));
+            self.obs.progressed(data.len() as u64);
+            Ok(())
+        };
+        // (chunk, matched, written)
+        let pass: Result<Vec<(u64, bool, bool)>, String> = (0..new_chunks)
+            .into_par_iter()
+            .map(|k| {
+                if !same_span(k) {
+                    writing.store(true, Ordering::Relaxed);
+                    return Ok((k, false, false));
+                }
+                let data = base.chunk(k).unwrap_or_default();
+                let cv = hash::chunk_cv(k, data);
+                if cvs.get(k as usize) != Some(&cv) {
+                    writing.store(true, Ordering::Relaxed);
+                    return Ok((k, false, false));
+                }
+                if writing.load(Ordering::Relaxed) {
+                    copy(k, data, cv)?;
+                    return Ok((k, true, true));
+                }
+                Ok((k, true, false))
+            })
+            .collect();
+        let pass = match pass {
+            Ok(p) => p,
+            Err(e) => {
+                return self.complete(
+                    id,
+                    inc,
+                    Err(Event::Error {
+                        path: inc.path.to_string(),
+                        message: e,
+                    }),
+                );
+            }
+        };
+        let mismatched: Vec<u32> = pass.iter().filter(|c| !c.1).map(|c| c.0 as u32).collect();
+        if mismatched.is_empty() && len == base.len {
+            return self.identical(id, inc);
+        }
+        // Chunks that matched before we knew a new file was needed: written now (and hashed
+        // again, so the digest covers the bytes actually written).
+        let late: Result<(), String> =
+            pass.par_iter()
+                .filter(|c| c.1 && !c.2)
+                .try_for_each(|&(k, _, _)| {
+                    let data = base.chunk(k).unwrap_or_default();
+                    copy(k, data, hash::chunk_cv(k, data))
+                });
+        if let Err(e) = late {
+            return self.complete(
+                id,
+                inc,
+                Err(Event::Error {
+                    path: inc.path.to_string(),
+                    message: e,
+                }),
+            );
+        }
+        lock(&self.stats).matched_bytes += pass
+            .iter()
+            .filter(|c| c.1)
+            .map(|c| chunk_span(len, c.0).1 as u64)
+            .sum::<u64>();
+        let wanted = delta::signature_request(
+            &mismatched.iter().map(|&k| u64::from(k)).collect::<Vec<_>>(),
+            new_chunks,
+            base_chunks,
+        );
+        let full = wanted.is_none();
+        let parts: Vec<u64> = wanted.unwrap_or_else(|| (0..base_chunks).collect());
+        if !mismatched.is_empty() {
+            self.send_sig_parts(id, &base, params, &parts);
+        }
+        let _ = self.out.send(Msg::DeltaRequest {
+            id,
+            chunks: mismatched,
+            full,
+        });
     }
 
     pub(super) fn send_sig_parts(

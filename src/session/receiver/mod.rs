@@ -250,28 +250,9 @@ impl Ctx {
     fn dispatch(self: &Arc<Self>, msg: Msg, payload: Bytes) -> Result<Job, SessionError> {
         let c = self.clone();
         let job: Job = match msg {
-            Msg::SigRequest { id, chunks } => {
+            Msg::NewHashes { id, len, cvs } => {
                 let inc = self.incoming(id)?;
-                let (base, params) = {
-                    let st = lock(&inc.st);
-                    (st.base.clone(), st.params)
-                };
-                let (Some(base), Some(params)) = (base, params) else {
-                    return Err(
-                        self.violation(format!("signature request for file {id} without a base"))
-                    );
-                };
-                let n = chunk_count(base.len);
-                let chunks: Vec<u64> = match chunks {
-                    Some(v) => v.into_iter().map(u64::from).collect(),
-                    None => (0..n).collect(),
-                };
-                if chunks.iter().any(|&k| k >= n) {
-                    return Err(
-                        self.violation(format!("signature request beyond the end of file {id}"))
-                    );
-                }
-                Box::new(move || c.send_sig_parts(id, &base, params, &chunks))
+                Box::new(move || c.match_chunks(id, &inc, len, cvs))
             }
             Msg::WholeFiles { files } => {
                 let mut work = Vec::with_capacity(files.len());
