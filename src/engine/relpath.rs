@@ -47,6 +47,12 @@ impl RelPath {
         Ok(p)
     }
 
+    /// Wraps bytes without checking them: only for decoders, whose output the protocol's
+    /// `validate()` checks before anything uses it (as with serde's derived decoding).
+    pub(crate) fn unchecked(bytes: Vec<u8>) -> RelPath {
+        RelPath(bytes)
+    }
+
     /// Re-checks the invariants (for values produced by deserialization).
     pub fn check(&self) -> Result<(), PathError> {
         let b = &self.0;

@@ -8,13 +8,14 @@
 
 pub mod frame;
 pub mod handshake;
+mod list;
 pub mod msg;
 
 pub use frame::{FrameReader, FrameWriter, MAX_FRAME};
 pub use msg::{Event, FileId, Msg, Role, Stats, SyncOptions, WholeItem};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {

@@ -105,6 +105,7 @@ pub enum Msg {
     /// always sent before anything inside it).
     Entries {
         first_id: FileId,
+        #[serde(with = "super::list")]
         entries: Vec<Entry>,
     },
     /// Sender → receiver: the list is complete. With scan errors, the receiver must not delete.

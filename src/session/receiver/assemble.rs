@@ -127,14 +127,7 @@ impl Ctx {
         let pass = match pass {
             Ok(p) => p,
             Err(e) => {
-                return self.complete(
-                    id,
-                    inc,
-                    Err(Event::Error {
-                        path: inc.path.to_string(),
-                        message: e,
-                    }),
-                );
+                return self.file_failed(id, inc, e);
             }
         };
         let mismatched: Vec<u32> = pass.iter().filter(|c| !c.1).map(|c| c.0 as u32).collect();
@@ -151,14 +144,7 @@ impl Ctx {
                     copy(k, data, hash::chunk_cv(k, data))
                 });
         if let Err(e) = late {
-            return self.complete(
-                id,
-                inc,
-                Err(Event::Error {
-                    path: inc.path.to_string(),
-                    message: e,
-                }),
-            );
+            return self.file_failed(id, inc, e);
         }
         lock(&self.stats).matched_bytes += pass
             .iter()
@@ -460,6 +446,12 @@ impl Ctx {
             }),
         };
         self.complete(id, inc, outcome);
+    }
+
+    /// A transfer failed with `message`; reported with its path, the sync goes on.
+    fn file_failed(&self, id: FileId, inc: &Arc<Incoming>, message: String) {
+        let path = inc.path.to_string();
+        self.complete(id, inc, Err(Event::Error { path, message }));
     }
 
     /// A transfer is over (applied, or failed with the event to report).
