@@ -1,7 +1,8 @@
 //! Compact encoding of file-list batches: each path is sent as the number of leading bytes it
 //! shares with the previous path of the same batch plus the rest (as rsync does). Siblings
-//! travel together, so this halves the list of a source tree. Decoding only rebuilds paths;
-//! `Msg::validate` checks them like any other.
+//! travel together, so this halves the list of a source tree. Modification times go as the
+//! difference in seconds from the previous entry's (files written together share them).
+//! Decoding only rebuilds values; `Msg::validate` checks them like any other.
 
 use serde::de::Error as _;
 use serde::ser::SerializeSeq;
@@ -17,7 +18,8 @@ struct WireRef<'a> {
     rest: &'a [u8],
     kind: &'a EntryKind,
     mode: u32,
-    mtime: Mtime,
+    sec_delta: i64,
+    nsec: u32,
 }
 
 #[derive(Deserialize)]
@@ -27,12 +29,14 @@ struct Wire {
     rest: Vec<u8>,
     kind: EntryKind,
     mode: u32,
-    mtime: Mtime,
+    sec_delta: i64,
+    nsec: u32,
 }
 
 pub fn serialize<S: Serializer>(entries: &[Entry], s: S) -> Result<S::Ok, S::Error> {
     let mut seq = s.serialize_seq(Some(entries.len()))?;
     let mut prev: &[u8] = &[];
+    let mut prev_sec = 0i64;
     for e in entries {
         let path = e.path.as_bytes();
         let shared = prev.iter().zip(path).take_while(|(a, b)| a == b).count();
@@ -41,9 +45,11 @@ pub fn serialize<S: Serializer>(entries: &[Entry], s: S) -> Result<S::Ok, S::Err
             rest: path.get(shared..).unwrap_or_default(),
             kind: &e.kind,
             mode: e.mode,
-            mtime: e.mtime,
+            sec_delta: e.mtime.sec.wrapping_sub(prev_sec),
+            nsec: e.mtime.nsec,
         })?;
         prev = path;
+        prev_sec = e.mtime.sec;
     }
     seq.end()
 }
@@ -51,6 +57,7 @@ pub fn serialize<S: Serializer>(entries: &[Entry], s: S) -> Result<S::Ok, S::Err
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::Error> {
     let wire = Vec::<Wire>::deserialize(d)?;
     let mut out: Vec<Entry> = Vec::with_capacity(wire.len());
+    let mut sec = 0i64;
     for w in wire {
         let prev = out.last().map(|e| e.path.as_bytes()).unwrap_or_default();
         let Some(head) = prev.get(..w.shared as usize) else {
@@ -63,11 +70,12 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::Err
         let mut path = Vec::with_capacity(head.len() + w.rest.len());
         path.extend_from_slice(head);
         path.extend_from_slice(&w.rest);
+        sec = sec.wrapping_add(w.sec_delta);
         out.push(Entry {
             path: RelPath::unchecked(path),
             kind: w.kind,
             mode: w.mode,
-            mtime: w.mtime,
+            mtime: Mtime { sec, nsec: w.nsec },
         });
     }
     Ok(out)
@@ -80,6 +88,11 @@ mod tests {
     use crate::proto::Msg;
 
     fn entry(path: &str) -> Entry {
+        let sec = match path.len() % 3 {
+            0 => i64::MIN,
+            1 => 1_700_000_000,
+            _ => -5,
+        };
         Entry {
             path: RelPath::new(path).unwrap(),
             kind: EntryKind::File {
@@ -87,7 +100,7 @@ mod tests {
                 digest: None,
             },
             mode: 0o644,
-            mtime: Mtime { sec: 1, nsec: 2 },
+            mtime: Mtime { sec, nsec: 2 },
         }
     }
 
@@ -101,6 +114,8 @@ mod tests {
             "src/ü/x",
             "src/ü/y",
             "other",
+            "x",
+            "yy",
         ];
         let msg = Msg::Entries {
             first_id: 3,
@@ -122,7 +137,8 @@ mod tests {
             rest: b"x",
             kind: &EntryKind::Dir,
             mode: 0o755,
-            mtime: Mtime { sec: 0, nsec: 0 },
+            sec_delta: 0,
+            nsec: 0,
         }];
         let mut bytes = postcard::to_allocvec(&Msg::Entries {
             first_id: 0,
