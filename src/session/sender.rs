@@ -242,6 +242,7 @@ impl Ctx {
 
     /// Scans and streams entries; ids are list positions.
     fn stream_list(&self, opts: &ScanOptions) {
+        crate::trace!("send", "scanning");
         let errors = std::sync::atomic::AtomicU32::new(0);
         let result = scan::scan_each(&self.root, opts, &|| {
             let mut batch = ListBatch {
@@ -265,6 +266,7 @@ impl Ctx {
             Ok(()) => {
                 let count = self.entries.read().unwrap_or_else(|p| p.into_inner()).len() as u32;
                 let scan_errors = errors.into_inner();
+                crate::trace!("send", "list of {count} entries complete");
                 let _ = self.out.send(Msg::EndOfList { count, scan_errors });
             }
             Err(e) => self.fatal.fail(

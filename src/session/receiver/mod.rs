@@ -201,6 +201,7 @@ pub async fn run<R: AsyncRead + Unpin>(
                 }
             }
             Msg::EndOfList { count, scan_errors } => {
+                crate::trace!("recv", "end of list received");
                 let _ = plan_tx.send(PlanItem::End { count, scan_errors });
             }
             Msg::Event(ev) => ctx.obs.event(ev),

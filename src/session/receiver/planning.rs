@@ -54,6 +54,7 @@ impl Ctx {
                             ids.len()
                         )));
                     }
+                    crate::trace!("recv", "all {count} entries planned");
                     self.flush_needs();
                     self.sender_count.store(count, Ordering::Relaxed);
                     self.sender_scan_errors
