@@ -22,11 +22,12 @@ struct WireRef<'a> {
     nsec: u32,
 }
 
+/// Borrows the path bytes from the frame: one allocation per entry, for its path.
 #[derive(Deserialize)]
-struct Wire {
+struct Wire<'a> {
     shared: u32,
-    #[serde(with = "serde_bytes")]
-    rest: Vec<u8>,
+    #[serde(borrow, with = "serde_bytes")]
+    rest: &'a [u8],
     kind: EntryKind,
     mode: u32,
     sec_delta: i64,
@@ -55,7 +56,7 @@ pub fn serialize<S: Serializer>(entries: &[Entry], s: S) -> Result<S::Ok, S::Err
 }
 
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::Error> {
-    let wire = Vec::<Wire>::deserialize(d)?;
+    let wire = Vec::<Wire<'de>>::deserialize(d)?;
     let mut out: Vec<Entry> = Vec::with_capacity(wire.len());
     let mut sec = 0i64;
     for w in wire {
@@ -69,7 +70,7 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::Err
         };
         let mut path = Vec::with_capacity(head.len() + w.rest.len());
         path.extend_from_slice(head);
-        path.extend_from_slice(&w.rest);
+        path.extend_from_slice(w.rest);
         sec = sec.wrapping_add(w.sec_delta);
         out.push(Entry {
             path: RelPath::unchecked(path),
