@@ -123,8 +123,14 @@ pub fn scan_to_vec(
 }
 
 fn rel(root: &Path, path: &Path) -> Option<RelPath> {
-    let r = path.strip_prefix(root).ok()?;
-    RelPath::new(r.as_os_str().as_bytes()).ok()
+    // The walker builds every path as `root` joined with names: slice the bytes rather than
+    // re-parsing components (this runs once per entry); RelPath::new checks the result.
+    let bytes = path.as_os_str().as_bytes();
+    let r = match bytes.strip_prefix(root.as_os_str().as_bytes()) {
+        Some(r) => r.strip_prefix(b"/").unwrap_or(r),
+        None => path.strip_prefix(root).ok()?.as_os_str().as_bytes(),
+    };
+    RelPath::new(r).ok()
 }
 
 fn visit(root: &Path, path: &Path, checksum: bool) -> Option<ScanEvent> {
@@ -227,5 +233,30 @@ fn error_path(err: &ignore::Error) -> Option<&Path> {
         }
         ignore::Error::Partial(errs) => errs.iter().find_map(error_path),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_whatever_the_root_spelling() {
+        let cases = [
+            ("src", "src/a/b.rs", Some("a/b.rs")),
+            ("src/", "src/a", Some("a")),
+            ("/", "/etc/x", Some("etc/x")),
+            ("/w/src", "/w/src/.git/HEAD", Some(".git/HEAD")),
+            ("src", "src/a//b", None),
+            ("src", "src/../x", None),
+        ];
+        for (root, path, want) in cases {
+            let got = rel(Path::new(root), Path::new(path));
+            assert_eq!(
+                got.as_ref().map(|r| r.as_bytes()),
+                want.map(str::as_bytes),
+                "{root} {path}"
+            );
+        }
     }
 }
