@@ -76,22 +76,38 @@ fn cached_hash(exe: &Path) -> Result<String, String> {
         md.mtime_nsec() + md.mtime() * 1_000_000_000
     );
     let cache = crate::target::credentials::state_dir().map(|d| d.join("build-id"));
-    if let Ok(c) = &cache
-        && let Ok(text) = std::fs::read_to_string(c)
-        && let Some((seen, hash)) = text.trim_end().rsplit_once(' ')
-        && seen == stamp
+    hash_with_cache(exe, &stamp, cache.ok().as_deref())
+}
+
+/// BLAKE3 of `exe` (12 hex digits), looked up by `stamp` in the `cache` file first.
+fn hash_with_cache(exe: &Path, stamp: &str, cache: Option<&Path>) -> Result<String, String> {
+    let text = cache
+        .and_then(|c| std::fs::read_to_string(c).ok())
+        .unwrap_or_default();
+    // One line per binary seen lately (say an installed devsync and a development build).
+    let known: Vec<&str> = text.lines().collect();
+    if let Some(hash) = known
+        .iter()
+        .filter_map(|l| l.rsplit_once(' '))
+        .find_map(|(seen, hash)| (seen == stamp).then_some(hash))
     {
         return Ok(hash.to_string());
     }
     let bytes = std::fs::read(exe).map_err(|e| e.to_string())?;
     let hash = blake3::hash(&bytes).to_hex()[..12].to_string();
-    if let Ok(c) = cache {
+    if let Some(c) = cache {
+        let keep = known.len().saturating_sub(BUILD_IDS_KEPT - 1);
+        let mut lines: Vec<String> = known.iter().skip(keep).map(|l| l.to_string()).collect();
+        lines.push(format!("{stamp} {hash}"));
         // A cache that cannot be written only costs hashing again next time.
         let _ = c.parent().map(std::fs::create_dir_all);
-        let _ = std::fs::write(c, format!("{stamp} {hash}\n"));
+        let _ = std::fs::write(c, lines.join("\n") + "\n");
     }
     Ok(hash)
 }
+
+/// Binaries whose hashes the build-id cache remembers.
+const BUILD_IDS_KEPT: usize = 8;
 
 /// Characters allowed in the remote directory: it goes into a shell script.
 fn check_dir(dir: &str) -> Result<(), TransportError> {
@@ -312,6 +328,45 @@ async fn put(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_ids_of_several_binaries_stay_cached() {
+        let td = tempfile::tempdir().unwrap();
+        let cache = td.path().join("state/build-id");
+        let bins: Vec<_> = (0..BUILD_IDS_KEPT + 1)
+            .map(|i| {
+                let p = td.path().join(format!("bin{i}"));
+                std::fs::write(&p, format!("binary {i}")).unwrap();
+                p
+            })
+            .collect();
+        let want =
+            |i: usize| blake3::hash(format!("binary {i}").as_bytes()).to_hex()[..12].to_string();
+        for (i, b) in bins.iter().enumerate() {
+            let got = hash_with_cache(b, &format!("stamp{i}"), Some(&cache)).unwrap();
+            assert_eq!(got, want(i));
+        }
+        // Cached: the stamp decides, not the file (which is gone now).
+        std::fs::remove_file(&bins[BUILD_IDS_KEPT]).unwrap();
+        let last = hash_with_cache(
+            &bins[BUILD_IDS_KEPT],
+            &format!("stamp{BUILD_IDS_KEPT}"),
+            Some(&cache),
+        );
+        assert_eq!(last.unwrap(), want(BUILD_IDS_KEPT));
+        std::fs::remove_file(&bins[1]).unwrap();
+        assert_eq!(
+            hash_with_cache(&bins[1], "stamp1", Some(&cache)).unwrap(),
+            want(1)
+        );
+        // The oldest was dropped to keep the file bounded.
+        assert_eq!(
+            std::fs::read_to_string(&cache).unwrap().lines().count(),
+            BUILD_IDS_KEPT
+        );
+        std::fs::remove_file(&bins[0]).unwrap();
+        assert!(hash_with_cache(&bins[0], "stamp0", Some(&cache)).is_err());
+    }
 
     #[test]
     fn marker_parsing() {
