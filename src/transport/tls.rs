@@ -9,7 +9,7 @@
 //! still checked and pinned, so the connection stays authenticated end to end.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
@@ -48,12 +48,20 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Root store: webpki roots, the system's roots, and `extra_ca`.
 pub fn roots(extra_ca: Option<&Path>) -> Result<RootCertStore, String> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    // Unreadable system stores are not fatal: the bundled roots remain.
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
+    // The system store is a directory of files: read it once per process, not once per
+    // client configuration (the API client and the gateway each need one).
+    static BASE: OnceLock<RootCertStore> = OnceLock::new();
+    let mut roots = BASE
+        .get_or_init(|| {
+            let mut roots = RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            // Unreadable system stores are not fatal: the bundled roots remain.
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            roots
+        })
+        .clone();
     if let Some(path) = extra_ca {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .map_err(|e| format!("reading CA file {}: {e}", path.display()))?
@@ -77,19 +85,8 @@ pub fn client_config(
     policy: &TlsPolicy,
     alt_name: Option<&str>,
 ) -> Result<Arc<ClientConfig>, String> {
-    let provider = provider();
-    let algs = provider.signature_verification_algorithms;
-    let verifier: Arc<dyn ServerCertVerifier> = if policy.insecure {
-        Arc::new(AcceptAnyCert { algs })
-    } else {
-        let roots = Arc::new(roots(policy.extra_ca.as_deref())?);
-        let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-            .build()
-            .map_err(|e| e.to_string())?;
-        let alt = alt_name.and_then(|n| ServerName::try_from(n.to_string()).ok());
-        Arc::new(EitherName { inner, alt })
-    };
-    let cfg = ClientConfig::builder_with_provider(provider)
+    let verifier = verifier(policy, alt_name)?;
+    let cfg = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
