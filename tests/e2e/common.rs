@@ -242,6 +242,15 @@ pub fn num(v: &serde_json::Value, k: &str) -> u64 {
         .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
+/// A two-worker runtime, like the CLI's, for tests that drive sessions or the endpoint.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; len];
     ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut v);

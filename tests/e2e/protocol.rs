@@ -13,7 +13,7 @@ use devsync::session::client::{self, Job, Outcome};
 use devsync::session::{SessionError, Silent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::BIN;
+use crate::common::{BIN, rt};
 
 /// An entry whose path skips validation (as a hostile peer would send it).
 fn raw_entry(path: &[u8], kind: EntryKind) -> Entry {
@@ -116,14 +116,6 @@ async fn reader_read_exact<R: tokio::io::AsyncRead + Unpin>(
     buf: &mut [u8],
 ) -> std::io::Result<()> {
     r.raw().read_exact(buf).await.map(|_| ())
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn no_evil_outside(td: &Path) {

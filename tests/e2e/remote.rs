@@ -65,11 +65,7 @@ pub fn endpoint(
 
 pub fn endpoint_with(o: Opts) -> Endpoint {
     devsync::transport::tls::install_crypto_provider();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt();
     let state_dir = o.state_dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
     let home = tempfile::tempdir().unwrap();
     let (running, gateway, api) = rt.block_on(async {

@@ -13,14 +13,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::common::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A stream that fails after `left` bytes were written through it (a link that drops).
 struct CutAfter<S> {
     inner: S,
