@@ -32,6 +32,17 @@ impl SftpServer {
         }
     }
 
+    /// The open file behind `handle`, positioned at `offset`.
+    async fn file_at(&mut self, handle: &str, offset: u64) -> Result<&mut fs::File, StatusCode> {
+        let Some(Open::File(f)) = self.handles.get_mut(handle) else {
+            return Err(StatusCode::Failure);
+        };
+        f.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| code(&e))?;
+        Ok(f)
+    }
+
     fn path(&self, p: &str) -> PathBuf {
         if p.is_empty() || p == "." {
             self.home.clone()
@@ -145,12 +156,7 @@ impl russh_sftp::server::Handler for SftpServer {
         offset: u64,
         len: u32,
     ) -> Result<Data, Self::Error> {
-        let Some(Open::File(f)) = self.handles.get_mut(&handle) else {
-            return Err(StatusCode::Failure);
-        };
-        f.seek(std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(|e| code(&e))?;
+        let f = self.file_at(&handle, offset).await?;
         let mut buf = vec![0u8; len.min(256 << 10) as usize];
         let n = f.read(&mut buf).await.map_err(|e| code(&e))?;
         if n == 0 {
@@ -167,12 +173,7 @@ impl russh_sftp::server::Handler for SftpServer {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<Status, Self::Error> {
-        let Some(Open::File(f)) = self.handles.get_mut(&handle) else {
-            return Err(StatusCode::Failure);
-        };
-        f.seek(std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(|e| code(&e))?;
+        let f = self.file_at(&handle, offset).await?;
         f.write_all(&data).await.map_err(|e| code(&e))?;
         Ok(ok(id))
     }
