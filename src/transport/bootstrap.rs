@@ -96,8 +96,8 @@ fn hash_with_cache(exe: &Path, stamp: &str, cache: Option<&Path>) -> Result<Stri
     let bytes = std::fs::read(exe).map_err(|e| e.to_string())?;
     let hash = blake3::hash(&bytes).to_hex()[..12].to_string();
     if let Some(c) = cache {
-        let keep = known.len().saturating_sub(BUILD_IDS_KEPT - 1);
-        let mut lines: Vec<String> = known.iter().skip(keep).map(|l| l.to_string()).collect();
+        let oldest = known.len().saturating_sub(BUILD_IDS_KEPT - 1);
+        let mut lines: Vec<String> = known.iter().skip(oldest).map(|l| l.to_string()).collect();
         lines.push(format!("{stamp} {hash}"));
         // A cache that cannot be written only costs hashing again next time.
         let _ = c.parent().map(std::fs::create_dir_all);
