@@ -1,17 +1,28 @@
 //! Parallel walk of a sync root into [`Entry`] values.
 //!
+//! Each directory is read once (`getdents`) and its entries are `lstat`ed relative to the
+//! directory's fd, so the kernel never re-resolves the path from the root. Which entries take
+//! part is decided by the `ignore` crate's own matcher ([`ignore::IncrementalIgnore`], built
+//! from the same `WalkBuilder` configuration as [`FilterOptions::walker`]), so the gitignore
+//! semantics are the crate's, not ours; the walk itself is here because the crate's walker
+//! neither exposes directory fds nor lets a caller skip its per-entry path allocations.
+//!
 //! Directories are reported before anything inside them (the receiver relies on that to
 //! refuse paths whose parent was never announced as a directory). Symlinks are reported as
 //! links and never followed; fifos, sockets and devices are skipped with a warning.
 
+use std::ffi::CStr;
 use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use ignore::WalkState;
+use ignore::IncrementalIgnore;
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
-use super::filter::{FilterError, FilterOptions};
+use super::filter::{FilterError, FilterOptions, TEMP_PREFIX};
 use super::{Entry, EntryKind, MODE_MASK, Mtime, RelPath, hash, special_kind_name};
 
 /// What the walk reports, from walker threads, in parent-before-child order per subtree.
@@ -78,32 +89,318 @@ pub fn scan(
     scan_each(root, opts, &|| move |ev| sink(ev))
 }
 
-/// Walks `root` with one sink per walker thread, made by `make`. Each sink sees its thread's
-/// events in order and is dropped when the walk ends (so it can batch, and flush on drop).
+/// Walks `root` with one sink per directory listing, made by `make`. A sink sees the entries
+/// of one directory in order and is dropped before any of its subdirectories is read, so a
+/// sink that batches and flushes on drop keeps every directory ahead of its contents.
 pub fn scan_each<S, M>(root: &Path, opts: &ScanOptions, make: &M) -> Result<(), ScanError>
 where
     S: FnMut(ScanEvent) + Send,
     M: Fn() -> S + Sync,
 {
     check_root(root)?;
-    let mut walker = opts.filters.walker(root)?;
-    walker.threads(opts.threads);
-    walker.build_parallel().run(|| {
-        let mut sink = make();
-        Box::new(move |item| {
-            match item {
-                Ok(dent) if dent.depth() == 0 => {}
-                Ok(dent) => {
-                    if let Some(ev) = visit(root, dent.path(), opts.checksum) {
-                        sink(ev);
-                    }
-                }
-                Err(err) => sink(walk_error(root, err)),
-            }
-            WalkState::Continue
-        })
-    });
+    let matcher = opts
+        .filters
+        .walker(root)?
+        .build_matchers()
+        .pop()
+        .ok_or_else(|| ScanError::NotFound(root.display().to_string()))?;
+    let io_err = |source: std::io::Error| ScanError::Io {
+        path: root.display().to_string(),
+        source,
+    };
+    let root_fd = rfs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err(e.into()))?;
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("devsync-scan-{i}"))
+        .build()
+        .map_err(|e| io_err(std::io::Error::other(e)))?;
+    let walk = Walk {
+        root,
+        checksum: opts.checksum,
+        matcher: Mutex::new(matcher),
+        make,
+    };
+    pool.scope(|s| walk.list(s, root_fd, Vec::new()));
     Ok(())
+}
+
+/// State shared by every directory task of one walk.
+struct Walk<'a, M> {
+    root: &'a Path,
+    checksum: bool,
+    /// `IncrementalIgnore` caches per-directory matchers and needs `&mut`; a directory's
+    /// entries are matched under one lock, which is short next to their `lstat`s.
+    matcher: Mutex<IncrementalIgnore>,
+    make: &'a M,
+}
+
+/// A subdirectory to read: its parent's fd (shared by siblings) and its name there.
+struct SubDir {
+    parent: Arc<OwnedFd>,
+    rel: Vec<u8>,
+}
+
+impl<'a, M, S> Walk<'a, M>
+where
+    S: FnMut(ScanEvent) + Send,
+    M: Fn() -> S + Sync,
+{
+    fn shown(&self, rel: &[u8]) -> String {
+        self.root
+            .join(std::ffi::OsStr::from_bytes(rel))
+            .display()
+            .to_string()
+    }
+
+    fn rel_shown(rel: &[u8]) -> String {
+        String::from_utf8_lossy(rel).into_owned()
+    }
+
+    fn open_and_list<'s>(&'s self, scope: &rayon::Scope<'s>, sub: SubDir) {
+        let name = match sub.rel.iter().rposition(|&c| c == b'/') {
+            Some(i) => &sub.rel[i + 1..],
+            None => &sub.rel[..],
+        };
+        let opened = with_cstr(name, |name| {
+            rfs::openat(
+                sub.parent.as_fd(),
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        });
+        drop(sub.parent);
+        match opened {
+            Ok(fd) => self.list(scope, fd, sub.rel),
+            // Removed since its parent was read: not part of this sync.
+            Err(Errno::NOENT) => {}
+            Err(e) => (self.make)()(ScanEvent::Error {
+                path: Self::rel_shown(&sub.rel),
+                message: format!("reading directory: {}", std::io::Error::from(e)),
+            }),
+        }
+    }
+
+    /// Reports the entries of the directory `fd` (at `rel`, empty for the root), then queues
+    /// its subdirectories.
+    fn list<'s>(&'s self, scope: &rayon::Scope<'s>, fd: OwnedFd, rel: Vec<u8>) {
+        let mut sink = (self.make)();
+        let fd = Arc::new(fd);
+        let names = match read_names(fd.as_fd(), &rel) {
+            Ok(names) => names,
+            Err(e) => {
+                let path = if rel.is_empty() {
+                    self.root.display().to_string()
+                } else {
+                    Self::rel_shown(&rel)
+                };
+                sink(ScanEvent::Error {
+                    path,
+                    message: format!("reading directory: {}", std::io::Error::from(e)),
+                });
+                return;
+            }
+        };
+        let kept = self.filter(&mut sink, fd.as_fd(), names);
+        let mut subdirs = Vec::new();
+        for named in kept {
+            let Some(ev) = self.visit(fd.as_fd(), named) else {
+                continue;
+            };
+            if let ScanEvent::Entry(e) = &ev
+                && e.is_dir()
+            {
+                subdirs.push(SubDir {
+                    parent: fd.clone(),
+                    rel: e.path.as_bytes().to_vec(),
+                });
+            }
+            sink(ev);
+        }
+        drop(sink);
+        drop(fd);
+        for sub in subdirs {
+            scope.spawn(move |s| self.open_and_list(s, sub));
+        }
+    }
+
+    /// Drops the names the filters exclude.
+    fn filter(&self, sink: &mut S, dir: BorrowedFd<'_>, mut names: Vec<Named>) -> Vec<Named> {
+        names.retain(|n| !n.name().starts_with(TEMP_PREFIX.as_bytes()));
+        // `dir/` patterns need the type; a file system that does not report it in `getdents`
+        // gets an extra `lstat` (outside the matcher's lock).
+        for named in names.iter_mut().filter(|n| n.is_dir.is_none()) {
+            named.is_dir = with_cstr(named.name(), |n| {
+                rfs::statat(dir, n, AtFlags::SYMLINK_NOFOLLOW)
+            })
+            .ok()
+            .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+        }
+        let mut m = self.matcher.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = Vec::with_capacity(names.len());
+        for named in names {
+            let path = Path::new(std::ffi::OsStr::from_bytes(&named.path));
+            let (mat, err) = m.matched_with_errors(path, named.is_dir == Some(true));
+            if let Some(err) = err {
+                sink(walk_error(self.root, err));
+            }
+            if !mat.is_ignore() {
+                kept.push(named);
+            }
+        }
+        kept
+    }
+
+    fn visit(&self, dir: BorrowedFd<'_>, named: Named) -> Option<ScanEvent> {
+        // Built from names the kernel returned, so normalized; the check still refuses what
+        // a peer would (too long, odd bytes).
+        let rpath = RelPath::unchecked(named.path);
+        if let Err(e) = rpath.check() {
+            return Some(ScanEvent::Skipped {
+                path: self.shown(rpath.as_bytes()),
+                reason: format!("name cannot be synced: {e}"),
+            });
+        }
+        let name = &rpath.as_bytes()[named.name_at..];
+        let st = match with_cstr(name, |n| rfs::statat(dir, n, AtFlags::SYMLINK_NOFOLLOW)) {
+            Ok(st) => st,
+            // Deleted between readdir and lstat: simply not part of this sync.
+            Err(Errno::NOENT) => return None,
+            Err(e) => {
+                return Some(ScanEvent::Error {
+                    path: rpath.to_string(),
+                    message: std::io::Error::from(e).to_string(),
+                });
+            }
+        };
+        let ft = FileType::from_raw_mode(st.st_mode);
+        let kind = match ft {
+            FileType::RegularFile => {
+                let size = st.st_size as u64;
+                let digest = if self.checksum {
+                    match hash_at(dir, name, size) {
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            return Some(ScanEvent::Error {
+                                path: rpath.to_string(),
+                                message: format!("reading for --checksum: {e}"),
+                            });
+                        }
+                    }
+                } else {
+                    None
+                };
+                EntryKind::File { size, digest }
+            }
+            FileType::Directory => EntryKind::Dir,
+            FileType::Symlink => match with_cstr(name, |n| rfs::readlinkat(dir, n, Vec::new())) {
+                Ok(t) => EntryKind::Symlink {
+                    target: t.into_bytes(),
+                },
+                Err(e) => {
+                    return Some(ScanEvent::Error {
+                        path: rpath.to_string(),
+                        message: format!("reading symlink: {}", std::io::Error::from(e)),
+                    });
+                }
+            },
+            other => {
+                return Some(ScanEvent::Skipped {
+                    path: rpath.to_string(),
+                    reason: format!("skipping {}", special_kind_name(other)),
+                });
+            }
+        };
+        Some(ScanEvent::Entry(Entry {
+            path: rpath,
+            kind,
+            mode: st.st_mode & MODE_MASK,
+            mtime: Mtime {
+                #[allow(clippy::unnecessary_cast)] // i64 on x86_64, not on every target
+                sec: st.st_mtime as i64,
+                nsec: (st.st_mtime_nsec as u32).min(999_999_999),
+            },
+        }))
+    }
+}
+
+/// One name read from a directory: its path relative to the root (the name is the tail
+/// from `name_at`) and, when the file system says, whether it is a directory.
+struct Named {
+    path: Vec<u8>,
+    name_at: usize,
+    is_dir: Option<bool>,
+}
+
+impl Named {
+    fn name(&self) -> &[u8] {
+        &self.path[self.name_at..]
+    }
+}
+
+/// Every name in directory `fd` (at `rel`), read with `getdents` into a stack buffer.
+fn read_names(fd: BorrowedFd<'_>, rel: &[u8]) -> Result<Vec<Named>, Errno> {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 32 * 1024];
+    let mut dir = rfs::RawDir::new(fd, &mut buf);
+    let mut out = Vec::new();
+    while let Some(ent) = dir.next() {
+        let ent = ent?;
+        let name = ent.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let mut path = Vec::with_capacity(rel.len() + 1 + name.len());
+        if !rel.is_empty() {
+            path.extend_from_slice(rel);
+            path.push(b'/');
+        }
+        let name_at = path.len();
+        path.extend_from_slice(name);
+        let is_dir = match ent.file_type() {
+            FileType::Unknown => None,
+            t => Some(t == FileType::Directory),
+        };
+        out.push(Named {
+            path,
+            name_at,
+            is_dir,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs `f` with `name` as a C string (names from `getdents` never contain NUL).
+fn with_cstr<T>(name: &[u8], f: impl FnOnce(&CStr) -> Result<T, Errno>) -> Result<T, Errno> {
+    let mut buf = [0u8; 256];
+    if name.len() < buf.len() {
+        buf[..name.len()].copy_from_slice(name);
+        let c = CStr::from_bytes_until_nul(&buf).map_err(|_| Errno::INVAL)?;
+        return f(c);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| Errno::INVAL)?;
+    f(&c)
+}
+
+/// BLAKE3 digest of the file `name` in `dir`, never following a symlink swapped in since.
+fn hash_at(dir: BorrowedFd<'_>, name: &[u8], len: u64) -> std::io::Result<hash::Digest> {
+    let fd = with_cstr(name, |n| {
+        rfs::openat(
+            dir,
+            n,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    })?;
+    hash::file_digest(&File::from(fd), len)
 }
 
 /// Collects a whole scan (for the receiver's `--delete` pass, tests and benchmarks).
@@ -122,95 +419,10 @@ pub fn scan_to_vec(
     Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
-fn rel(root: &Path, path: &Path) -> Option<RelPath> {
-    // The walker builds every path as `root` joined with names: slice the bytes rather than
-    // re-parsing components (this runs once per entry); RelPath::new checks the result.
-    let bytes = path.as_os_str().as_bytes();
-    let r = match bytes.strip_prefix(root.as_os_str().as_bytes()) {
-        Some(r) => r.strip_prefix(b"/").unwrap_or(r),
-        None => path.strip_prefix(root).ok()?.as_os_str().as_bytes(),
-    };
-    RelPath::new(r).ok()
-}
-
-fn visit(root: &Path, path: &Path, checksum: bool) -> Option<ScanEvent> {
-    let shown = || path.display().to_string();
-    let Some(rpath) = rel(root, path) else {
-        return Some(ScanEvent::Skipped {
-            path: shown(),
-            reason: "name cannot be synced (too long or contains odd bytes)".into(),
-        });
-    };
-    let md = match std::fs::symlink_metadata(path) {
-        Ok(md) => md,
-        // Deleted between readdir and lstat: simply not part of this sync.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            return Some(ScanEvent::Error {
-                path: rpath.to_string(),
-                message: e.to_string(),
-            });
-        }
-    };
-    let ft = md.file_type();
-    let kind = if ft.is_file() {
-        let digest = if checksum {
-            match hash_file(path, md.len()) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    return Some(ScanEvent::Error {
-                        path: rpath.to_string(),
-                        message: format!("reading for --checksum: {e}"),
-                    });
-                }
-            }
-        } else {
-            None
-        };
-        EntryKind::File {
-            size: md.len(),
-            digest,
-        }
-    } else if ft.is_dir() {
-        EntryKind::Dir
-    } else if ft.is_symlink() {
-        match std::fs::read_link(path) {
-            Ok(t) => EntryKind::Symlink {
-                target: t.as_os_str().as_bytes().to_vec(),
-            },
-            Err(e) => {
-                return Some(ScanEvent::Error {
-                    path: rpath.to_string(),
-                    message: format!("reading symlink: {e}"),
-                });
-            }
-        }
-    } else {
-        return Some(ScanEvent::Skipped {
-            path: rpath.to_string(),
-            reason: format!("skipping {}", special_kind_name(&md)),
-        });
-    };
-    Some(ScanEvent::Entry(Entry {
-        path: rpath,
-        kind,
-        mode: md.mode() & MODE_MASK,
-        mtime: Mtime::of(&md),
-    }))
-}
-
-/// BLAKE3 digest of a file the walker found (never following a symlink swapped in since).
-pub fn hash_file(path: &Path, len: u64) -> std::io::Result<hash::Digest> {
-    let f = File::options()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)?;
-    hash::file_digest(&f, len)
-}
-
 fn walk_error(root: &Path, err: ignore::Error) -> ScanEvent {
     let path = error_path(&err)
-        .and_then(|p| rel(root, p).map(|r| r.to_string()))
+        .and_then(|p| p.strip_prefix(root).ok())
+        .map(|p| p.display().to_string())
         .unwrap_or_else(|| root.display().to_string());
     match err.io_error() {
         Some(io) => ScanEvent::Error {
@@ -239,24 +451,216 @@ fn error_path(err: &ignore::Error) -> Option<&Path> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::{MetadataExt, symlink};
 
-    #[test]
-    fn relative_paths_whatever_the_root_spelling() {
-        let cases = [
-            ("src", "src/a/b.rs", Some("a/b.rs")),
-            ("src/", "src/a", Some("a")),
-            ("/", "/etc/x", Some("etc/x")),
-            ("/w/src", "/w/src/.git/HEAD", Some(".git/HEAD")),
-            ("src", "src/a//b", None),
-            ("src", "src/../x", None),
-        ];
-        for (root, path, want) in cases {
-            let got = rel(Path::new(root), Path::new(path));
-            assert_eq!(
-                got.as_ref().map(|r| r.as_bytes()),
-                want.map(str::as_bytes),
-                "{root} {path}"
+    fn write(root: &Path, rel: &str, body: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+
+    /// A tree that exercises every filter source and every kind of entry.
+    fn tricky_tree(root: &Path) {
+        write(root, ".gitignore", "*.log\n/build/\n!keep.log\ncache/\n");
+        write(root, "a.log", "x");
+        write(root, "keep.log", "x");
+        write(root, "build/out.o", "x");
+        write(root, "sub/build/kept.txt", "x");
+        write(
+            root,
+            "sub/.gitignore",
+            "*.tmp\n!important.tmp\n/only-here\n",
+        );
+        write(root, "sub/x.tmp", "x");
+        write(root, "sub/important.tmp", "x");
+        write(root, "sub/only-here", "x");
+        write(root, "sub/deeper/only-here", "x");
+        write(root, "sub/deeper/y.tmp", "x");
+        write(root, "other/x.tmp", "x");
+        write(
+            root,
+            "cache/inner/keep.log",
+            "re-included, but its directory is ignored",
+        );
+        write(root, ".devsyncignore", "secret/\n");
+        write(root, "secret/key", "x");
+        write(root, "notes.md", "x");
+        write(root, "docs/notes.md", "x");
+        write(root, ".git/HEAD", "x");
+        write(root, ".git/info/exclude", "by-git-info\n");
+        write(root, "by-git-info", "x");
+        write(root, ".devsync-tmp.123", "never synced");
+        write(root, "d/e/f/g/h/leaf", "x");
+        std::fs::create_dir_all(root.join("empty/dir")).unwrap();
+        symlink("d/e", root.join("link-to-dir")).unwrap();
+        symlink("nowhere", root.join("dangling")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("fifo"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            root.join("keep.log"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o751),
+        )
+        .unwrap();
+    }
+
+    /// The `ignore` crate's own walker with the same configuration: the oracle for which
+    /// paths take part, and std's `symlink_metadata` for what they are.
+    fn oracle(root: &Path, filters: &FilterOptions) -> BTreeMap<Vec<u8>, (u32, i64, u64)> {
+        let mut out = BTreeMap::new();
+        for dent in filters.walker(root).unwrap().build() {
+            let dent = dent.unwrap();
+            if dent.depth() == 0 {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(dent.path()).unwrap();
+            if !(md.is_file() || md.is_dir() || md.is_symlink()) {
+                continue;
+            }
+            let rel = dent.path().strip_prefix(root).unwrap();
+            let size = if md.is_file() { md.len() } else { 0 };
+            out.insert(
+                rel.as_os_str().as_bytes().to_vec(),
+                (md.mode(), md.mtime(), size),
             );
         }
+        out
+    }
+
+    #[test]
+    fn same_entries_as_the_ignore_crates_walker() {
+        let td = tempfile::tempdir().unwrap();
+        let root = td.path().join("src");
+        tricky_tree(&root);
+        let spelled = format!("{}/", root.display());
+        let cases = [
+            FilterOptions::default(),
+            FilterOptions {
+                excludes: vec!["*.md".into(), "/d/e/f".into()],
+                exclude_vcs: true,
+                ..FilterOptions::default()
+            },
+            FilterOptions {
+                gitignore: false,
+                ..FilterOptions::default()
+            },
+        ];
+        for filters in cases {
+            let want = oracle(&root, &filters);
+            for (threads, root) in [(1, root.as_path()), (2, Path::new(&spelled))] {
+                let opts = ScanOptions {
+                    filters: filters.clone(),
+                    checksum: false,
+                    threads,
+                };
+                let (entries, events) = scan_to_vec(root, &opts).unwrap();
+                let got: BTreeMap<_, _> = entries
+                    .iter()
+                    .map(|e| {
+                        let ft = match e.kind {
+                            EntryKind::File { .. } => 0o100000,
+                            EntryKind::Dir => 0o040000,
+                            EntryKind::Symlink { .. } => 0o120000,
+                        };
+                        (
+                            e.path.as_bytes().to_vec(),
+                            (ft | e.mode, e.mtime.sec, e.size()),
+                        )
+                    })
+                    .collect();
+                assert_eq!(got, want, "{filters:?}, {threads} threads");
+                assert_eq!(entries.len(), got.len(), "no duplicates");
+                let skipped: Vec<_> = events
+                    .iter()
+                    .filter_map(|ev| match ev {
+                        ScanEvent::Skipped { path, reason } => Some((path, reason)),
+                        ScanEvent::Error { path, message } => panic!("{path}: {message}"),
+                        ScanEvent::Entry(_) => None,
+                    })
+                    .collect();
+                assert_eq!(skipped.len(), 1, "{skipped:?}");
+                assert_eq!(skipped[0].0, "fifo");
+                assert!(skipped[0].1.contains("fifo"), "{skipped:?}");
+            }
+        }
+        let (entries, _) = scan_to_vec(&root, &ScanOptions::default()).unwrap();
+        let link = entries
+            .iter()
+            .find(|e| e.path.as_bytes() == b"link-to-dir")
+            .unwrap();
+        assert_eq!(
+            link.kind,
+            EntryKind::Symlink {
+                target: b"d/e".to_vec()
+            }
+        );
+    }
+
+    #[test]
+    fn each_directory_is_delivered_before_its_contents() {
+        let td = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            for j in 0..5 {
+                write(td.path(), &format!("d{i}/s{j}/t/f"), "x");
+            }
+        }
+        // Sinks batch and publish only when dropped, as the sender's list batches do.
+        let published = Mutex::new(Vec::<Vec<u8>>::new());
+        let opts = ScanOptions {
+            threads: 2,
+            ..ScanOptions::default()
+        };
+        struct Batch<'a>(Vec<Vec<u8>>, &'a Mutex<Vec<Vec<u8>>>);
+        impl Drop for Batch<'_> {
+            fn drop(&mut self) {
+                self.1.lock().unwrap().append(&mut self.0);
+            }
+        }
+        scan_each(td.path(), &opts, &|| {
+            let mut b = Batch(Vec::new(), &published);
+            move |ev| {
+                if let ScanEvent::Entry(e) = ev {
+                    b.0.push(e.path.as_bytes().to_vec());
+                }
+            }
+        })
+        .unwrap();
+        let published = published.into_inner().unwrap();
+        assert_eq!(published.len(), 40 * (1 + 5 * 3));
+        let mut seen = std::collections::HashSet::new();
+        for p in &published {
+            if let Some(i) = p.iter().rposition(|&c| c == b'/') {
+                assert!(seen.contains(&p[..i]), "{p:?} before its directory");
+            }
+            seen.insert(p.clone());
+        }
+    }
+
+    #[test]
+    fn checksum_digests_match_the_file_contents() {
+        let td = tempfile::tempdir().unwrap();
+        write(td.path(), "a/b", "hello");
+        let opts = ScanOptions {
+            checksum: true,
+            ..ScanOptions::default()
+        };
+        let (entries, _) = scan_to_vec(td.path(), &opts).unwrap();
+        let b = entries
+            .iter()
+            .find(|e| e.path.as_bytes() == b"a/b")
+            .unwrap();
+        assert_eq!(
+            b.kind,
+            EntryKind::File {
+                size: 5,
+                digest: Some(*blake3::hash(b"hello").as_bytes())
+            }
+        );
     }
 }

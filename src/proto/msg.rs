@@ -101,8 +101,9 @@ pub enum Msg {
     /// Either way: the session cannot continue; the text says why.
     Fatal { message: String },
 
-    /// Sender → receiver: list entries with consecutive ids from `first_id` (a directory is
-    /// always sent before anything inside it).
+    /// Sender → receiver: list entries with consecutive ids from `first_id`. Batches arrive in
+    /// id order (each `first_id` is the number of entries sent before it), and a directory
+    /// is always sent before anything inside it.
     Entries {
         first_id: FileId,
         #[serde(with = "super::list")]

@@ -1,6 +1,11 @@
 //! The outbound half of a connection: a queue drained by one writer task, and the byte budget
 //! that bounds how much file data a sender may have queued.
 //!
+//! Small list frames are coalesced: a frame of the file list may wait up to [`LAZY_FLUSH`]
+//! for company before the writer flushes, so a 40k-entry list leaves as a few dozen large
+//! writes instead of thousands of tiny SSH packets and TLS records (each of which costs a
+//! wake-up and a syscall on every hop). Any other frame flushes at once.
+//!
 //! Sending never blocks (the queue is unbounded), so any thread or task can report an event or
 //! make a request without risking a deadlock against a peer that is itself blocked writing.
 //! Memory stays bounded because bulk producers take a [`Budget`] permit before reading data,
@@ -14,7 +19,38 @@ use tokio::sync::{mpsc, watch};
 
 use crate::proto::{FrameWriter, Msg, ProtoError};
 
-type Item = (Msg, Bytes, Option<Permit>);
+enum Item {
+    Frame(Msg, Bytes, Option<Permit>),
+    /// A whole frame encoded by the sender ([`crate::proto::frame::encode`]), for a list batch.
+    Encoded(Bytes),
+}
+
+/// Longest a list frame waits in the writer's buffer for more frames to share a flush.
+pub const LAZY_FLUSH: std::time::Duration = std::time::Duration::from_millis(2);
+
+impl Item {
+    /// Frames that may wait for company (see the module docs); the rest are flushed at once.
+    fn is_lazy(&self) -> bool {
+        matches!(
+            self,
+            Item::Encoded(_) | Item::Frame(Msg::Entries { .. }, ..)
+        )
+    }
+
+    async fn write_to<W: AsyncWrite + Unpin>(
+        self,
+        w: &mut FrameWriter<W>,
+    ) -> Result<(), ProtoError> {
+        match self {
+            Item::Frame(msg, payload, permit) => {
+                w.write(&msg, &payload).await?;
+                drop(permit);
+            }
+            Item::Encoded(frame) => w.write_raw(&frame).await?,
+        }
+        Ok(())
+    }
+}
 
 /// Cloneable handle for queueing frames.
 #[derive(Clone)]
@@ -30,7 +66,15 @@ pub struct Closed;
 
 impl Out {
     pub fn send(&self, msg: Msg) -> Result<(), Closed> {
-        self.tx.send((msg, Bytes::new(), None)).map_err(|_| Closed)
+        self.tx
+            .send(Item::Frame(msg, Bytes::new(), None))
+            .map_err(|_| Closed)
+    }
+
+    /// Queues a frame already encoded with [`crate::proto::frame::encode`] (a file-list batch:
+    /// it may wait [`LAZY_FLUSH`] for company).
+    pub fn send_encoded(&self, frame: Bytes) -> Result<(), Closed> {
+        self.tx.send(Item::Encoded(frame)).map_err(|_| Closed)
     }
 
     pub fn send_data(
@@ -39,7 +83,9 @@ impl Out {
         payload: Bytes,
         permit: Option<Permit>,
     ) -> Result<(), Closed> {
-        self.tx.send((msg, payload, permit)).map_err(|_| Closed)
+        self.tx
+            .send(Item::Frame(msg, payload, permit))
+            .map_err(|_| Closed)
     }
 
     /// Resolves with the error once writing to the peer has failed; pending forever otherwise.
@@ -93,15 +139,36 @@ impl Pending {
         let Pending { mut rx, broken } = self;
         tokio::spawn(async move {
             let r: Result<u64, ProtoError> = async {
-                while let Some((msg, payload, permit)) = rx.recv().await {
-                    w.write(&msg, &payload).await?;
-                    drop(permit);
+                // Set while only lazy frames sit unflushed: when they must go out.
+                let mut deadline: Option<tokio::time::Instant> = None;
+                loop {
+                    let next = match deadline {
+                        None => rx.recv().await,
+                        Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
+                            Ok(next) => next,
+                            Err(_) => {
+                                w.flush().await?;
+                                deadline = None;
+                                continue;
+                            }
+                        },
+                    };
+                    let Some(item) = next else {
+                        break;
+                    };
+                    let mut urgent = !item.is_lazy();
+                    item.write_to(&mut w).await?;
                     // Batch whatever is already queued into the same flush.
-                    while let Ok((msg, payload, permit)) = rx.try_recv() {
-                        w.write(&msg, &payload).await?;
-                        drop(permit);
+                    while let Ok(item) = rx.try_recv() {
+                        urgent |= !item.is_lazy();
+                        item.write_to(&mut w).await?;
                     }
-                    w.flush().await?;
+                    if urgent {
+                        w.flush().await?;
+                        deadline = None;
+                    } else if deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + LAZY_FLUSH);
+                    }
                 }
                 w.shutdown().await?;
                 Ok(w.bytes_written())
@@ -166,5 +233,56 @@ impl Drop for Permit {
         let (lock, cv) = &*self.budget.0;
         *lock.lock().unwrap_or_else(|p| p.into_inner()) += self.n;
         cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::FrameReader;
+    use std::time::Duration;
+
+    fn entries() -> Msg {
+        Msg::Entries {
+            first_id: 0,
+            entries: Vec::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn list_frames_wait_for_company_but_not_longer_than_lazy_flush() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (out, writer) = spawn_writer(FrameWriter::new(a));
+        let mut r = FrameReader::new(b);
+        out.send(entries()).unwrap();
+        out.send(entries()).unwrap();
+        // Nothing is flushed before the deadline...
+        let early = tokio::time::timeout(LAZY_FLUSH / 2, r.next()).await;
+        assert!(early.is_err(), "a list frame was flushed at once");
+        // ...and both frames arrive together once it passes.
+        let first = tokio::time::timeout(LAZY_FLUSH, r.next()).await;
+        assert!(matches!(first, Ok(Ok(Some((Msg::Entries { .. }, _))))));
+        assert!(matches!(r.next().await, Ok(Some((Msg::Entries { .. }, _)))));
+        // Any other frame takes the waiting list frames with it at once.
+        out.send(entries()).unwrap();
+        out.send(Msg::EndOfList {
+            count: 3,
+            scan_errors: 0,
+        })
+        .unwrap();
+        let t0 = tokio::time::Instant::now();
+        assert!(matches!(r.next().await, Ok(Some((Msg::Entries { .. }, _)))));
+        assert!(matches!(
+            r.next().await,
+            Ok(Some((Msg::EndOfList { .. }, _)))
+        ));
+        assert!(
+            t0.elapsed() < Duration::from_micros(100),
+            "{:?}",
+            t0.elapsed()
+        );
+        drop(out);
+        assert!(writer.await.unwrap().is_ok());
+        assert!(matches!(r.next().await, Ok(None)));
     }
 }

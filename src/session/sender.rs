@@ -28,11 +28,11 @@ const SMALL_FILE: u64 = 256 << 10;
 /// A batch of small files ends at this many files or bytes.
 const BATCH_FILES: usize = 256;
 const BATCH_BYTES: u64 = 1 << 20;
-/// File-list entries buffered per walker thread before a frame goes out.
+/// Most file-list entries in one frame.
 const LIST_BATCH: usize = 256;
 
-/// One walker thread's list entries on their way out. A directory flushes the batch at once:
-/// its children are only discovered after it is visited, so they always go out after it.
+/// One directory's list entries on their way out. The walker drops the batch (flushing it)
+/// before it reads any subdirectory, so a directory always goes out before its contents.
 struct ListBatch<'a> {
     ctx: &'a Ctx,
     buf: Vec<Entry>,
@@ -40,9 +40,8 @@ struct ListBatch<'a> {
 
 impl ListBatch<'_> {
     fn push(&mut self, entry: Entry) {
-        let dir = entry.is_dir();
         self.buf.push(entry);
-        if dir || self.buf.len() >= LIST_BATCH {
+        if self.buf.len() >= LIST_BATCH {
             self.flush();
         }
     }
@@ -51,15 +50,28 @@ impl ListBatch<'_> {
         if self.buf.is_empty() {
             return;
         }
-        let entries = std::mem::take(&mut self.buf);
-        let first_id = {
-            let mut all = self.ctx.entries.write().unwrap_or_else(|p| p.into_inner());
-            let first = all.len() as FileId;
-            all.extend(entries.iter().cloned());
-            first
+        // Ids are assigned and the frame queued under one lock, so frames leave in id order
+        // (the receiver requires that); encoding here lets the entries move into the table
+        // instead of being copied for the writer.
+        let mut all = self.ctx.entries.write().unwrap_or_else(|p| p.into_inner());
+        let msg = Msg::Entries {
+            first_id: all.len() as FileId,
+            entries: std::mem::take(&mut self.buf),
         };
-        // Writer gone: the read loop sees the end.
-        let _ = self.ctx.out.send(Msg::Entries { first_id, entries });
+        let mut frame = Vec::new();
+        let encoded = crate::proto::frame::encode(&msg, &[], &mut frame);
+        let Msg::Entries { entries, .. } = msg else {
+            unreachable!("built just above")
+        };
+        all.extend(entries);
+        match encoded {
+            // Writer gone: the read loop sees the end.
+            Ok(()) => drop(self.ctx.out.send_encoded(frame.into())),
+            Err(e) => self.ctx.fatal.fail(
+                &self.ctx.out,
+                SessionError::Local(format!("encoding the file list: {e}")),
+            ),
+        }
     }
 }
 

@@ -238,7 +238,7 @@ fn entries_that_lie_are_refused() {
     let rt = rt();
     let td = tempfile::tempdir().unwrap();
     let dest = td.path().join("dest");
-    // Duplicate ids, a wrong count, data for files never requested.
+    // Repeated or skipped ids, a wrong count, data for files never requested.
     let cases: Vec<(Vec<Vec<u8>>, &str)> = vec![
         (
             vec![
@@ -257,7 +257,17 @@ fn entries_that_lie_are_refused() {
                     &[],
                 ),
             ],
-            "used twice",
+            "starts at id 0, expected 1",
+        ),
+        (
+            vec![frame(
+                &Msg::Entries {
+                    first_id: 7,
+                    entries: vec![file(b"a")],
+                },
+                &[],
+            )],
+            "starts at id 7, expected 0",
         ),
         (
             vec![

@@ -122,8 +122,12 @@ struct Ctx {
 type ScanThread = std::thread::JoinHandle<Result<Vec<Entry>, String>>;
 
 enum PlanItem {
-    Entry(FileId, Entry),
-    End { count: u32, scan_errors: u32 },
+    /// A batch of the list; its ids are consecutive from the first.
+    Entries(FileId, Vec<Entry>),
+    End {
+        count: u32,
+        scan_errors: u32,
+    },
 }
 
 /// Runs the receiver until the sender acknowledges completion; returns the totals.
@@ -188,17 +192,23 @@ pub async fn run<R: AsyncRead + Unpin>(
         .spawn(move || planner_ctx.planner(plan_rx))
         .map_err(|e| SessionError::Local(format!("starting planner: {e}")))?;
     let budget = Arc::new(Semaphore::new(RECV_BUDGET));
+    // Entries received so far: the id the next batch must start at.
+    let mut listed: FileId = 0;
 
     loop {
         let (msg, payload) = super::next_frame(reader, &ctx.fatal, &ctx.out).await?;
         match msg {
             Msg::Entries { first_id, entries } => {
-                for (i, entry) in entries.into_iter().enumerate() {
-                    let Some(id) = first_id.checked_add(i as FileId) else {
-                        return Err(ctx.violation("file ids overflow".into()));
-                    };
-                    let _ = plan_tx.send(PlanItem::Entry(id, entry)); // planner gone: it reported why
+                if first_id != listed {
+                    return Err(ctx.violation(format!(
+                        "list batch starts at id {first_id}, expected {listed}"
+                    )));
                 }
+                listed = FileId::try_from(entries.len())
+                    .ok()
+                    .and_then(|n| listed.checked_add(n))
+                    .ok_or_else(|| ctx.violation("file ids overflow".into()))?;
+                let _ = plan_tx.send(PlanItem::Entries(first_id, entries)); // planner gone: it reported why
             }
             Msg::EndOfList { count, scan_errors } => {
                 crate::trace!("recv", "end of list received");

@@ -11,7 +11,9 @@ use crate::engine::plan::{self, FileAction};
 impl Ctx {
     pub(super) fn planner(self: Arc<Self>, rx: mpsc::Receiver<PlanItem>) {
         let mut dirs_seen: HashSet<Vec<u8>> = HashSet::new();
-        let mut ids: HashSet<FileId> = HashSet::new();
+        // The parent of the previous entry, known to be listed: siblings arrive together.
+        let mut last_parent: Vec<u8> = Vec::new();
+        let mut planned: u64 = 0;
         loop {
             // Requests go out in batches, and whenever the list pauses.
             let item = match rx.try_recv() {
@@ -26,32 +28,36 @@ impl Ctx {
                 Err(mpsc::TryRecvError::Disconnected) => return,
             };
             match item {
-                PlanItem::Entry(id, entry) => {
-                    if !ids.insert(id) {
-                        return self
-                            .fail(SessionError::Violation(format!("file id {id} used twice")));
+                PlanItem::Entries(first_id, entries) => {
+                    for (id, entry) in (first_id..).zip(entries) {
+                        if let Some(parent) = entry.path.parent()
+                            && parent != last_parent.as_slice()
+                        {
+                            if !dirs_seen.contains(parent) {
+                                return self.fail(SessionError::Violation(format!(
+                                    "{}: listed before its parent directory (or inside a \
+                                     non-directory)",
+                                    entry.path
+                                )));
+                            }
+                            last_parent.clear();
+                            last_parent.extend_from_slice(parent);
+                        }
+                        if entry.is_dir() {
+                            dirs_seen.insert(entry.path.as_bytes().to_vec());
+                        }
+                        if self.opts.delete {
+                            lock(&self.sender_paths).insert(entry.path.clone());
+                        }
+                        planned += 1;
+                        self.plan_entry(id, entry);
                     }
-                    if let Some(parent) = entry.path.parent()
-                        && !dirs_seen.contains(parent)
-                    {
-                        return self.fail(SessionError::Violation(format!(
-                            "{}: listed before its parent directory (or inside a non-directory)",
-                            entry.path
-                        )));
-                    }
-                    if entry.is_dir() {
-                        dirs_seen.insert(entry.path.as_bytes().to_vec());
-                    }
-                    if self.opts.delete {
-                        lock(&self.sender_paths).insert(entry.path.clone());
-                    }
-                    self.plan_entry(id, entry);
                 }
                 PlanItem::End { count, scan_errors } => {
-                    if count as usize != ids.len() {
+                    // The read loop checked that batches are consecutive from id 0.
+                    if u64::from(count) != planned {
                         return self.fail(SessionError::Violation(format!(
-                            "list ended with count {count}, but {} entries arrived",
-                            ids.len()
+                            "list ended with count {count}, but {planned} entries arrived"
                         )));
                     }
                     crate::trace!("recv", "all {count} entries planned");
