@@ -23,6 +23,7 @@ use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::filter::{FilterError, FilterOptions, TEMP_PREFIX};
+use super::relpath::MAX_PATH_LEN;
 use super::{Entry, EntryKind, MODE_MASK, Mtime, RelPath, hash, special_kind_name};
 
 /// What the walk reports, from walker threads, in parent-before-child order per subtree.
@@ -261,15 +262,16 @@ where
     }
 
     fn visit(&self, dir: BorrowedFd<'_>, named: Named) -> Option<ScanEvent> {
-        // Built from names the kernel returned, so normalized; the check still refuses what
-        // a peer would (too long, odd bytes).
-        let rpath = RelPath::unchecked(named.path);
-        if let Err(e) = rpath.check() {
+        // Built from names the kernel returned (never empty, `.`, `..`, or longer than
+        // NAME_MAX, never containing `/` or NUL), so only the total length can be wrong.
+        if named.path.len() > MAX_PATH_LEN {
             return Some(ScanEvent::Skipped {
-                path: self.shown(rpath.as_bytes()),
-                reason: format!("name cannot be synced: {e}"),
+                path: self.shown(&named.path),
+                reason: format!("path longer than {MAX_PATH_LEN} bytes cannot be synced"),
             });
         }
+        let rpath = RelPath::unchecked(named.path);
+        debug_assert!(rpath.check().is_ok(), "{rpath:?}");
         let name = &rpath.as_bytes()[named.name_at..];
         let st = match with_cstr(name, |n| rfs::statat(dir, n, AtFlags::SYMLINK_NOFOLLOW)) {
             Ok(st) => st,
@@ -351,7 +353,7 @@ impl Named {
 fn read_names(fd: BorrowedFd<'_>, rel: &[u8]) -> Result<Vec<Named>, Errno> {
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 32 * 1024];
     let mut dir = rfs::RawDir::new(fd, &mut buf);
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(32);
     while let Some(ent) = dir.next() {
         let ent = ent?;
         let name = ent.file_name().to_bytes();

@@ -113,16 +113,37 @@ pub fn decode(frame: &mut Bytes) -> Result<(Msg, Bytes), ProtoError> {
     Ok((msg, payload))
 }
 
-/// Encodes one frame into `out` (tests and fuzzing build raw streams with it).
+/// Encodes one frame onto the end of `out` (list batches are encoded by the sender's walker
+/// threads with it; tests and fuzzing build raw streams with it). On error `out` is as it was.
 pub fn encode(msg: &Msg, payload: &[u8], out: &mut Vec<u8>) -> Result<(), ProtoError> {
-    let header = postcard::to_stdvec(msg).map_err(|e| ProtoError::Malformed(e.to_string()))?;
-    let total = 4 + header.len() + payload.len();
+    /// Lets postcard serialize straight onto the end of a borrowed buffer.
+    struct Tail<'a>(&'a mut Vec<u8>);
+    impl Extend<u8> for Tail<'_> {
+        fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
+            self.0.extend(iter)
+        }
+    }
+    let start = out.len();
+    // Both lengths are patched in once the header is serialized in place.
+    out.extend_from_slice(&[0; 8]);
+    let header_len = match postcard::to_extend(msg, Tail(out)) {
+        Ok(_) => out.len() - start - 8,
+        Err(e) => {
+            out.truncate(start);
+            return Err(ProtoError::Malformed(e.to_string()));
+        }
+    };
+    let total = 4 + header_len + payload.len();
     if total > MAX_FRAME as usize {
+        out.truncate(start);
         return Err(ProtoError::Oversized { len: total as u64 });
     }
-    out.extend_from_slice(&(total as u32).to_be_bytes());
-    out.extend_from_slice(&(header.len() as u32).to_be_bytes());
-    out.extend_from_slice(&header);
+    let mut lens = [0u8; 8];
+    lens[..4].copy_from_slice(&(total as u32).to_be_bytes());
+    lens[4..].copy_from_slice(&(header_len as u32).to_be_bytes());
+    if let Some(slot) = out.get_mut(start..start + 8) {
+        slot.copy_from_slice(&lens);
+    }
     out.extend_from_slice(payload);
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! The outbound half of a connection: a queue drained by one writer task, and the byte budget
 //! that bounds how much file data a sender may have queued.
 //!
-//! Small list frames are coalesced: a frame of the file list may wait up to [`LAZY_FLUSH`]
-//! for company before the writer flushes, so a 40k-entry list leaves as a few dozen large
-//! writes instead of thousands of tiny SSH packets and TLS records (each of which costs a
-//! wake-up and a syscall on every hop). Any other frame flushes at once.
+//! The file list takes a side road: walker threads append encoded list frames to a shared
+//! buffer ([`Out::append_list`]) and only wake the writer when the buffer stops being empty or
+//! grows by another [`LIST_CHUNK`]. The writer lets the list wait up to [`LAZY_FLUSH`] for
+//! company, so a 40k-entry list leaves as a few dozen large writes instead of thousands of
+//! tiny SSH packets and TLS records, and costs a few dozen wake-ups instead of one per
+//! directory. Any other frame takes the waiting list with it and is flushed at once.
 //!
 //! Sending never blocks (the queue is unbounded), so any thread or task can report an event or
 //! make a request without risking a deadlock against a peer that is itself blocked writing.
@@ -19,43 +21,23 @@ use tokio::sync::{mpsc, watch};
 
 use crate::proto::{FrameWriter, Msg, ProtoError};
 
+/// Longest the list waits in the writer's hands for more frames to share a flush.
+pub const LAZY_FLUSH: std::time::Duration = std::time::Duration::from_millis(2);
+/// The list buffer wakes the writer again each time it grows by this much.
+pub const LIST_CHUNK: usize = 64 << 10;
+
 enum Item {
     Frame(Msg, Bytes, Option<Permit>),
-    /// A whole frame encoded by the sender ([`crate::proto::frame::encode`]), for a list batch.
-    Encoded(Bytes),
-}
-
-/// Longest a list frame waits in the writer's buffer for more frames to share a flush.
-pub const LAZY_FLUSH: std::time::Duration = std::time::Duration::from_millis(2);
-
-impl Item {
-    /// Frames that may wait for company (see the module docs); the rest are flushed at once.
-    fn is_lazy(&self) -> bool {
-        matches!(
-            self,
-            Item::Encoded(_) | Item::Frame(Msg::Entries { .. }, ..)
-        )
-    }
-
-    async fn write_to<W: AsyncWrite + Unpin>(
-        self,
-        w: &mut FrameWriter<W>,
-    ) -> Result<(), ProtoError> {
-        match self {
-            Item::Frame(msg, payload, permit) => {
-                w.write(&msg, &payload).await?;
-                drop(permit);
-            }
-            Item::Encoded(frame) => w.write_raw(&frame).await?,
-        }
-        Ok(())
-    }
+    /// The list buffer has frames waiting.
+    ListReady,
 }
 
 /// Cloneable handle for queueing frames.
 #[derive(Clone)]
 pub struct Out {
     tx: mpsc::UnboundedSender<Item>,
+    /// Encoded list frames not yet taken by the writer.
+    list: Arc<Mutex<Vec<u8>>>,
     /// Set (once) when the writer failed: the connection is gone.
     broken: watch::Receiver<Option<String>>,
 }
@@ -71,12 +53,6 @@ impl Out {
             .map_err(|_| Closed)
     }
 
-    /// Queues a frame already encoded with [`crate::proto::frame::encode`] (a file-list batch:
-    /// it may wait [`LAZY_FLUSH`] for company).
-    pub fn send_encoded(&self, frame: Bytes) -> Result<(), Closed> {
-        self.tx.send(Item::Encoded(frame)).map_err(|_| Closed)
-    }
-
     pub fn send_data(
         &self,
         msg: Msg,
@@ -86,6 +62,25 @@ impl Out {
         self.tx
             .send(Item::Frame(msg, payload, permit))
             .map_err(|_| Closed)
+    }
+
+    /// Lets `append` add whole encoded frames ([`crate::proto::frame::encode`]) to the list
+    /// buffer. They go out in append order, before any frame queued after this returns.
+    pub fn append_list<T>(&self, append: impl FnOnce(&mut Vec<u8>) -> T) -> Result<T, Closed> {
+        let (t, wake) = {
+            let mut buf = lock(&self.list);
+            let before = buf.len();
+            let t = append(&mut buf);
+            let grew = buf.len() > before;
+            (
+                t,
+                grew && (before == 0 || before / LIST_CHUNK != buf.len() / LIST_CHUNK),
+            )
+        };
+        if wake {
+            self.tx.send(Item::ListReady).map_err(|_| Closed)?;
+        }
+        Ok(t)
     }
 
     /// Resolves with the error once writing to the peer has failed; pending forever otherwise.
@@ -100,10 +95,15 @@ impl Out {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The receiving end of an [`Out`] whose writer has not started yet: frames queue up until
 /// [`Pending::start`] is given a stream (so work can begin before the connection exists).
 pub struct Pending {
     rx: mpsc::UnboundedReceiver<Item>,
+    list: Arc<Mutex<Vec<u8>>>,
     broken: watch::Sender<Option<String>>,
 }
 
@@ -111,12 +111,14 @@ pub struct Pending {
 pub fn channel() -> (Out, Pending) {
     let (tx, rx) = mpsc::unbounded_channel::<Item>();
     let (broken, broken_rx) = watch::channel(None);
+    let list = Arc::new(Mutex::new(Vec::new()));
     (
         Out {
             tx,
+            list: list.clone(),
             broken: broken_rx,
         },
-        Pending { rx, broken },
+        Pending { rx, list, broken },
     )
 }
 
@@ -129,6 +131,32 @@ where
     (out, pending.start(w))
 }
 
+/// The writer's end of the list buffer.
+struct ListTaker {
+    shared: Arc<Mutex<Vec<u8>>>,
+    /// Swapped with the shared buffer, so neither side reallocates on every round.
+    spare: Vec<u8>,
+}
+
+impl ListTaker {
+    fn waiting(&self) -> usize {
+        lock(&self.shared).len()
+    }
+
+    /// Writes out whatever list frames are waiting (without flushing).
+    async fn write<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut FrameWriter<W>,
+    ) -> Result<(), ProtoError> {
+        std::mem::swap(&mut *lock(&self.shared), &mut self.spare);
+        if !self.spare.is_empty() {
+            w.write_raw(&self.spare).await?;
+            self.spare.clear();
+        }
+        Ok(())
+    }
+}
+
 impl Pending {
     /// Starts the writer task. It ends (flushing and shutting the stream down) when every
     /// [`Out`] is dropped, and returns the number of bytes written.
@@ -136,10 +164,18 @@ impl Pending {
     where
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let Pending { mut rx, broken } = self;
+        let Pending {
+            mut rx,
+            list,
+            broken,
+        } = self;
+        let mut list = ListTaker {
+            shared: list,
+            spare: Vec::new(),
+        };
         tokio::spawn(async move {
             let r: Result<u64, ProtoError> = async {
-                // Set while only lazy frames sit unflushed: when they must go out.
+                // Set while list frames wait: when they must go out.
                 let mut deadline: Option<tokio::time::Instant> = None;
                 loop {
                     let next = match deadline {
@@ -147,21 +183,37 @@ impl Pending {
                         Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
                             Ok(next) => next,
                             Err(_) => {
+                                list.write(&mut w).await?;
                                 w.flush().await?;
                                 deadline = None;
                                 continue;
                             }
                         },
                     };
-                    let Some(item) = next else {
+                    let Some(mut item) = next else {
                         break;
                     };
-                    let mut urgent = !item.is_lazy();
-                    item.write_to(&mut w).await?;
+                    let mut urgent = false;
                     // Batch whatever is already queued into the same flush.
-                    while let Ok(item) = rx.try_recv() {
-                        urgent |= !item.is_lazy();
-                        item.write_to(&mut w).await?;
+                    loop {
+                        match item {
+                            Item::ListReady => {
+                                if list.waiting() >= LIST_CHUNK {
+                                    list.write(&mut w).await?;
+                                }
+                            }
+                            Item::Frame(msg, payload, permit) => {
+                                // List frames appended before this one was queued go first.
+                                list.write(&mut w).await?;
+                                w.write(&msg, &payload).await?;
+                                drop(permit);
+                                urgent = true;
+                            }
+                        }
+                        match rx.try_recv() {
+                            Ok(next) => item = next,
+                            Err(_) => break,
+                        }
                     }
                     if urgent {
                         w.flush().await?;
@@ -170,6 +222,7 @@ impl Pending {
                         deadline = Some(tokio::time::Instant::now() + LAZY_FLUSH);
                     }
                 }
+                list.write(&mut w).await?;
                 w.shutdown().await?;
                 Ok(w.bytes_written())
             }
@@ -242,11 +295,18 @@ mod tests {
     use crate::proto::FrameReader;
     use std::time::Duration;
 
-    fn entries() -> Msg {
-        Msg::Entries {
-            first_id: 0,
+    fn list_frame(out: &Out, first_id: u32) {
+        let msg = Msg::Entries {
+            first_id,
             entries: Vec::new(),
-        }
+        };
+        out.append_list(|buf| crate::proto::frame::encode(&msg, &[], buf))
+            .unwrap()
+            .unwrap();
+    }
+
+    fn is_batch(r: Result<Option<(Msg, Bytes)>, ProtoError>, id: u32) -> bool {
+        matches!(r, Ok(Some((Msg::Entries { first_id, .. }, _))) if first_id == id)
     }
 
     #[tokio::test(start_paused = true)]
@@ -254,24 +314,24 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 20);
         let (out, writer) = spawn_writer(FrameWriter::new(a));
         let mut r = FrameReader::new(b);
-        out.send(entries()).unwrap();
-        out.send(entries()).unwrap();
+        list_frame(&out, 0);
+        list_frame(&out, 1);
         // Nothing is flushed before the deadline...
         let early = tokio::time::timeout(LAZY_FLUSH / 2, r.next()).await;
         assert!(early.is_err(), "a list frame was flushed at once");
-        // ...and both frames arrive together once it passes.
+        // ...and both frames arrive, in order, once it passes.
         let first = tokio::time::timeout(LAZY_FLUSH, r.next()).await;
-        assert!(matches!(first, Ok(Ok(Some((Msg::Entries { .. }, _))))));
-        assert!(matches!(r.next().await, Ok(Some((Msg::Entries { .. }, _)))));
-        // Any other frame takes the waiting list frames with it at once.
-        out.send(entries()).unwrap();
+        assert!(is_batch(first.unwrap(), 0));
+        assert!(is_batch(r.next().await, 1));
+        // Any other frame takes the waiting list frames with it at once, behind them.
+        list_frame(&out, 2);
         out.send(Msg::EndOfList {
             count: 3,
             scan_errors: 0,
         })
         .unwrap();
         let t0 = tokio::time::Instant::now();
-        assert!(matches!(r.next().await, Ok(Some((Msg::Entries { .. }, _)))));
+        assert!(is_batch(r.next().await, 2));
         assert!(matches!(
             r.next().await,
             Ok(Some((Msg::EndOfList { .. }, _)))
@@ -281,8 +341,30 @@ mod tests {
             "{:?}",
             t0.elapsed()
         );
+        // List frames still waiting when the last handle goes are written before the end.
+        list_frame(&out, 3);
         drop(out);
         assert!(writer.await.unwrap().is_ok());
+        assert!(is_batch(r.next().await, 3));
         assert!(matches!(r.next().await, Ok(None)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_list_goes_out_in_chunks_without_waiting() {
+        let (a, b) = tokio::io::duplex(16 << 20);
+        let (out, _writer) = spawn_writer(FrameWriter::new(a));
+        let mut r = FrameReader::new(b);
+        let big = Msg::Fatal {
+            message: "x".repeat(1000),
+        };
+        // Far past the writer's own 256 KiB buffer: it cannot all stay waiting.
+        for _ in 0..(4 * LIST_CHUNK / 1000) {
+            out.append_list(|buf| crate::proto::frame::encode(&big, &[], buf))
+                .unwrap()
+                .unwrap();
+        }
+        let t0 = tokio::time::Instant::now();
+        assert!(matches!(r.next().await, Ok(Some((Msg::Fatal { .. }, _)))));
+        assert!(t0.elapsed() < LAZY_FLUSH, "{:?}", t0.elapsed());
     }
 }

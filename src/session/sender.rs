@@ -51,23 +51,25 @@ impl ListBatch<'_> {
             return;
         }
         // Ids are assigned and the frame queued under one lock, so frames leave in id order
-        // (the receiver requires that); encoding here lets the entries move into the table
-        // instead of being copied for the writer.
+        // (the receiver requires that); encoding here, straight into the connection's list
+        // buffer, lets the entries move into the table instead of being copied for the writer.
         let mut all = self.ctx.entries.write().unwrap_or_else(|p| p.into_inner());
         let msg = Msg::Entries {
-            first_id: all.len() as FileId,
+            first_id: all.len(),
             entries: std::mem::take(&mut self.buf),
         };
-        let mut frame = Vec::new();
-        let encoded = crate::proto::frame::encode(&msg, &[], &mut frame);
+        let encoded = self
+            .ctx
+            .out
+            .append_list(|buf| crate::proto::frame::encode(&msg, &[], buf));
         let Msg::Entries { entries, .. } = msg else {
             unreachable!("built just above")
         };
-        all.extend(entries);
+        all.push(entries);
         match encoded {
             // Writer gone: the read loop sees the end.
-            Ok(()) => drop(self.ctx.out.send_encoded(frame.into())),
-            Err(e) => self.ctx.fatal.fail(
+            Err(_) | Ok(Ok(())) => {}
+            Ok(Err(e)) => self.ctx.fatal.fail(
                 &self.ctx.out,
                 SessionError::Local(format!("encoding the file list: {e}")),
             ),
@@ -81,12 +83,38 @@ impl Drop for ListBatch<'_> {
     }
 }
 
+/// The list as sent, in id order: whole batches, so that growing it never copies entries.
+#[derive(Default)]
+struct ListTable {
+    /// Each batch with the id of its first entry.
+    batches: Vec<(FileId, Vec<Entry>)>,
+    len: FileId,
+}
+
+impl ListTable {
+    fn len(&self) -> FileId {
+        self.len
+    }
+
+    fn push(&mut self, batch: Vec<Entry>) {
+        let first = self.len;
+        self.len += batch.len() as FileId;
+        self.batches.push((first, batch));
+    }
+
+    fn get(&self, id: FileId) -> Option<&Entry> {
+        let i = self.batches.partition_point(|(first, _)| *first <= id);
+        let (first, batch) = self.batches.get(i.checked_sub(1)?)?;
+        batch.get((id - first) as usize)
+    }
+}
+
 struct Ctx {
     pool: rayon::ThreadPool,
     root: PathBuf,
     out: Out,
     obs: Arc<dyn Observer>,
-    entries: RwLock<Vec<Entry>>,
+    entries: RwLock<ListTable>,
     budget: Budget,
     big: Mutex<HashMap<FileId, BigFile>>,
     fatal: super::Fatal,
@@ -118,7 +146,7 @@ pub fn start(
         root,
         out,
         obs,
-        entries: RwLock::new(Vec::new()),
+        entries: RwLock::new(ListTable::default()),
         budget: Budget::new(SEND_BUDGET),
         big: Mutex::new(HashMap::new()),
         fatal: Default::default(),
@@ -242,7 +270,7 @@ impl Ctx {
     /// Path and listed size of file `id` (a protocol violation if it is not a listed file).
     fn file(&self, id: FileId) -> Result<(PathBuf, u64), SessionError> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        match entries.get(id as usize) {
+        match entries.get(id) {
             Some(Entry {
                 path,
                 kind: EntryKind::File { size, .. },
@@ -259,7 +287,7 @@ impl Ctx {
         let result = scan::scan_each(&self.root, opts, &|| {
             let mut batch = ListBatch {
                 ctx: self,
-                buf: Vec::new(),
+                buf: Vec::with_capacity(32),
             };
             let errors = &errors;
             move |ev| match ev {
@@ -276,7 +304,7 @@ impl Ctx {
         });
         match result {
             Ok(()) => {
-                let count = self.entries.read().unwrap_or_else(|p| p.into_inner()).len() as u32;
+                let count = self.entries.read().unwrap_or_else(|p| p.into_inner()).len();
                 let scan_errors = errors.into_inner();
                 crate::trace!("send", "list of {count} entries complete");
                 let _ = self.out.send(Msg::EndOfList { count, scan_errors });
