@@ -383,13 +383,13 @@ fn read_names(fd: BorrowedFd<'_>, rel: &[u8]) -> Result<Vec<Named>, Errno> {
 /// Runs `f` with `name` as a C string (names from `getdents` never contain NUL).
 fn with_cstr<T>(name: &[u8], f: impl FnOnce(&CStr) -> Result<T, Errno>) -> Result<T, Errno> {
     let mut buf = [0u8; 256];
-    if name.len() < buf.len() {
-        buf[..name.len()].copy_from_slice(name);
-        let c = CStr::from_bytes_until_nul(&buf).map_err(|_| Errno::INVAL)?;
-        return f(c);
+    match buf.get_mut(..name.len()) {
+        Some(head) if name.len() < 256 => {
+            head.copy_from_slice(name);
+            f(CStr::from_bytes_with_nul(&buf[..=name.len()]).map_err(|_| Errno::INVAL)?)
+        }
+        _ => f(&std::ffi::CString::new(name).map_err(|_| Errno::INVAL)?),
     }
-    let c = std::ffi::CString::new(name).map_err(|_| Errno::INVAL)?;
-    f(&c)
 }
 
 /// BLAKE3 digest of the file `name` in `dir`, never following a symlink swapped in since.

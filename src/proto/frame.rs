@@ -116,17 +116,11 @@ pub fn decode(frame: &mut Bytes) -> Result<(Msg, Bytes), ProtoError> {
 /// Encodes one frame onto the end of `out` (list batches are encoded by the sender's walker
 /// threads with it; tests and fuzzing build raw streams with it). On error `out` is as it was.
 pub fn encode(msg: &Msg, payload: &[u8], out: &mut Vec<u8>) -> Result<(), ProtoError> {
-    /// Lets postcard serialize straight onto the end of a borrowed buffer.
-    struct Tail<'a>(&'a mut Vec<u8>);
-    impl Extend<u8> for Tail<'_> {
-        fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
-            self.0.extend(iter)
-        }
-    }
     let start = out.len();
     // Both lengths are patched in once the header is serialized in place.
     out.extend_from_slice(&[0; 8]);
-    let header_len = match postcard::to_extend(msg, Tail(out)) {
+    // `&mut Vec<u8>` is an `io::Write` that appends: no intermediate buffer.
+    let header_len = match postcard::to_io(msg, &mut *out) {
         Ok(_) => out.len() - start - 8,
         Err(e) => {
             out.truncate(start);
