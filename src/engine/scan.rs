@@ -464,36 +464,36 @@ mod tests {
 
     /// A tree that exercises every filter source and every kind of entry.
     fn tricky_tree(root: &Path) {
-        write(root, ".gitignore", "*.log\n/build/\n!keep.log\ncache/\n");
-        write(root, "a.log", "x");
-        write(root, "keep.log", "x");
-        write(root, "build/out.o", "x");
-        write(root, "sub/build/kept.txt", "x");
-        write(
-            root,
-            "sub/.gitignore",
-            "*.tmp\n!important.tmp\n/only-here\n",
-        );
-        write(root, "sub/x.tmp", "x");
-        write(root, "sub/important.tmp", "x");
-        write(root, "sub/only-here", "x");
-        write(root, "sub/deeper/only-here", "x");
-        write(root, "sub/deeper/y.tmp", "x");
-        write(root, "other/x.tmp", "x");
-        write(
-            root,
-            "cache/inner/keep.log",
-            "re-included, but its directory is ignored",
-        );
-        write(root, ".devsyncignore", "secret/\n");
-        write(root, "secret/key", "x");
-        write(root, "notes.md", "x");
-        write(root, "docs/notes.md", "x");
-        write(root, ".git/HEAD", "x");
-        write(root, ".git/info/exclude", "by-git-info\n");
-        write(root, "by-git-info", "x");
-        write(root, ".devsync-tmp.123", "never synced");
-        write(root, "d/e/f/g/h/leaf", "x");
+        let files = [
+            (".gitignore", "*.log\n/build/\n!keep.log\ncache/\n"),
+            ("a.log", "x"),
+            ("keep.log", "x"),
+            ("build/out.o", "x"),
+            ("sub/build/kept.txt", "x"),
+            ("sub/.gitignore", "*.tmp\n!important.tmp\n/only-here\n"),
+            ("sub/x.tmp", "x"),
+            ("sub/important.tmp", "x"),
+            ("sub/only-here", "x"),
+            ("sub/deeper/only-here", "x"),
+            ("sub/deeper/y.tmp", "x"),
+            ("other/x.tmp", "x"),
+            (
+                "cache/inner/keep.log",
+                "re-included, but its directory is ignored",
+            ),
+            (".devsyncignore", "secret/\n"),
+            ("secret/key", "x"),
+            ("notes.md", "x"),
+            ("docs/notes.md", "x"),
+            (".git/HEAD", "x"),
+            (".git/info/exclude", "by-git-info\n"),
+            ("by-git-info", "x"),
+            (".devsync-tmp.123", "never synced"),
+            ("d/e/f/g/h/leaf", "x"),
+        ];
+        for (rel, body) in files {
+            write(root, rel, body);
+        }
         std::fs::create_dir_all(root.join("empty/dir")).unwrap();
         symlink("d/e", root.join("link-to-dir")).unwrap();
         symlink("nowhere", root.join("dangling")).unwrap();
@@ -664,5 +664,49 @@ mod tests {
                 digest: Some(*blake3::hash(b"hello").as_bytes())
             }
         );
+    }
+
+    #[test]
+    fn deep_trees_and_over_long_paths() {
+        let td = tempfile::tempdir().unwrap();
+        // 300 levels deep: one fd per level may be held open at once.
+        let mut p = td.path().join("deep");
+        for _ in 0..300 {
+            p.push("d");
+        }
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("leaf"), "x").unwrap();
+        // Past PATH_MAX relative to the root: built with *at calls, skipped with a warning.
+        let mut fd =
+            rfs::open(td.path(), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let long = "n".repeat(250);
+        for _ in 0..18 {
+            rfs::mkdirat(&fd, long.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+            fd = rfs::openat(
+                &fd,
+                long.as_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY,
+                Mode::empty(),
+            )
+            .unwrap();
+        }
+        let (entries, events) = scan_to_vec(td.path(), &ScanOptions::default()).unwrap();
+        assert!(
+            entries
+                .iter()
+                .any(|e| e.path.as_bytes().ends_with(b"/d/leaf"))
+        );
+        assert!(entries.iter().all(|e| e.path.check().is_ok()));
+        let longest = entries
+            .iter()
+            .map(|e| e.path.as_bytes().len())
+            .max()
+            .unwrap();
+        assert!(longest <= MAX_PATH_LEN, "{longest}");
+        let skipped: Vec<_> = events
+            .iter()
+            .filter(|ev| matches!(ev, ScanEvent::Skipped { reason, .. } if reason.contains("longer than")))
+            .collect();
+        assert_eq!(skipped.len(), 1, "{events:?}");
     }
 }
