@@ -12,6 +12,9 @@ use rayon::prelude::*;
 use super::*;
 use std::sync::atomic::Ordering;
 
+/// One chunk's outcome in the first pass over our copy: (chunk, matched, written).
+type ChunkPass = (u64, bool, bool);
+
 impl Ctx {
     /// Opens our copy as a delta base. A small one is signed whole at once; for a big one the
     /// sender hashes its chunks first ([`Ctx::match_chunks`] takes it from there).
@@ -103,39 +106,67 @@ impl Ctx {
             self.obs.progressed(data.len() as u64);
             Ok(())
         };
-        // (chunk, matched, written)
-        let pass: Result<Vec<(u64, bool, bool)>, String> = (0..new_chunks)
+        let visit = |k: u64| -> Result<ChunkPass, String> {
+            if !same_span(k) {
+                writing.store(true, Ordering::Relaxed);
+                return Ok((k, false, false));
+            }
+            let data = base.chunk(k).unwrap_or_default();
+            let cv = hash::chunk_cv(k, data);
+            if cvs.get(k as usize) != Some(&cv) {
+                writing.store(true, Ordering::Relaxed);
+                return Ok((k, false, false));
+            }
+            if writing.load(Ordering::Relaxed) {
+                copy(k, data, cv)?;
+                return Ok((k, true, true));
+            }
+            Ok((k, true, false))
+        };
+        // Workers take chunks in file order, so the chunks that
+        // matched before the first difference showed up (and must be hashed again when they
+        // are written late) are only those ahead of it, not also those at the start of
+        // another worker's half of the file.
+        let next = std::sync::atomic::AtomicU64::new(0);
+        let workers = rayon::current_num_threads().clamp(1, new_chunks.max(1) as usize);
+        let per_worker: Result<Vec<Vec<ChunkPass>>, String> = (0..workers)
             .into_par_iter()
-            .map(|k| {
-                if !same_span(k) {
-                    writing.store(true, Ordering::Relaxed);
-                    return Ok((k, false, false));
+            .map(|_| {
+                let mut done = Vec::new();
+                loop {
+                    // A failed worker moves the counter past the end, stopping the others.
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= new_chunks {
+                        return Ok(done);
+                    }
+                    match visit(k) {
+                        Ok(c) => done.push(c),
+                        Err(e) => {
+                            next.store(new_chunks, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
                 }
-                let data = base.chunk(k).unwrap_or_default();
-                let cv = hash::chunk_cv(k, data);
-                if cvs.get(k as usize) != Some(&cv) {
-                    writing.store(true, Ordering::Relaxed);
-                    return Ok((k, false, false));
-                }
-                if writing.load(Ordering::Relaxed) {
-                    copy(k, data, cv)?;
-                    return Ok((k, true, true));
-                }
-                Ok((k, true, false))
             })
             .collect();
-        let pass = match pass {
-            Ok(p) => p,
-            Err(e) => {
-                return self.file_failed(id, inc, e);
-            }
+        let mut pass: Vec<ChunkPass> = match per_worker {
+            Ok(p) => p.into_iter().flatten().collect(),
+            Err(e) => return self.file_failed(id, inc, e),
         };
+        pass.sort_unstable_by_key(|c| c.0);
         let mismatched: Vec<u32> = pass.iter().filter(|c| !c.1).map(|c| c.0 as u32).collect();
         if mismatched.is_empty() && len == base.len {
             return self.identical(id, inc);
         }
         // Chunks that matched before we knew a new file was needed: written now (and hashed
         // again, so the digest covers the bytes actually written).
+        crate::trace!(
+            "recv",
+            "{}: {} chunks differ, {} matched before the first difference",
+            inc.path,
+            mismatched.len(),
+            pass.iter().filter(|c| c.1 && !c.2).count()
+        );
         let late: Result<(), String> =
             pass.par_iter()
                 .filter(|c| c.1 && !c.2)
