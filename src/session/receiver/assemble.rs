@@ -123,10 +123,9 @@ impl Ctx {
             }
             Ok((k, true, false))
         };
-        // Workers take chunks in file order, so the chunks that
-        // matched before the first difference showed up (and must be hashed again when they
-        // are written late) are only those ahead of it, not also those at the start of
-        // another worker's half of the file.
+        // Workers take chunks in file order, so the chunks that matched before the first
+        // difference showed up (and must be hashed again when they are written late) are
+        // only those ahead of it, not also those at the start of another worker's half.
         let next = std::sync::atomic::AtomicU64::new(0);
         let workers = rayon::current_num_threads().clamp(1, new_chunks.max(1) as usize);
         let per_worker: Result<Vec<Vec<ChunkPass>>, String> = (0..workers)

@@ -29,7 +29,9 @@ impl Ctx {
             };
             match item {
                 PlanItem::Entries(first_id, entries) => {
-                    for (id, entry) in (first_id..).zip(entries) {
+                    // Entries first: the id range is only advanced for real entries, so it
+                    // cannot step past the last id the read loop accepted.
+                    for (entry, id) in entries.into_iter().zip(first_id..) {
                         if let Some(parent) = entry.path.parent()
                             && parent != last_parent.as_slice()
                         {
