@@ -37,6 +37,28 @@ pub fn chunk_cv(k: u64, data: &[u8]) -> Cv {
     h.finalize_non_root()
 }
 
+/// Streams chunk `k` out of `src` through a small private buffer: each piece is copied, hashed
+/// and handed to `sink` (with its offset in the chunk) while it is still in cache. Returns the
+/// chaining value of exactly the bytes handed over. Used where `src` is a view of a file another
+/// process could change: what `sink` writes is then always what was hashed.
+pub fn stream_cv(
+    k: u64,
+    src: &[u8],
+    mut sink: impl FnMut(usize, &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<Cv> {
+    const PIECE: usize = 64 << 10;
+    let mut buf = vec![0u8; PIECE.min(src.len())];
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(k * CHUNK);
+    for (i, piece) in src.chunks(PIECE).enumerate() {
+        let copy = &mut buf[..piece.len()];
+        copy.copy_from_slice(piece);
+        h.update(copy);
+        sink(i * PIECE, copy)?;
+    }
+    Ok(h.finalize_non_root())
+}
+
 /// Standard BLAKE3 digest of a file of `len` bytes, given the chaining values of all its chunks.
 /// Files of one chunk or less have no interior nodes: hash them with [`blake3::hash`] instead,
 /// which is why this returns `None` for them.
@@ -170,6 +192,23 @@ mod tests {
                 "len {len}"
             );
         }
+    }
+
+    #[test]
+    fn stream_cv_hashes_exactly_what_it_hands_over() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut data = vec![0u8; CHUNK as usize - 3];
+        rng.fill_bytes(&mut data);
+        let mut out = vec![0u8; data.len()];
+        let cv = stream_cv(5, &data, |off, piece| {
+            out[off..off + piece.len()].copy_from_slice(piece);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(cv, chunk_cv(5, &data));
+        assert_eq!(out, data);
+        let failed = stream_cv(5, &data, |_, _| Err(std::io::Error::other("disk full")));
+        assert!(failed.is_err());
     }
 
     #[test]

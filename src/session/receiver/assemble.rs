@@ -94,32 +94,39 @@ impl Ctx {
             |k: u64| k < base_chunks && chunk_span(len, k).1 == chunk_span(base.len, k).1;
         // Different lengths: it cannot be identical, so write from the start.
         let writing = std::sync::atomic::AtomicBool::new(len != base.len);
-        let copy = |k: u64, data: &[u8], cv: Cv| -> Result<(), String> {
+        // Our copy is a live mapping that another process could rewrite in place, so a chunk
+        // is never hashed from it and then written from it again: it streams through a small
+        // private buffer that is hashed and written piece by piece. Returns the chunk's
+        // chaining value; it is recorded (the chunk counts as written) only if it is `want`.
+        let stream = |k: u64, want: Option<&Cv>| -> Result<Option<Cv>, String> {
+            let data = base.chunk(k).unwrap_or_default();
             let t = self.temp_file(inc)?;
-            {
+            let cv = hash::stream_cv(k, data, |off, piece| {
                 let _serial = lock(&inc.write);
-                t.file()
-                    .write_all_at(data, k * CHUNK)
-                    .map_err(|e| self.write_error(inc, e))?;
+                t.file().write_all_at(piece, k * CHUNK + off as u64)
+            })
+            .map_err(|e| self.write_error(inc, e))?;
+            if want.is_some_and(|w| *w != cv) {
+                // Overwritten later by the delta for this chunk.
+                return Ok(None);
             }
             lock(&inc.st).chunks.insert(k, (data.len(), cv));
             self.obs.progressed(data.len() as u64);
-            Ok(())
+            Ok(Some(cv))
         };
         let visit = |k: u64| -> Result<ChunkPass, String> {
             if !same_span(k) {
                 writing.store(true, Ordering::Relaxed);
                 return Ok((k, false, false));
             }
-            let data = base.chunk(k).unwrap_or_default();
-            let cv = hash::chunk_cv(k, data);
-            if cvs.get(k as usize) != Some(&cv) {
+            let want = cvs.get(k as usize);
+            if writing.load(Ordering::Relaxed) {
+                let written = stream(k, want)?.is_some();
+                return Ok((k, written, written));
+            }
+            if want != Some(&hash::chunk_cv(k, base.chunk(k).unwrap_or_default())) {
                 writing.store(true, Ordering::Relaxed);
                 return Ok((k, false, false));
-            }
-            if writing.load(Ordering::Relaxed) {
-                copy(k, data, cv)?;
-                return Ok((k, true, true));
             }
             Ok((k, true, false))
         };
@@ -157,8 +164,9 @@ impl Ctx {
         if mismatched.is_empty() && len == base.len {
             return self.identical(id, inc);
         }
-        // Chunks that matched before we knew a new file was needed: written now (and hashed
-        // again, so the digest covers the bytes actually written).
+        // Chunks that matched before we knew a new file was needed: streamed in now, hashed
+        // again (the digest covers the bytes written; if our copy changed meanwhile,
+        // verification fails and the file is sent whole).
         crate::trace!(
             "recv",
             "{}: {} chunks differ, {} matched before the first difference",
@@ -166,13 +174,10 @@ impl Ctx {
             mismatched.len(),
             pass.iter().filter(|c| c.1 && !c.2).count()
         );
-        let late: Result<(), String> =
-            pass.par_iter()
-                .filter(|c| c.1 && !c.2)
-                .try_for_each(|&(k, _, _)| {
-                    let data = base.chunk(k).unwrap_or_default();
-                    copy(k, data, hash::chunk_cv(k, data))
-                });
+        let late: Result<(), String> = pass
+            .par_iter()
+            .filter(|c| c.1 && !c.2)
+            .try_for_each(|&(k, _, _)| stream(k, None).map(drop));
         if let Err(e) = late {
             return self.file_failed(id, inc, e);
         }
