@@ -7,7 +7,7 @@ mod sync;
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Exit statuses (rsync's numbers where they mean the same thing).
 pub mod exit {
@@ -126,7 +126,7 @@ pub struct SyncArgs {
 /// Parses the command line, runs the command, and returns the process exit status.
 pub fn run() -> ExitCode {
     crate::transport::tls::install_crypto_provider();
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print(); // nowhere else to report a failure to print
@@ -144,6 +144,28 @@ pub fn run() -> ExitCode {
         Cmd::Helper => helper::run(),
     };
     ExitCode::from(code)
+}
+
+/// Parses the command line. An empty environment variable counts as unset, as for the
+/// `RUNLOOP_*` variables: clap would otherwise take `DEVSYNC_TLS_CA=` for `--tls-ca` given
+/// without a value and refuse to run.
+fn parse() -> Result<Cli, clap::Error> {
+    fn without_empty_env(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| {
+            let empty = a
+                .get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|v| v.is_empty());
+            if empty {
+                a.env(None::<&'static str>)
+            } else {
+                a
+            }
+        })
+        .mut_subcommands(without_empty_env)
+    }
+    let matches = without_empty_env(Cli::command()).try_get_matches()?;
+    Cli::from_arg_matches(&matches)
 }
 
 /// A multi-threaded runtime sized for this machine.

@@ -546,3 +546,29 @@ fn no_space_is_a_clear_error() {
         "{leftovers:?}"
     );
 }
+
+/// Empty `DEVSYNC_*` variables count as unset (as the `RUNLOOP_*` ones do), not as options
+/// given without a value.
+#[test]
+fn empty_environment_variables_count_as_unset() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"x").unwrap();
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_devsync"))
+            .args([OsStr::new("push"), OsStr::new("-q")])
+            .args([src.as_os_str(), dst.as_os_str()])
+            .env("DEVSYNC_TLS_CA", "")
+            .env("DEVSYNC_REMOTE_DIR", "")
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_tree(&src, &dst);
+}
