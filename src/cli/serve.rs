@@ -17,9 +17,12 @@ pub struct ServeArgs {
     /// Address for the TLS gateway (SSH inside TLS, routed by SNI)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
     listen: String,
-    /// Address for the HTTP API (keys and status)
+    /// Address for the HTTP API (keys and status); plain HTTP only on loopback
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     api_listen: String,
+    /// Serve the API over TLS with the gateway's certificate (required off loopback)
+    #[arg(long)]
+    api_tls: bool,
     /// Domain of devbox host names: devbox dbx_x is reached as dbx_x.DOMAIN
     #[arg(long, default_value = "devsync.localhost")]
     domain: String,
@@ -82,6 +85,20 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))
         }
     };
+    // Checked before binding anything: the API hands out SSH private keys.
+    if !a.api_tls {
+        let addrs: Vec<_> = tokio::net::lookup_host(&a.api_listen)
+            .await
+            .map_err(|e| format!("--api-listen {}: {e}", a.api_listen))?
+            .collect();
+        if let Some(open) = addrs.iter().find(|ad| !ad.ip().is_loopback()) {
+            return Err(format!(
+                "the API hands out SSH private keys and would be plain HTTP on {open}: add \
+                 --api-tls (clients then use https:// and trust the state's CA), or bind \
+                 --api-listen to 127.0.0.1 and put a TLS proxy in front"
+            ));
+        }
+    }
     let listeners = Listeners {
         gateway: bind(&a.listen).await?,
         api: bind(&a.api_listen).await?,
@@ -90,6 +107,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         listeners.gateway.local_addr().map_err(|e| e.to_string())?,
         listeners.api.local_addr().map_err(|e| e.to_string())?,
     );
+    let scheme = if a.api_tls { "https" } else { "http" };
     let cfg = ServeConfig {
         state: StateOptions {
             dir: dir.clone(),
@@ -108,16 +126,17 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         gateway_names: a.gateway_names,
         upstream: a.upstream,
         auth_rejection: Duration::from_secs(1),
+        api_tls: a.api_tls,
     };
     let running = server::start(listeners, cfg)?;
     let st = &running.state;
     server::log(&format!(
-        "gateway on {gw} (TLS, SNI <devbox>.{}), API on http://{api}, state in {}",
+        "gateway on {gw} (TLS, SNI <devbox>.{}), API on {scheme}://{api}, state in {}",
         st.domain,
         dir.display()
     ));
     eprintln!(
-        "clients: export RUNLOOP_BASE_URL=http://{api} RUNLOOP_SSH_GATEWAY={gw} \
+        "clients: export RUNLOOP_BASE_URL={scheme}://{api} RUNLOOP_SSH_GATEWAY={gw} \
          RUNLOOP_API_KEY={} DEVSYNC_TLS_CA={}",
         st.token,
         st.ca_path().display()

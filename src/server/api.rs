@@ -1,8 +1,10 @@
 //! The HTTP API of `devsync serve`, compatible with the hosted service's endpoints that
 //! devsync uses: `POST /v1/devboxes/{id}/create_ssh_key` and `GET /v1/devboxes/{id}`, with a
-//! bearer token. Plain HTTP: bind it to loopback or put a TLS proxy in front.
+//! bearer token. Over TLS with the gateway's certificate (`--api-tls`), or plain HTTP, which
+//! `devsync serve` only allows on loopback: the API hands out SSH private keys.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,23 +18,44 @@ use tokio::net::TcpListener;
 use super::log;
 use super::state::State;
 
-pub async fn serve(listener: TcpListener, state: Arc<State>) -> std::io::Result<()> {
+/// Answers API requests on `listener`, over TLS when `tls` is given.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (tcp, peer) = listener.accept().await?;
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state, peer)) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await
-            {
+            let r = match tls {
+                None => connection(tcp, state, peer).await,
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => connection(stream, state, peer).await,
+                    Err(e) => Err(format!("TLS: {e}")),
+                },
+            };
+            if let Err(e) = r {
                 log(&format!("api {peer}: {e}"));
             }
         });
     }
+}
+
+async fn connection<S>(io: S, state: Arc<State>, peer: SocketAddr) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(req, &state, peer)) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {

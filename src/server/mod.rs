@@ -41,6 +41,8 @@ pub struct ServeConfig {
     pub upstream: Option<String>,
     /// How long a failed SSH authentication is held (constant-time rejection).
     pub auth_rejection: Duration,
+    /// Serve the API over TLS with the gateway's certificate (it hands out SSH keys).
+    pub api_tls: bool,
 }
 
 pub struct Listeners {
@@ -62,6 +64,7 @@ pub fn start(listeners: Listeners, cfg: ServeConfig) -> Result<Running, String> 
         cfg.cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
         &cfg.gateway_names,
     )?;
+    let api_tls = cfg.api_tls.then(|| tls.clone());
     let ssh = sshd::config(state.host_key.clone(), cfg.auth_rejection);
     let gw = Arc::new(gateway::Gateway {
         state: state.clone(),
@@ -73,7 +76,7 @@ pub fn start(listeners: Listeners, cfg: ServeConfig) -> Result<Running, String> 
     let task = tokio::spawn(async move {
         tokio::select! {
             r = gw.serve(listeners.gateway) => r,
-            r = api::serve(listeners.api, api_state) => r,
+            r = api::serve(listeners.api, api_state, api_tls) => r,
         }
     });
     Ok(Running { state, task })

@@ -140,8 +140,11 @@ impl Api {
                 req = req.json(&serde_json::json!({}));
             }
             let resp = req.send().await.map_err(|e| {
-                let msg = format!("{url}: {e}");
-                if e.is_connect() || e.is_timeout() || e.is_request() {
+                let msg = format!("{url}: {}", error_chain(&e));
+                if let Some(hint) = permanent_failure(&e) {
+                    // Retrying cannot make a certificate acceptable or the answer HTTP.
+                    Attempt::Fail(format!("{msg} ({hint})"))
+                } else if e.is_connect() || e.is_timeout() || e.is_request() {
                     Attempt::Retry(msg)
                 } else {
                     Attempt::Fail(msg)
@@ -253,6 +256,42 @@ where
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// `e` and its causes, `: `-separated (reqwest's own message rarely says what went wrong).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+/// Why a request failed for good, if it did: the TLS layer refused the connection (a
+/// certificate no configured root vouches for), or the answer was not HTTP at all.
+fn permanent_failure(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    if e.downcast_ref::<rustls::Error>().is_some() {
+        return Some("if the API uses a private CA, trust it with --tls-ca or DEVSYNC_TLS_CA");
+    }
+    if e.downcast_ref::<hyper::Error>()
+        .is_some_and(|h| h.is_parse())
+    {
+        return Some(
+            "the API did not answer in HTTP; if it serves TLS, use https:// in RUNLOOP_BASE_URL",
+        );
+    }
+    // io::Error hides the error it wraps from `source()`.
+    let wrapped = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| permanent_failure(inner));
+    wrapped.or_else(|| e.source().and_then(permanent_failure))
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ pub struct Endpoint {
     pub running: Running,
     pub gateway: SocketAddr,
     pub api: SocketAddr,
+    /// `http` or `https`.
+    pub api_scheme: &'static str,
     pub state_dir: tempfile::TempDir,
     /// `HOME` of client processes (key cache, pins, devsync state).
     pub home: tempfile::TempDir,
@@ -32,6 +34,8 @@ pub struct Opts {
     pub cert: Option<(PathBuf, PathBuf)>,
     /// Reuse a state directory (restart); default a fresh one.
     pub state_dir: Option<tempfile::TempDir>,
+    /// Serve the API over TLS.
+    pub api_tls: bool,
 }
 
 impl Default for Opts {
@@ -44,6 +48,7 @@ impl Default for Opts {
             create_on_demand: false,
             cert: None,
             state_dir: None,
+            api_tls: false,
         }
     }
 }
@@ -66,6 +71,7 @@ pub fn endpoint(
 pub fn endpoint_with(o: Opts) -> Endpoint {
     devsync::transport::tls::install_crypto_provider();
     let rt = rt();
+    let api_scheme = if o.api_tls { "https" } else { "http" };
     let state_dir = o.state_dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
     let home = tempfile::tempdir().unwrap();
     let (running, gateway, api) = rt.block_on(async {
@@ -86,6 +92,7 @@ pub fn endpoint_with(o: Opts) -> Endpoint {
             gateway_names: vec![],
             upstream: o.upstream,
             auth_rejection: Duration::from_millis(10),
+            api_tls: o.api_tls,
         };
         (
             server::start(Listeners { gateway: gw, api }, cfg).unwrap(),
@@ -98,6 +105,7 @@ pub fn endpoint_with(o: Opts) -> Endpoint {
         running,
         gateway,
         api,
+        api_scheme,
         state_dir,
         home,
     }
@@ -111,7 +119,10 @@ impl Endpoint {
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(BIN);
         c.env("HOME", self.home.path())
-            .env("RUNLOOP_BASE_URL", format!("http://{}", self.api))
+            .env(
+                "RUNLOOP_BASE_URL",
+                format!("{}://{}", self.api_scheme, self.api),
+            )
             .env("RUNLOOP_SSH_GATEWAY", self.gateway.to_string())
             .env("RUNLOOP_API_KEY", "test-token")
             .env("DEVSYNC_TLS_CA", self.ca())
@@ -438,6 +449,70 @@ fn serve_creates_on_demand_and_keeps_its_identity_across_restarts() {
     let (code, _, err) = ep2.run(&["push", s(&src), "dbx_other:/tmp/x"], |_| {});
     assert_eq!(code, 1);
     assert!(err.contains("404"), "{err}");
+}
+
+#[test]
+fn api_over_tls_is_verified_like_the_gateway() {
+    let ep = endpoint_with(Opts {
+        devboxes: vec!["dbx_tls".into()],
+        api_tls: true,
+        ..Opts::default()
+    });
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"over https").unwrap();
+    let dst_dir = td.path().join("r");
+    let dst = format!("dbx_tls:{}", s(&dst_dir));
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(dst_dir.join("f")).unwrap(), b"over https");
+    // Without the state's CA the API's certificate is refused, and the error names the stage.
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |c| {
+        c.env_remove("DEVSYNC_TLS_CA");
+    });
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("devbox API") && err.contains("certificate"),
+        "{err}"
+    );
+    assert!(
+        err.contains("DEVSYNC_TLS_CA") && !err.contains("gave up"),
+        "{err}"
+    );
+    // A client still speaking plain HTTP to it gets an error (at once), not a key.
+    let (code, _, err) = ep.run(&["push", s(&src), &dst], |c| {
+        c.env("RUNLOOP_BASE_URL", format!("http://{}", ep.api));
+    });
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("https://") && !err.contains("gave up"),
+        "{err}"
+    );
+}
+
+/// The API hands out SSH keys: plain HTTP off loopback is refused before anything is bound.
+#[test]
+fn serve_refuses_a_plain_http_api_off_loopback() {
+    let state = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "0.0.0.0:0",
+            "--state",
+        ])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--api-tls") && err.contains("plain HTTP"),
+        "{err}"
+    );
 }
 
 #[test]
