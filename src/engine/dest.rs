@@ -567,11 +567,7 @@ fn local_meta(st: &rfs::Stat) -> LocalMeta {
         kind,
         size: st.st_size as u64,
         mode: st.st_mode & MODE_MASK,
-        mtime: Mtime {
-            #[allow(clippy::unnecessary_cast)] // i64 on x86_64, not on every target
-            sec: st.st_mtime as i64,
-            nsec: (st.st_mtime_nsec as u32).min(999_999_999),
-        },
+        mtime: Mtime::of_stat(st),
     }
 }
 

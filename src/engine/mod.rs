@@ -36,6 +36,15 @@ impl Mtime {
         }
     }
 
+    /// The modification time in a `stat` result from rustix.
+    pub fn of_stat(st: &rustix::fs::Stat) -> Mtime {
+        Mtime {
+            #[allow(clippy::unnecessary_cast)] // i64 on x86_64, not on every target
+            sec: st.st_mtime as i64,
+            nsec: (st.st_mtime_nsec as u32).min(999_999_999),
+        }
+    }
+
     pub fn is_valid(&self) -> bool {
         self.nsec < 1_000_000_000
     }

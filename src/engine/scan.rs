@@ -11,7 +11,6 @@
 //! refuse paths whose parent was never announced as a directory). Symlinks are reported as
 //! links and never followed; fifos, sockets and devices are skipped with a warning.
 
-use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -130,7 +129,7 @@ where
         matcher: Mutex::new(matcher),
         make,
     };
-    pool.scope(|s| walk.list(s, root_fd, Vec::new()));
+    pool.scope(|s| walk.list(s, root_fd, b""));
     Ok(())
 }
 
@@ -144,10 +143,10 @@ struct Walk<'a, M> {
     make: &'a M,
 }
 
-/// A subdirectory to read: its parent's fd (shared by siblings) and its name there.
+/// A subdirectory to read: its parent's fd (shared by siblings) and its path.
 struct SubDir {
     parent: Arc<OwnedFd>,
-    rel: Vec<u8>,
+    rel: RelPath,
 }
 
 impl<'a, M, S> Walk<'a, M>
@@ -162,30 +161,20 @@ where
             .to_string()
     }
 
-    fn rel_shown(rel: &[u8]) -> String {
-        String::from_utf8_lossy(rel).into_owned()
-    }
-
     fn open_and_list<'s>(&'s self, scope: &rayon::Scope<'s>, sub: SubDir) {
-        let name = match sub.rel.iter().rposition(|&c| c == b'/') {
-            Some(i) => &sub.rel[i + 1..],
-            None => &sub.rel[..],
-        };
-        let opened = with_cstr(name, |name| {
-            rfs::openat(
-                sub.parent.as_fd(),
-                name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-        });
+        let opened = rfs::openat(
+            sub.parent.as_fd(),
+            sub.rel.file_name(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        );
         drop(sub.parent);
         match opened {
-            Ok(fd) => self.list(scope, fd, sub.rel),
+            Ok(fd) => self.list(scope, fd, sub.rel.as_bytes()),
             // Removed since its parent was read: not part of this sync.
             Err(Errno::NOENT) => {}
             Err(e) => (self.make)()(ScanEvent::Error {
-                path: Self::rel_shown(&sub.rel),
+                path: sub.rel.to_string(),
                 message: format!("reading directory: {}", std::io::Error::from(e)),
             }),
         }
@@ -193,16 +182,16 @@ where
 
     /// Reports the entries of the directory `fd` (at `rel`, empty for the root), then queues
     /// its subdirectories.
-    fn list<'s>(&'s self, scope: &rayon::Scope<'s>, fd: OwnedFd, rel: Vec<u8>) {
+    fn list<'s>(&'s self, scope: &rayon::Scope<'s>, fd: OwnedFd, rel: &[u8]) {
         let mut sink = (self.make)();
         let fd = Arc::new(fd);
-        let names = match read_names(fd.as_fd(), &rel) {
+        let names = match read_names(fd.as_fd(), rel) {
             Ok(names) => names,
             Err(e) => {
                 let path = if rel.is_empty() {
                     self.root.display().to_string()
                 } else {
-                    Self::rel_shown(&rel)
+                    String::from_utf8_lossy(rel).into_owned()
                 };
                 sink(ScanEvent::Error {
                     path,
@@ -222,7 +211,7 @@ where
             {
                 subdirs.push(SubDir {
                     parent: fd.clone(),
-                    rel: e.path.as_bytes().to_vec(),
+                    rel: e.path.clone(),
                 });
             }
             sink(ev);
@@ -240,11 +229,9 @@ where
         // `dir/` patterns need the type; a file system that does not report it in `getdents`
         // gets an extra `lstat` (outside the matcher's lock).
         for named in names.iter_mut().filter(|n| n.is_dir.is_none()) {
-            named.is_dir = with_cstr(named.name(), |n| {
-                rfs::statat(dir, n, AtFlags::SYMLINK_NOFOLLOW)
-            })
-            .ok()
-            .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+            named.is_dir = rfs::statat(dir, named.name(), AtFlags::SYMLINK_NOFOLLOW)
+                .ok()
+                .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
         }
         let mut m = self.matcher.lock().unwrap_or_else(|p| p.into_inner());
         let mut kept = Vec::with_capacity(names.len());
@@ -273,7 +260,7 @@ where
         let rpath = RelPath::unchecked(named.path);
         debug_assert!(rpath.check().is_ok(), "{rpath:?}");
         let name = &rpath.as_bytes()[named.name_at..];
-        let st = match with_cstr(name, |n| rfs::statat(dir, n, AtFlags::SYMLINK_NOFOLLOW)) {
+        let st = match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             // Deleted between readdir and lstat: simply not part of this sync.
             Err(Errno::NOENT) => return None,
@@ -304,7 +291,7 @@ where
                 EntryKind::File { size, digest }
             }
             FileType::Directory => EntryKind::Dir,
-            FileType::Symlink => match with_cstr(name, |n| rfs::readlinkat(dir, n, Vec::new())) {
+            FileType::Symlink => match rfs::readlinkat(dir, name, Vec::new()) {
                 Ok(t) => EntryKind::Symlink {
                     target: t.into_bytes(),
                 },
@@ -326,11 +313,7 @@ where
             path: rpath,
             kind,
             mode: st.st_mode & MODE_MASK,
-            mtime: Mtime {
-                #[allow(clippy::unnecessary_cast)] // i64 on x86_64, not on every target
-                sec: st.st_mtime as i64,
-                nsec: (st.st_mtime_nsec as u32).min(999_999_999),
-            },
+            mtime: Mtime::of_stat(&st),
         }))
     }
 }
@@ -380,28 +363,14 @@ fn read_names(fd: BorrowedFd<'_>, rel: &[u8]) -> Result<Vec<Named>, Errno> {
     Ok(out)
 }
 
-/// Runs `f` with `name` as a C string (names from `getdents` never contain NUL).
-fn with_cstr<T>(name: &[u8], f: impl FnOnce(&CStr) -> Result<T, Errno>) -> Result<T, Errno> {
-    let mut buf = [0u8; 256];
-    match buf.get_mut(..name.len()) {
-        Some(head) if name.len() < 256 => {
-            head.copy_from_slice(name);
-            f(CStr::from_bytes_with_nul(&buf[..=name.len()]).map_err(|_| Errno::INVAL)?)
-        }
-        _ => f(&std::ffi::CString::new(name).map_err(|_| Errno::INVAL)?),
-    }
-}
-
 /// BLAKE3 digest of the file `name` in `dir`, never following a symlink swapped in since.
 fn hash_at(dir: BorrowedFd<'_>, name: &[u8], len: u64) -> std::io::Result<hash::Digest> {
-    let fd = with_cstr(name, |n| {
-        rfs::openat(
-            dir,
-            n,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-    })?;
+    let fd = rfs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
     hash::file_digest(&File::from(fd), len)
 }
 
