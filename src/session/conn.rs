@@ -19,6 +19,7 @@ use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, watch};
 
+use super::lock;
 use crate::proto::{FrameWriter, Msg, ProtoError};
 
 /// Longest the list waits in the writer's hands for more frames to share a flush.
@@ -93,10 +94,6 @@ impl Out {
             Err(_) => std::future::pending().await,
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The receiving end of an [`Out`] whose writer has not started yet: frames queue up until
@@ -255,7 +252,7 @@ impl Budget {
     pub fn acquire(&self, n: u64) -> Permit {
         let n = n.min(self.1);
         let (lock, cv) = &*self.0;
-        let mut free = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut free = super::lock(lock);
         while *free < n {
             free = cv.wait(free).unwrap_or_else(|p| p.into_inner());
         }
@@ -284,7 +281,7 @@ impl Budget {
 impl Drop for Permit {
     fn drop(&mut self) {
         let (lock, cv) = &*self.budget.0;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) += self.n;
+        *super::lock(lock) += self.n;
         cv.notify_all();
     }
 }

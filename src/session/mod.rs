@@ -28,6 +28,11 @@ pub trait Observer: Send + Sync {
     fn file_done(&self) {}
 }
 
+/// Locks `m` even if a panicking thread poisoned it, as every lock in the session layer does.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A worker pool of its own for each role: the sender's jobs block on their byte budget, and
 /// in a process running both roles (tests, in-memory sessions) a shared pool would let them
 /// starve the receiver jobs that release it.
@@ -53,10 +58,7 @@ impl Fatal {
     /// up (our notification or the peer hanging up) it reports this error.
     pub(crate) fn fail(&self, out: &conn::Out, e: SessionError) {
         let message = e.to_string();
-        self.err
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(e);
+        lock(&self.err).get_or_insert(e);
         self.set.notify_one();
         let _ = out.send(crate::proto::Msg::Fatal { message }); // already failing
     }
@@ -70,7 +72,7 @@ impl Fatal {
     }
 
     fn take(&self) -> Option<SessionError> {
-        self.err.lock().unwrap_or_else(|p| p.into_inner()).take()
+        lock(&self.err).take()
     }
 }
 

@@ -231,12 +231,7 @@ pub async fn serve<R: AsyncRead + Unpin>(
             Msg::SigPart { id, chunk } => ctx.add_part(id, chunk, payload)?,
             Msg::DeltaRequest { id, chunks, full } => {
                 let path = ctx.file_path(id)?;
-                let Some(big) = ctx
-                    .big
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id)
-                else {
+                let Some(big) = super::lock(&ctx.big).remove(&id) else {
                     return Err(
                         ctx.violation(format!("delta request for file {id} before its hashes"))
                     );
@@ -599,10 +594,7 @@ impl Ctx {
                 cvs: cvs.clone(),
                 parts: HashMap::new(),
             };
-            self.big
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, big);
+            super::lock(&self.big).insert(id, big);
             let _ = self.out.send(Msg::NewHashes { id, len, cvs });
             Ok(())
         })();
@@ -613,7 +605,7 @@ impl Ctx {
 
     /// Stores a signature part of a big file's base.
     fn add_part(&self, id: FileId, chunk: u32, part: Bytes) -> Result<(), SessionError> {
-        let mut big = self.big.lock().unwrap_or_else(|p| p.into_inner());
+        let mut big = super::lock(&self.big);
         let ok = big.get_mut(&id).is_some_and(|b| {
             u64::from(chunk) < chunk_count(b.base_len) && b.parts.insert(chunk, part).is_none()
         });

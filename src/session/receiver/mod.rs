@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU32;
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 
 use bytes::Bytes;
 use memmap2::Mmap;
@@ -16,7 +16,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::Semaphore;
 
 use super::conn::Out;
-use super::{Observer, SessionError};
+use super::{Observer, SessionError, lock};
 use crate::engine::delta::{self, DELTA_MIN_BASE, SigParams};
 use crate::engine::dest::{Dest, DestError, Removed, TempFile};
 use crate::engine::hash::{self, CHUNK, Cv, Digest, chunk_count, chunk_span};
@@ -33,10 +33,6 @@ mod planning;
 const RECV_BUDGET: usize = 64 << 20;
 /// Files at least this big get their blocks reserved before writing.
 const PREALLOCATE_MIN: u64 = 1 << 20;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// The receiver's old copy of a file, used as delta base.
 struct Base {
