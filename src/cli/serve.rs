@@ -87,11 +87,10 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     };
     // Checked before binding anything: the API hands out SSH private keys.
     if !a.api_tls {
-        let addrs: Vec<_> = tokio::net::lookup_host(&a.api_listen)
+        let mut addrs = tokio::net::lookup_host(&a.api_listen)
             .await
-            .map_err(|e| format!("--api-listen {}: {e}", a.api_listen))?
-            .collect();
-        if let Some(open) = addrs.iter().find(|ad| !ad.ip().is_loopback()) {
+            .map_err(|e| format!("--api-listen {}: {e}", a.api_listen))?;
+        if let Some(open) = addrs.find(|ad| !ad.ip().is_loopback()) {
             return Err(format!(
                 "the API hands out SSH private keys and would be plain HTTP on {open}: add \
                  --api-tls (clients then use https:// and trust the state's CA), or bind \

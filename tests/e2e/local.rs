@@ -556,7 +556,7 @@ fn empty_environment_variables_count_as_unset() {
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("f"), b"x").unwrap();
     let run = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_devsync"))
+        std::process::Command::new(BIN)
             .args([OsStr::new("push"), OsStr::new("-q")])
             .args([src.as_os_str(), dst.as_os_str()])
             .env("DEVSYNC_TLS_CA", "")

@@ -153,6 +153,14 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `dir/src` holding one file `f` with `body`: the tree the connection tests push.
+fn one_file_tree(dir: &Path, body: &[u8]) -> PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), body).unwrap();
+    src
+}
+
 #[test]
 fn devbox_push_pull_with_bootstrap_then_reuse() {
     let ep = endpoint(&["dbx_one"], None, "user", KeyFormat::Pkcs8);
@@ -213,9 +221,7 @@ fn devbox_push_pull_with_bootstrap_then_reuse() {
 fn devbox_key_formats_and_refetch_of_a_refused_cached_key() {
     let ep = endpoint(&["dbx_fmt"], None, "user", KeyFormat::OpenSsh);
     let td = tempfile::tempdir().unwrap();
-    let src = td.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    std::fs::write(src.join("f"), b"x").unwrap();
+    let src = one_file_tree(td.path(), b"x");
     let dst = format!("dbx_fmt:{}", s(&td.path().join("r")));
     let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
     assert_eq!(code, 0, "OpenSSH-format key: {err}");
@@ -240,9 +246,7 @@ fn devbox_key_formats_and_refetch_of_a_refused_cached_key() {
 fn devbox_failures_are_clear() {
     let ep = endpoint(&["dbx_bad"], None, "user", KeyFormat::Pkcs8);
     let td = tempfile::tempdir().unwrap();
-    let src = td.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    std::fs::write(src.join("f"), b"x").unwrap();
+    let src = one_file_tree(td.path(), b"x");
     let remote = td.path().join("r");
     let dst = format!("dbx_bad:{}", s(&remote));
     let check = |code: i32, err: &str, want: &str| {
@@ -398,9 +402,7 @@ fn serve_creates_on_demand_and_keeps_its_identity_across_restarts() {
         ..Opts::default()
     });
     let td = tempfile::tempdir().unwrap();
-    let src = td.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    std::fs::write(src.join("f"), b"x").unwrap();
+    let src = one_file_tree(td.path(), b"x");
     let dst = format!("dbx_fresh:{}", s(&td.path().join("r")));
     let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
     assert_eq!(code, 0, "created on first use: {err}");
@@ -459,9 +461,7 @@ fn api_over_tls_is_verified_like_the_gateway() {
         ..Opts::default()
     });
     let td = tempfile::tempdir().unwrap();
-    let src = td.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    std::fs::write(src.join("f"), b"over https").unwrap();
+    let src = one_file_tree(td.path(), b"over https");
     let dst_dir = td.path().join("r");
     let dst = format!("dbx_tls:{}", s(&dst_dir));
     let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
@@ -541,9 +541,7 @@ fn serve_with_a_given_certificate() {
         cert: Some((cert, key)),
         ..Opts::default()
     });
-    let src = td.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    std::fs::write(src.join("f"), b"x").unwrap();
+    let src = one_file_tree(td.path(), b"x");
     let dst = format!("dbx_cert:{}", s(&td.path().join("r")));
     // The state's own CA does not vouch for this certificate; ours does.
     let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
@@ -559,9 +557,7 @@ fn serve_with_a_given_certificate() {
 fn helper_bootstrap_failures_are_clear() {
     let ep = endpoint(&["dbx_boot"], None, "user", KeyFormat::Pkcs8);
     let td = tempfile::tempdir().unwrap();
-    let src = td.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    std::fs::write(src.join("f"), b"x").unwrap();
+    let src = one_file_tree(td.path(), b"x");
     let dst = format!("dbx_boot:{}", s(&td.path().join("r")));
     let (code, _, err) = ep.run(
         &[

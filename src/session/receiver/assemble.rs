@@ -164,9 +164,6 @@ impl Ctx {
         if mismatched.is_empty() && len == base.len {
             return self.identical(id, inc);
         }
-        // Chunks that matched before we knew a new file was needed: streamed in now, hashed
-        // again (the digest covers the bytes written; if our copy changed meanwhile,
-        // verification fails and the file is sent whole).
         crate::trace!(
             "recv",
             "{}: {} chunks differ, {} matched before the first difference",
@@ -174,6 +171,9 @@ impl Ctx {
             mismatched.len(),
             pass.iter().filter(|c| c.1 && !c.2).count()
         );
+        // Chunks that matched before we knew a new file was needed: streamed in now, hashed
+        // again (the digest covers the bytes written; if our copy changed meanwhile,
+        // verification fails and the file is sent whole).
         let late: Result<(), String> = pass
             .par_iter()
             .filter(|c| c.1 && !c.2)
