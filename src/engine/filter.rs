@@ -14,8 +14,6 @@ use serde::{Deserialize, Serialize};
 /// Per-directory ignore file read in addition to (or, with `--no-gitignore`, instead of)
 /// `.gitignore`.
 pub const DEVSYNC_IGNORE: &str = ".devsyncignore";
-/// Prefix of the short-lived names the receiver renames into place; never synced.
-pub const TEMP_PREFIX: &str = ".devsync-tmp.";
 /// Version-control metadata directories excluded by `--exclude-vcs`.
 pub const VCS_DIRS: &[&str] = &[".git", ".hg", ".svn", ".jj", ".bzr", "_darcs", "CVS"];
 
@@ -89,11 +87,9 @@ impl FilterOptions {
             .ignore(false)
             .add_custom_ignore_filename(DEVSYNC_IGNORE)
             .overrides(overrides)
-            .filter_entry(|e| {
-                !e.file_name()
-                    .as_encoded_bytes()
-                    .starts_with(TEMP_PREFIX.as_bytes())
-            });
+            // devsync's own temp and partial files are never synced (a user's file that only
+            // looks like one is: see `tempname`).
+            .filter_entry(|e| super::tempname::ours(e.file_name().as_encoded_bytes()).is_none());
         Ok(b)
     }
 }

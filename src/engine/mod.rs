@@ -10,6 +10,8 @@ pub mod hash;
 pub mod plan;
 pub mod relpath;
 pub mod scan;
+pub mod source;
+pub mod tempname;
 
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;

@@ -166,7 +166,7 @@ pub const GUARD_MIN_DELETIONS: usize = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "refusing to delete {count} of {total} entries on the receiving side ({why}); \
+    "refusing to delete {count} of {total} entries in {dir} ({why}); \
      nothing was deleted. Check the source path, or pass --force-delete if this is intended. \
      Would delete: {sample}"
 )]
@@ -175,6 +175,8 @@ pub struct GuardRefusal {
     pub total: usize,
     pub why: &'static str,
     pub sample: String,
+    /// The directory deletions were refused in (filled in by the caller that knows it).
+    pub dir: String,
 }
 
 /// Refuses deletions that look like a mistake: the sender's root is empty, or more than half
@@ -213,6 +215,7 @@ pub fn check_delete_guard(
         total: receiver_total,
         why,
         sample: sample.join(", "),
+        dir: "the destination".into(),
     })
 }
 

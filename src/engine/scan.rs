@@ -21,8 +21,9 @@ use ignore::IncrementalIgnore;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
-use super::filter::{FilterError, FilterOptions, TEMP_PREFIX};
+use super::filter::{FilterError, FilterOptions};
 use super::relpath::MAX_PATH_LEN;
+use super::tempname::{self, Ours};
 use super::{Entry, EntryKind, MODE_MASK, Mtime, RelPath, hash, special_kind_name};
 
 /// What the walk reports, from walker threads, in parent-before-child order per subtree.
@@ -39,6 +40,12 @@ pub enum ScanEvent {
         path: String,
         message: String,
     },
+    /// One of devsync's own temp or partial files (only with [`ScanOptions::report_ours`]);
+    /// never part of the list.
+    Ours {
+        path: RelPath,
+        kind: Ours,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -48,6 +55,8 @@ pub struct ScanOptions {
     pub checksum: bool,
     /// Walker threads (0: one per core).
     pub threads: usize,
+    /// Report devsync's own files as [`ScanEvent::Ours`] (the receiver cleans up leftovers).
+    pub report_ours: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +135,7 @@ where
     let walk = Walk {
         root,
         checksum: opts.checksum,
+        report_ours: opts.report_ours,
         matcher: Mutex::new(matcher),
         make,
     };
@@ -137,6 +147,7 @@ where
 struct Walk<'a, M> {
     root: &'a Path,
     checksum: bool,
+    report_ours: bool,
     /// `IncrementalIgnore` caches per-directory matchers and needs `&mut`; a directory's
     /// entries are matched under one lock, which is short next to their `lstat`s.
     matcher: Mutex<IncrementalIgnore>,
@@ -225,7 +236,18 @@ where
 
     /// Drops the names the filters exclude.
     fn filter(&self, sink: &mut S, dir: BorrowedFd<'_>, mut names: Vec<Named>) -> Vec<Named> {
-        names.retain(|n| !n.name().starts_with(TEMP_PREFIX.as_bytes()));
+        names.retain(|n| match tempname::ours(n.name()) {
+            None => true,
+            Some(kind) => {
+                if self.report_ours && n.path.len() <= MAX_PATH_LEN {
+                    sink(ScanEvent::Ours {
+                        path: RelPath::unchecked(n.path.clone()),
+                        kind,
+                    });
+                }
+                false
+            }
+        });
         // `dir/` patterns need the type; a file system that does not report it in `getdents`
         // gets an extra `lstat` (outside the matcher's lock).
         for named in names.iter_mut().filter(|n| n.is_dir.is_none()) {
@@ -457,12 +479,17 @@ mod tests {
             (".git/HEAD", "x"),
             (".git/info/exclude", "by-git-info\n"),
             ("by-git-info", "x"),
-            (".devsync-tmp.123", "never synced"),
+            (
+                ".devsync-tmp.123",
+                "a user's file that only looks like ours",
+            ),
             ("d/e/f/g/h/leaf", "x"),
         ];
         for (rel, body) in files {
             write(root, rel, body);
         }
+        let ours = String::from_utf8(tempname::temp_name(42)).unwrap();
+        write(root, &format!("sub/{ours}"), "devsync's own: never synced");
         std::fs::create_dir_all(root.join("empty/dir")).unwrap();
         symlink("d/e", root.join("link-to-dir")).unwrap();
         symlink("nowhere", root.join("dangling")).unwrap();
@@ -529,6 +556,7 @@ mod tests {
                     filters: filters.clone(),
                     checksum: false,
                     threads,
+                    report_ours: false,
                 };
                 let (entries, events) = scan_to_vec(root, &opts).unwrap();
                 let got: BTreeMap<_, _> = entries
@@ -552,7 +580,7 @@ mod tests {
                     .filter_map(|ev| match ev {
                         ScanEvent::Skipped { path, reason } => Some((path, reason)),
                         ScanEvent::Error { path, message } => panic!("{path}: {message}"),
-                        ScanEvent::Entry(_) => None,
+                        ScanEvent::Entry(_) | ScanEvent::Ours { .. } => None,
                     })
                     .collect();
                 assert_eq!(skipped.len(), 1, "{skipped:?}");
@@ -570,6 +598,43 @@ mod tests {
             EntryKind::Symlink {
                 target: b"d/e".to_vec()
             }
+        );
+    }
+
+    #[test]
+    fn our_own_files_are_skipped_and_reported_only_when_asked() {
+        let td = tempfile::tempdir().unwrap();
+        let root = td.path();
+        let temp = String::from_utf8(tempname::temp_name(9)).unwrap();
+        let part = String::from_utf8(tempname::partial_name(b"big")).unwrap();
+        write(root, &format!("d/{temp}"), "x");
+        write(root, &part, "x");
+        write(root, ".devsync-tmp.mine", "a user's file");
+        let names = |report_ours| {
+            let opts = ScanOptions {
+                report_ours,
+                ..ScanOptions::default()
+            };
+            let (entries, events) = scan_to_vec(root, &opts).unwrap();
+            let mut listed: Vec<String> = entries.iter().map(|e| e.path.to_string()).collect();
+            listed.sort();
+            let mut ours: Vec<(String, Ours)> = events
+                .into_iter()
+                .filter_map(|ev| match ev {
+                    ScanEvent::Ours { path, kind } => Some((path.to_string(), kind)),
+                    _ => None,
+                })
+                .collect();
+            ours.sort_by(|a, b| a.0.cmp(&b.0));
+            (listed, ours)
+        };
+        let (listed, ours) = names(false);
+        assert_eq!(listed, [".devsync-tmp.mine", "d"]);
+        assert!(ours.is_empty());
+        let (_, ours) = names(true);
+        assert_eq!(
+            ours,
+            [(part, Ours::Partial), (format!("d/{temp}"), Ours::Temp)]
         );
     }
 

@@ -9,7 +9,7 @@ use crate::engine::delta::SigParams;
 use crate::engine::filter::{FilterOptions, MAX_EXCLUDES, MAX_PATTERN_LEN};
 use crate::engine::hash::{Cv, Digest, chunk_count};
 use crate::engine::plan::Change;
-use crate::engine::{Entry, EntryKind, MODE_MASK};
+use crate::engine::{Entry, EntryKind, MODE_MASK, Mtime};
 
 /// Index of an entry in the sender's file list (assigned in the order entries are sent).
 pub type FileId = u32;
@@ -21,12 +21,30 @@ pub const MAX_LINK_TARGET: usize = 4096;
 /// Most chunk hashes in one message: a 64 TiB file.
 pub const MAX_CHUNKS: u64 = 1 << 24;
 
+/// The mode and mtime a file had while its content was read, for the receiver to apply (the
+/// list's may be older: a file can change between the scan and its transfer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub mode: u32,
+    pub mtime: Mtime,
+}
+
+impl Stamp {
+    fn validate(&self) -> Result<(), ProtoError> {
+        if self.mode & !MODE_MASK != 0 || !self.mtime.is_valid() {
+            return Err(invalid(format!("bad mode or mtime {self:?}")));
+        }
+        Ok(())
+    }
+}
+
 /// One file in a [`Msg::WholeFiles`] batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WholeItem {
     pub id: FileId,
     pub len: u32,
     pub digest: Digest,
+    pub stamp: Stamp,
 }
 
 /// Most ids or files in one batch message.
@@ -80,6 +98,8 @@ pub struct Stats {
     pub matched_bytes: u64,
     /// Rebuilt files whose BLAKE3 did not match and were re-sent whole.
     pub verify_retries: u64,
+    /// Transfers started over because the file changed while it was being sent.
+    pub restarts: u64,
     pub errors: u64,
     pub warnings: u64,
     /// `--delete` was refused by the guard (exit status 25).
@@ -110,7 +130,12 @@ pub enum Msg {
         entries: Vec<Entry>,
     },
     /// Sender → receiver: the list is complete. With scan errors, the receiver must not delete.
-    EndOfList { count: u32, scan_errors: u32 },
+    /// `root`: the sender's root directory's own mode and mtime, mirrored at the end.
+    EndOfList {
+        count: u32,
+        scan_errors: u32,
+        root: Option<Stamp>,
+    },
 
     /// Receiver → sender: send these files whole.
     NeedWhole { ids: Vec<FileId> },
@@ -127,8 +152,14 @@ pub enum Msg {
         base_len: u64,
         params: SigParams,
     },
-    /// Sender → receiver: the chaining value of every chunk of the new file.
-    NewHashes { id: FileId, len: u64, cvs: Vec<Cv> },
+    /// Sender → receiver: the chaining value of every chunk of the new file, and the
+    /// attributes of the version hashed.
+    NewHashes {
+        id: FileId,
+        len: u64,
+        cvs: Vec<Cv>,
+        stamp: Stamp,
+    },
     /// Receiver → sender: block signature of one base chunk (payload).
     SigPart { id: FileId, chunk: u32 },
     /// Receiver → sender (after the signature parts it needs): send deltas for these new
@@ -138,6 +169,10 @@ pub enum Msg {
         chunks: Vec<u32>,
         full: bool,
     },
+    /// Receiver → sender (after `NewHashes`, when it has no base to diff against but holds the
+    /// other chunks already, as when resuming a partial transfer): send these chunks as
+    /// literal `Data`, then `FileEnd`.
+    NeedChunks { id: FileId, chunks: Vec<u32> },
 
     /// Sender → receiver: complete files of at most one chunk each; the payload is their
     /// contents one after the other, in `files` order.
@@ -160,9 +195,13 @@ pub enum Msg {
         id: FileId,
         len: u64,
         digest: Digest,
+        stamp: Stamp,
     },
     /// Sender → receiver: the receiver's copy already has this content.
-    Identical { id: FileId },
+    Identical { id: FileId, stamp: Stamp },
+    /// Sender → receiver: the file changed while it was being sent; forget what was sent of it
+    /// and ask for it again.
+    Restart { id: FileId },
     /// Sender → receiver: this file could not be read. `transient`: it vanished or changed
     /// while being read (a warning; the next sync picks it up).
     SendFailed {
@@ -177,6 +216,8 @@ pub enum Msg {
     Done { stats: Stats },
     /// Sender → receiver: acknowledges `Done`; the session is over.
     Bye,
+    /// Either way, when nothing else was sent for a while: the peer is alive.
+    Ping,
 }
 
 fn invalid(what: impl Into<String>) -> ProtoError {
@@ -186,6 +227,17 @@ fn invalid(what: impl Into<String>) -> ProtoError {
 fn check_text(s: &str) -> Result<(), ProtoError> {
     if s.len() > MAX_TEXT {
         return Err(invalid(format!("{} bytes of text", s.len())));
+    }
+    Ok(())
+}
+
+/// Refuses a list of file ids naming one file twice.
+fn check_unique(ids: impl Iterator<Item = FileId>, what: &str) -> Result<(), ProtoError> {
+    let mut seen = std::collections::HashSet::new();
+    for id in ids {
+        if !seen.insert(id) {
+            return Err(invalid(format!("{what} names file {id} twice")));
+        }
     }
     Ok(())
 }
@@ -262,8 +314,11 @@ impl Msg {
                     check_entry(e)?;
                 }
             }
-            Msg::NeedWhole { ids } if ids.len() > MAX_BATCH => {
-                return Err(invalid("too many ids in one request"));
+            Msg::NeedWhole { ids } => {
+                if ids.len() > MAX_BATCH {
+                    return Err(invalid("too many ids in one request"));
+                }
+                check_unique(ids.iter().copied(), "whole-file request")?;
             }
             Msg::WholeFiles { files } => {
                 let total: u64 = files.iter().map(|f| u64::from(f.len)).sum();
@@ -275,7 +330,15 @@ impl Msg {
                 {
                     return Err(invalid("whole-file batch lengths do not match its payload"));
                 }
+                check_unique(files.iter().map(|f| f.id), "whole-file batch")?;
+                for f in files {
+                    f.stamp.validate()?;
+                }
             }
+            Msg::FileEnd { stamp, .. } | Msg::Identical { stamp, .. } => stamp.validate()?,
+            Msg::EndOfList {
+                root: Some(stamp), ..
+            } => stamp.validate()?,
             Msg::Signature {
                 base_len,
                 params,
@@ -285,7 +348,10 @@ impl Msg {
             Msg::NeedDelta { params, .. } => {
                 params.validate().map_err(|e| invalid(e.to_string()))?
             }
-            Msg::NewHashes { len, cvs, .. } => {
+            Msg::NewHashes {
+                len, cvs, stamp, ..
+            } => {
+                stamp.validate()?;
                 let n = chunk_count(*len);
                 if n > MAX_CHUNKS || cvs.len() as u64 != n {
                     return Err(invalid(format!(
@@ -294,11 +360,11 @@ impl Msg {
                     )));
                 }
             }
-            Msg::DeltaRequest { chunks, .. }
+            Msg::DeltaRequest { chunks, .. } | Msg::NeedChunks { chunks, .. }
                 if chunks.len() as u64 > MAX_CHUNKS
                     || chunks.windows(2).any(|w| w.first() >= w.get(1)) =>
             {
-                return Err(invalid("delta request chunks not strictly increasing"));
+                return Err(invalid("requested chunks not strictly increasing"));
             }
             Msg::Delta {
                 window_len, len, ..

@@ -325,6 +325,7 @@ mod tests {
         out.send(Msg::EndOfList {
             count: 3,
             scan_errors: 0,
+            root: None,
         })
         .unwrap();
         let t0 = tokio::time::Instant::now();

@@ -12,6 +12,8 @@ pub mod helper;
 pub mod receiver;
 pub mod sender;
 
+use std::sync::{Arc, OnceLock};
+
 use crate::engine::dest::DestError;
 use crate::engine::scan::ScanError;
 use crate::proto::{Event, ProtoError};
@@ -35,13 +37,24 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A worker pool of its own for each role: the sender's jobs block on their byte budget, and
 /// in a process running both roles (tests, in-memory sessions) a shared pool would let them
-/// starve the receiver jobs that release it.
-pub(crate) fn worker_pool(role: &str) -> Result<rayon::ThreadPool, SessionError> {
-    let name = format!("devsync-{role}");
-    rayon::ThreadPoolBuilder::new()
-        .thread_name(move |i| format!("{name}-{i}"))
+/// starve the receiver jobs that release it. Each pool is made once per process and shared by
+/// the sessions of that role (a watch runs many; tests and fuzzing run thousands).
+pub(crate) fn worker_pool(role: &'static str) -> Result<Arc<rayon::ThreadPool>, SessionError> {
+    static SEND: OnceLock<Arc<rayon::ThreadPool>> = OnceLock::new();
+    static RECV: OnceLock<Arc<rayon::ThreadPool>> = OnceLock::new();
+    let cell = if role == "send" { &SEND } else { &RECV };
+    if let Some(p) = cell.get() {
+        return Ok(p.clone());
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .thread_name(move |i| format!("devsync-{role}-{i}"))
         .build()
-        .map_err(|e| SessionError::Local(format!("starting worker threads: {e}")))
+        .map_err(|e| SessionError::Local(format!("starting worker threads: {e}")))?;
+    // Two sessions racing here: the loser's pool is dropped, both use the winner's.
+    let _ = cell.set(Arc::new(pool));
+    cell.get()
+        .cloned()
+        .ok_or_else(|| SessionError::Local("starting worker threads".into()))
 }
 
 /// A session's fatal error, recorded by whichever thread hits it first, and a wake-up for the

@@ -84,7 +84,15 @@ async fn pull_from_fake(
             if let Msg::NeedWhole { ids } = &msg {
                 for &id in ids {
                     let digest = *blake3::hash(b"EVIL").as_bytes();
-                    let item = WholeItem { id, len: 4, digest };
+                    let item = WholeItem {
+                        id,
+                        len: 4,
+                        digest,
+                        stamp: devsync::proto::Stamp {
+                            mode: 0o644,
+                            mtime: Mtime { sec: 1, nsec: 0 },
+                        },
+                    };
                     let _ = hw
                         .write_all(&frame(&Msg::WholeFiles { files: vec![item] }, b"EVIL"))
                         .await;
@@ -195,6 +203,7 @@ fn paths_through_receiver_symlinks_are_refused() {
             &Msg::EndOfList {
                 count: 2,
                 scan_errors: 0,
+                root: None,
             },
             &[],
         ),
@@ -224,6 +233,7 @@ fn junk_before_the_helper_greeting_is_skipped() {
         &Msg::EndOfList {
             count: 0,
             scan_errors: 0,
+            root: None,
         },
         &[],
     )];
@@ -282,6 +292,7 @@ fn entries_that_lie_are_refused() {
                     &Msg::EndOfList {
                         count: 5,
                         scan_errors: 0,
+                        root: None,
                     },
                     &[],
                 ),

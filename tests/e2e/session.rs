@@ -309,12 +309,20 @@ fn failed_verification_falls_back_to_whole_file() {
                 &Msg::EndOfList {
                     count: 1,
                     scan_errors: 0,
+                    root: None,
                 },
                 &[],
             ))
             .await
             .unwrap();
             let digest = *blake3::hash(&new2).as_bytes();
+            let stamp = devsync::proto::Stamp {
+                mode: 0o644,
+                mtime: Mtime {
+                    sec: 1_700_000_000,
+                    nsec: 5,
+                },
+            };
             while let Ok(Some((msg, _))) = r.next().await {
                 match msg {
                     // Lie: claim chunk 0 is unchanged (it is not).
@@ -326,6 +334,7 @@ fn failed_verification_falls_back_to_whole_file() {
                             id: 0,
                             len: new2.len() as u64,
                             digest,
+                            stamp,
                         };
                         hw.write_all(&enc(&end, &[])).await.unwrap();
                     }
@@ -336,6 +345,7 @@ fn failed_verification_falls_back_to_whole_file() {
                                 id,
                                 len: new2.len() as u32,
                                 digest,
+                                stamp,
                             })
                             .collect();
                         hw.write_all(&enc(&Msg::WholeFiles { files }, &new2))

@@ -1,105 +1,175 @@
 //! Transfers: signatures of our old copies, chunks written in any order, verification
-//! against the sender's BLAKE3 digest, commit or whole-file retry.
+//! against the sender's BLAKE3 digest, commit, whole-file retry, and starting over when the
+//! sender saw its file change. Big files are staged in resumable partials: an interrupted
+//! transfer's chunks are reused next time once they match the sender's hashes.
 
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use memmap2::Mmap;
 use rayon::prelude::*;
 
 use super::*;
-use std::sync::atomic::Ordering;
+use crate::engine::delta::DeltaError;
+use crate::engine::dest::PARTIAL_MIN;
 
 /// One chunk's outcome in the first pass over our copy: (chunk, matched, written).
 type ChunkPass = (u64, bool, bool);
 
+/// Why one file could not be applied (the sync goes on with the others).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FileError {
+    #[error("content does not match the sender's BLAKE3 digest")]
+    Digest,
+    #[error("rebuilt file does not match the sender's BLAKE3 digest")]
+    Verify,
+    #[error("{}", .0.detail())]
+    Dest(#[source] DestError),
+    #[error("writing: {0}")]
+    Write(#[source] io::Error),
+    #[error("reading back: {0}")]
+    ReadBack(#[source] io::Error),
+    #[error("reading our copy: {0}")]
+    ReadBase(#[source] io::Error),
+    #[error("applying the delta: {0}")]
+    Delta(#[source] DeltaError),
+    #[error("no space left on the receiving side")]
+    NoSpace,
+    #[error("the sender's pieces do not fit the file: {0}")]
+    Pieces(String),
+}
+
+fn is_nospace(code: Option<i32>) -> bool {
+    code == Some(rustix::io::Errno::NOSPC.raw_os_error())
+}
+
 impl Ctx {
-    /// Opens our copy as a delta base. A small one is signed whole at once; for a big one the
-    /// sender hashes its chunks first ([`Ctx::match_chunks`] takes it from there).
-    pub(super) fn start_delta(&self, id: FileId, inc: &Arc<Incoming>) {
-        let prepared = (|| -> io::Result<(Arc<Base>, SigParams)> {
-            let d = self
-                .dest
-                .as_ref()
-                .ok_or_else(|| io::Error::other("no destination"))?;
-            let f = d.open_file(&inc.path).map_err(io::Error::other)?;
-            let len = f.metadata()?.len();
-            // SAFETY: the map is read-only and private to this process. If another process
-            // truncates the file while we read it the kernel raises SIGBUS, as for any reader
-            // of a mapped file; that risk is accepted for the receiver's own old copy, which
-            // nothing else should be rewriting during a sync.
-            let map = if len > 0 {
-                Some(unsafe { Mmap::map(&f)? })
-            } else {
-                None
-            };
-            let base = Arc::new(Base { map, len });
-            Ok((base, SigParams::for_len(len)))
-        })();
-        let (base, params) = match prepared {
-            Ok(p) if p.0.len >= DELTA_MIN_BASE => p,
-            // Unreadable or shrunk base: the whole file it is.
-            _ => {
-                self.need_whole(id, false);
-                return;
-            }
+    /// Asks for file `id`: a delta against our copy, a resumed partial, or the whole file.
+    pub(super) fn request(self: &Arc<Self>, id: FileId, inc: &Arc<Incoming>, batched: bool) {
+        let base_len = inc.before.map_or(0, |l| l.size);
+        if (inc.basis && base_len >= DELTA_MIN_BASE) || inc.size >= PARTIAL_MIN {
+            let (c, inc) = (self.clone(), inc.clone());
+            self.pool.spawn(move || c.start_delta(id, &inc));
+        } else {
+            self.need_whole(id, inc, batched);
+        }
+    }
+
+    /// Opens our copy as a delta base and, for a big file, its partial. A small base is signed
+    /// whole at once; otherwise the sender hashes its chunks first ([`Ctx::match_chunks`]
+    /// takes it from there).
+    fn start_delta(self: &Arc<Self>, id: FileId, inc: &Arc<Incoming>) {
+        let Some(d) = self.dest.as_ref() else {
+            return self.need_whole(id, inc, false);
         };
+        let mut resumed = 0;
+        if inc.size >= PARTIAL_MIN {
+            match d.stage_partial(&inc.path) {
+                Ok(staged) => {
+                    resumed = staged.resumed_len;
+                    lock(&inc.st).temp = Some(Arc::new(staged.file));
+                }
+                Err(e) => return self.file_failed(id, inc, FileError::Dest(e)),
+            }
+        }
+        let base = inc
+            .basis
+            .then(|| open_base(d, &inc.path).ok())
+            .flatten()
+            .filter(|b| b.len >= DELTA_MIN_BASE);
+        if base.is_none() && resumed == 0 {
+            return self.need_whole(id, inc, false);
+        }
+        let base_len = base.as_ref().map_or(0, |b| b.len);
+        let params = SigParams::for_len(base_len);
+        let small = resumed == 0 && chunk_count(base_len) <= 2;
         {
             let mut st = lock(&inc.st);
-            st.base = Some(base.clone());
+            st.asked = Some(Ask::Delta);
+            st.base = base.clone();
             st.params = Some(params);
+            st.resumed = resumed;
         }
-        let base_len = base.len;
-        if chunk_count(base_len) <= 2 {
-            let cvs = (0..chunk_count(base_len))
-                .into_par_iter()
-                .map(|k| hash::chunk_cv(k, base.chunk(k).unwrap_or_default()))
-                .collect();
-            let sig = delta::chunk_signature(base.bytes(), params);
-            let msg = Msg::Signature {
-                id,
-                base_len,
-                params,
-                cvs,
-            };
-            let _ = self.out.send_data(msg, Bytes::from(sig), None);
-        } else {
-            let _ = self.out.send(Msg::NeedDelta {
-                id,
-                base_len,
-                params,
-            });
+        if resumed > 0 {
+            crate::trace!("recv", "{}: resuming from {resumed} bytes", inc.path);
+        }
+        match base {
+            Some(base) if small => {
+                let cvs = (0..chunk_count(base_len))
+                    .into_par_iter()
+                    .map(|k| hash::chunk_cv(k, base.chunk(k).unwrap_or_default()))
+                    .collect();
+                let sig = delta::chunk_signature(base.bytes(), params);
+                let msg = Msg::Signature {
+                    id,
+                    base_len,
+                    params,
+                    cvs,
+                };
+                let _ = self.out.send_data(msg, Bytes::from(sig), None);
+            }
+            _ => {
+                let _ = self.out.send(Msg::NeedDelta {
+                    id,
+                    base_len,
+                    params,
+                });
+            }
         }
     }
 
     /// A big file, given the sender's chunk hashes: read our copy once, comparing chunk by
     /// chunk. Once one chunk differs (the file is not identical, so a new one will be built),
     /// matching chunks are written into it in the same pass, hashed as written; chunks that
-    /// matched before that are written afterwards. Then ask for deltas of the rest.
-    pub(super) fn match_chunks(&self, id: FileId, inc: &Arc<Incoming>, len: u64, cvs: Vec<Cv>) {
-        let (base, params) = {
+    /// matched before that are written afterwards. Chunks a resumed partial already holds stay
+    /// where they are. Then ask for the rest.
+    pub(super) fn match_chunks(
+        self: &Arc<Self>,
+        id: FileId,
+        inc: &Arc<Incoming>,
+        len: u64,
+        cvs: Vec<Cv>,
+        stamp: Stamp,
+    ) {
+        if let Err(e) = self.try_match_chunks(id, inc, len, &cvs, stamp) {
+            lock(&inc.st).error.get_or_insert(e);
+            // Ends the attempt: ask for nothing more and let the sender's end finish it.
+            let _ = self.out.send(Msg::NeedChunks { id, chunks: vec![] });
+        }
+        self.job_done(id, inc);
+    }
+
+    fn try_match_chunks(
+        self: &Arc<Self>,
+        id: FileId,
+        inc: &Arc<Incoming>,
+        len: u64,
+        cvs: &[Cv],
+        stamp: Stamp,
+    ) -> Result<(), FileError> {
+        let (base, params, resumed, partial) = {
             let st = lock(&inc.st);
-            (st.base.clone(), st.params)
+            let partial = st.temp.clone().filter(|_| st.resumed > 0);
+            (st.base.clone(), st.params, st.resumed, partial)
         };
-        let (Some(base), Some(params)) = (base, params) else {
-            return self.fail(SessionError::Violation(format!(
-                "chunk hashes for file {id} without a base"
-            )));
-        };
+        let params = params.unwrap_or_else(|| SigParams::for_len(0));
         crate::trace!("recv", "{}: comparing {} chunks", inc.path, cvs.len());
-        let (new_chunks, base_chunks) = (chunk_count(len), chunk_count(base.len));
+        let base_len = base.as_ref().map_or(0, |b| b.len);
+        let (new_chunks, base_chunks) = (chunk_count(len), chunk_count(base_len));
         let same_span =
-            |k: u64| k < base_chunks && chunk_span(len, k).1 == chunk_span(base.len, k).1;
-        // Different lengths: it cannot be identical, so write from the start.
-        let writing = std::sync::atomic::AtomicBool::new(len != base.len);
+            |k: u64| k < base_chunks && chunk_span(len, k).1 == chunk_span(base_len, k).1;
+        // Different lengths (or a partial to fill): it cannot be identical, so write from the
+        // start.
+        let writing = AtomicBool::new(len != base_len || partial.is_some());
+        let resumed_bytes = AtomicU64::new(0);
         // Our copy is a live mapping that another process could rewrite in place, so a chunk
         // is never hashed from it and then written from it again: it streams through a small
         // private buffer that is hashed and written piece by piece. Returns the chunk's
         // chaining value; it is recorded (the chunk counts as written) only if it is `want`.
-        let stream = |k: u64, want: Option<&Cv>| -> Result<Option<Cv>, String> {
-            let data = base.chunk(k).unwrap_or_default();
+        let stream = |k: u64, data: &[u8], want: Option<&Cv>| -> Result<Option<Cv>, FileError> {
             let t = self.temp_file(inc)?;
             let cv = hash::stream_cv(k, data, |off, piece| {
                 let _serial = lock(&inc.write);
@@ -114,17 +184,39 @@ impl Ctx {
             self.obs.progressed(data.len() as u64);
             Ok(Some(cv))
         };
-        let visit = |k: u64| -> Result<ChunkPass, String> {
-            if !same_span(k) {
+        // A chunk an interrupted transfer already wrote, if it is the one wanted.
+        let from_partial = |k: u64, want: Option<&Cv>| -> Result<bool, FileError> {
+            let (Some(p), Some(want)) = (&partial, want) else {
+                return Ok(false);
+            };
+            let (off, n) = chunk_span(len, k);
+            if off + n as u64 > resumed {
+                return Ok(false);
+            }
+            let buf = hash::read_at(p.file(), off, n).map_err(FileError::ReadBase)?;
+            if hash::chunk_cv(k, &buf) != *want {
+                return Ok(false);
+            }
+            lock(&inc.st).chunks.insert(k, (n, *want));
+            resumed_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            self.obs.progressed(n as u64);
+            Ok(true)
+        };
+        let visit = |k: u64| -> Result<ChunkPass, FileError> {
+            let want = cvs.get(k as usize);
+            if from_partial(k, want)? {
+                return Ok((k, true, true));
+            }
+            let Some(base) = base.as_ref().filter(|_| same_span(k)) else {
                 writing.store(true, Ordering::Relaxed);
                 return Ok((k, false, false));
-            }
-            let want = cvs.get(k as usize);
+            };
+            let data = base.chunk(k).unwrap_or_default();
             if writing.load(Ordering::Relaxed) {
-                let written = stream(k, want)?.is_some();
+                let written = stream(k, data, want)?.is_some();
                 return Ok((k, written, written));
             }
-            if want != Some(&hash::chunk_cv(k, base.chunk(k).unwrap_or_default())) {
+            if want != Some(&hash::chunk_cv(k, data)) {
                 writing.store(true, Ordering::Relaxed);
                 return Ok((k, false, false));
             }
@@ -133,9 +225,9 @@ impl Ctx {
         // Workers take chunks in file order, so the chunks that matched before the first
         // difference showed up (and must be hashed again when they are written late) are
         // only those ahead of it, not also those at the start of another worker's half.
-        let next = std::sync::atomic::AtomicU64::new(0);
+        let next = AtomicU64::new(0);
         let workers = rayon::current_num_threads().clamp(1, new_chunks.max(1) as usize);
-        let per_worker: Result<Vec<Vec<ChunkPass>>, String> = (0..workers)
+        let per_worker: Result<Vec<Vec<ChunkPass>>, FileError> = (0..workers)
             .into_par_iter()
             .map(|_| {
                 let mut done = Vec::new();
@@ -155,61 +247,65 @@ impl Ctx {
                 }
             })
             .collect();
-        let mut pass: Vec<ChunkPass> = match per_worker {
-            Ok(p) => p.into_iter().flatten().collect(),
-            Err(e) => return self.file_failed(id, inc, e),
-        };
+        let mut pass: Vec<ChunkPass> = per_worker?.into_iter().flatten().collect();
         pass.sort_unstable_by_key(|c| c.0);
         let mismatched: Vec<u32> = pass.iter().filter(|c| !c.1).map(|c| c.0 as u32).collect();
-        if mismatched.is_empty() && len == base.len {
-            return self.identical(id, inc);
+        if mismatched.is_empty() && len == base_len && partial.is_none() {
+            // Nothing was written: no temp file exists for it.
+            self.identical(id, inc, stamp);
+            return Ok(());
         }
         crate::trace!(
             "recv",
-            "{}: {} chunks differ, {} matched before the first difference",
+            "{}: {} chunks differ, {} matched before the first difference, {} resumed",
             inc.path,
             mismatched.len(),
-            pass.iter().filter(|c| c.1 && !c.2).count()
+            pass.iter().filter(|c| c.1 && !c.2).count(),
+            resumed_bytes.load(Ordering::Relaxed)
         );
         // Chunks that matched before we knew a new file was needed: streamed in now, hashed
         // again (the digest covers the bytes written; if our copy changed meanwhile,
         // verification fails and the file is sent whole).
-        let late: Result<(), String> = pass
-            .par_iter()
+        pass.par_iter()
             .filter(|c| c.1 && !c.2)
-            .try_for_each(|&(k, _, _)| stream(k, None).map(drop));
-        if let Err(e) = late {
-            return self.file_failed(id, inc, e);
-        }
+            .try_for_each(|&(k, _, _)| {
+                let data = base.as_ref().and_then(|b| b.chunk(k)).unwrap_or_default();
+                stream(k, data, None).map(drop)
+            })?;
         lock(&self.stats).matched_bytes += pass
             .iter()
             .filter(|c| c.1)
             .map(|c| chunk_span(len, c.0).1 as u64)
             .sum::<u64>();
-        let wanted = delta::signature_request(
-            &mismatched.iter().map(|&k| u64::from(k)).collect::<Vec<_>>(),
-            new_chunks,
-            base_chunks,
-        );
-        let full = wanted.is_none();
-        let parts: Vec<u64> = wanted.unwrap_or_else(|| (0..base_chunks).collect());
-        if !mismatched.is_empty() {
-            self.send_sig_parts(id, &base, params, &parts);
+        match base {
+            Some(base) => {
+                let wanted = delta::signature_request(
+                    &mismatched.iter().map(|&k| u64::from(k)).collect::<Vec<_>>(),
+                    new_chunks,
+                    base_chunks,
+                );
+                let full = wanted.is_none();
+                let parts: Vec<u64> = wanted.unwrap_or_else(|| (0..base_chunks).collect());
+                if !mismatched.is_empty() {
+                    self.send_sig_parts(id, &base, params, &parts);
+                }
+                let _ = self.out.send(Msg::DeltaRequest {
+                    id,
+                    chunks: mismatched,
+                    full,
+                });
+            }
+            None => {
+                let _ = self.out.send(Msg::NeedChunks {
+                    id,
+                    chunks: mismatched,
+                });
+            }
         }
-        let _ = self.out.send(Msg::DeltaRequest {
-            id,
-            chunks: mismatched,
-            full,
-        });
+        Ok(())
     }
 
-    pub(super) fn send_sig_parts(
-        &self,
-        id: FileId,
-        base: &Base,
-        params: SigParams,
-        chunks: &[u64],
-    ) {
+    fn send_sig_parts(&self, id: FileId, base: &Base, params: SigParams, chunks: &[u64]) {
         crate::trace!("recv", "file {id}: signing {} base chunks", chunks.len());
         chunks.par_iter().for_each(|&k| {
             let sig = delta::chunk_signature(base.chunk(k).unwrap_or_default(), params);
@@ -224,89 +320,115 @@ impl Ctx {
         });
     }
 
-    pub(super) fn temp_file(&self, inc: &Incoming) -> Result<Arc<TempFile>, String> {
-        let mut st = lock(&inc.st);
-        if let Some(t) = &st.temp {
+    /// The file the current attempt writes into, created on first use.
+    fn temp_file(&self, inc: &Incoming) -> Result<Arc<TempFile>, FileError> {
+        if let Some(t) = &lock(&inc.st).temp {
             return Ok(t.clone());
         }
-        let d = self.dest.as_ref().ok_or("no destination")?;
+        let d = self
+            .dest
+            .as_ref()
+            .ok_or(FileError::Pieces("no destination".into()))?;
         let report = |e: DestError| {
-            if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+            if is_nospace(e.raw_os_error()) {
                 self.dest_error(&inc.path, e);
-                return "no space left".to_string();
+                return FileError::NoSpace;
             }
-            e.to_string()
+            FileError::Dest(e)
         };
-        let t = Arc::new(d.create_temp(&inc.path).map_err(report)?);
+        // A partial's old bytes are not trusted here: every chunk of this attempt is written.
+        let t = if inc.size >= PARTIAL_MIN {
+            d.stage_partial(&inc.path).map(|s| s.file)
+        } else {
+            d.create_temp(&inc.path)
+        };
+        let t = Arc::new(t.map_err(report)?);
         if inc.size >= PREALLOCATE_MIN {
             t.preallocate(inc.size).map_err(report)?;
         }
-        st.temp = Some(t.clone());
-        Ok(t)
+        let mut st = lock(&inc.st);
+        // Another worker may have created one meanwhile: use that one.
+        Ok(st.temp.get_or_insert(t).clone())
     }
 
-    pub(super) fn whole_file(&self, id: FileId, inc: &Arc<Incoming>, digest: Digest, data: &[u8]) {
+    pub(super) fn whole_file(
+        &self,
+        id: FileId,
+        inc: &Arc<Incoming>,
+        digest: Digest,
+        stamp: Stamp,
+        data: &[u8],
+    ) {
         lock(&self.stats).literal_bytes += data.len() as u64;
-        let r = (|| -> Result<(), String> {
+        let r = (|| -> Result<(), FileError> {
             if *blake3::hash(data).as_bytes() != digest {
-                return Err("content does not match the sender's BLAKE3 digest".into());
+                return Err(FileError::Digest);
             }
             let t = self.temp_file(inc)?;
             t.file()
                 .write_all_at(data, 0)
                 .map_err(|e| self.write_error(inc, e))?;
+            if t.is_partial() {
+                // Listed big, sent small: what an earlier attempt left beyond it must go.
+                t.set_len(data.len() as u64).map_err(FileError::Dest)?;
+            }
             Ok(())
         })();
         self.obs.progressed(data.len() as u64);
-        self.commit(id, inc, data.len() as u64, r);
+        self.commit(id, inc, data.len() as u64, stamp, r);
     }
 
-    pub(super) fn write_error(&self, inc: &Incoming, e: io::Error) -> String {
-        if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+    fn write_error(&self, inc: &Incoming, e: io::Error) -> FileError {
+        if is_nospace(e.raw_os_error()) {
             self.fail(SessionError::Local(format!(
                 "no space left on the receiving side (while writing {}); nothing was half-written. \
                  Free some space and run again.",
                 inc.path
             )));
+            return FileError::NoSpace;
         }
-        format!("writing: {e}")
+        FileError::Write(e)
     }
 
     pub(super) fn chunk(
-        &self,
+        self: &Arc<Self>,
         id: FileId,
         inc: &Arc<Incoming>,
         base: Option<Arc<Base>>,
         k: u64,
         piece: Piece,
     ) {
-        let r = (|| -> Result<(usize, Cv), String> {
+        let r = (|| -> Result<(usize, Cv), FileError> {
+            if lock(&inc.st).completed {
+                return Err(FileError::Pieces("chunk after the file was done".into()));
+            }
             let base = base.as_deref();
+            let bad = |what: &str| FileError::Pieces(what.to_string());
             let (data, literal, matched): (std::borrow::Cow<'_, [u8]>, u64, u64) = match &piece {
                 Piece::Literal(b) => (b[..].into(), b.len() as u64, 0),
                 Piece::Copy => {
                     let c = base
                         .and_then(|b| b.chunk(k))
-                        .ok_or("copy of a chunk the base does not have")?;
+                        .ok_or_else(|| bad("copy of a chunk the base does not have"))?;
                     (c.into(), 0, c.len() as u64)
                 }
                 Piece::Delta(w, d) => {
-                    let b = base.ok_or("delta without a base")?;
-                    if w.start + w.count > chunk_count(b.len) {
-                        return Err("delta window outside the base".into());
+                    let b = base.ok_or_else(|| bad("delta without a base"))?;
+                    if w.start.saturating_add(w.count) > chunk_count(b.len) {
+                        return Err(bad("delta window outside the base"));
                     }
                     let (lo, hi) = delta::window_bytes(w.start, w.count, b.len);
                     let window = b
                         .bytes()
                         .get(lo as usize..hi as usize)
-                        .ok_or("bad window")?;
-                    let out = delta::apply(window, d, w.len).map_err(|e| e.to_string())?;
+                        .ok_or_else(|| bad("delta window outside the base"))?;
+                    let out = delta::apply(window, d, w.len).map_err(FileError::Delta)?;
                     let n = out.len() as u64;
                     (out.into(), d.len() as u64, n.saturating_sub(d.len() as u64))
                 }
             };
             if data.len() as u64 > CHUNK || k >= crate::proto::msg::MAX_CHUNKS {
-                return Err("chunk out of range".into());
+                return Err(bad("chunk out of range"));
             }
             {
                 let mut s = lock(&self.stats);
@@ -324,20 +446,29 @@ impl Ctx {
             self.obs.progressed(data.len() as u64);
             Ok((data.len(), cv))
         })();
-        let ready = {
+        {
             let mut st = lock(&inc.st);
-            st.jobs -= 1;
             match r {
                 Ok(c) => {
                     if st.chunks.insert(k, c).is_some() {
                         st.error
-                            .get_or_insert_with(|| format!("chunk {k} sent twice"));
+                            .get_or_insert(FileError::Pieces(format!("chunk {k} sent twice")));
                     }
                 }
                 Err(e) => {
                     st.error.get_or_insert(e);
                 }
             }
+        }
+        self.job_done(id, inc);
+    }
+
+    /// One job for file `id` is over; finishes the attempt if it was the last and the sender
+    /// has ended it.
+    fn job_done(self: &Arc<Self>, id: FileId, inc: &Arc<Incoming>) {
+        let ready = {
+            let mut st = lock(&inc.st);
+            st.jobs = st.jobs.saturating_sub(1);
             st.jobs == 0 && st.end.is_some()
         };
         if ready {
@@ -345,84 +476,123 @@ impl Ctx {
         }
     }
 
-    /// All chunks are in and `FileEnd` arrived: verify, then commit or retry.
-    pub(super) fn finalize(&self, id: FileId, inc: &Arc<Incoming>) {
+    /// The sender ended the attempt and no work is pending: verify and commit, retry, start
+    /// over, or report.
+    pub(super) fn finalize(self: &Arc<Self>, id: FileId, inc: &Arc<Incoming>) {
         let (end, chunks, error, was_delta) = {
             let mut st = lock(&inc.st);
+            if st.completed {
+                return;
+            }
             (
                 st.end.take(),
                 std::mem::take(&mut st.chunks),
                 st.error.take(),
-                st.base.is_some(),
+                st.asked == Some(Ask::Delta),
             )
         };
-        let Some((len, digest)) = end else { return };
+        let (len, digest, stamp) = match end {
+            None | Some(End::Whole) => return,
+            Some(End::Identical(stamp)) => return self.identical(id, inc, stamp),
+            Some(End::Restart) => return self.restart(id, inc),
+            Some(End::Failed(ev)) => return self.complete(id, inc, Err(ev)),
+            Some(End::Complete { len, digest, stamp }) => (len, digest, stamp),
+        };
         crate::trace!("recv", "{}: all chunks written, verifying", inc.path);
-        let r = (|| -> Result<(), String> {
+        let r = (|| -> Result<(), FileError> {
             if let Some(e) = error {
                 return Err(e);
             }
             let n = chunk_count(len);
-            let mut cvs = Vec::with_capacity(n as usize);
+            let mut cvs = Vec::with_capacity(n.min(1 << 16) as usize);
             for k in 0..n {
                 match chunks.get(&k) {
                     Some(&(l, cv)) if l == chunk_span(len, k).1 => cvs.push(cv),
-                    _ => return Err(format!("chunk {k} missing or of the wrong size")),
+                    _ => {
+                        return Err(FileError::Pieces(format!(
+                            "chunk {k} missing or of the wrong size"
+                        )));
+                    }
                 }
             }
             if chunks.len() as u64 != n {
-                return Err("more chunks than the file has".into());
+                return Err(FileError::Pieces("more chunks than the file has".into()));
             }
             let t = self.temp_file(inc)?;
-            t.set_len(len).map_err(|e| e.to_string())?;
+            t.set_len(len).map_err(FileError::Dest)?;
             let got = match hash::digest_from_cvs(&cvs, len) {
                 Some(d) => d,
                 // One chunk or less: hash what is actually in the file.
-                None => {
-                    hash::file_digest(t.file(), len).map_err(|e| format!("reading back: {e}"))?
-                }
+                None => hash::file_digest(t.file(), len).map_err(FileError::ReadBack)?,
             };
             if got != digest {
-                return Err(VERIFY_FAILED.into());
+                return Err(FileError::Verify);
             }
             Ok(())
         })();
-        if r.as_ref().err().map(String::as_str) == Some(VERIFY_FAILED) && was_delta {
+        if matches!(r, Err(FileError::Verify)) && was_delta {
             let retry = {
                 let mut st = lock(&inc.st);
                 let first = !st.retried;
                 st.retried = true;
-                st.temp = None;
-                st.base = None;
+                st.reset();
                 first
             };
             if retry {
                 lock(&self.stats).verify_retries += 1;
-                self.need_whole(id, false);
-                return;
+                return self.need_whole(id, inc, false);
             }
         }
-        self.commit(id, inc, len, r);
+        self.commit(id, inc, len, stamp, r);
     }
 
-    pub(super) fn commit(
+    /// The sender saw its file change while sending it: forget this attempt, ask again.
+    fn restart(self: &Arc<Self>, id: FileId, inc: &Arc<Incoming>) {
+        lock(&inc.st).reset();
+        lock(&self.stats).restarts += 1;
+        crate::trace!(
+            "recv",
+            "{}: changed while being sent; asking again",
+            inc.path
+        );
+        // Re-planned like the first time (our copy is unchanged).
+        self.request(id, inc, false);
+    }
+
+    fn commit(
         &self,
         id: FileId,
         inc: &Arc<Incoming>,
         len: u64,
-        staged: Result<(), String>,
+        stamp: Stamp,
+        staged: Result<(), FileError>,
     ) {
         let r = staged.and_then(|()| {
             let t = self.temp_file(inc)?;
-            let d = self.dest.as_ref().ok_or("no destination")?;
-            t.commit(d, inc.mode, inc.mtime, self.opts.fsync)
+            let d = self
+                .dest
+                .as_ref()
+                .ok_or(FileError::Pieces("no destination".into()))?;
+            if inc.before.is_some() {
+                // Replacing: first remove what killed sessions left in this directory.
+                if let Err(e) = d.sweep(inc.path.parent().unwrap_or(b"")) {
+                    self.warn(&inc.path, format!("cleaning up leftovers: {}", e.detail()));
+                }
+            }
+            t.commit(d, stamp.mode, stamp.mtime, self.opts.fsync)
                 .map_err(|e| {
-                    let s = e.to_string();
-                    self.dest_error(&inc.path, e);
-                    s
+                    if is_nospace(e.raw_os_error()) {
+                        self.dest_error(&inc.path, e);
+                        return FileError::NoSpace;
+                    }
+                    FileError::Dest(e)
                 })
         });
-        lock(&inc.st).temp = None;
+        if let Some(t) = lock(&inc.st).temp.take() {
+            if r.is_err() {
+                t.discard();
+            }
+        }
         crate::trace!(
             "recv",
             "{}: committed ({})",
@@ -431,43 +601,39 @@ impl Ctx {
         );
         let outcome = match r {
             Ok(()) => {
-                let op = self.file_op(
-                    inc.before.as_ref(),
-                    len,
-                    &Entry {
-                        path: inc.path.clone(),
-                        kind: EntryKind::Dir,
-                        mode: inc.mode,
-                        mtime: inc.mtime,
-                    },
-                    true,
-                );
+                let op = self.file_op(inc.before.as_ref(), len, stamp.mode, stamp.mtime, true);
                 self.count_change(op);
                 Ok(op)
             }
-            Err(message) => Err(Event::Error {
+            Err(FileError::NoSpace) => return self.complete_silently(id, inc),
+            Err(e) => Err(Event::Error {
                 path: inc.path.to_string(),
-                message,
+                message: e.to_string(),
             }),
         };
         self.complete(id, inc, outcome);
     }
 
-    pub(super) fn identical(&self, id: FileId, inc: &Arc<Incoming>) {
+    /// Our copy has the content; only attributes may differ (`stamp`: the sender's, for the
+    /// version it compared).
+    fn identical(&self, id: FileId, inc: &Arc<Incoming>, stamp: Stamp) {
+        if let Some(t) = lock(&inc.st).temp.take() {
+            t.discard();
+        }
         let before = inc.before.unwrap_or(LocalMeta {
             kind: LocalKind::File,
             size: 0,
-            mode: inc.mode,
-            mtime: inc.mtime,
+            mode: stamp.mode,
+            mtime: stamp.mtime,
         });
         let op = ChangeOp::Updated {
             content: false,
             size: false,
-            time: before.mtime != inc.mtime,
-            perms: before.mode != inc.mode,
+            time: before.mtime != stamp.mtime,
+            perms: before.mode != stamp.mode,
         };
         let r = match &self.dest {
-            Some(d) => d.set_file_meta(&inc.path, Some(inc.mode), Some(inc.mtime)),
+            Some(d) => d.set_file_meta(&inc.path, Some(stamp.mode), Some(stamp.mtime)),
             None => Ok(()),
         };
         let outcome = match r {
@@ -477,26 +643,40 @@ impl Ctx {
             }
             Err(e) => Err(Event::Error {
                 path: inc.path.to_string(),
-                message: e.to_string(),
+                message: e.detail(),
             }),
         };
         self.complete(id, inc, outcome);
     }
 
-    /// A transfer failed with `message`; reported with its path, the sync goes on.
-    fn file_failed(&self, id: FileId, inc: &Arc<Incoming>, message: String) {
+    /// A transfer failed with `e`; reported with its path, the sync goes on.
+    fn file_failed(&self, id: FileId, inc: &Arc<Incoming>, e: FileError) {
         let path = inc.path.to_string();
+        let message = e.to_string();
         self.complete(id, inc, Err(Event::Error { path, message }));
     }
 
-    /// A transfer is over (applied, or failed with the event to report).
+    /// A transfer is over (applied, or failed with the event to report). Counted once, however
+    /// often a confused or hostile sender makes us get here.
     pub(super) fn complete(
         &self,
         id: FileId,
         inc: &Arc<Incoming>,
         outcome: Result<ChangeOp, Event>,
     ) {
-        lock(&self.files).remove(&id);
+        {
+            let mut st = lock(&inc.st);
+            if st.completed {
+                return;
+            }
+            st.completed = true;
+            if let Some(t) = st.temp.take() {
+                t.discard();
+            }
+        }
+        if lock(&self.files).remove(&id).is_none() {
+            return;
+        }
         match outcome {
             Ok(op) => {
                 self.report(&inc.path, ItemKind::File, op);
@@ -514,8 +694,63 @@ impl Ctx {
         self.release();
     }
 
+    /// A file that failed because the disk is full: the whole sync is already ending with
+    /// that error, which was reported once; this file only stops counting.
+    fn complete_silently(&self, id: FileId, inc: &Arc<Incoming>) {
+        lock(&inc.st).completed = true;
+        if lock(&self.files).remove(&id).is_some() {
+            lock(&self.stats).errors += 1;
+            self.obs.file_done();
+            self.release();
+        }
+    }
+
     pub(super) fn release(&self) {
-        lock(&self.track).outstanding -= 1;
+        {
+            let mut t = lock(&self.track);
+            match t.outstanding.checked_sub(1) {
+                Some(n) => t.outstanding = n,
+                None => {
+                    drop(t);
+                    return self.fail(SessionError::Local(
+                        "internal error: more transfers finished than started".into(),
+                    ));
+                }
+            }
+        }
         self.maybe_finish();
     }
+}
+
+impl Assembly {
+    /// Forgets the current attempt (its staged file goes; its partial is not kept).
+    fn reset(&mut self) {
+        if let Some(t) = self.temp.take() {
+            t.discard();
+        }
+        self.asked = None;
+        self.base = None;
+        self.params = None;
+        self.resumed = 0;
+        self.hashed = false;
+        self.chunks.clear();
+        self.end = None;
+        self.error = None;
+    }
+}
+
+/// Our copy of `path`, mapped for reading.
+fn open_base(d: &Dest, path: &RelPath) -> io::Result<Arc<Base>> {
+    let f = d.open_file(path).map_err(io::Error::other)?;
+    let len = f.metadata()?.len();
+    // SAFETY: the map is read-only and private to this process. If another process
+    // truncates the file while we read it the kernel raises SIGBUS, as for any reader
+    // of a mapped file; that risk is accepted for the receiver's own old copy, which
+    // nothing else should be rewriting during a sync.
+    let map = if len > 0 {
+        Some(unsafe { Mmap::map(&f)? })
+    } else {
+        None
+    };
+    Ok(Arc::new(Base { map, len }))
 }

@@ -36,11 +36,21 @@ impl Ctx {
             return;
         };
         let root = "";
-        let ours = match handle.join() {
-            Ok(Ok(entries)) => entries,
+        let (ours, events) = match handle.join() {
+            Ok(Ok(found)) => found,
             Ok(Err(e)) => return self.error(root, format!("scanning for --delete: {e}")),
             Err(_) => return self.error(root, "scanning for --delete failed"),
         };
+        // Leftovers of killed sessions are ours to clean, whatever the guard decides below.
+        if let (Some(d), false) = (&self.dest, self.opts.dry_run) {
+            for ev in &events {
+                if let ScanEvent::Ours { path, kind } = ev
+                    && let Err(e) = d.remove_leftover(path, *kind)
+                {
+                    self.warn(path, format!("cleaning up a leftover: {}", e.detail()));
+                }
+            }
+        }
         if self.sender_scan_errors.load(Ordering::Relaxed) > 0 {
             return self.warn(
                 root,
@@ -50,9 +60,15 @@ impl Ctx {
         let sender_paths = std::mem::take(&mut *lock(&self.sender_paths));
         let doomed = plan::deletions(&ours, &sender_paths);
         let sender_total = self.sender_count.load(Ordering::Relaxed) as usize;
-        if let Err(refusal) =
+        if let Err(mut refusal) =
             plan::check_delete_guard(&doomed, ours.len(), sender_total, self.opts.force_delete)
         {
+            // Name the directory itself: a destination that is a symlink is followed.
+            if let Some(d) = &self.dest {
+                let resolved = std::fs::canonicalize(d.root_path())
+                    .unwrap_or_else(|_| d.root_path().to_path_buf());
+                refusal.dir = resolved.display().to_string();
+            }
             lock(&self.stats).delete_refused = true;
             self.obs.event(Event::Error {
                 path: String::new(),
@@ -96,8 +112,15 @@ impl Ctx {
                 continue;
             };
             if let Err(e) = d.set_dir_meta(&path, Some(mode), Some(mtime)) {
-                self.warn(&path, e);
+                self.warn(&path, e.detail());
             }
+        }
+        // The root last: everything above changed its mtime.
+        let root = lock(&self.dirs).root.take();
+        if let Some(r) = root
+            && let Err(e) = d.set_root_meta(Some(r.mode), Some(r.mtime))
+        {
+            self.warn("", e);
         }
     }
 }

@@ -4,6 +4,12 @@
 //!
 //! Threads: the async loop reads frames and dispatches; a planner thread handles the list in
 //! order (it needs parents before children); rayon runs signatures, chunk writes and commits.
+//!
+//! Nothing the sender says is trusted: each file's progress is a small state machine
+//! ([`Assembly`]) advanced by the read loop itself, in wire order, before any work is handed to
+//! a worker, so a message that does not fit the file's state (data nobody asked for, a second
+//! end, a whole file after chunks) is a protocol violation, and a file completes exactly once.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -21,9 +27,9 @@ use crate::engine::delta::{self, DELTA_MIN_BASE, SigParams};
 use crate::engine::dest::{Dest, DestError, Removed, TempFile};
 use crate::engine::hash::{self, CHUNK, Cv, Digest, chunk_count, chunk_span};
 use crate::engine::plan::{Change, ChangeOp, ItemKind};
-use crate::engine::scan::{self, ScanOptions};
+use crate::engine::scan::{self, ScanEvent, ScanOptions};
 use crate::engine::{Entry, EntryKind, LocalKind, LocalMeta, Mtime, RelPath};
-use crate::proto::{Event, FileId, FrameReader, Msg, Stats, SyncOptions};
+use crate::proto::{Event, FileId, FrameReader, Msg, Stamp, Stats, SyncOptions};
 
 mod assemble;
 mod finish;
@@ -33,8 +39,10 @@ mod planning;
 const RECV_BUDGET: usize = 64 << 20;
 /// Files at least this big get their blocks reserved before writing.
 const PREALLOCATE_MIN: u64 = 1 << 20;
+/// A sender that restarts one file more often than this is not acting in good faith.
+const MAX_RESTARTS: u32 = 8;
 
-/// The receiver's old copy of a file, used as delta base.
+/// The receiver's old copy of a file (a delta base), or a resumed partial's bytes.
 struct Base {
     map: Option<Mmap>,
     len: u64,
@@ -58,27 +66,63 @@ struct Incoming {
     path: RelPath,
     /// Size in the sender's list (the file may have changed since; `FileEnd` has the truth).
     size: u64,
-    mode: u32,
-    mtime: Mtime,
     before: Option<LocalMeta>,
+    /// Our copy can serve as delta base.
+    basis: bool,
     st: Mutex<Assembly>,
     /// Serializes writes into the temp file: concurrent `pwrite`s to one inode only spin on
     /// the filesystem's inode lock, burning the core another chunk could hash on.
     write: Mutex<()>,
 }
 
+/// What the receiver asked the sender for, for the file's current attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    Whole,
+    Delta,
+}
+
+/// How the sender ended the current attempt at a file.
+#[derive(Debug)]
+enum End {
+    /// All chunks were sent; the file's length, digest and attributes.
+    Complete {
+        len: u64,
+        digest: Digest,
+        stamp: Stamp,
+    },
+    /// The whole file came in one message; its job writes and commits it.
+    Whole,
+    /// Our copy already has the content.
+    Identical(Stamp),
+    /// The file changed while being sent: start over.
+    Restart,
+    /// The sender could not send it.
+    Failed(Event),
+}
+
 #[derive(Default)]
 struct Assembly {
+    asked: Option<Ask>,
     base: Option<Arc<Base>>,
     params: Option<SigParams>,
     temp: Option<Arc<TempFile>>,
+    /// Bytes of an interrupted earlier transfer in `temp` (a resumed partial), to be checked
+    /// chunk by chunk against the sender's hashes.
+    resumed: u64,
+    /// The sender's chunk hashes arrived for this attempt.
+    hashed: bool,
     /// Written chunks: index → (length, chaining value).
     chunks: HashMap<u64, (usize, Cv)>,
+    /// Work handed to the pool for this file and not finished yet.
     jobs: usize,
-    end: Option<(u64, Digest)>,
+    end: Option<End>,
     /// Whole-file resend already asked for after a failed verification.
     retried: bool,
-    error: Option<String>,
+    restarts: u32,
+    error: Option<assemble::FileError>,
+    /// Reported (applied or failed): nothing more happens to this file.
+    completed: bool,
 }
 
 struct Track {
@@ -92,10 +136,12 @@ struct DirState {
     wanted: HashMap<Vec<u8>, (u32, Mtime)>,
     /// Directories whose metadata must be (re)applied at the end.
     fix: HashSet<Vec<u8>>,
+    /// The sender's root: applied to ours last.
+    root: Option<Stamp>,
 }
 
 struct Ctx {
-    pool: rayon::ThreadPool,
+    pool: Arc<rayon::ThreadPool>,
     dest: Option<Dest>,
     opts: SyncOptions,
     out: Out,
@@ -114,8 +160,9 @@ struct Ctx {
     done: Mutex<Option<Stats>>,
 }
 
-/// The receiver's own scan for `--delete`, running while transfers happen.
-type ScanThread = std::thread::JoinHandle<Result<Vec<Entry>, String>>;
+/// The receiver's own scan for `--delete`, running while transfers happen: its entries, and
+/// leftovers of killed sessions.
+type ScanThread = std::thread::JoinHandle<Result<(Vec<Entry>, Vec<ScanEvent>), String>>;
 
 enum PlanItem {
     /// A batch of the list; its ids are consecutive from the first.
@@ -143,6 +190,13 @@ pub async fn run<R: AsyncRead + Unpin>(
             Some(Dest::open(&root)?)
         }
     };
+    // Keep the root writable for us while we fill it; its final mode comes at the end.
+    if let (Some(d), false) = (&dest, opts.dry_run) {
+        let meta = d.root_meta()?;
+        if meta.mode & 0o700 != 0o700 {
+            d.set_root_meta(Some(meta.mode | 0o700), None)?;
+        }
+    }
     let receiver_scan = (opts.delete && dest.is_some()).then(|| {
         let (root, filters) = (root.clone(), opts.filters.clone());
         std::thread::spawn(move || {
@@ -150,10 +204,9 @@ pub async fn run<R: AsyncRead + Unpin>(
                 filters,
                 checksum: false,
                 threads: 0,
+                report_ours: true,
             };
-            scan::scan_to_vec(&root, &so)
-                .map(|(entries, _)| entries)
-                .map_err(|e| e.to_string())
+            scan::scan_to_vec(&root, &so).map_err(|e| e.to_string())
         })
     });
     let ctx = Arc::new(Ctx {
@@ -173,6 +226,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         dirs: Mutex::new(DirState {
             wanted: HashMap::new(),
             fix: HashSet::new(),
+            root: None,
         }),
         sender_paths: Mutex::new(HashSet::new()),
         sender_count: AtomicU32::new(0),
@@ -190,11 +244,15 @@ pub async fn run<R: AsyncRead + Unpin>(
     let budget = Arc::new(Semaphore::new(RECV_BUDGET));
     // Entries received so far: the id the next batch must start at.
     let mut listed: FileId = 0;
+    let mut list_ended = false;
 
     loop {
         let (msg, payload) = super::next_frame(reader, &ctx.fatal, &ctx.out).await?;
         match msg {
             Msg::Entries { first_id, entries } => {
+                if list_ended {
+                    return Err(ctx.violation("list entries after the end of the list".into()));
+                }
                 if first_id != listed {
                     return Err(ctx.violation(format!(
                         "list batch starts at id {first_id}, expected {listed}"
@@ -206,11 +264,21 @@ pub async fn run<R: AsyncRead + Unpin>(
                     .ok_or_else(|| ctx.violation("file ids overflow".into()))?;
                 let _ = plan_tx.send(PlanItem::Entries(first_id, entries)); // planner gone: it reported why
             }
-            Msg::EndOfList { count, scan_errors } => {
+            Msg::EndOfList {
+                count,
+                scan_errors,
+                root,
+            } => {
+                if list_ended {
+                    return Err(ctx.violation("the list ended twice".into()));
+                }
+                list_ended = true;
                 crate::trace!("recv", "end of list received");
+                lock(&ctx.dirs).root = root;
                 let _ = plan_tx.send(PlanItem::End { count, scan_errors });
             }
             Msg::Event(ev) => ctx.obs.event(ev),
+            Msg::Ping => {}
             Msg::Bye => {
                 let stats = lock(&ctx.done).take();
                 return stats
@@ -253,110 +321,193 @@ impl Ctx {
             .ok_or_else(|| self.violation(format!("data for file {id}, which was not requested")))
     }
 
+    /// Advances file `id`'s state for a message of kind `kind` (in wire order, here in the
+    /// read loop) or refuses one that does not fit it. Returns the file and what to do next.
+    fn advance(&self, id: FileId, kind: Kind) -> Result<(Arc<Incoming>, Step), SessionError> {
+        let inc = self.incoming(id)?;
+        let mut st = lock(&inc.st);
+        let bad = |what: &str| Err(self.violation(format!("file {id}: {what}")));
+        let Some(asked) = st.asked else {
+            return bad("message for a file that was not asked for");
+        };
+        if st.end.is_some() {
+            return bad("message after the file was ended");
+        }
+        let step = match kind {
+            Kind::Whole => {
+                if asked != Ask::Whole || st.jobs > 0 || !st.chunks.is_empty() {
+                    return bad("whole file where chunks were expected");
+                }
+                st.end = Some(End::Whole);
+                Step::Go
+            }
+            Kind::Hashes => {
+                if asked != Ask::Delta || st.hashed || (st.base.is_none() && st.resumed == 0) {
+                    return bad("chunk hashes that were not asked for");
+                }
+                st.hashed = true;
+                st.jobs += 1;
+                Step::Go
+            }
+            Kind::Data => {
+                st.jobs += 1;
+                Step::Chunk(st.base.clone())
+            }
+            Kind::FromBase => {
+                if asked != Ask::Delta || st.base.is_none() {
+                    return bad("delta without a base");
+                }
+                st.jobs += 1;
+                Step::Chunk(st.base.clone())
+            }
+            Kind::End(end) => {
+                match &end {
+                    End::Identical(_) if asked != Ask::Delta || st.base.is_none() => {
+                        return bad("'identical' for a file sent whole");
+                    }
+                    End::Restart => {
+                        st.restarts += 1;
+                        if st.restarts > MAX_RESTARTS {
+                            return bad("restarted too many times");
+                        }
+                    }
+                    _ => {}
+                }
+                st.end = Some(end);
+                Step::Ready(st.jobs == 0)
+            }
+        };
+        drop(st);
+        Ok((inc, step))
+    }
+
     /// Validates a content message against the file's state and returns the work to do.
     fn dispatch(self: &Arc<Self>, msg: Msg, payload: Bytes) -> Result<Job, SessionError> {
         let c = self.clone();
-        let job: Job = match msg {
-            Msg::NewHashes { id, len, cvs } => {
-                let inc = self.incoming(id)?;
-                Box::new(move || c.match_chunks(id, &inc, len, cvs))
+        if let Msg::WholeFiles { files } = msg {
+            let mut work = Vec::with_capacity(files.len());
+            let mut off = 0usize;
+            for f in files {
+                let (inc, _) = self.advance(f.id, Kind::Whole)?;
+                let end = off + f.len as usize;
+                // `validate` checked that the lengths add up to the payload.
+                let data = payload.slice(off.min(payload.len())..end.min(payload.len()));
+                off = end;
+                work.push((f.id, inc, f.digest, f.stamp, data));
             }
-            Msg::WholeFiles { files } => {
-                let mut work = Vec::with_capacity(files.len());
-                let mut off = 0usize;
-                for f in files {
-                    let inc = self.incoming(f.id)?;
-                    let data = payload.slice(off..off + f.len as usize);
-                    off += f.len as usize;
-                    work.push((f.id, inc, f.digest, data));
+            return Ok(Box::new(move || {
+                for (id, inc, digest, stamp, data) in work {
+                    c.whole_file(id, &inc, digest, stamp, &data);
                 }
-                Box::new(move || {
-                    for (id, inc, digest, data) in work {
-                        c.whole_file(id, &inc, digest, &data);
-                    }
-                })
+            }));
+        }
+        let (id, kind) = match &msg {
+            Msg::NewHashes { id, .. } => (*id, Kind::Hashes),
+            Msg::Data { id, .. } => (*id, Kind::Data),
+            Msg::Copy { id, .. } | Msg::Delta { id, .. } => (*id, Kind::FromBase),
+            Msg::FileEnd { id, len, .. } if chunk_count(*len) > crate::proto::msg::MAX_CHUNKS => {
+                return Err(self.violation(format!("file {id} claims {len} bytes")));
             }
-            Msg::Data { id, chunk } | Msg::Copy { id, chunk } | Msg::Delta { id, chunk, .. } => {
-                let inc = self.incoming(id)?;
-                let window = match msg {
-                    Msg::Delta {
-                        window_start,
-                        window_len,
-                        len,
-                        ..
-                    } => Some(Window {
-                        start: u64::from(window_start),
-                        count: u64::from(window_len),
-                        len: len as usize,
-                    }),
-                    _ => None,
-                };
-                let is_copy = matches!(msg, Msg::Copy { .. });
-                let base = {
-                    let mut st = lock(&inc.st);
-                    st.jobs += 1;
-                    st.base.clone()
-                };
-                if (is_copy || window.is_some()) && base.is_none() {
-                    return Err(self.violation(format!("delta for file {id} without a base")));
-                }
-                let piece = match (is_copy, window) {
-                    (true, _) => Piece::Copy,
-                    (false, Some(w)) => Piece::Delta(w, payload),
-                    (false, None) => Piece::Literal(payload),
-                };
-                Box::new(move || c.chunk(id, &inc, base, u64::from(chunk), piece))
-            }
-            Msg::FileEnd { id, len, digest } => {
-                let inc = self.incoming(id)?;
-                if chunk_count(len) > crate::proto::msg::MAX_CHUNKS {
-                    return Err(self.violation(format!("file {id} claims {len} bytes")));
-                }
-                Box::new(move || {
-                    let ready = {
-                        let mut st = lock(&inc.st);
-                        st.end = Some((len, digest));
-                        st.jobs == 0
-                    };
-                    if ready {
-                        c.finalize(id, &inc);
-                    }
-                })
-            }
-            Msg::Identical { id } => {
-                let inc = self.incoming(id)?;
-                Box::new(move || c.identical(id, &inc))
-            }
+            Msg::FileEnd {
+                id,
+                len,
+                digest,
+                stamp,
+            } => (
+                *id,
+                Kind::End(End::Complete {
+                    len: *len,
+                    digest: *digest,
+                    stamp: *stamp,
+                }),
+            ),
+            Msg::Identical { id, stamp } => (*id, Kind::End(End::Identical(*stamp))),
+            Msg::Restart { id } => (*id, Kind::End(End::Restart)),
             Msg::SendFailed {
                 id,
                 message,
                 transient,
             } => {
-                let inc = self.incoming(id)?;
-                Box::new(move || {
-                    let ev = if transient {
-                        Event::Warning {
-                            path: inc.path.to_string(),
-                            message,
-                        }
-                    } else {
-                        Event::Error {
-                            path: inc.path.to_string(),
-                            message,
-                        }
-                    };
-                    c.complete(id, &inc, Err(ev));
-                })
+                let path = lock(&self.files)
+                    .get(id)
+                    .map(|i| i.path.to_string())
+                    .unwrap_or_default();
+                let message = message.clone();
+                let ev = if *transient {
+                    Event::Warning { path, message }
+                } else {
+                    Event::Error { path, message }
+                };
+                (*id, Kind::End(End::Failed(ev)))
             }
             other => {
                 return Err(self.violation(format!("unexpected message for a receiver: {other:?}")));
             }
         };
+        let (inc, step) = self.advance(id, kind)?;
+        let job: Job = match (msg, step) {
+            (
+                Msg::NewHashes {
+                    len, cvs, stamp, ..
+                },
+                _,
+            ) => Box::new(move || c.match_chunks(id, &inc, len, cvs, stamp)),
+            (Msg::Data { chunk, .. }, Step::Chunk(base)) => {
+                let piece = Piece::Literal(payload);
+                Box::new(move || c.chunk(id, &inc, base, u64::from(chunk), piece))
+            }
+            (Msg::Copy { chunk, .. }, Step::Chunk(base)) => {
+                Box::new(move || c.chunk(id, &inc, base, u64::from(chunk), Piece::Copy))
+            }
+            (
+                Msg::Delta {
+                    chunk,
+                    window_start,
+                    window_len,
+                    len,
+                    ..
+                },
+                Step::Chunk(base),
+            ) => {
+                let w = Window {
+                    start: u64::from(window_start),
+                    count: u64::from(window_len),
+                    len: len as usize,
+                };
+                let piece = Piece::Delta(w, payload);
+                Box::new(move || c.chunk(id, &inc, base, u64::from(chunk), piece))
+            }
+            (_, Step::Ready(now)) => Box::new(move || {
+                if now {
+                    c.finalize(id, &inc);
+                }
+            }),
+            _ => return Err(self.violation(format!("file {id}: unexpected message"))),
+        };
         Ok(job)
     }
 }
 
-const VERIFY_FAILED: &str = "rebuilt file does not match the sender's BLAKE3 digest";
+/// The kinds of message that advance a file's state.
+enum Kind {
+    Whole,
+    Hashes,
+    /// Literal chunk data.
+    Data,
+    /// A chunk taken from the base (copy or delta).
+    FromBase,
+    End(End),
+}
+
+/// What a message did to its file's state.
+enum Step {
+    /// Work to do.
+    Go,
+    /// A chunk to write, against this base.
+    Chunk(Option<Arc<Base>>),
+    /// The attempt has ended; `true` if no work is pending, so it can be finished now.
+    Ready(bool),
+}
 
 enum Piece {
     Literal(Bytes),

@@ -107,7 +107,8 @@ impl Ctx {
                  replaced are complete, nothing is half-written. Free some space and run again."
             )));
         }
-        self.error(path, e);
+        // The event names the path; the message is what went wrong there.
+        self.error(path, e.detail());
     }
 
     pub(super) fn touched(&self, path: &RelPath) {
@@ -286,6 +287,14 @@ impl Ctx {
             return Ok(());
         }
         if let (Some(d), false) = (&self.dest, self.opts.dry_run) {
+            if local.is_some()
+                && let Err(e) = d.sweep(entry.path.parent().unwrap_or(b""))
+            {
+                self.warn(
+                    &entry.path,
+                    format!("cleaning up leftovers: {}", e.detail()),
+                );
+            }
             d.symlink(&entry.path, target, entry.mtime)?;
         }
         let op = match local {
@@ -350,16 +359,21 @@ impl Ctx {
             }
             FileAction::Transfer { basis } => {
                 if self.opts.dry_run {
-                    let op = self.file_op(local.as_ref(), *size, entry, digest.is_some());
+                    let op = self.file_op(
+                        local.as_ref(),
+                        *size,
+                        entry.mode,
+                        entry.mtime,
+                        digest.is_some(),
+                    );
                     self.count_change(op);
                     return self.report(&entry.path, ItemKind::File, op);
                 }
                 let inc = Arc::new(Incoming {
                     path: entry.path.clone(),
                     size: *size,
-                    mode: entry.mode,
-                    mtime: entry.mtime,
                     before: local,
+                    basis,
                     st: Mutex::new(Assembly::default()),
                     write: Mutex::new(()),
                 });
@@ -368,13 +382,7 @@ impl Ctx {
                 }
                 lock(&self.track).outstanding += 1;
                 self.obs.planned(*size);
-                let base_len = local.map_or(0, |l| l.size);
-                if basis && base_len >= DELTA_MIN_BASE {
-                    let c = self.clone();
-                    self.pool.spawn(move || c.start_delta(id, &inc));
-                } else {
-                    self.need_whole(id, batched);
-                }
+                self.request(id, &inc, batched);
             }
         }
     }
@@ -383,7 +391,8 @@ impl Ctx {
         &self,
         before: Option<&LocalMeta>,
         size: u64,
-        entry: &Entry,
+        mode: u32,
+        mtime: Mtime,
         content_known: bool,
     ) -> ChangeOp {
         match before.filter(|l| l.kind == LocalKind::File) {
@@ -391,8 +400,8 @@ impl Ctx {
             Some(l) => ChangeOp::Updated {
                 content: content_known || !self.opts.dry_run,
                 size: l.size != size,
-                time: l.mtime != entry.mtime,
-                perms: l.mode != entry.mode,
+                time: l.mtime != mtime,
+                perms: l.mode != mode,
             },
         }
     }
@@ -401,7 +410,9 @@ impl Ctx {
 impl Ctx {
     /// Asks for file `id` whole: queued with others when called from the planner (which
     /// flushes whenever its input pauses), at once otherwise.
-    pub(super) fn need_whole(&self, id: FileId, batched: bool) {
+    pub(super) fn need_whole(&self, id: FileId, inc: &Incoming, batched: bool) {
+        // Recorded before the request can leave, so the answer always finds it.
+        lock(&inc.st).asked = Some(Ask::Whole);
         if !batched {
             let _ = self.out.send(Msg::NeedWhole { ids: vec![id] }); // writer gone: loop sees it
             return;

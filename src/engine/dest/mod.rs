@@ -2,15 +2,17 @@
 //!
 //! Every path is resolved component by component from an open root directory with
 //! `openat(O_NOFOLLOW | O_DIRECTORY)`, so no peer-supplied path can lead outside the root or
-//! through a symlink, whatever string checks say. New content is written to an unnamed
-//! `O_TMPFILE` in the target's directory and linked/renamed into place only when complete, so a
-//! crash or a dropped connection never leaves a partial file at a final path (and leaves no
-//! litter). Where `O_TMPFILE` is unavailable, a named temp file (`.devsync-tmp.*`) is used and
-//! removed on failure.
+//! through a symlink, whatever string checks say. New content is staged apart from its final
+//! path and moved there only when complete ([`stage`]), so a crash or a dropped connection never
+//! leaves a partial file at a final path.
 //!
 //! This module does not decide anything; `session` tells it what to do.
 
-use std::collections::HashMap;
+mod stage;
+
+pub use stage::{PARTIAL_MIN, Staged, TempFile};
+
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -23,7 +25,6 @@ use rustix::fs::{
 };
 use rustix::io::Errno;
 
-use super::filter::TEMP_PREFIX;
 use super::{LocalKind, LocalMeta, MODE_MASK, Mtime, RelPath};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,7 @@ pub enum DestError {
     Io {
         path: String,
         op: &'static str,
+        #[source]
         source: io::Error,
     },
 }
@@ -46,6 +48,16 @@ impl DestError {
             path: path.to_string(),
             op,
             source: e.into(),
+        }
+    }
+
+    /// The error without its path, for reports that carry the path separately.
+    pub fn detail(&self) -> String {
+        match self {
+            DestError::ThroughSymlink { link, .. } => format!(
+                "refusing to go through symlink {link:?} (not following links on the receiving side)"
+            ),
+            DestError::Io { op, source, .. } => format!("{op}: {source}"),
         }
     }
 
@@ -69,8 +81,11 @@ pub struct Dest {
     root: Arc<OwnedFd>,
     dirs: Mutex<HashMap<Vec<u8>, Arc<OwnedFd>>>,
     tmpfile: AtomicBool,
+    /// Temp names are `nonce + counter`: unique across sessions sharing a directory.
     counter: AtomicU64,
-    salt: u32,
+    nonce: u64,
+    /// Directories already swept for leftovers of killed sessions.
+    swept: Mutex<HashSet<Vec<u8>>>,
 }
 
 /// Result of removing one entry.
@@ -98,7 +113,8 @@ impl Dest {
             dirs: Mutex::new(HashMap::new()),
             tmpfile: AtomicBool::new(false),
             counter: AtomicU64::new(0),
-            salt: random_salt(),
+            nonce: stage::random_nonce(),
+            swept: Mutex::new(HashSet::new()),
         };
         dest.tmpfile.store(
             std::env::var_os("DEVSYNC_NO_TMPFILE").is_none() && dest.probe_tmpfile(),
@@ -117,6 +133,19 @@ impl Dest {
         &self.root_path
     }
 
+    /// What the root itself is (its mode and mtime are mirrored like any directory's).
+    pub fn root_meta(&self) -> Result<LocalMeta> {
+        rfs::fstat(&*self.root)
+            .map(|st| local_meta(&st))
+            .map_err(|e| DestError::io(self.root_path.display(), "stat", e))
+    }
+
+    /// Sets mode and/or mtime of the root directory.
+    pub fn set_root_meta(&self, mode: Option<u32>, mtime: Option<Mtime>) -> Result<()> {
+        set_fd_meta(&*self.root, mode, mtime)
+            .map_err(|e| DestError::io(self.root_path.display(), "setting attributes", e))
+    }
+
     /// Whether new files are staged in unnamed `O_TMPFILE` files.
     pub fn uses_tmpfile(&self) -> bool {
         self.tmpfile.load(Ordering::Relaxed)
@@ -125,22 +154,6 @@ impl Dest {
     /// Forces named temp files (tests of the fallback path).
     pub fn disable_tmpfile(&self) {
         self.tmpfile.store(false, Ordering::Relaxed);
-    }
-
-    fn probe_tmpfile(&self) -> bool {
-        let Ok(fd) = open_tmpfile(&self.root) else {
-            return false;
-        };
-        let name = self.temp_name();
-        if link_fd(&fd, &self.root, &name).is_err() {
-            return false;
-        }
-        rfs::unlinkat(&*self.root, &name, AtFlags::empty()).is_ok()
-    }
-
-    fn temp_name(&self) -> Vec<u8> {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("{TEMP_PREFIX}{}.{:08x}.{n}", std::process::id(), self.salt).into_bytes()
     }
 
     /// The open directory at relative path `dir` (`b""` = root), resolved without following
@@ -329,56 +342,6 @@ impl Dest {
         Ok(File::from(fd))
     }
 
-    /// A new, empty, writable file that becomes `path` on [`TempFile::commit`].
-    pub fn create_temp(&self, path: &RelPath) -> Result<TempFile> {
-        let dir = self.parent(path)?;
-        if self.uses_tmpfile() {
-            match open_tmpfile(&dir) {
-                Ok(fd) => {
-                    return Ok(TempFile {
-                        file: File::from(fd),
-                        dir,
-                        path: path.clone(),
-                        named: None,
-                        committed: AtomicBool::new(false),
-                    });
-                }
-                // Some directories (other filesystems) may not support it: fall back.
-                Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {}
-                Err(e) => return Err(DestError::io(path, "creating temp file", e)),
-            }
-        }
-        let name = self.temp_name();
-        let fd = rfs::openat(
-            &*dir,
-            &name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| DestError::io(path, "creating temp file", e))?;
-        Ok(TempFile {
-            file: File::from(fd),
-            dir,
-            path: path.clone(),
-            named: Some(name),
-            committed: AtomicBool::new(false),
-        })
-    }
-
-    /// Makes `path` a symlink to `target` (atomically replacing a file or link there).
-    pub fn symlink(&self, path: &RelPath, target: &[u8], mtime: Mtime) -> Result<()> {
-        let dir = self.parent(path)?;
-        let tmp = self.temp_name();
-        rfs::symlinkat(target, &*dir, &tmp).map_err(|e| DestError::io(path, "symlink", e))?;
-        // A link's own mtime is cosmetic; filesystems that refuse it are not an error.
-        let _ = rfs::utimensat(&*dir, &tmp, &times(mtime), AtFlags::SYMLINK_NOFOLLOW);
-        if let Err(e) = rfs::renameat(&*dir, &tmp, &*dir, path.file_name()) {
-            let _ = rfs::unlinkat(&*dir, &tmp, AtFlags::empty()); // best effort: already failing
-            return Err(DestError::io(path, "renaming symlink into place", e));
-        }
-        Ok(())
-    }
-
     /// Removes the file, symlink or empty directory at `path`.
     pub fn remove(&self, path: &RelPath, is_dir: bool) -> Result<Removed> {
         let Some(dir) = self.dir(path.parent().unwrap_or(b""))? else {
@@ -410,130 +373,7 @@ impl Dest {
     }
 }
 
-/// A staged file; dropped without [`TempFile::commit`], it disappears.
-pub struct TempFile {
-    file: File,
-    dir: Arc<OwnedFd>,
-    path: RelPath,
-    named: Option<Vec<u8>>,
-    committed: AtomicBool,
-}
-
-impl TempFile {
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    pub fn path(&self) -> &RelPath {
-        &self.path
-    }
-
-    /// Reserves disk blocks for `len` bytes up front (size unchanged). A full disk is reported
-    /// before any data is written, and the file has no delayed allocation left for the final
-    /// rename to force out (ext4's `auto_da_alloc` otherwise makes replacing a big file cost as
-    /// much as writing it back). Filesystems without `fallocate` are fine.
-    pub fn preallocate(&self, len: u64) -> Result<()> {
-        match rfs::fallocate(&self.file, rfs::FallocateFlags::KEEP_SIZE, 0, len) {
-            Ok(()) | Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => Ok(()),
-            Err(e) => Err(DestError::io(&self.path, "reserving space", e)),
-        }
-    }
-
-    /// Sets the final length (dropping any reservation beyond it).
-    pub fn set_len(&self, len: u64) -> Result<()> {
-        self.file
-            .set_len(len)
-            .map_err(|e| DestError::io(&self.path, "setting length", e))
-    }
-
-    /// Applies the final mode and mtime, then moves the file to its path, replacing whatever
-    /// file or symlink is there (never writing through it).
-    /// With `durable`, the data is on disk before the name points at it, and the directory
-    /// entry after (power-loss safe, and slower).
-    pub fn commit(&self, dest: &Dest, mode: u32, mtime: Mtime, durable: bool) -> Result<()> {
-        let p = &self.path;
-        if self.committed.swap(true, Ordering::AcqRel) {
-            return Err(DestError::io(
-                p,
-                "committing",
-                io::Error::other("already committed"),
-            ));
-        }
-        set_fd_meta(&self.file, Some(mode), Some(mtime))
-            .map_err(|e| DestError::io(p, "setting attributes", e))?;
-        if durable {
-            rfs::fdatasync(&self.file).map_err(|e| DestError::io(p, "fsync", e))?;
-        }
-        self.link_into_place(dest)?;
-        if durable {
-            rfs::fsync(&*self.dir).map_err(|e| DestError::io(p, "fsync of directory", e))?;
-        }
-        Ok(())
-    }
-
-    fn link_into_place(&self, dest: &Dest) -> Result<()> {
-        let p = &self.path;
-        let name = p.file_name();
-        let staged = match &self.named {
-            Some(n) => n.clone(),
-            None => {
-                // Fast path for new files: link straight to the final name.
-                match link_fd(&self.file, &self.dir, name) {
-                    Ok(()) => return Ok(()),
-                    Err(Errno::EXIST) => {}
-                    Err(e) => return Err(DestError::io(p, "linking into place", e)),
-                }
-                let tmp = dest.temp_name();
-                link_fd(&self.file, &self.dir, &tmp)
-                    .map_err(|e| DestError::io(p, "linking into place", e))?;
-                tmp
-            }
-        };
-        rfs::renameat(&*self.dir, &staged, &*self.dir, name).map_err(|e| {
-            let _ = rfs::unlinkat(&*self.dir, &staged, AtFlags::empty()); // already failing
-            DestError::io(p, "renaming into place", e)
-        })
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        // A failed commit of a named temp also lands here: the name must go either way
-        // unless the rename succeeded (then it no longer exists and unlink is a no-op).
-        if let Some(name) = &self.named {
-            // Nothing to report to: the caller is already handling the failure that got us here.
-            let _ = rfs::unlinkat(&*self.dir, name, AtFlags::empty());
-        }
-    }
-}
-
-/// Keeps temp names unique even across pid namespaces sharing a directory.
-fn random_salt() -> u32 {
-    let mut b = [0u8; 4];
-    match rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()) {
-        Ok(4) => u32::from_ne_bytes(b),
-        _ => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos()),
-    }
-}
-
-fn open_tmpfile(dir: &OwnedFd) -> rustix::io::Result<OwnedFd> {
-    rfs::openat(
-        dir,
-        ".",
-        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
-    )
-}
-
-/// Gives an `O_TMPFILE` file a name (via /proc: `AT_EMPTY_PATH` would need privileges).
-fn link_fd(fd: &impl AsFd, dir: &OwnedFd, name: &[u8]) -> rustix::io::Result<()> {
-    let proc = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
-    rfs::linkat(CWD, &proc, dir, name, AtFlags::SYMLINK_FOLLOW)
-}
-
-fn times(t: Mtime) -> Timestamps {
+pub(super) fn times(t: Mtime) -> Timestamps {
     Timestamps {
         last_access: Timespec {
             tv_sec: 0,
@@ -546,7 +386,11 @@ fn times(t: Mtime) -> Timestamps {
     }
 }
 
-fn set_fd_meta(fd: &impl AsFd, mode: Option<u32>, mtime: Option<Mtime>) -> rustix::io::Result<()> {
+pub(super) fn set_fd_meta(
+    fd: &impl AsFd,
+    mode: Option<u32>,
+    mtime: Option<Mtime>,
+) -> rustix::io::Result<()> {
     if let Some(m) = mode {
         rfs::fchmod(fd, Mode::from_raw_mode(m & MODE_MASK))?;
     }
