@@ -75,8 +75,19 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
     snapshot_filtered(root, &|_| false)
 }
 
-/// Asserts two trees are identical in content, modes, mtimes (ns), symlink targets, empty dirs.
+/// Asserts two trees are identical in content, modes, mtimes (ns), symlink targets, empty dirs,
+/// and the roots' own mode and mtime.
 pub fn assert_same_tree(a: &Path, b: &Path) {
+    assert_same_entries(a, b);
+    let root = |p: &Path| {
+        let md = fs::metadata(p).unwrap();
+        (md.mode() & 0o7777, md.mtime(), md.mtime_nsec())
+    };
+    assert_eq!(root(a), root(b), "roots {a:?} and {b:?} differ");
+}
+
+/// [`assert_same_tree`] without the roots' own attributes.
+pub fn assert_same_entries(a: &Path, b: &Path) {
     let (sa, sb) = (snapshot(a), snapshot(b));
     let only_a: Vec<_> = sa.keys().filter(|k| !sb.contains_key(*k)).collect();
     let only_b: Vec<_> = sb.keys().filter(|k| !sa.contains_key(*k)).collect();
@@ -255,4 +266,79 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; len];
     ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut v);
     v
+}
+
+/// Whether the test may go on without `what`: under `CI=true` a missing prerequisite is a
+/// failure (`.ci/run` installs everything), elsewhere the test says so and skips.
+pub fn require(available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("missing prerequisite under CI=true: {what}");
+    }
+    eprintln!("skipping: needs {what} (.ci/run provides it)");
+    false
+}
+
+/// Child processes of `pid`, and theirs (from /proc, so no procps is needed).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.filter_map(Result::ok) {
+            let children = fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Bytes a process has read and written through syscalls so far (`/proc/<pid>/io`), or
+/// `None` once it is gone.
+pub fn io_bytes(pid: u32) -> Option<u64> {
+    let io = fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| -> u64 {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Some(field("rchar:") + field("wchar:"))
+}
+
+/// SIGKILLs `pid` once it has moved `bytes` bytes (polled every millisecond, at most
+/// `limit`). Returns whether it was killed (it may have finished first).
+pub fn kill_after_bytes(pid: u32, bytes: u64, limit: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        match io_bytes(pid) {
+            None => return false,
+            Some(n) if n >= bytes => {
+                let _ = rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(pid as i32).expect("pid"),
+                    rustix::process::Signal::KILL,
+                ); // it may have exited meanwhile: then nothing was killed, which is fine
+                return true;
+            }
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
+    }
+    false
+}
+
+/// Names of devsync's own temp and partial files under `root`.
+pub fn own_files(root: &Path) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| devsync::engine::tempname::ours(e.file_name().as_bytes()).is_some())
+        .map(|e| e.into_path())
+        .collect()
 }

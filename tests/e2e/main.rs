@@ -4,5 +4,6 @@ mod common;
 mod local;
 mod openssh;
 mod protocol;
+mod reliability;
 mod remote;
 mod session;

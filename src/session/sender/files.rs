@@ -22,11 +22,12 @@ use crate::proto::{FileId, Msg, Stamp, WholeItem};
 
 /// Reads of one file per session before it is given up as "changing while being sent".
 pub(super) const MAX_ATTEMPTS: u32 = 4;
-/// Pause before attempt 2, 3 and 4: long enough for an editor's save to finish.
+/// Pause before attempt 2, 3 and 4: an editor's save or a build step writing its output is
+/// over well within this; a file written all the time (a busy log) is given up after ~0.3 s.
 const BACKOFF: [Duration; 3] = [
-    Duration::from_millis(5),
-    Duration::from_millis(25),
-    Duration::from_millis(100),
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(250),
 ];
 
 /// Why one attempt at sending a file did not finish.
@@ -80,12 +81,20 @@ fn settled(src: &Source, sent: bool) -> Result<(), Fail> {
 impl Ctx {
     /// Runs `attempt` until it has read a stable version of file `id`, retrying at once what
     /// never went out and restarting on the receiver what did. `None` when it gave up (and
-    /// reported why) or asked the receiver to start over.
-    fn stable<T>(&self, id: FileId, mut attempt: impl FnMut() -> Result<T, Fail>) -> Option<T> {
+    /// reported why) or asked the receiver to start over. `last`: this step finishes the file
+    /// (the count of attempts carries over from a big file's hashing to its delta).
+    fn stable<T>(
+        &self,
+        id: FileId,
+        last: bool,
+        mut attempt: impl FnMut() -> Result<T, Fail>,
+    ) -> Option<T> {
         loop {
             match attempt() {
                 Ok(v) => {
-                    super::super::lock(&self.attempts).remove(&id);
+                    if last {
+                        super::super::lock(&self.attempts).remove(&id);
+                    }
                     return Some(v);
                 }
                 Err(Fail::Io(e)) => {
@@ -158,7 +167,7 @@ impl Ctx {
         for (id, path, _) in files {
             let start = payload.len();
             let first = self.first_attempt(id);
-            let read = self.stable(id, || {
+            let read = self.stable(id, true, || {
                 payload.truncate(start);
                 let src = Source::open(&path)?;
                 if src.len() > SMALL_FILE {
@@ -217,7 +226,7 @@ impl Ctx {
 
     pub(super) fn send_whole(&self, id: FileId, path: PathBuf) {
         let first = self.first_attempt(id);
-        self.stable(id, || self.try_send_whole(id, &path, first));
+        self.stable(id, true, || self.try_send_whole(id, &path, first));
     }
 
     fn try_send_whole(&self, id: FileId, path: &Path, first: bool) -> Result<(), Fail> {
@@ -339,7 +348,7 @@ impl Ctx {
         sig: Bytes,
     ) {
         let first = self.first_attempt(id);
-        self.stable(id, || {
+        self.stable(id, true, || {
             let src = Source::open(&path)?;
             let len = src.len();
             if first {
@@ -460,7 +469,7 @@ impl Ctx {
         params: SigParams,
     ) {
         let first = self.first_attempt(id);
-        self.stable(id, || {
+        self.stable(id, false, || {
             let src = Source::open(&path)?;
             let len = src.len();
             if first {
@@ -492,7 +501,7 @@ impl Ctx {
     /// The second step of a big file: deltas or literal data for the chunks the receiver
     /// does not have, then `FileEnd`. The file must still be the version that was hashed.
     pub(super) fn send_big(&self, id: FileId, path: PathBuf, b: BigFile, req: BigRequest) {
-        self.stable(id, || {
+        self.stable(id, true, || {
             let src = Source::open(&path)?;
             if !src.same_as(&b.snap) {
                 return Err(Fail::Changed { sent: true });
