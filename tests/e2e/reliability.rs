@@ -247,7 +247,7 @@ fn an_interrupted_big_upload_resumes_from_its_partial() {
     fs::write(src.join("big.img"), random_bytes(size, 77)).unwrap();
     let mut killed = false;
     for attempt in 0..5 {
-        let mut child = Command::new(BIN)
+        let child = Command::new(BIN)
             .args([OsStr::new("push"), src.as_os_str(), dst.as_os_str()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
