@@ -1,23 +1,11 @@
 //! `devsync helper`: serve one session on stdin/stdout.
 
-use super::exit;
+use super::{Failure, exit};
 use crate::session::helper::serve;
 
-pub fn run() -> u8 {
+pub fn run() -> Result<u8, Failure> {
     super::raise_fd_limit();
-    let rt = match super::runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("devsync helper: {e}");
-            return exit::FATAL;
-        }
-    };
-    let r = rt.block_on(serve(tokio::io::stdin(), tokio::io::stdout()));
-    match r {
-        Ok(()) => exit::OK,
-        Err(e) => {
-            eprintln!("devsync helper: {e}");
-            exit::FATAL
-        }
-    }
+    let rt = super::runtime()?;
+    rt.block_on(serve(tokio::io::stdin(), tokio::io::stdout()))?;
+    Ok(exit::OK)
 }

@@ -5,8 +5,6 @@ mod output;
 mod serve;
 mod sync;
 
-use std::process::ExitCode;
-
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Exit statuses (rsync's numbers where they mean the same thing).
@@ -45,6 +43,9 @@ enum Cmd {
     /// Serve the sync protocol on stdin/stdout (started by devsync itself, locally or over SSH)
     #[command(hide = true)]
     Helper,
+    /// Serve SFTP on stdin/stdout rooted at DIR (run by `devsync serve` for each devbox)
+    #[command(hide = true)]
+    SftpServer { dir: std::path::PathBuf },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -123,27 +124,61 @@ pub struct SyncArgs {
     timeout: u64,
 }
 
-/// Parses the command line, runs the command, and returns the process exit status.
-pub fn run() -> ExitCode {
+/// A command that failed: the error to print (once, by `main`) and the exit status.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: anyhow::Error,
+    pub code: u8,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        Failure {
+            error: e.into(),
+            code: exit::FATAL,
+        }
+    }
+}
+
+/// Parses the command line and runs the command: its exit status, or why it failed.
+pub fn run() -> Result<u8, Failure> {
     crate::transport::tls::install_crypto_provider();
     let cli = match parse() {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print(); // nowhere else to report a failure to print
-            return ExitCode::from(if e.use_stderr() {
+            return Ok(if e.use_stderr() {
                 exit::USAGE
             } else {
                 exit::OK
             });
         }
     };
-    let code = match cli.cmd {
+    match cli.cmd {
         Cmd::Push(a) => sync::run(a, sync::Direction::Push),
         Cmd::Pull(a) => sync::run(a, sync::Direction::Pull),
         Cmd::Serve(a) => serve::run(a),
         Cmd::Helper => helper::run(),
-    };
-    ExitCode::from(code)
+        Cmd::SftpServer { dir } => {
+            runtime()?.block_on(crate::server::sftp::serve_stdio(dir));
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// Prints a failure the one way devsync prints errors: `devsync: error: ` and the cause chain,
+/// with control characters escaped (messages carry remote file names and remote stderr).
+pub fn print_failure(f: &Failure) {
+    let text = output::escape_text(&format!("{:#}", f.error));
+    eprintln!("devsync: error: {text}");
+}
+
+/// Whether `e` is only a closed stdout/stderr (a pipe into `head`): not worth an error.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Parses the command line. An empty environment variable counts as unset, as for the

@@ -78,7 +78,7 @@ impl Reporter {
     /// with --json, whose output is stdout).
     pub fn notice(&self, msg: &str) {
         if !self.quiet {
-            self.out(&format!("devsync: {msg}"), true);
+            self.out(&format!("devsync: {}", escape_text(msg)), true);
         }
     }
 
@@ -105,10 +105,50 @@ impl Reporter {
 
 fn located(path: &str, message: &str) -> String {
     if path.is_empty() {
-        message.to_string()
+        escape_text(message)
     } else {
-        format!("{path}: {message}")
+        format!("{}: {}", escape_name(path.as_bytes()), escape_text(message))
     }
+}
+
+/// A file name as it may be shown on a terminal: bytes a terminal would act on (C0 controls,
+/// DEL, the C1 range) and bytes that are not UTF-8 are written `\#ooo` (octal, as rsync
+/// does), and a backslash before `#` is escaped too, so no name can move the cursor, change
+/// colours or forge a line. `--json` output is never escaped.
+pub fn escape_name(bytes: &[u8]) -> String {
+    escape(bytes, false)
+}
+
+/// Free text from wherever (remote messages, remote stderr): escaped like names, except that
+/// tabs stay and newlines are kept but indented, so a line of it cannot pass for one of ours.
+pub fn escape_text(s: &str) -> String {
+    escape(s.as_bytes(), true)
+}
+
+fn escape(bytes: &[u8], text: bool) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    let octal = |out: &mut String, b: u8| out.push_str(&format!("\\#{b:03o}"));
+    for chunk in bytes.utf8_chunks() {
+        let mut chars = chunk.valid().chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\n' if text => out.push_str("\n    "),
+                '\t' if text => out.push('\t'),
+                '\\' if chars.peek() == Some(&'#') => out.push_str("\\#134"),
+                c if c.is_control() => {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        octal(&mut out, b);
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        for &b in chunk.invalid() {
+            octal(&mut out, b);
+        }
+    }
+    out
 }
 
 impl Observer for Reporter {
@@ -116,13 +156,17 @@ impl Observer for Reporter {
         match ev {
             Event::Change(c) => {
                 if self.itemize {
-                    let line = c.itemize(self.sending);
                     if self.json {
                         self.changes
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .push(line);
+                            .push(c.itemize(self.sending));
                     } else {
+                        let line = format!(
+                            "{} {}",
+                            c.flags(self.sending),
+                            escape_name(c.path.as_bytes())
+                        );
                         self.out(&line, false);
                     }
                 }
@@ -136,12 +180,20 @@ impl Observer for Reporter {
                 }
             }
             Event::Error { path, message } => {
-                let text = located(&path, &message);
-                self.out(&format!("devsync: error: {text}"), true);
+                self.out(
+                    &format!("devsync: error: {}", located(&path, &message)),
+                    true,
+                );
+                // JSON keeps the exact text.
+                let exact = if path.is_empty() {
+                    message
+                } else {
+                    format!("{path}: {message}")
+                };
                 self.errors
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(text);
+                    .push(exact);
             }
         }
     }
@@ -227,4 +279,29 @@ pub fn summary_json(
         "delete_refused": s.delete_refused,
         "changes": r.changes(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_cannot_reach_the_terminal() {
+        assert_eq!(escape_name(b"plain name.rs"), "plain name.rs");
+        assert_eq!(escape_name("ünï 🚀".as_bytes()), "ünï 🚀");
+        assert_eq!(escape_name(b"a\x1b[31mred"), "a\\#033[31mred");
+        assert_eq!(escape_name(b"two\nlines"), "two\\#012lines");
+        assert_eq!(escape_name(b"del\x7f"), "del\\#177");
+        // C1 controls (CSI as one code point) and bytes that are not UTF-8.
+        assert_eq!(escape_name("x\u{9b}2J".as_bytes()), "x\\#302\\#2332J");
+        assert_eq!(escape_name(b"bad\xff\xfe"), "bad\\#377\\#376");
+        // An escape-looking sequence in a real name stays unambiguous.
+        assert_eq!(escape_name(b"a\\#033"), "a\\#134#033");
+        assert_eq!(escape_name(b"back\\slash"), "back\\slash");
+        // Free text keeps its lines, indented, but not its escapes.
+        assert_eq!(
+            escape_text("one\ndevsync: forged\x1b[2J"),
+            "one\n    devsync: forged\\#033[2J"
+        );
+    }
 }

@@ -1,13 +1,15 @@
 //! `devsync serve`: run the embedded endpoint (TLS gateway + SSH server + key API).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::{Context, bail};
 use clap::Args;
 use tokio::net::TcpListener;
 
-use super::exit;
-use crate::server::{self, KeyFormat, Listeners, ServeConfig, StateOptions};
+use super::{Failure, exit};
+use crate::server::{self, Isolation, KeyFormat, Limits, Listeners, ServeConfig, StateOptions};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -53,79 +55,139 @@ pub struct ServeArgs {
     /// Private key format handed out by the API
     #[arg(long, value_parser = ["pkcs8", "openssh"], default_value = "pkcs8")]
     key_format: String,
+    /// As root, devboxes run as their own users with uids from N on (no accounts needed)
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    uid_base: u32,
+    /// Run devbox ID as the existing account USER (repeatable; needs root)
+    #[arg(long = "devbox-account", value_name = "ID=USER")]
+    accounts: Vec<String>,
+    /// Run every session as the serving user (then only one devbox can be served)
+    #[arg(long)]
+    no_isolation: bool,
+    /// Connections one address may hold open at once, on the gateway and on the API
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_conns_per_ip: usize,
+    /// Print the client environment (an `export` line for eval) on stdout, and exit
+    #[arg(long)]
+    print_env: bool,
 }
 
-pub fn run(a: ServeArgs) -> u8 {
-    let rt = match super::runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("devsync serve: {e}");
-            return exit::FATAL;
-        }
-    };
-    match rt.block_on(serve(a)) {
-        Ok(()) => exit::OK,
-        Err(e) => {
-            eprintln!("devsync serve: error: {e}");
-            exit::FATAL
-        }
+pub fn run(a: ServeArgs) -> Result<u8, Failure> {
+    let rt = super::runtime()?;
+    rt.block_on(serve(a))?;
+    Ok(exit::OK)
+}
+
+fn isolation(a: &ServeArgs) -> anyhow::Result<Isolation> {
+    let root = rustix::process::geteuid().is_root();
+    if a.no_isolation {
+        return Ok(Isolation::SharedUser);
     }
+    if !root {
+        if !a.accounts.is_empty() {
+            bail!("--devbox-account needs root: only root can run devboxes as other users");
+        }
+        return Ok(Isolation::SharedUser);
+    }
+    let mut accounts = HashMap::new();
+    for m in &a.accounts {
+        let Some((id, user)) = m
+            .split_once('=')
+            .filter(|(i, u)| !i.is_empty() && !u.is_empty())
+        else {
+            bail!("--devbox-account {m:?}: write it as ID=USER, e.g. dbx_a=alice");
+        };
+        accounts.insert(id.to_string(), user.to_string());
+    }
+    Ok(Isolation::Users {
+        base: a.uid_base,
+        accounts,
+    })
 }
 
-async fn serve(a: ServeArgs) -> Result<(), String> {
-    let dir = match a.state {
-        Some(d) => d,
+/// `export …` for clients of this endpoint, safe to `eval`.
+fn client_env(api: &str, gw: &str, token: &str, ca: &std::path::Path) -> String {
+    let q = |s: &str| shell_escape::unix::escape(s.into()).into_owned();
+    format!(
+        "export RUNLOOP_BASE_URL={} RUNLOOP_SSH_GATEWAY={} RUNLOOP_API_KEY={} DEVSYNC_TLS_CA={}",
+        q(api),
+        q(gw),
+        q(token),
+        q(&ca.display().to_string())
+    )
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let dir = match &a.state {
+        Some(d) => d.clone(),
         None => crate::target::credentials::state_dir()?.join("serve"),
     };
+    let scheme = if a.api_tls { "https" } else { "http" };
+    let state = StateOptions {
+        dir: dir.clone(),
+        domain: a.domain.clone(),
+        token: a.token.clone(),
+        default_user: a.user.clone(),
+        create_on_demand: a.create_on_demand,
+        key_format: if a.key_format == "openssh" {
+            KeyFormat::OpenSsh
+        } else {
+            KeyFormat::Pkcs8
+        },
+        devboxes: a.devboxes.clone(),
+        isolation: isolation(&a)?,
+    };
+    if a.print_env {
+        let st = server::State::open(&state)?;
+        println!(
+            "{}",
+            client_env(
+                &format!("{scheme}://{}", a.api_listen),
+                &a.listen,
+                &st.token,
+                &st.ca_path()
+            )
+        );
+        return Ok(());
+    }
     let bind = |addr: &str| {
         let addr = addr.to_string();
         async move {
             TcpListener::bind(&addr)
                 .await
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))
+                .with_context(|| format!("cannot listen on {addr}"))
         }
     };
     // Checked before binding anything: the API hands out SSH private keys.
     if !a.api_tls {
         let mut addrs = tokio::net::lookup_host(&a.api_listen)
             .await
-            .map_err(|e| format!("--api-listen {}: {e}", a.api_listen))?;
+            .with_context(|| format!("--api-listen {}", a.api_listen))?;
         if let Some(open) = addrs.find(|ad| !ad.ip().is_loopback()) {
-            return Err(format!(
+            bail!(
                 "the API hands out SSH private keys and would be plain HTTP on {open}: add \
                  --api-tls (clients then use https:// and trust the state's CA), or bind \
                  --api-listen to 127.0.0.1 and put a TLS proxy in front"
-            ));
+            );
         }
     }
     let listeners = Listeners {
         gateway: bind(&a.listen).await?,
         api: bind(&a.api_listen).await?,
     };
-    let (gw, api) = (
-        listeners.gateway.local_addr().map_err(|e| e.to_string())?,
-        listeners.api.local_addr().map_err(|e| e.to_string())?,
-    );
-    let scheme = if a.api_tls { "https" } else { "http" };
+    let (gw, api) = (listeners.gateway.local_addr()?, listeners.api.local_addr()?);
     let cfg = ServeConfig {
-        state: StateOptions {
-            dir: dir.clone(),
-            domain: a.domain,
-            token: a.token,
-            default_user: a.user,
-            create_on_demand: a.create_on_demand,
-            key_format: if a.key_format == "openssh" {
-                KeyFormat::OpenSsh
-            } else {
-                KeyFormat::Pkcs8
-            },
-            devboxes: a.devboxes,
-        },
+        state,
         cert: a.cert.zip(a.key),
         gateway_names: a.gateway_names,
         upstream: a.upstream,
         auth_rejection: Duration::from_secs(1),
         api_tls: a.api_tls,
+        exe: std::env::current_exe().context("finding the devsync binary")?,
+        limits: Limits {
+            per_address: a.max_conns_per_ip.max(1),
+            ..Limits::default()
+        },
     };
     let running = server::start(listeners, cfg)?;
     let st = &running.state;
@@ -135,16 +197,17 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         dir.display()
     ));
     eprintln!(
-        "clients: export RUNLOOP_BASE_URL={scheme}://{api} RUNLOOP_SSH_GATEWAY={gw} \
-         RUNLOOP_API_KEY={} DEVSYNC_TLS_CA={}",
-        st.token,
-        st.ca_path().display()
+        "# clients of this endpoint (or: eval \"$(devsync serve --print-env ...)\"):\n{}",
+        client_env(
+            &format!("{scheme}://{api}"),
+            &gw.to_string(),
+            &st.token,
+            &st.ca_path()
+        )
     );
     tokio::select! {
-        r = running.task => r.map_err(|e| e.to_string())?.map_err(|e| e.to_string()),
-        _ = tokio::signal::ctrl_c() => {
-            server::log("interrupted; stopping");
-            Ok(())
-        }
+        r = running.task => r.context("the endpoint stopped")?.context("the endpoint stopped")?,
+        _ = tokio::signal::ctrl_c() => server::log("interrupted; stopping"),
     }
+    Ok(())
 }

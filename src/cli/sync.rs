@@ -27,15 +27,9 @@ pub enum Direction {
     Pull,
 }
 
-pub fn run(a: SyncArgs, dir: Direction) -> u8 {
+pub fn run(a: SyncArgs, dir: Direction) -> Result<u8, super::Failure> {
     super::raise_fd_limit();
-    match run_inner(&a, dir) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("devsync: error: {e:#}");
-            exit::FATAL
-        }
-    }
+    Ok(run_inner(&a, dir)?)
 }
 
 fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {

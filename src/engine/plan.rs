@@ -107,10 +107,16 @@ impl Change {
     /// `>` (received, pull), `c` (created without data: dirs, symlinks), `.` (attributes only)
     /// or `*deleting`.
     pub fn itemize(&self, sending: bool) -> String {
+        format!("{} {}", self.flags(sending), self.path)
+    }
+
+    /// The `YXcstpoguax` part of [`Change::itemize`] (`*deleting  ` for a deletion), for
+    /// callers that print the path their own way.
+    pub fn flags(&self, sending: bool) -> String {
         let x = self.kind.letter();
         let arrow = if sending { '<' } else { '>' };
-        let flags = match self.op {
-            ChangeOp::Deleted => return format!("*deleting   {}", self.path),
+        match self.op {
+            ChangeOp::Deleted => "*deleting  ".to_string(),
             ChangeOp::Created => {
                 let y = if self.kind == ItemKind::File {
                     arrow
@@ -139,8 +145,7 @@ impl Change {
                     f(perms, 'p')
                 )
             }
-        };
-        format!("{flags} {}", self.path)
+        }
     }
 }
 

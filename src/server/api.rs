@@ -15,47 +15,79 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use super::log;
-use super::state::State;
+use super::state::{State, StateError};
+use super::{Limits, PerAddress, log};
 
-/// Answers API requests on `listener`, over TLS when `tls` is given.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<State>,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) -> std::io::Result<()> {
-    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
-    loop {
-        let (tcp, peer) = listener.accept().await?;
-        let state = state.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let r = match tls {
-                None => connection(tcp, state, peer).await,
-                Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => connection(stream, state, peer).await,
-                    Err(e) => Err(format!("TLS: {e}")),
-                },
-            };
-            if let Err(e) = r {
-                log(&format!("api {peer}: {e}"));
-            }
-        });
-    }
+/// The API and what it needs to answer.
+pub struct Api {
+    pub state: Arc<State>,
+    /// Serve over TLS (with the gateway's certificate).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub limits: Limits,
+    pub open: PerAddress,
 }
 
-async fn connection<S>(io: S, state: Arc<State>, peer: SocketAddr) -> Result<(), String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = service_fn(move |req| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(req, &state, peer)) }
-    });
-    hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(io), svc)
-        .await
-        .map_err(|e| e.to_string())
+impl Api {
+    /// Answers API requests on `listener`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (tcp, peer) = listener.accept().await?;
+            let Some(slot) = self.open.take(peer.ip(), self.limits.per_address) else {
+                log(&format!(
+                    "api {peer}: more than {} connections from {}; refused",
+                    self.limits.per_address,
+                    peer.ip()
+                ));
+                continue; // dropping it closes it
+            };
+            let api = self.clone();
+            tokio::spawn(async move {
+                // Requests are small: a connection that lingers is not a client.
+                let whole = tokio::time::timeout(api.limits.api_connection, api.handle(tcp, peer));
+                match whole.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => log(&format!("api {peer}: {e}")),
+                    Err(_) => log(&format!(
+                        "api {peer}: connection open for {} s; closed",
+                        api.limits.api_connection.as_secs()
+                    )),
+                }
+                drop(slot);
+            });
+        }
+    }
+
+    async fn handle(&self, tcp: tokio::net::TcpStream, peer: SocketAddr) -> Result<(), String> {
+        match &self.tls {
+            None => self.connection(tcp, peer).await,
+            Some(acceptor) => {
+                let accepted = tokio::time::timeout(self.limits.first_bytes, acceptor.accept(tcp));
+                match accepted.await {
+                    Ok(Ok(stream)) => self.connection(stream, peer).await,
+                    Ok(Err(e)) => Err(format!("TLS: {e}")),
+                    Err(_) => Err("no TLS handshake in time".into()),
+                }
+            }
+        }
+    }
+
+    async fn connection<S>(&self, io: S, peer: SocketAddr) -> Result<(), String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let state = self.state.clone();
+        let svc = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(req, &state, peer)) }
+        });
+        // The header timeout also ends keep-alive connections that send no next request.
+        hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.limits.first_bytes)
+            .serve_connection(TokioIo::new(io), svc)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
@@ -94,7 +126,10 @@ fn handle(
     };
     match (req.method(), parts.as_slice()) {
         (&Method::POST, ["v1", "devboxes", id, "create_ssh_key"]) => {
-            match state.devbox_or_create(id) {
+            match state
+                .devbox_or_create(id)
+                .map_err(|e| (e.to_string(), matches!(e, StateError::SharedUser)))
+            {
                 Ok(Some(d)) => json(
                     StatusCode::OK,
                     serde_json::json!({
@@ -105,14 +140,19 @@ fn handle(
                     }),
                 ),
                 Ok(None) => not_found(&format!("devbox {id}")),
-                Err(e) => json(
-                    StatusCode::INTERNAL_SERVER_ERROR,
+                Err((e, refused)) => json(
+                    if refused {
+                        StatusCode::FORBIDDEN
+                    } else {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    },
                     serde_json::json!({"error": e}),
                 ),
             }
         }
-        (&Method::GET, ["v1", "devboxes", id]) => match state.devbox_or_create(id) {
-            Ok(Some(d)) => json(
+        // Reading is not creating: an unknown devbox is 404 even with --create-on-demand.
+        (&Method::GET, ["v1", "devboxes", id]) => match state.devbox(id) {
+            Some(d) => json(
                 StatusCode::OK,
                 serde_json::json!({
                     "id": d.id,
@@ -120,11 +160,7 @@ fn handle(
                     "launch_parameters": {"user_parameters": {"username": d.user}},
                 }),
             ),
-            Ok(None) => not_found(&format!("devbox {id}")),
-            Err(e) => json(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                serde_json::json!({"error": e}),
-            ),
+            None => not_found(&format!("devbox {id}")),
         },
         _ => not_found(&path),
     }

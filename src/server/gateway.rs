@@ -1,34 +1,44 @@
 //! The TLS gateway: accepts TLS on one port, reads the SNI name before the handshake
 //! (`LazyConfigAcceptor`), maps it to a devbox, then serves SSH for it, either with the
-//! built-in server or by forwarding the decrypted stream to an upstream sshd.
+//! built-in server or by forwarding the decrypted stream to an upstream sshd. A client must
+//! send its hello, then its first SSH bytes, within [`Limits::first_bytes`] each, and may
+//! hold at most [`Limits::per_address`] connections.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::Acceptor;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::state::State;
-use super::{log, sshd};
+use super::{Limits, PerAddress, ServeError, log, sshd};
 
 /// TLS settings: the given certificate, or one for the devbox domain signed by the state's CA.
 pub fn tls_config(
     state: &State,
     cert: Option<(&std::path::Path, &std::path::Path)>,
     names: &[String],
-) -> Result<Arc<ServerConfig>, String> {
+) -> Result<Arc<ServerConfig>, ServeError> {
+    let cert_err = |path: &std::path::Path, e: &dyn std::fmt::Display| ServeError::Certificate {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    };
     let (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) = match cert {
         Some((c, k)) => (
             CertificateDer::pem_file_iter(c)
-                .map_err(|e| format!("{}: {e}", c.display()))?
+                .map_err(|e| cert_err(c, &e))?
                 .collect::<Result<_, _>>()
-                .map_err(|e| format!("{}: {e}", c.display()))?,
-            PrivateKeyDer::from_pem_file(k).map_err(|e| format!("{}: {e}", k.display()))?,
+                .map_err(|e| cert_err(c, &e))?,
+            PrivateKeyDer::from_pem_file(k).map_err(|e| cert_err(k, &e))?,
         ),
         None => {
             let mut sans = vec![
@@ -41,21 +51,22 @@ pub fn tls_config(
             ];
             sans.extend(names.iter().cloned());
             let (c, k) = state.gateway_cert(sans)?;
+            let generated = std::path::Path::new("(generated)");
             (
                 CertificateDer::pem_slice_iter(c.as_bytes())
                     .collect::<Result<_, _>>()
-                    .map_err(|e| e.to_string())?,
-                PrivateKeyDer::from_pem_slice(k.as_bytes()).map_err(|e| e.to_string())?,
+                    .map_err(|e| cert_err(generated, &e))?,
+                PrivateKeyDer::from_pem_slice(k.as_bytes()).map_err(|e| cert_err(generated, &e))?,
             )
         }
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(ServeError::Tls)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| format!("gateway certificate: {e}"))?;
+        .map_err(ServeError::Tls)?;
     Ok(Arc::new(cfg))
 }
 
@@ -65,38 +76,59 @@ pub struct Gateway {
     pub ssh: Arc<russh::server::Config>,
     /// Forward decrypted streams to this sshd instead of the built-in server.
     pub upstream: Option<String>,
+    /// The devsync binary (sessions run its `sftp-server`).
+    pub exe: std::path::PathBuf,
+    pub limits: Limits,
+    pub open: PerAddress,
 }
 
 impl Gateway {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         loop {
             let (tcp, peer) = listener.accept().await?;
+            let Some(slot) = self.open.take(peer.ip(), self.limits.per_address) else {
+                log(&format!(
+                    "{peer}: more than {} connections from {}; refused",
+                    self.limits.per_address,
+                    peer.ip()
+                ));
+                continue; // dropping it closes it
+            };
             let _ = tcp.set_nodelay(true); // interactive protocol
             let g = self.clone();
-            tokio::spawn(async move { g.connection(tcp, peer).await });
+            tokio::spawn(async move {
+                g.connection(tcp, peer).await;
+                drop(slot);
+            });
         }
     }
 
     async fn connection(&self, tcp: TcpStream, peer: SocketAddr) {
-        let start = match tokio::time::timeout(
-            Duration::from_secs(30),
-            LazyConfigAcceptor::new(Acceptor::default(), tcp),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return log(&format!("{peer}: not a TLS client hello: {e}")),
-            Err(_) => return log(&format!("{peer}: no TLS client hello within 30s")),
-        };
+        let limit = self.limits.first_bytes;
+        let start =
+            match tokio::time::timeout(limit, LazyConfigAcceptor::new(Acceptor::default(), tcp))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return log(&format!("{peer}: not a TLS client hello: {e}")),
+                Err(_) => {
+                    return log(&format!(
+                        "{peer}: no TLS client hello within {}s",
+                        limit.as_secs()
+                    ));
+                }
+            };
         let sni = start.client_hello().server_name().map(str::to_string);
         let Some(devbox) = sni.as_deref().and_then(|n| self.state.devbox_for_sni(n)) else {
             return log(&format!("{peer}: no devbox for SNI {sni:?}; closing"));
         };
-        let stream = match start.into_stream(self.tls.clone()).await {
-            Ok(s) => s,
-            Err(e) => return log(&format!("{peer} {}: TLS handshake failed: {e}", devbox.id)),
+        let stream = match tokio::time::timeout(limit, start.into_stream(self.tls.clone())).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return log(&format!("{peer} {}: TLS handshake failed: {e}", devbox.id)),
+            Err(_) => return log(&format!("{peer} {}: TLS handshake timed out", devbox.id)),
         };
         log(&format!("{peer} {}: connected", devbox.id));
+        let stream = FirstByte::new(stream, limit);
         match &self.upstream {
             Some(addr) => {
                 let mut tls = stream;
@@ -113,7 +145,79 @@ impl Gateway {
                     )),
                 }
             }
-            None => sshd::serve(stream, devbox, self.ssh.clone(), peer).await,
+            None => {
+                let runner = sshd::Runner {
+                    who: self.state.identity(&devbox),
+                    exe: self.exe.clone(),
+                };
+                sshd::serve(
+                    stream,
+                    devbox,
+                    runner,
+                    self.ssh.clone(),
+                    peer,
+                    self.limits.auth,
+                )
+                .await
+            }
         }
+    }
+}
+
+/// A stream that fails if its first byte does not arrive within a limit (a client that
+/// finishes TLS and then says nothing holds a connection for nothing).
+struct FirstByte<S> {
+    inner: S,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> FirstByte<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        FirstByte {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(limit))),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstByte<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &r {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => self.deadline = None,
+            Poll::Pending => {
+                if let Some(d) = self.deadline.as_mut()
+                    && d.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no data after the TLS handshake",
+                    )));
+                }
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByte<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -1,6 +1,8 @@
 //! A small SFTP server rooted at a devbox's home (relative paths resolve there): enough of
-//! the protocol for the helper bootstrap and everyday `sftp` use (open, read, write, close,
-//! stat family, setstat, mkdir, rmdir, remove, rename, realpath, opendir/readdir).
+//! the protocol for the helper bootstrap and everyday `sftp` and `scp` use (open, read, write,
+//! close, stat family, setstat, mkdir, rmdir, remove, rename, realpath, opendir/readdir).
+//! It runs as a process of its own with the devbox user's rights, so it reaches exactly what
+//! that user may; at most [`MAX_HANDLES`] files are open at once.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -11,6 +13,68 @@ use russh_sftp::protocol::{
 };
 use tokio::fs;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+/// Open files and directories one session may hold (each is a file descriptor here).
+const MAX_HANDLES: usize = 256;
+
+/// Serves SFTP on stdin/stdout, rooted at `home` (`devsync sftp-server`, which the endpoint
+/// runs as the devbox's user for each `sftp` channel).
+pub async fn serve_stdio(home: PathBuf) {
+    let (done, ended) = tokio::sync::oneshot::channel();
+    let io = EndsWith {
+        inner: tokio::io::join(tokio::io::stdin(), tokio::io::stdout()),
+        done: Some(done),
+    };
+    // russh-sftp serves on a task of its own and drops the stream when the client is gone.
+    russh_sftp::server::run(io, SftpServer::new(home)).await;
+    let _ = ended.await; // Err: dropped, which also means it ended
+}
+
+/// A stream that says when it is dropped.
+struct EndsWith<S> {
+    inner: S,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl<S> Drop for EndsWith<S> {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            let _ = d.send(()); // the waiter may be gone too
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EndsWith<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for EndsWith<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 enum Open {
     File(fs::File),
@@ -53,11 +117,14 @@ impl SftpServer {
         }
     }
 
-    fn handle(&mut self, open: Open) -> String {
+    fn handle(&mut self, open: Open) -> Result<String, StatusCode> {
+        if self.handles.len() >= MAX_HANDLES {
+            return Err(StatusCode::Failure);
+        }
         self.next += 1;
         let h = self.next.to_string();
         self.handles.insert(h.clone(), open);
-        h
+        Ok(h)
     }
 }
 
@@ -134,7 +201,7 @@ impl russh_sftp::server::Handler for SftpServer {
         let f = o.open(&path).await.map_err(|e| code(&e))?;
         Ok(Handle {
             id,
-            handle: self.handle(Open::File(f)),
+            handle: self.handle(Open::File(f))?,
         })
     }
 
@@ -302,7 +369,7 @@ impl russh_sftp::server::Handler for SftpServer {
         }
         Ok(Handle {
             id,
-            handle: self.handle(Open::Dir(Some(files))),
+            handle: self.handle(Open::Dir(Some(files)))?,
         })
     }
 

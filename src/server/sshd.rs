@@ -1,20 +1,21 @@
 //! The built-in SSH server of `devsync serve`: public-key authentication against the devbox's
-//! own key only, `exec` (runs `sh -c` with the channel as stdin/stdout/stderr and reports the
-//! exit status) and the `sftp` subsystem, both in the devbox's home directory.
+//! own key only (failures are logged), `exec` (runs `sh -c` with the channel as
+//! stdin/stdout/stderr and reports the exit status) and the `sftp` subsystem, both run by
+//! [`process`] in the devbox's home as the devbox's user.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use russh::server::{self, Auth, Msg, Session};
-use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet, Preferred, cipher};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use russh::{Channel, ChannelId, MethodKind, MethodSet, Preferred, cipher};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::log;
-use super::sftp::SftpServer;
+use super::process::{self, Identity};
 use super::state::Devbox;
 
 /// Server settings: the same throughput tuning as the client side.
@@ -37,7 +38,9 @@ pub fn config(host_key: russh::keys::PrivateKey, auth_rejection: Duration) -> Ar
         window_size: 32 << 20,
         maximum_packet_size: 65535,
         channel_buffer_size: 512,
-        inactivity_timeout: None,
+        // As the hosted gateway does: a connection silent for 15 minutes is dropped (clients'
+        // keepalives, ours every 30 s, keep a live one open).
+        inactivity_timeout: Some(Duration::from_secs(15 * 60)),
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 4,
         nodelay: true,
@@ -45,41 +48,87 @@ pub fn config(host_key: russh::keys::PrivateKey, auth_rejection: Duration) -> Ar
     })
 }
 
-/// Serves one SSH connection for `devbox` over `stream` until it closes.
-pub async fn serve<S>(stream: S, devbox: Arc<Devbox>, config: Arc<server::Config>, peer: SocketAddr)
-where
+/// What a connection's sessions run with.
+#[derive(Clone)]
+pub struct Runner {
+    pub who: Identity,
+    /// The devsync binary (for the `sftp` subsystem, `devsync sftp-server`).
+    pub exe: PathBuf,
+}
+
+/// Serves one SSH connection for `devbox` over `stream` until it closes, or until
+/// `auth_limit` passes without a successful authentication.
+pub async fn serve<S>(
+    stream: S,
+    devbox: Arc<Devbox>,
+    runner: Runner,
+    config: Arc<server::Config>,
+    peer: SocketAddr,
+    auth_limit: Duration,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let authenticated = Arc::new(tokio::sync::Notify::new());
     let handler = Handler {
         devbox: devbox.clone(),
+        runner,
         peer,
         channels: HashMap::new(),
+        authenticated: authenticated.clone(),
     };
-    match server::run_stream(config, stream, handler).await {
-        Ok(session) => match session.await {
-            Ok(()) => log(&format!("{peer} {}: disconnected", devbox.id)),
-            // Clients commonly drop the TCP connection after SSH's disconnect message.
-            Err(russh::Error::IO(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                log(&format!("{peer} {}: disconnected", devbox.id))
-            }
-            Err(e) => log(&format!("{peer} {}: session ended: {e:?}", devbox.id)),
-        },
-        Err(e) => log(&format!(
-            "{peer} {}: SSH handshake failed: {e:?}",
-            devbox.id
-        )),
+    let label = format!("{peer} {}", devbox.id);
+    let session = async {
+        match server::run_stream(config, stream, handler).await {
+            Ok(session) => match session.await {
+                Ok(()) => log(&format!("{label}: disconnected")),
+                // Clients commonly drop the TCP connection after SSH's disconnect message.
+                Err(russh::Error::IO(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    log(&format!("{label}: disconnected"))
+                }
+                Err(e) => log(&format!("{label}: session ended: {e:?}")),
+            },
+            Err(e) => log(&format!("{label}: SSH handshake failed: {e:?}")),
+        }
+    };
+    tokio::pin!(session);
+    // Until authenticated, the session has `auth_limit`; then it runs until it ends.
+    tokio::select! {
+        () = &mut session => return,
+        () = authenticated.notified() => {}
+        () = tokio::time::sleep(auth_limit) => {
+            return log(&format!(
+                "{label}: not authenticated within {} s; closing",
+                auth_limit.as_secs()
+            ));
+        }
     }
+    session.await;
 }
 
 struct Handler {
     devbox: Arc<Devbox>,
+    runner: Runner,
     peer: SocketAddr,
     channels: HashMap<ChannelId, Channel<Msg>>,
+    authenticated: Arc<tokio::sync::Notify>,
 }
 
 impl Handler {
     fn accepts(&self, user: &str, key: &russh::keys::PublicKey) -> bool {
         user == self.devbox.user && key.key_data() == self.devbox.public_key.key_data()
+    }
+
+    fn label(&self) -> String {
+        format!("{} {}", self.peer, self.devbox.id)
+    }
+
+    fn reject(&self, user: &str, key: &russh::keys::PublicKey) -> Auth {
+        log(&format!(
+            "{}: AUTH FAILURE for user {user:?} with key {}",
+            self.label(),
+            key.fingerprint(Default::default())
+        ));
+        Auth::reject()
     }
 }
 
@@ -94,7 +143,7 @@ impl server::Handler for Handler {
         Ok(if self.accepts(user, offer.public_key) {
             Auth::Accept
         } else {
-            Auth::reject()
+            self.reject(user, offer.public_key)
         })
     }
 
@@ -104,20 +153,20 @@ impl server::Handler for Handler {
         key: server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         if self.accepts(user, key.public_key) {
-            log(&format!(
-                "{} {}: authenticated as {user}",
-                self.peer, self.devbox.id
-            ));
+            log(&format!("{}: authenticated as {user}", self.label()));
+            self.authenticated.notify_one();
             Ok(Auth::Accept)
         } else {
-            log(&format!(
-                "{} {}: AUTH FAILURE for user {user:?} with key {}",
-                self.peer,
-                self.devbox.id,
-                key.public_key.fingerprint(Default::default())
-            ));
-            Ok(Auth::reject())
+            Ok(self.reject(user, key.public_key))
         }
+    }
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        log(&format!(
+            "{}: AUTH FAILURE for user {user:?}: no key offered (public keys only)",
+            self.label()
+        ));
+        Ok(Auth::reject())
     }
 
     async fn channel_open_session(
@@ -141,9 +190,11 @@ impl server::Handler for Handler {
             return session.channel_failure(id);
         };
         let command = String::from_utf8_lossy(data).into_owned();
-        log(&format!("{} {}: exec {command}", self.peer, self.devbox.id));
+        log(&format!("{}: exec {command}", self.label()));
         session.channel_success(id)?;
-        tokio::spawn(run_exec(channel, command, self.devbox.clone()));
+        let mut cmd = process::command(std::path::Path::new("/bin/sh"), &self.runner.who);
+        cmd.arg("-c").arg(&command);
+        tokio::spawn(process::run(channel, session.handle(), cmd, self.label()));
         Ok(())
     }
 
@@ -155,89 +206,15 @@ impl server::Handler for Handler {
     ) -> Result<(), Self::Error> {
         match (name, self.channels.remove(&id)) {
             ("sftp", Some(channel)) => {
-                log(&format!("{} {}: sftp", self.peer, self.devbox.id));
+                log(&format!("{}: sftp", self.label()));
                 session.channel_success(id)?;
-                russh_sftp::server::run(
-                    channel.into_stream(),
-                    SftpServer::new(self.devbox.home.clone()),
-                )
-                .await;
+                // A process of its own, as the devbox's user: SFTP reaches what that user can.
+                let mut cmd = process::command(&self.runner.exe, &self.runner.who);
+                cmd.arg("sftp-server").arg(&self.runner.who.home);
+                tokio::spawn(process::run(channel, session.handle(), cmd, self.label()));
             }
             _ => session.channel_failure(id)?,
         }
         Ok(())
     }
-}
-
-/// Runs `command` with the channel as its stdio; reports its exit status, then closes.
-async fn run_exec(channel: Channel<Msg>, command: String, devbox: Arc<Devbox>) {
-    let (mut read, write) = channel.split();
-    let spawned = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(&command)
-        .current_dir(&devbox.home)
-        .env("HOME", &devbox.home)
-        .env("USER", &devbox.user)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) => {
-            let mut err = write.make_writer_ext(Some(1));
-            let _ = err
-                .write_all(format!("devsync serve: cannot run sh: {e}\n").as_bytes())
-                .await;
-            let _ = write.exit_status(127).await;
-            let _ = write.eof().await;
-            let _ = write.close().await;
-            return;
-        }
-    };
-    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return;
-    };
-    // Client → stdin; a closed channel (client gone) kills the command.
-    let input = tokio::spawn(async move {
-        while let Some(msg) = read.wait().await {
-            match msg {
-                ChannelMsg::Data { data } if stdin.write_all(&data).await.is_err() => break,
-                ChannelMsg::Data { .. } => {}
-                ChannelMsg::Eof => break,
-                ChannelMsg::Close => return false,
-                _ => {}
-            }
-        }
-        drop(stdin);
-        // Keep draining so the session never blocks on this channel.
-        while let Some(msg) = read.wait().await {
-            if matches!(msg, ChannelMsg::Close) {
-                return false;
-            }
-        }
-        true
-    });
-    let mut out = write.make_writer();
-    let mut err = write.make_writer_ext(Some(1));
-    let copy_out = tokio::io::copy(&mut stdout, &mut out);
-    let copy_err = tokio::io::copy(&mut stderr, &mut err);
-    let (r_out, _) = tokio::join!(copy_out, copy_err);
-    let _ = out.flush().await;
-    let status = tokio::select! {
-        s = child.wait() => s.ok(),
-        // Client closed the channel while the command still runs: stop it.
-        Ok(false) = input => { let _ = child.kill().await; None }
-    };
-    if r_out.is_err() {
-        let _ = child.kill().await;
-    }
-    let code = status.and_then(|s| s.code()).unwrap_or(255);
-    // The client may already be gone; there is no one to tell.
-    let _ = write.exit_status(code as u32).await;
-    let _ = write.eof().await;
-    let _ = write.close().await;
 }

@@ -12,6 +12,13 @@
 //! make a request without risking a deadlock against a peer that is itself blocked writing.
 //! Memory stays bounded because bulk producers take a [`Budget`] permit before reading data,
 //! and the writer releases it once the bytes are on the stream.
+//!
+//! Liveness: when nothing else went out for [`Keepalive::ping`], the writer sends `Ping`, so a
+//! live peer is never silent for long, however busy (or idle, as a watch is) its session; a
+//! peer that has not read what we wrote for [`Keepalive::dead`] is taken for gone and the
+//! connection fails, as does a read that waits that long for the peer's next frame
+//! ([`crate::session::next_frame`]). A helper whose client vanished without closing the
+//! stream therefore ends by itself.
 
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -24,6 +31,49 @@ use crate::proto::{FrameWriter, Msg, ProtoError};
 
 /// Longest the list waits in the writer's hands for more frames to share a flush.
 pub const LAZY_FLUSH: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// How often an idle writer says it is alive, and how long a silent or stalled peer is
+/// waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub ping: std::time::Duration,
+    pub dead: std::time::Duration,
+}
+
+impl Keepalive {
+    /// 15 s pings; a peer is dead after 2 min without a byte (or without reading ours).
+    /// `DEVSYNC_PEER_TIMEOUT_MS` overrides the limit (pings go at an eighth of it).
+    pub fn from_env() -> Keepalive {
+        let dead = std::env::var("DEVSYNC_PEER_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&ms| ms >= 100)
+            .map_or(
+                std::time::Duration::from_secs(120),
+                std::time::Duration::from_millis,
+            );
+        Keepalive {
+            ping: (dead / 8).min(std::time::Duration::from_secs(15)),
+            dead,
+        }
+    }
+}
+
+/// `f`, failing if the peer does not take our bytes within `limit`.
+async fn unless_stalled<T>(
+    limit: std::time::Duration,
+    f: impl std::future::Future<Output = Result<T, ProtoError>>,
+) -> Result<T, ProtoError> {
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+        Err(ProtoError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the other side has not read anything for {} s; taking it for gone",
+                limit.as_secs()
+            ),
+        )))
+    })
+}
 /// The list buffer wakes the writer again each time it grows by this much.
 pub const LIST_CHUNK: usize = 64 << 10;
 
@@ -41,6 +91,7 @@ pub struct Out {
     list: Arc<Mutex<Vec<u8>>>,
     /// Set (once) when the writer failed: the connection is gone.
     broken: watch::Receiver<Option<String>>,
+    keep: Keepalive,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +135,11 @@ impl Out {
         Ok(t)
     }
 
+    /// How long the peer may be silent before it is taken for gone.
+    pub fn peer_timeout(&self) -> std::time::Duration {
+        self.keep.dead
+    }
+
     /// Resolves with the error once writing to the peer has failed; pending forever otherwise.
     /// Read loops select on it: a link that fails for writing may never signal the read side.
     pub async fn broken(&self) -> String {
@@ -102,10 +158,17 @@ pub struct Pending {
     rx: mpsc::UnboundedReceiver<Item>,
     list: Arc<Mutex<Vec<u8>>>,
     broken: watch::Sender<Option<String>>,
+    keep: Keepalive,
 }
 
 /// A queue for frames and its not-yet-started writer.
 pub fn channel() -> (Out, Pending) {
+    static KEEP: std::sync::OnceLock<Keepalive> = std::sync::OnceLock::new();
+    channel_with(*KEEP.get_or_init(Keepalive::from_env))
+}
+
+/// [`channel`] with explicit keepalive settings (tests).
+pub fn channel_with(keep: Keepalive) -> (Out, Pending) {
     let (tx, rx) = mpsc::unbounded_channel::<Item>();
     let (broken, broken_rx) = watch::channel(None);
     let list = Arc::new(Mutex::new(Vec::new()));
@@ -114,8 +177,14 @@ pub fn channel() -> (Out, Pending) {
             tx,
             list: list.clone(),
             broken: broken_rx,
+            keep,
         },
-        Pending { rx, list, broken },
+        Pending {
+            rx,
+            list,
+            broken,
+            keep,
+        },
     )
 }
 
@@ -165,27 +234,33 @@ impl Pending {
             mut rx,
             list,
             broken,
+            keep,
         } = self;
         let mut list = ListTaker {
             shared: list,
             spare: Vec::new(),
         };
+        let stall = keep.dead;
         tokio::spawn(async move {
             let r: Result<u64, ProtoError> = async {
                 // Set while list frames wait: when they must go out.
                 let mut deadline: Option<tokio::time::Instant> = None;
                 loop {
-                    let next = match deadline {
-                        None => rx.recv().await,
-                        Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
-                            Ok(next) => next,
-                            Err(_) => {
-                                list.write(&mut w).await?;
-                                w.flush().await?;
-                                deadline = None;
-                                continue;
-                            }
-                        },
+                    let wake = deadline.unwrap_or_else(|| tokio::time::Instant::now() + keep.ping);
+                    let next = match tokio::time::timeout_at(wake, rx.recv()).await {
+                        Ok(next) => next,
+                        Err(_) if deadline.is_some() => {
+                            unless_stalled(stall, list.write(&mut w)).await?;
+                            unless_stalled(stall, w.flush()).await?;
+                            deadline = None;
+                            continue;
+                        }
+                        Err(_) => {
+                            // Idle: tell the peer we are here.
+                            unless_stalled(stall, w.write(&Msg::Ping, &[])).await?;
+                            unless_stalled(stall, w.flush()).await?;
+                            continue;
+                        }
                     };
                     let Some(mut item) = next else {
                         break;
@@ -196,13 +271,13 @@ impl Pending {
                         match item {
                             Item::ListReady => {
                                 if list.waiting() >= LIST_CHUNK {
-                                    list.write(&mut w).await?;
+                                    unless_stalled(stall, list.write(&mut w)).await?;
                                 }
                             }
                             Item::Frame(msg, payload, permit) => {
                                 // List frames appended before this one was queued go first.
-                                list.write(&mut w).await?;
-                                w.write(&msg, &payload).await?;
+                                unless_stalled(stall, list.write(&mut w)).await?;
+                                unless_stalled(stall, w.write(&msg, &payload)).await?;
                                 drop(permit);
                                 urgent = true;
                             }
@@ -213,14 +288,14 @@ impl Pending {
                         }
                     }
                     if urgent {
-                        w.flush().await?;
+                        unless_stalled(stall, w.flush()).await?;
                         deadline = None;
                     } else if deadline.is_none() {
                         deadline = Some(tokio::time::Instant::now() + LAZY_FLUSH);
                     }
                 }
-                list.write(&mut w).await?;
-                w.shutdown().await?;
+                unless_stalled(stall, list.write(&mut w)).await?;
+                unless_stalled(stall, w.shutdown()).await?;
                 Ok(w.bytes_written())
             }
             .await;
@@ -364,5 +439,62 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         assert!(matches!(r.next().await, Ok(Some((Msg::Fatal { .. }, _)))));
         assert!(t0.elapsed() < LAZY_FLUSH, "{:?}", t0.elapsed());
+    }
+
+    const KEEP: Keepalive = Keepalive {
+        ping: Duration::from_secs(15),
+        dead: Duration::from_secs(120),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_writer_pings_and_a_stalled_peer_is_given_up() {
+        let (a, b) = tokio::io::duplex(1 << 10);
+        let (out, pending) = channel_with(KEEP);
+        let writer = pending.start(FrameWriter::new(a));
+        let mut r = FrameReader::new(b);
+        let t0 = tokio::time::Instant::now();
+        assert!(matches!(r.next().await, Ok(Some((Msg::Ping, _)))));
+        assert_eq!(t0.elapsed(), KEEP.ping);
+        // Now nobody reads: the writer fills the pipe and gives up after `dead`.
+        let t1 = tokio::time::Instant::now();
+        for _ in 0..64 {
+            out.send(Msg::Fatal {
+                message: "x".repeat(100),
+            })
+            .unwrap();
+        }
+        let e = writer.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("has not read anything"), "{e}");
+        assert!(t1.elapsed() >= KEEP.dead && t1.elapsed() < KEEP.dead * 2);
+        assert!(out.broken().await.contains("has not read anything"));
+        drop(r);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_ends_the_read_side_but_pings_keep_it_open() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let (ours, _theirs) = tokio::io::duplex(1 << 16);
+        let (out, pending) = channel_with(KEEP);
+        let _writer = pending.start(FrameWriter::new(ours));
+        let fatal = crate::session::Fatal::default();
+        let mut r = FrameReader::new(b);
+        // A peer that pings within the limit keeps the session open.
+        let mut ping = Vec::new();
+        crate::proto::frame::encode(&Msg::Ping, &[], &mut ping).unwrap();
+        for _ in 0..3 {
+            tokio::time::sleep(KEEP.dead - Duration::from_secs(1)).await;
+            a.write_all(&ping).await.unwrap();
+            let got = crate::session::next_frame(&mut r, &fatal, &out).await;
+            assert!(matches!(got, Ok((Msg::Ping, _))), "{got:?}");
+        }
+        // Silent (the stream still open): given up after `dead`.
+        let t1 = tokio::time::Instant::now();
+        let e = crate::session::next_frame(&mut r, &fatal, &out)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("nothing from the other side"), "{e}");
+        assert_eq!(t1.elapsed(), KEEP.dead);
+        drop(a);
     }
 }

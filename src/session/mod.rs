@@ -89,19 +89,29 @@ impl Fatal {
     }
 }
 
-/// The next frame from the peer; ends early with the recorded fatal error, or when our own
-/// writer has failed (a link that breaks for writing may never wake the read side).
+/// The next frame from the peer; ends early with the recorded fatal error, when our own
+/// writer has failed (a link that breaks for writing may never wake the read side), or when
+/// the peer has been silent past the keepalive limit (it pings when idle).
 /// Abandoning a half-read frame is fine: after either, nothing more is read.
 pub(crate) async fn next_frame<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut crate::proto::FrameReader<R>,
     fatal: &Fatal,
     out: &conn::Out,
 ) -> Result<(crate::proto::Msg, bytes::Bytes), SessionError> {
+    let limit = out.peer_timeout();
     let next = tokio::select! {
         biased;
         () = fatal.set.notified() => None,
         e = out.broken() => return Err(SessionError::Local(format!("connection lost: {e}"))),
-        r = reader.next() => r?,
+        r = tokio::time::timeout(limit, reader.next()) => match r {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(SessionError::Local(format!(
+                    "connection lost: nothing from the other side for {} s",
+                    limit.as_secs()
+                )));
+            }
+        },
     };
     next.ok_or_else(|| fatal.take().unwrap_or(SessionError::Eof))
 }

@@ -23,11 +23,41 @@ pub struct DevboxCreds {
     pub ssh_user: String,
 }
 
-fn home() -> Result<PathBuf, String> {
-    dirs::home_dir().ok_or_else(|| "cannot find the home directory (is $HOME set?)".to_string())
+/// What went wrong with devsync's own files about remotes.
+#[derive(Debug, thiserror::Error)]
+pub enum CredError {
+    #[error("cannot find the home directory (is $HOME set?)")]
+    NoHome,
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "private key {path} is accessible by others (mode {mode:o}); fix it with: chmod 600 {path}"
+    )]
+    KeyMode { path: String, mode: u32 },
+    #[error("{path}: {source}")]
+    Json {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
-pub fn state_dir() -> Result<PathBuf, String> {
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CredError + '_ {
+    move |source| CredError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn home() -> Result<PathBuf, CredError> {
+    dirs::home_dir().ok_or(CredError::NoHome)
+}
+
+pub fn state_dir() -> Result<PathBuf, CredError> {
     if let Some(d) = std::env::var_os("DEVSYNC_STATE_DIR") {
         return Ok(PathBuf::from(d));
     }
@@ -38,44 +68,42 @@ pub fn state_dir() -> Result<PathBuf, String> {
 }
 
 /// Pinned devbox host keys (known_hosts format).
-pub fn pin_file() -> Result<PathBuf, String> {
+pub fn pin_file() -> Result<PathBuf, CredError> {
     Ok(state_dir()?.join("known_hosts"))
 }
 
-pub fn key_path(id: &str) -> Result<PathBuf, String> {
+pub fn key_path(id: &str) -> Result<PathBuf, CredError> {
     Ok(home()?.join(".runloop/ssh_keys").join(format!("{id}.pem")))
 }
 
-fn meta_path(id: &str) -> Result<PathBuf, String> {
+fn meta_path(id: &str) -> Result<PathBuf, CredError> {
     Ok(state_dir()?.join("devboxes").join(format!("{id}.json")))
 }
 
 /// Refuses private keys others can read, as OpenSSH does.
-pub fn check_key_mode(path: &Path) -> Result<(), String> {
+pub fn check_key_mode(path: &Path) -> Result<(), CredError> {
     let mode = std::fs::metadata(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+        .map_err(io_err(path))?
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
-        return Err(format!(
-            "private key {} is accessible by others (mode {:o}); fix it with: chmod 600 {}",
-            path.display(),
-            mode & 0o777,
-            path.display()
-        ));
+        return Err(CredError::KeyMode {
+            path: path.display().to_string(),
+            mode: mode & 0o777,
+        });
     }
     Ok(())
 }
 
 /// Cached credentials for devbox `id`, if both the key and devsync's note are there.
-pub fn load(id: &str) -> Result<Option<DevboxCreds>, String> {
+pub fn load(id: &str) -> Result<Option<DevboxCreds>, CredError> {
     let (kp, mp) = (key_path(id)?, meta_path(id)?);
     if !kp.exists() || !mp.exists() {
         return Ok(None);
     }
     check_key_mode(&kp)?;
-    let key_pem = std::fs::read_to_string(&kp).map_err(|e| format!("{}: {e}", kp.display()))?;
-    let meta = std::fs::read(&mp).map_err(|e| format!("{}: {e}", mp.display()))?;
+    let key_pem = std::fs::read_to_string(&kp).map_err(io_err(&kp))?;
+    let meta = std::fs::read(&mp).map_err(io_err(&mp))?;
     let Ok(mut creds) = serde_json::from_slice::<DevboxCreds>(&meta) else {
         return Ok(None); // unreadable note: fetch afresh
     };
@@ -84,20 +112,21 @@ pub fn load(id: &str) -> Result<Option<DevboxCreds>, String> {
 }
 
 /// Stores credentials: the key with mode 0600 in a 0700 directory, atomically.
-pub fn store(id: &str, creds: &DevboxCreds) -> Result<(), String> {
+pub fn store(id: &str, creds: &DevboxCreds) -> Result<(), CredError> {
     let kp = key_path(id)?;
     write_private(&kp, creds.key_pem.as_bytes(), 0o600)?;
-    let meta = serde_json::to_vec_pretty(creds).map_err(|e| e.to_string())?;
-    write_private(&meta_path(id)?, &meta, 0o600)
+    let mp = meta_path(id)?;
+    let meta = serde_json::to_vec_pretty(creds).map_err(|source| CredError::Json {
+        path: mp.display().to_string(),
+        source,
+    })?;
+    write_private(&mp, &meta, 0o600)
 }
 
-fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    let err = |e: std::io::Error| format!("{}: {e}", path.display());
-    let dir = path
-        .parent()
-        .ok_or_else(|| format!("{}: no parent", path.display()))?;
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)); // best effort
+/// Writes `data` to `path` atomically with `mode`, in a directory only we can enter.
+pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), CredError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    private_dir(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp.{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
@@ -109,10 +138,24 @@ fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
         .truncate(true)
         .mode(mode)
         .open(&tmp)
-        .map_err(err)?;
-    f.write_all(data).map_err(err)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(err)?;
+        .map_err(io_err(&tmp))?;
+    let written = f
+        .write_all(data)
+        .and_then(|()| f.set_permissions(std::fs::Permissions::from_mode(mode)));
     drop(f);
-    std::fs::rename(&tmp, path).map_err(err)
+    written
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(io_err(path))
+}
+
+/// Creates `dir` (with parents) and makes it 0700, whatever the umask. devsync's own state
+/// holds keys and pins: only its owner may look in.
+pub fn private_dir(dir: &Path) -> Result<(), CredError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
 }

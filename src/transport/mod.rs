@@ -33,4 +33,6 @@ pub enum TransportError {
     Helper { host: String, msg: String },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Local(#[from] crate::target::credentials::CredError),
 }

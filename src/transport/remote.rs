@@ -98,6 +98,13 @@ async fn connect_devbox(
     notice: &Notice,
 ) -> Result<Connection, TransportError> {
     let api = Api::from_env(&opts.tls)?;
+    // The key first when none is cached: asking for it is also what brings a devbox into
+    // being on endpoints that create them on demand (reading the status never does).
+    let cached = credentials::load(id)?;
+    let (creds, from_cache) = match cached {
+        Some(c) => (c, true),
+        None => (fetch(&api, id).await?, false),
+    };
     devbox_api::wait_running(
         id,
         || api.status(id),
@@ -107,11 +114,6 @@ async fn connect_devbox(
     )
     .await?;
     crate::trace!("client", "devbox running");
-    let cached = credentials::load(id).map_err(TransportError::Config)?;
-    let (creds, from_cache) = match cached {
-        Some(c) => (c, true),
-        None => (fetch(&api, id).await?, false),
-    };
     match devbox_ssh(&api, id, user, &creds, opts, notice).await {
         Err(TransportError::Auth { .. }) if from_cache => {
             notice(format!(
@@ -126,7 +128,7 @@ async fn connect_devbox(
 
 async fn fetch(api: &Api, id: &str) -> Result<DevboxCreds, TransportError> {
     let creds = api.create_ssh_key(id).await?;
-    credentials::store(id, &creds).map_err(TransportError::Config)?;
+    credentials::store(id, &creds)?;
     Ok(creds)
 }
 
@@ -154,7 +156,7 @@ async fn devbox_ssh(
             credentials::key_path(id).unwrap_or_default().display()
         ),
     };
-    let pins = credentials::pin_file().map_err(TransportError::Config)?;
+    let pins = credentials::pin_file()?;
     let check = HostKeyCheck::Pin {
         file: pins,
         name: id.to_string(),
@@ -274,7 +276,7 @@ fn expand_tilde(p: &Path, home: &Path) -> PathBuf {
 
 /// Loads a private key file, refusing ones others can read and explaining encrypted ones.
 fn load_key(path: &Path) -> Result<Credential, TransportError> {
-    credentials::check_key_mode(path).map_err(TransportError::Config)?;
+    credentials::check_key_mode(path)?;
     let key: PrivateKey = russh::keys::load_secret_key(path, None).map_err(|e| {
         let hint = match e {
             russh::keys::Error::KeyIsEncrypted => {

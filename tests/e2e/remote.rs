@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use devsync::server::{self, KeyFormat, Listeners, Running, ServeConfig, StateOptions};
+use devsync::server::{self, Isolation, KeyFormat, Listeners, Running, ServeConfig, StateOptions};
 
 use crate::common::*;
 
@@ -36,6 +36,8 @@ pub struct Opts {
     pub state_dir: Option<tempfile::TempDir>,
     /// Serve the API over TLS.
     pub api_tls: bool,
+    pub isolation: Isolation,
+    pub limits: devsync::server::Limits,
 }
 
 impl Default for Opts {
@@ -49,6 +51,8 @@ impl Default for Opts {
             cert: None,
             state_dir: None,
             api_tls: false,
+            isolation: Isolation::SharedUser,
+            limits: devsync::server::Limits::default(),
         }
     }
 }
@@ -87,12 +91,15 @@ pub fn endpoint_with(o: Opts) -> Endpoint {
                 create_on_demand: o.create_on_demand,
                 key_format: o.key_format,
                 devboxes: o.devboxes,
+                isolation: o.isolation,
             },
             cert: o.cert,
             gateway_names: vec![],
             upstream: o.upstream,
             auth_rejection: Duration::from_millis(10),
             api_tls: o.api_tls,
+            exe: BIN.into(),
+            limits: o.limits,
         };
         (
             server::start(Listeners { gateway: gw, api }, cfg).unwrap(),
@@ -359,10 +366,7 @@ fn helper_killed_mid_sync_leaves_no_partial_files() {
         .spawn()
         .unwrap();
     // Kill the remote helper as soon as it is receiving.
-    let helper_dir = ep
-        .state_dir
-        .path()
-        .join("devboxes/dbx_kill/home/.cache/devsync");
+    let helper_dir = ep.state_dir.path().join("homes/dbx_kill/.cache/devsync");
     let started = Instant::now();
     let mut killed = false;
     while started.elapsed() < Duration::from_secs(30) && !killed {
