@@ -122,6 +122,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => crate::target::credentials::state_dir()?.join("serve"),
     };
+    // Homes live in it and sessions run elsewhere: it must not depend on our cwd.
+    let dir = std::path::absolute(&dir).with_context(|| format!("--state {}", dir.display()))?;
     let scheme = if a.api_tls { "https" } else { "http" };
     let state = StateOptions {
         dir: dir.clone(),

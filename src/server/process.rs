@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg, Sig};
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 use super::log;
@@ -91,7 +91,7 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, mut cmd: Command, label:
         }
     };
     let group = child.id();
-    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
+    let (Some(stdin), Some(mut stdout), Some(mut stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         return;
@@ -99,16 +99,18 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, mut cmd: Command, label:
     // Client → stdin. Ends when the channel closes or the connection is gone.
     let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        let mut open = true;
+        // Dropping our end is what gives the command EOF (shutting a pipe down does not).
+        let mut stdin = Some(stdin);
         while let Some(msg) = read.wait().await {
             match msg {
-                ChannelMsg::Data { data } if open => {
-                    open = stdin.write_all(&data).await.is_ok() && stdin.flush().await.is_ok();
+                ChannelMsg::Data { data } => {
+                    if let Some(s) = &mut stdin
+                        && (s.write_all(&data).await.is_err() || s.flush().await.is_err())
+                    {
+                        stdin = None;
+                    }
                 }
-                ChannelMsg::Eof => {
-                    open = false;
-                    let _ = stdin.shutdown().await; // EOF for the command; it may have exited
-                }
+                ChannelMsg::Eof => stdin = None,
                 ChannelMsg::Signal { signal } => signal_group(group, &signal),
                 ChannelMsg::Close => break,
                 _ => {}
@@ -117,17 +119,17 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, mut cmd: Command, label:
         drop(stdin);
         let _ = gone_tx.send(()); // nobody waits once the command is over
     });
-    let mut out = BufWriter::new(write.make_writer());
-    let mut err = BufWriter::new(write.make_writer_ext(Some(1)));
+    // Output goes out as soon as it is read (no buffering on our side), in pieces of up to
+    // 64 KiB: a helper's bulk data leaves in big SSH packets, an interactive prompt at once.
+    let mut out = write.make_writer();
+    let mut err = write.make_writer_ext(Some(1));
     let copy_out = tokio::spawn(async move {
-        let r = tokio::io::copy(&mut stdout, &mut out).await;
-        let _ = out.flush().await; // a dead channel: the output has nowhere to go
-        r
+        let mut r = BufReader::with_capacity(64 << 10, &mut stdout);
+        tokio::io::copy_buf(&mut r, &mut out).await
     });
     let copy_err = tokio::spawn(async move {
-        let r = tokio::io::copy(&mut stderr, &mut err).await;
-        let _ = err.flush().await;
-        r
+        let mut r = BufReader::with_capacity(16 << 10, &mut stderr);
+        tokio::io::copy_buf(&mut r, &mut err).await
     });
     let (abort_out, abort_err) = (copy_out.abort_handle(), copy_err.abort_handle());
     let status = tokio::select! {

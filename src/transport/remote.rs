@@ -61,34 +61,41 @@ pub async fn open(
     opts: &RemoteOptions,
     notice: Notice,
 ) -> Result<Remote, TransportError> {
-    let (conn, path) = match target {
-        Target::Devbox { id, user, path } => (
-            connect_devbox(id, user.as_deref(), opts, &notice).await?,
-            path,
-        ),
-        Target::Ssh {
-            user,
-            host,
-            port,
-            path,
-        } => (
-            connect_ssh(user.as_deref(), host, *port, opts, &notice).await?,
-            path,
-        ),
-        Target::Local(p) => {
-            return Err(TransportError::Config(format!(
-                "{} is a local path",
-                p.display()
-            )));
-        }
-    };
+    let (conn, path) = connect(target, opts, &notice).await?;
     crate::trace!("client", "SSH ready");
     let helper = bootstrap::start(&conn, &opts.bootstrap, notice.clone()).await?;
     Ok(Remote {
         helper,
         conn,
-        root: path.as_bytes().to_vec(),
+        root: path.into_bytes(),
     })
+}
+
+/// An authenticated SSH connection to `target` (no helper started), and the path it named.
+pub async fn connect(
+    target: &Target,
+    opts: &RemoteOptions,
+    notice: &Notice,
+) -> Result<(Connection, String), TransportError> {
+    match target {
+        Target::Devbox { id, user, path } => Ok((
+            connect_devbox(id, user.as_deref(), opts, notice).await?,
+            path.clone(),
+        )),
+        Target::Ssh {
+            user,
+            host,
+            port,
+            path,
+        } => Ok((
+            connect_ssh(user.as_deref(), host, *port, opts, notice).await?,
+            path.clone(),
+        )),
+        Target::Local(p) => Err(TransportError::Config(format!(
+            "{} is a local path",
+            p.display()
+        ))),
+    }
 }
 
 async fn connect_devbox(

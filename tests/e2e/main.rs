@@ -6,4 +6,5 @@ mod openssh;
 mod protocol;
 mod reliability;
 mod remote;
+mod serve;
 mod session;

@@ -610,7 +610,7 @@ fn helper_bootstrap_failures_are_clear() {
 }
 
 /// Processes whose executable lies under `dir` (from /proc, so no procps is needed).
-fn processes_running_from(dir: &Path) -> Vec<rustix::process::Pid> {
+pub fn processes_running_from(dir: &Path) -> Vec<rustix::process::Pid> {
     let prefix = dir.as_os_str().as_encoded_bytes();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return vec![];
