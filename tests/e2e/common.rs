@@ -342,3 +342,78 @@ pub fn own_files(root: &Path) -> Vec<PathBuf> {
         .map(|e| e.into_path())
         .collect()
 }
+
+/// A `devsync serve` process of its own (so it can be killed), on ports it picked.
+pub struct ServeProc {
+    pub child: std::process::Child,
+    pub state: PathBuf,
+    pub gateway: std::net::SocketAddr,
+    pub api: std::net::SocketAddr,
+    /// What it has logged so far.
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ServeProc {
+    pub fn start(state: &Path, devbox: &str) -> ServeProc {
+        let mut child = std::process::Command::new(BIN)
+            .args(["serve", "--no-isolation", "--listen", "127.0.0.1:0"])
+            .args(["--api-listen", "127.0.0.1:0", "--token", "test-token"])
+            .args(["--domain", "devsync.test", "--devbox", devbox, "--state"])
+            .arg(state)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let addr_after = |l: &str, key: &str| -> std::net::SocketAddr {
+            let rest = &l[l.find(key).unwrap() + key.len()..];
+            rest.split([' ', ',']).next().unwrap().parse().unwrap()
+        };
+        let (gateway, api) = loop {
+            line.clear();
+            assert!(
+                std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
+                "serve did not start"
+            );
+            if line.contains("gateway on ") {
+                break (
+                    addr_after(&line, "gateway on "),
+                    addr_after(&line, "API on http://"),
+                );
+            }
+        };
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for l in std::io::BufRead::lines(err).map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(l + "\n"));
+            }
+        });
+        ServeProc {
+            child,
+            state: state.to_path_buf(),
+            gateway,
+            api,
+            log,
+        }
+    }
+
+    pub fn env(&self, c: &mut std::process::Command, home: &Path) {
+        c.env("HOME", home)
+            .env("RUNLOOP_BASE_URL", format!("http://{}", self.api))
+            .env("RUNLOOP_SSH_GATEWAY", self.gateway.to_string())
+            .env("RUNLOOP_API_KEY", "test-token")
+            .env("DEVSYNC_TLS_CA", self.state.join("ca.pem"))
+            .env_remove("DEVSYNC_STATE_DIR")
+            .env_remove("XDG_STATE_HOME");
+    }
+}
+
+impl Drop for ServeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // ours; it may have been killed by the test already
+        let _ = self.child.wait();
+    }
+}

@@ -371,9 +371,11 @@ fn cli_errors_are_clear_and_nonzero() {
 #[test]
 fn unreadable_source_files_fail_alone() {
     if rustix::process::geteuid().is_root() {
-        // Root reads everything; drop to nobody for this check when we can.
-        if Path::new("/usr/sbin/runuser").exists() || Path::new("/sbin/runuser").exists() {
-            return unreadable_as_nobody();
+        // Root reads everything; drop to nobody for this check.
+        let runuser =
+            Path::new("/usr/sbin/runuser").exists() || Path::new("/sbin/runuser").exists();
+        if require(runuser, "runuser (util-linux), to run as nobody") {
+            unreadable_as_nobody();
         }
         return;
     }
@@ -509,8 +511,7 @@ fn no_space_is_a_clear_error() {
         ])
         .status()
         .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+    if !require(mounted, "root, to mount a small tmpfs") {
         return;
     }
     struct Unmount<'a>(&'a Path);
@@ -571,4 +572,58 @@ fn empty_environment_variables_count_as_unset() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_same_tree(&src, &dst);
+}
+
+/// Names with terminal escapes or newlines cannot reach the terminal raw through `-i`, and
+/// `--json` keeps them exact. Errors name their path once.
+#[test]
+fn hostile_names_are_escaped_in_human_output() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    let evil = "evil\u{1b}]0;pwned\u{7}\u{1b}[31mred\nfake line";
+    fs::write(src.join(evil), b"x").unwrap();
+    let out = devsync(&[
+        OsStr::new("push"),
+        OsStr::new("-i"),
+        src.as_os_str(),
+        dst.as_os_str(),
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text:?}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "<f+++++++++ evil\\#033]0;pwned\\#007\\#033[31mred\\#012fake line"),
+        "{text:?}"
+    );
+    assert_eq!(
+        text.lines().count(),
+        2,
+        "one change line and the summary: {text:?}"
+    );
+    fs::remove_dir_all(&dst).unwrap();
+    let v = sync_json("push", &src, &dst, &["-i"], 0);
+    assert_eq!(
+        v["changes"][0].as_str().unwrap(),
+        format!("<f+++++++++ {evil}")
+    );
+    // A per-file error says its path once.
+    let bad = td.path().join("bad");
+    fs::create_dir_all(bad.join("f")).unwrap();
+    fs::write(bad.join("f/inside"), b"x").unwrap();
+    fs::create_dir(td.path().join("src2")).unwrap();
+    fs::write(td.path().join("src2/f"), b"a file where a directory is").unwrap();
+    let out = devsync(&[
+        OsStr::new("push"),
+        td.path().join("src2").as_os_str(),
+        bad.as_os_str(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(23), "{err}");
+    assert!(err.contains("devsync: error: f: "), "{err}");
+    assert!(!err.contains("f: f:"), "the path twice: {err}");
 }

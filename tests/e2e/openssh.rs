@@ -2,7 +2,8 @@
 //! listener bound here, so no port races) with a generated config and keys. Push and pull
 //! over plain SSH and over TLS (`devsync serve --upstream`), the helper bootstrapped through
 //! OpenSSH's own sftp-server. `.ci/run` installs openssh-server; without it (or without root,
-//! which sshd needs) these tests say so and do nothing.
+//! which sshd needs) these tests say so and do nothing, except under `CI=true`, where that is
+//! a failure.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
@@ -33,8 +34,11 @@ fn keygen(path: &Path) {
 }
 
 pub fn sshd() -> Option<Sshd> {
-    if !Path::new(SSHD).exists() || !rustix::process::geteuid().is_root() {
-        eprintln!("skipping OpenSSH interop: needs {SSHD} and root (.ci/run provides both)");
+    let ok = Path::new(SSHD).exists() && rustix::process::geteuid().is_root();
+    if !require(
+        ok,
+        &format!("{SSHD} and root for the OpenSSH interop tests"),
+    ) {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();

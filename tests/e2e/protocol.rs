@@ -93,9 +93,12 @@ async fn pull_from_fake(
                             mtime: Mtime { sec: 1, nsec: 0 },
                         },
                     };
-                    let _ = hw
+                    let sent = hw
                         .write_all(&frame(&Msg::WholeFiles { files: vec![item] }, b"EVIL"))
                         .await;
+                    if sent.is_err() {
+                        return; // the client hung up
+                    }
                 }
             }
             if let Msg::Fatal { .. } = msg {
@@ -115,7 +118,8 @@ async fn pull_from_fake(
         obs: Arc::new(Silent),
     };
     let r = client::run(cr, cw, job).await;
-    let _ = fake.await;
+    // The fake itself must not have failed (its writes fail quietly once the client hangs up).
+    fake.await.expect("the fake helper panicked");
     r
 }
 

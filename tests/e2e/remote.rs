@@ -304,25 +304,35 @@ fn devbox_failures_are_clear() {
         let (code, _, err) = ep.run(&["push", s(&src), &dst], |_| {});
         check(code, &err, &format!("devbox dbx_bad is {state}"));
     }
-    // A devbox that is still starting is waited for, visibly.
+    // A devbox that is still starting is waited for, visibly: the status flips to running
+    // only once the client has said it is waiting.
     ep.running
         .state
         .set_status("dbx_bad", "provisioning")
         .unwrap();
-    let state = ep.running.state.clone();
-    let flip = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(400));
-        state.set_status("dbx_bad", "running").unwrap();
-    });
-    let (code, _, err) = ep.run(&["push", s(&src), &dst], |c| {
-        c.env("DEVSYNC_POLL_INTERVAL_MS", "100");
-    });
-    flip.join().unwrap();
-    assert_eq!(code, 0, "{err}");
-    assert!(
-        err.contains("devbox dbx_bad is provisioning; waiting"),
-        "{err}"
-    );
+    let mut client = ep
+        .cmd()
+        .args(["push", s(&src), &dst])
+        .env("DEVSYNC_POLL_INTERVAL_MS", "100")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(client.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(n > 0, "the client ended without waiting: {seen}");
+        seen.push_str(&line);
+        if line.contains("devbox dbx_bad is provisioning; waiting") {
+            break;
+        }
+    }
+    ep.running.state.set_status("dbx_bad", "running").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = client.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{seen}{rest}");
     // Host key change: the pin no longer matches.
     let pins = ep.home.path().join(".local/state/devsync/known_hosts");
     let pinned = std::fs::read_to_string(&pins).unwrap();

@@ -433,3 +433,33 @@ fn helpers_end_when_their_client_is_killed() {
     }
     assert!(trials >= 4, "only {trials} trials caught a busy helper");
 }
+
+/// Failed logins are in the endpoint's log (with the user and key), as the README says.
+#[test]
+fn failed_logins_are_logged() {
+    let td = tempfile::tempdir().unwrap();
+    let serve = ServeProc::start(&td.path().join("state"), "dbx_log");
+    let home = td.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let mut c = Command::new(BIN);
+    serve.env(&mut c, &home);
+    let target = format!("mallory@dbx_log:{}", td.path().join("r").display());
+    let out = c.args(["push", s(&src), &target]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let start = Instant::now();
+    loop {
+        let log = serve.log.lock().unwrap().clone();
+        if log.contains("AUTH FAILURE for user \"mallory\"") {
+            assert!(log.contains("SHA256:"), "the key is named: {log}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "not logged: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

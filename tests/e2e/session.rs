@@ -56,7 +56,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CutAfter<S> {
     }
 }
 
-/// Runs one session in memory; the helper's writes are cut after `cut` bytes.
+/// Runs one session in memory; the helper's writes are cut after `cut` bytes. A session that
+/// is not cut must succeed on both ends; a cut one must fail on the client's (and the helper
+/// must not have panicked either way).
 async fn session(
     role: Role,
     local: &Path,
@@ -79,7 +81,12 @@ async fn session(
         obs: Arc::new(Silent),
     };
     let r = client::run(cr, cw, job).await;
-    let _ = helper.await;
+    let h = helper.await.expect("the helper task panicked");
+    if r.is_ok() {
+        assert!(h.is_ok(), "client done, helper failed: {h:?}");
+    } else if cut == usize::MAX {
+        panic!("an uncut session failed: client {r:?}, helper {h:?}");
+    }
     r
 }
 
