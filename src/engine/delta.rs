@@ -39,6 +39,7 @@ pub enum DeltaError {
 }
 
 /// How the receiver cut and hashed its base file.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SigParams {
     pub block_size: u32,

@@ -17,6 +17,7 @@ pub const DEVSYNC_IGNORE: &str = ".devsyncignore";
 /// Version-control metadata directories excluded by `--exclude-vcs`.
 pub const VCS_DIRS: &[&str] = &[".git", ".hg", ".svn", ".jj", ".bzr", "_darcs", "CVS"];
 
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilterOptions {
     /// Honour `.gitignore`, `.git/info/exclude` and git's global excludes file.

@@ -24,6 +24,7 @@ pub use relpath::{PathError, RelPath};
 pub const MODE_MASK: u32 = 0o7777;
 
 /// A modification time with nanoseconds, as `stat` reports it.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Mtime {
     pub sec: i64,
@@ -53,6 +54,7 @@ impl Mtime {
 }
 
 /// What a sender entry is.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryKind {
     /// A regular file; `digest` (BLAKE3 of the content) is only filled in `--checksum` mode.
@@ -69,6 +71,7 @@ pub enum EntryKind {
 }
 
 /// One item of a sender's file list.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub path: RelPath,

@@ -56,6 +56,7 @@ pub fn file_action(
 }
 
 /// Kind of item a change is about.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ItemKind {
     File,
@@ -82,6 +83,7 @@ impl ItemKind {
 }
 
 /// What happened (or, in a dry run, would happen) to one path on the receiver.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChangeOp {
     Created,
@@ -95,6 +97,7 @@ pub enum ChangeOp {
     Deleted,
 }
 
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     pub path: RelPath,

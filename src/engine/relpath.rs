@@ -36,6 +36,7 @@ pub enum PathError {
 
 /// A normalized path relative to a sync root. Construct with [`RelPath::new`]; values that come
 /// off the wire are re-checked by the protocol's `validate()` before use.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RelPath(#[serde(with = "serde_bytes")] Vec<u8>);

@@ -127,11 +127,7 @@ where
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("devsync-scan-{i}"))
-        .build()
-        .map_err(|e| io_err(std::io::Error::other(e)))?;
+    let pool = scan_pool(threads).map_err(|e| io_err(std::io::Error::other(e)))?;
     let walk = Walk {
         root,
         checksum: opts.checksum,
@@ -141,6 +137,24 @@ where
     };
     pool.scope(|s| walk.list(s, root_fd, b""));
     Ok(())
+}
+
+/// The walker threads for scans with `threads` threads, made once per process (a watch rescans
+/// often; building a pool per scan cost more than scanning a small tree).
+fn scan_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, rayon::ThreadPoolBuildError> {
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = pools.iter().find(|(n, _)| *n == threads) {
+        return Ok(p.clone());
+    }
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("devsync-scan-{i}"))
+            .build()?,
+    );
+    pools.push((threads, pool.clone()));
+    Ok(pool)
 }
 
 /// State shared by every directory task of one walk.

@@ -23,6 +23,7 @@ pub const MAX_CHUNKS: u64 = 1 << 24;
 
 /// The mode and mtime a file had while its content was read, for the receiver to apply (the
 /// list's may be older: a file can change between the scan and its transfer).
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stamp {
     pub mode: u32,
@@ -39,6 +40,7 @@ impl Stamp {
 }
 
 /// One file in a [`Msg::WholeFiles`] batch.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WholeItem {
     pub id: FileId,
@@ -51,6 +53,7 @@ pub struct WholeItem {
 pub const MAX_BATCH: usize = 1 << 16;
 
 /// The part the helper plays; the client plays the other.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
     Sender,
@@ -58,6 +61,7 @@ pub enum Role {
 }
 
 /// What the user asked for, shared by both peers.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncOptions {
     pub delete: bool,
@@ -70,6 +74,7 @@ pub struct SyncOptions {
 }
 
 /// Something the user should hear about, produced by either peer and shown by the client.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     Change(Change),
@@ -78,6 +83,7 @@ pub enum Event {
 }
 
 /// Totals of one sync, counted by the receiver and reported to the client.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     /// Entries in the sender's list, by kind.
@@ -106,6 +112,7 @@ pub struct Stats {
     pub delete_refused: bool,
 }
 
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
     /// Client → helper, first frame: who does what where.

@@ -383,3 +383,27 @@ impl russh_sftp::server::Handler for SftpServer {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use russh_sftp::server::Handler;
+
+    #[tokio::test]
+    async fn open_handles_are_capped() {
+        let td = tempfile::tempdir().unwrap();
+        std::fs::write(td.path().join("f"), b"x").unwrap();
+        let mut s = SftpServer::new(td.path().to_path_buf());
+        let (flags, attrs) = (OpenFlags::READ, FileAttributes::empty);
+        let mut held = Vec::new();
+        for _ in 0..MAX_HANDLES {
+            held.push(s.open(1, "f".into(), flags, attrs()).await.unwrap().handle);
+        }
+        let over = s.open(1, "f".into(), flags, attrs()).await;
+        assert!(over.is_err(), "one handle past the cap");
+        s.close(2, held.pop().unwrap()).await.unwrap();
+        let again = s.open(1, "f".into(), flags, attrs()).await;
+        assert!(again.is_ok(), "a closed handle frees its place");
+    }
+}

@@ -8,6 +8,8 @@
 
 pub mod client;
 pub mod conn;
+#[cfg(test)]
+mod fuzz;
 pub mod helper;
 pub mod receiver;
 pub mod sender;

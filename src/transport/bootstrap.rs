@@ -20,6 +20,38 @@ use super::ssh::{Connection, ExecStatus, wait_exit};
 use crate::proto::FrameReader;
 use crate::proto::handshake::await_helper;
 
+/// Why the helper could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    #[error("opening the exec channel")]
+    Exec(#[source] russh::Error),
+    /// It ran and failed: what it said and how it ended.
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    Platform(String),
+    #[error("{path}")]
+    Local {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Sftp(#[from] super::ssh::SftpError),
+    #[error("{what}")]
+    Upload {
+        what: String,
+        #[source]
+        source: russh_sftp::client::error::Error,
+    },
+    #[error("uploading to {path}")]
+    Copy {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Exit status of the start script when no helper is installed.
 const NEED_HELPER: u32 = 111;
 const MARKER: &str = "DEVSYNC-NEED-HELPER";
@@ -57,16 +89,15 @@ pub fn build_id() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
     ID.get_or_init(|| {
         let hash = std::env::current_exe()
-            .map_err(|e| e.to_string())
             .and_then(|exe| cached_hash(&exe))
             .unwrap_or_else(|_| "unknown".into());
         format!("{}-{hash}", env!("CARGO_PKG_VERSION"))
     })
 }
 
-fn cached_hash(exe: &Path) -> Result<String, String> {
+fn cached_hash(exe: &Path) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
-    let md = std::fs::metadata(exe).map_err(|e| e.to_string())?;
+    let md = std::fs::metadata(exe)?;
     let stamp = format!(
         "{} {} {} {} {}",
         exe.display(),
@@ -80,7 +111,7 @@ fn cached_hash(exe: &Path) -> Result<String, String> {
 }
 
 /// BLAKE3 of `exe` (12 hex digits), looked up by `stamp` in the `cache` file first.
-fn hash_with_cache(exe: &Path, stamp: &str, cache: Option<&Path>) -> Result<String, String> {
+fn hash_with_cache(exe: &Path, stamp: &str, cache: Option<&Path>) -> std::io::Result<String> {
     let text = cache
         .and_then(|c| std::fs::read_to_string(c).ok())
         .unwrap_or_default();
@@ -93,7 +124,7 @@ fn hash_with_cache(exe: &Path, stamp: &str, cache: Option<&Path>) -> Result<Stri
     {
         return Ok(hash.to_string());
     }
-    let bytes = std::fs::read(exe).map_err(|e| e.to_string())?;
+    let bytes = std::fs::read(exe)?;
     let hash = blake3::hash(&bytes).to_hex()[..12].to_string();
     if let Some(c) = cache {
         let oldest = known.len().saturating_sub(BUILD_IDS_KEPT - 1);
@@ -177,17 +208,22 @@ fn same_platform(need: &Need) -> bool {
 }
 
 /// The binary to install for `need`'s platform: `--helper-binary`, or this one if it fits.
-fn choose_binary(need: &Need, helper_binary: Option<&Path>) -> Result<PathBuf, String> {
+fn choose_binary(need: &Need, helper_binary: Option<&Path>) -> Result<PathBuf, HelperError> {
     match helper_binary {
         Some(p) => Ok(p.to_path_buf()),
-        None if same_platform(need) => std::env::current_exe().map_err(|e| e.to_string()),
+        None if same_platform(need) => {
+            std::env::current_exe().map_err(|source| HelperError::Local {
+                path: "this devsync binary".into(),
+                source,
+            })
+        }
         None => {
             let (os, arch) = local_platform();
-            Err(format!(
+            Err(HelperError::Platform(format!(
                 "the remote is {} {} but this devsync is built for {os} {arch}; pass \
                  --helper-binary PATH with a devsync built for {} {}",
                 need.os, need.arch, need.os, need.arch
-            ))
+            )))
         }
     }
 }
@@ -199,9 +235,9 @@ pub async fn start(
     notice: Arc<dyn Fn(String) + Send + Sync>,
 ) -> Result<Started, TransportError> {
     check_dir(&opts.remote_dir)?;
-    let helper_err = |msg: String| TransportError::Helper {
+    let helper_err = |source: HelperError| TransportError::Helper {
         host: conn.label().to_string(),
-        msg,
+        source,
     };
     let mut uploaded = false;
     loop {
@@ -209,7 +245,7 @@ pub async fn start(
         let exec = conn
             .exec(&start_script(&opts.remote_dir))
             .await
-            .map_err(|e| helper_err(format!("opening the exec channel: {e}")))?;
+            .map_err(|e| helper_err(HelperError::Exec(e)))?;
         let mut status = exec.status;
         let mut reader = FrameReader::new(exec.reader);
         let greeting = await_helper(&mut reader).await;
@@ -241,7 +277,7 @@ pub async fn start(
                 if !stderr.is_empty() {
                     msg.push_str(&format!("; remote stderr: {stderr}"));
                 }
-                return Err(helper_err(msg));
+                return Err(helper_err(HelperError::Failed(msg)));
             }
         }
     }
@@ -253,7 +289,7 @@ async fn upload(
     opts: &BootstrapOptions,
     need: &Need,
     notice: &(dyn Fn(String) + Send + Sync),
-) -> Result<(), String> {
+) -> Result<(), HelperError> {
     let local = choose_binary(need, opts.helper_binary.as_deref())?;
     let base = match opts.remote_dir.strip_prefix("~/") {
         Some(rest) => format!("{}/{rest}", need.home.trim_end_matches('/')),
@@ -261,7 +297,10 @@ async fn upload(
     };
     let dir = format!("{base}/{}", build_id());
     let size = std::fs::metadata(&local)
-        .map_err(|e| format!("{}: {e}", local.display()))?
+        .map_err(|source| HelperError::Local {
+            path: local.display().to_string(),
+            source,
+        })?
         .len();
     notice(format!(
         "installing the devsync helper ({:.1} MiB) on {} in {dir}",
@@ -279,8 +318,11 @@ async fn put(
     sftp: &russh_sftp::client::SftpSession,
     local: &Path,
     dir: &str,
-) -> Result<(), String> {
-    let sftp_err = |what: &str, e: russh_sftp::client::error::Error| format!("{what}: {e}");
+) -> Result<(), HelperError> {
+    let sftp_err = |what: &str, source: russh_sftp::client::error::Error| HelperError::Upload {
+        what: what.to_string(),
+        source,
+    };
     // mkdir -p
     let mut path = String::new();
     for comp in dir.split('/').filter(|c| !c.is_empty()) {
@@ -301,15 +343,19 @@ async fn put(
         .map_err(|e| sftp_err(&format!("creating {tmp}"), e))?;
     let file = tokio::fs::File::open(local)
         .await
-        .map_err(|e| format!("{}: {e}", local.display()))?;
+        .map_err(|source| HelperError::Local {
+            path: local.display().to_string(),
+            source,
+        })?;
     let mut src = BufReader::with_capacity(1 << 20, file);
+    let copy_err = |source| HelperError::Copy {
+        path: tmp.clone(),
+        source,
+    };
     tokio::io::copy_buf(&mut src, &mut remote)
         .await
-        .map_err(|e| format!("uploading to {tmp}: {e}"))?;
-    remote
-        .shutdown()
-        .await
-        .map_err(|e| format!("closing {tmp}: {e}"))?;
+        .map_err(copy_err)?;
+    remote.shutdown().await.map_err(copy_err)?;
     let mut attrs = russh_sftp::protocol::FileAttributes::empty();
     attrs.permissions = Some(0o755);
     sftp.set_metadata(tmp.clone(), attrs)
@@ -412,7 +458,7 @@ mod tests {
             home: "/Users/x".into(),
         };
         if !same_platform(&mac) {
-            let e = choose_binary(&mac, None).unwrap_err();
+            let e = choose_binary(&mac, None).unwrap_err().to_string();
             assert!(
                 e.contains("the remote is Darwin arm64") && e.contains("--helper-binary"),
                 "{e}"

@@ -100,7 +100,7 @@ impl Api {
             .unwrap_or_else(|| DEFAULT_BASE.into())
             .trim_end_matches('/')
             .to_string();
-        let tls_cfg = client_config(tls, None).map_err(TransportError::Config)?;
+        let tls_cfg = client_config(tls, None)?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10))

@@ -15,10 +15,22 @@ pub mod tls;
 pub enum TransportError {
     #[error("devbox API: {0}")]
     Api(String),
-    #[error("connecting to {addr}: {msg}")]
-    Connect { addr: String, msg: String },
-    #[error("TLS with gateway {gateway}: {msg}")]
-    Tls { gateway: String, msg: String },
+    #[error("connecting to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with gateway {gateway}{hint}")]
+    Tls {
+        gateway: String,
+        /// What to do about it (empty when there is nothing to suggest).
+        hint: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    TlsSetup(#[from] tls::TlsError),
     #[error("SSH with {host}: {msg}")]
     Ssh { host: String, msg: String },
     #[error("host key check for {host}: {msg}")]
@@ -29,10 +41,36 @@ pub enum TransportError {
         host: String,
         msg: String,
     },
-    #[error("starting the helper on {host}: {msg}")]
-    Helper { host: String, msg: String },
+    #[error("starting the helper on {host}")]
+    Helper {
+        host: String,
+        #[source]
+        source: bootstrap::HelperError,
+    },
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
     Local(#[from] crate::target::credentials::CredError),
+}
+
+/// TCP to `addr` (`host:port`), within `timeout`, with Nagle off (an interactive protocol).
+pub async fn connect_tcp(
+    addr: &str,
+    timeout: std::time::Duration,
+) -> Result<tokio::net::TcpStream, TransportError> {
+    let err = |source| TransportError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {}s", timeout.as_secs()),
+            ))
+        })?
+        .map_err(err)?;
+    let _ = tcp.set_nodelay(true); // best effort: only latency is at stake
+    Ok(tcp)
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use russh::keys::PrivateKey;
-use tokio::net::TcpStream;
 
 use super::TransportError;
 use super::bootstrap::{self, BootstrapOptions, Started};
@@ -151,7 +150,7 @@ async fn devbox_ssh(
     let gw_host = gateway
         .rsplit_once(':')
         .map_or(gateway.as_str(), |(h, _)| h);
-    let cfg = tls::client_config(&opts.tls, Some(gw_host)).map_err(TransportError::Config)?;
+    let cfg = tls::client_config(&opts.tls, Some(gw_host))?;
     let stream = tls::connect(cfg, &gateway, &creds.url, opts.timeout).await?;
     crate::trace!("client", "TLS up");
     let key = russh::keys::decode_secret_key(&creds.key_pem, None)
@@ -231,17 +230,7 @@ async fn connect_ssh(
         }
     }
     let addr = format!("{hostname}:{port}");
-    let tcp = tokio::time::timeout(opts.timeout, TcpStream::connect(&addr))
-        .await
-        .map_err(|_| TransportError::Connect {
-            addr: addr.clone(),
-            msg: format!("no answer within {}s", opts.timeout.as_secs()),
-        })?
-        .map_err(|e| TransportError::Connect {
-            addr: addr.clone(),
-            msg: e.to_string(),
-        })?;
-    let _ = tcp.set_nodelay(true); // interactive protocol: latency over packet count
+    let tcp = super::connect_tcp(&addr, opts.timeout).await?;
     let known = cfg
         .host_config
         .user_known_hosts_file

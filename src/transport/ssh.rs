@@ -329,19 +329,19 @@ impl Connection {
     }
 
     /// Opens an SFTP session on a new channel of this connection.
-    pub async fn sftp(&self) -> Result<russh_sftp::client::SftpSession, String> {
+    pub async fn sftp(&self) -> Result<russh_sftp::client::SftpSession, SftpError> {
         let channel = self
             .handle
             .channel_open_session()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(SftpError::Channel)?;
         channel
             .request_subsystem(true, "sftp")
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(SftpError::Channel)?;
         russh_sftp::client::SftpSession::new(channel.into_stream())
             .await
-            .map_err(|e| format!("the server refused SFTP: {e}"))
+            .map_err(SftpError::Refused)
     }
 
     pub async fn close(&self) {
@@ -351,6 +351,15 @@ impl Connection {
             .disconnect(russh::Disconnect::ByApplication, "", "en")
             .await;
     }
+}
+
+/// Why no SFTP session could be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SftpError {
+    #[error("opening an SFTP channel")]
+    Channel(#[source] russh::Error),
+    #[error("the server refused SFTP")]
+    Refused(#[source] russh_sftp::client::error::Error),
 }
 
 /// How much of a remote command's stderr is kept.

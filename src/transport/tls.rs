@@ -26,6 +26,29 @@ use tokio_rustls::client::TlsStream;
 
 use super::TransportError;
 
+/// Why no TLS client configuration could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading CA file {path}")]
+    CaFile {
+        path: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("CA file {path} holds no certificate")]
+    CaEmpty { path: String },
+    #[error("CA file {path}")]
+    CaCert {
+        path: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("TLS configuration")]
+    Config(#[source] rustls::Error),
+    #[error("TLS certificate verifier")]
+    Verifier(#[source] rustls::client::VerifierBuilderError),
+}
+
 /// How server certificates are judged.
 #[derive(Debug, Clone, Default)]
 pub struct TlsPolicy {
@@ -47,7 +70,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Root store: webpki roots, the system's roots, and `extra_ca`.
-pub fn roots(extra_ca: Option<&Path>) -> Result<RootCertStore, String> {
+pub fn roots(extra_ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
     // The system store is a directory of files: read it once per process, not once per
     // client configuration (the API client and the gateway each need one).
     static BASE: OnceLock<RootCertStore> = OnceLock::new();
@@ -63,17 +86,23 @@ pub fn roots(extra_ca: Option<&Path>) -> Result<RootCertStore, String> {
         })
         .clone();
     if let Some(path) = extra_ca {
+        let shown = || path.display().to_string();
+        let file_err = |source| TlsError::CaFile {
+            path: shown(),
+            source,
+        };
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("reading CA file {}: {e}", path.display()))?
+            .map_err(file_err)?
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("parsing CA file {}: {e}", path.display()))?;
+            .map_err(file_err)?;
         if certs.is_empty() {
-            return Err(format!("CA file {} holds no certificate", path.display()));
+            return Err(TlsError::CaEmpty { path: shown() });
         }
         for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            roots.add(c).map_err(|source| TlsError::CaCert {
+                path: shown(),
+                source,
+            })?;
         }
     }
     Ok(roots)
@@ -84,11 +113,11 @@ pub fn roots(extra_ca: Option<&Path>) -> Result<RootCertStore, String> {
 pub fn client_config(
     policy: &TlsPolicy,
     alt_name: Option<&str>,
-) -> Result<Arc<ClientConfig>, String> {
+) -> Result<Arc<ClientConfig>, TlsError> {
     let verifier = verifier(policy, alt_name)?;
     let cfg = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Config)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
@@ -99,7 +128,7 @@ pub fn client_config(
 pub fn verifier(
     policy: &TlsPolicy,
     alt_name: Option<&str>,
-) -> Result<Arc<dyn ServerCertVerifier>, String> {
+) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
     let provider = provider();
     if policy.insecure {
         return Ok(Arc::new(AcceptAnyCert {
@@ -109,7 +138,7 @@ pub fn verifier(
     let roots = Arc::new(roots(policy.extra_ca.as_deref())?);
     let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(TlsError::Verifier)?;
     let alt = alt_name.and_then(|n| ServerName::try_from(n.to_string()).ok());
     Ok(Arc::new(EitherName { inner, alt }))
 }
@@ -121,42 +150,41 @@ pub async fn connect(
     sni: &str,
     timeout: Duration,
 ) -> Result<TlsStream<TcpStream>, TransportError> {
-    let tls_err = |msg: String| TransportError::Tls {
+    let tls_err = |source: std::io::Error| TransportError::Tls {
         gateway: gateway.to_string(),
-        msg,
+        hint: hint_for(&source),
+        source,
     };
-    let tcp = tokio::time::timeout(timeout, TcpStream::connect(gateway))
-        .await
-        .map_err(|_| TransportError::Connect {
-            addr: gateway.to_string(),
-            msg: format!("no answer within {}s", timeout.as_secs()),
-        })?
-        .map_err(|e| TransportError::Connect {
-            addr: gateway.to_string(),
-            msg: e.to_string(),
-        })?;
-    let _ = tcp.set_nodelay(true); // latency matters more than segment count here
-    let name = ServerName::try_from(sni.to_string())
-        .map_err(|e| tls_err(format!("bad server name {sni:?}: {e}")))?;
+    let tcp = super::connect_tcp(gateway, timeout).await?;
+    let name = ServerName::try_from(sni.to_string()).map_err(|e| {
+        tls_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad server name {sni:?}: {e}"),
+        ))
+    })?;
     let handshake = TlsConnector::from(cfg).connect(name, tcp);
     tokio::time::timeout(timeout, handshake)
         .await
-        .map_err(|_| tls_err("handshake timed out".into()))?
-        .map_err(|e| tls_err(explain_tls(&e)))
+        .map_err(|_| {
+            tls_err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "handshake timed out",
+            ))
+        })?
+        .map_err(tls_err)
 }
 
-fn explain_tls(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    if text.contains("certificate")
-        || text.contains("UnknownIssuer")
-        || text.contains("NotValidFor")
-    {
-        format!(
-            "{text} (the gateway's certificate is not trusted: pass --tls-ca FILE with its CA, \
-             e.g. the ca.pem in a `devsync serve` state directory, or --insecure-tls)"
-        )
+/// What to do about a refused gateway certificate, if that is what `e` is.
+fn hint_for(e: &std::io::Error) -> &'static str {
+    let refused = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+    if refused {
+        " (the gateway's certificate is not trusted: pass --tls-ca FILE with its CA, e.g. the \
+         ca.pem in a `devsync serve` state directory, or --insecure-tls)"
     } else {
-        text
+        ""
     }
 }
 
@@ -342,7 +370,7 @@ mod tests {
     fn bad_ca_files_are_reported() {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), "not a certificate").unwrap();
-        let e = roots(Some(f.path())).unwrap_err();
+        let e = roots(Some(f.path())).unwrap_err().to_string();
         assert!(e.contains("holds no certificate"), "{e}");
         assert!(roots(Some(Path::new("/nonexistent/ca.pem"))).is_err());
     }

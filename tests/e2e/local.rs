@@ -156,10 +156,21 @@ fn delete_and_its_guard() {
         "refusal names victims: {v}"
     );
     assert_eq!(snapshot(&dst), before);
-    // An empty source is refused even for a single file.
+    // An empty source is refused even for a single file. The destination named through a
+    // symlink is followed (as rsync does), and the refusal names the directory itself.
     let empty = td.path().join("empty");
     fs::create_dir(&empty).unwrap();
-    sync_json("push", &empty, &dst, &["--delete"], 25);
+    let via = td.path().join("via-link");
+    std::os::unix::fs::symlink(&dst, &via).unwrap();
+    let v = sync_json("push", &empty, &via, &["--delete"], 25);
+    let real = fs::canonicalize(&dst).unwrap();
+    assert!(
+        v["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("entries in {}", real.display())),
+        "{v}"
+    );
     assert_eq!(snapshot(&dst), before);
     // --force-delete goes ahead.
     sync_json("push", &src, &dst, &["--delete", "--force-delete"], 0);
