@@ -32,11 +32,32 @@ pub struct Cli {
     cmd: Cmd,
 }
 
+const TARGETS: &str = "\
+Targets (scp syntax; a ':' before any '/' makes it remote):
+  dir, ./a:b, /x:y                    a local directory (write ./name for a name with ':' or '-')
+  dbx_<id>:path, user@dbx_<id>:path   a hosted devbox (RUNLOOP_API_KEY; SSH inside TLS)
+  host:path, user@host:2222:path      an SSH host (~/.ssh/config aliases apply)
+  ssh://user@host:2222/path           the same, as a URL
+An empty remote path is the remote home; relative paths are relative to it.";
+
+const PUSH_HELP: &str = "\
+Examples:
+  devsync push . dbx_abc:~/project              sync this directory to a devbox
+  devsync push -n --delete src box:/srv/app     show what a mirror would change
+  devsync push -i --exclude target/ . dbx_abc:  one line per change, without target/";
+
+const PULL_HELP: &str = "\
+Examples:
+  devsync pull dbx_abc:~/project/out ./out      fetch a devbox's build output
+  devsync pull --delete box:/srv/app ./app      make ./app an exact copy";
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Make DEST mirror the local directory SRC (only differences travel)
+    #[command(after_help = format!("{TARGETS}\n\n{PUSH_HELP}"))]
     Push(SyncArgs),
     /// Make the local directory DEST mirror SRC
+    #[command(after_help = format!("{TARGETS}\n\n{PULL_HELP}"))]
     Pull(SyncArgs),
     /// Run the embedded endpoint: TLS gateway, SSH server and devbox key API in one process
     Serve(serve::ServeArgs),
@@ -46,15 +67,21 @@ enum Cmd {
     /// Serve SFTP on stdin/stdout rooted at DIR (run by `devsync serve` for each devbox)
     #[command(hide = true)]
     SftpServer { dir: std::path::PathBuf },
+    /// Print a shell completion script (e.g. `devsync completions bash > /etc/bash_completion.d/devsync`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct SyncArgs {
-    /// Source directory (push: local; pull: remote target or path)
-    #[arg(value_name = "SRC", allow_hyphen_values = true)]
+    /// What to sync from: push, a local directory; pull, a target (see below)
+    #[arg(value_name = "SRC")]
     src: String,
-    /// Destination directory (created if missing)
-    #[arg(value_name = "DEST", allow_hyphen_values = true)]
+    /// What to make a mirror of SRC: push, a target (see below); pull, a local directory.
+    /// Created if missing
+    #[arg(value_name = "DEST")]
     dst: String,
     /// Delete destination entries that the source does not have (excluded entries are kept)
     #[arg(long)]
@@ -96,6 +123,10 @@ pub struct SyncArgs {
     /// Print only errors
     #[arg(short, long)]
     quiet: bool,
+    /// Say more: the summary's full detail, and timed milestones of both ends on stderr
+    /// (as DEVSYNC_TRACE=1 does)
+    #[arg(short, long)]
+    verbose: bool,
     /// Private key for SSH hosts (repeatable; tried before the ssh-agent and ~/.ssh/id_*)
     #[arg(short = 'I', long = "identity", value_name = "FILE")]
     identity: Vec<std::path::PathBuf>,
@@ -129,6 +160,8 @@ pub struct SyncArgs {
 pub struct Failure {
     pub error: anyhow::Error,
     pub code: u8,
+    /// The command was run with `--json`: the failure goes to stdout as JSON too.
+    pub json: bool,
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
@@ -136,8 +169,44 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         Failure {
             error: e.into(),
             code: exit::FATAL,
+            json: false,
         }
     }
+}
+
+/// Which stage a failure happened in, for `--json` (the text says it for humans).
+pub fn stage_of(e: &anyhow::Error) -> &'static str {
+    use crate::transport::TransportError as T;
+    for cause in e.chain() {
+        if let Some(t) = cause.downcast_ref::<T>() {
+            return match t {
+                T::Api(_) => "api",
+                T::Connect { .. } => "connect",
+                T::Tls { .. } | T::TlsSetup(_) => "tls",
+                T::Ssh { .. } => "ssh",
+                T::HostKey { .. } => "host_key",
+                T::Auth { .. } => "auth",
+                T::Helper { .. } => "helper",
+                T::Config(_) | T::Local(_) => "config",
+            };
+        }
+        if cause
+            .downcast_ref::<crate::session::SessionError>()
+            .is_some()
+        {
+            return "sync";
+        }
+        if cause
+            .downcast_ref::<crate::engine::scan::ScanError>()
+            .is_some()
+        {
+            return "source";
+        }
+        if cause.downcast_ref::<crate::target::TargetError>().is_some() {
+            return "usage";
+        }
+    }
+    "local"
 }
 
 /// Parses the command line and runs the command: its exit status, or why it failed.
@@ -147,30 +216,63 @@ pub fn run() -> Result<u8, Failure> {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print(); // nowhere else to report a failure to print
-            return Ok(if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            });
+            if !e.use_stderr() {
+                return Ok(exit::OK); // --help, --version
+            }
+            // Tools asked for JSON get it even when the command line itself is wrong.
+            if std::env::args_os().any(|a| a == "--json") {
+                let v = serde_json::json!({
+                    "error": e.kind().to_string(),
+                    "detail": e.render().to_string(),
+                    "stage": "usage",
+                    "exit_code": exit::USAGE,
+                });
+                println!("{v}");
+            }
+            return Ok(exit::USAGE);
         }
     };
     match cli.cmd {
         Cmd::Push(a) => sync::run(a, sync::Direction::Push),
         Cmd::Pull(a) => sync::run(a, sync::Direction::Pull),
-        Cmd::Serve(a) => serve::run(a),
-        Cmd::Helper => helper::run(),
+        Cmd::Serve(a) => {
+            crate::trace::init(false);
+            serve::run(a)
+        }
+        Cmd::Helper => {
+            crate::trace::init(false);
+            helper::run()
+        }
         Cmd::SftpServer { dir } => {
             runtime()?.block_on(crate::server::sftp::serve_stdio(dir));
+            Ok(exit::OK)
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "devsync",
+                &mut std::io::stdout(),
+            );
             Ok(exit::OK)
         }
     }
 }
 
 /// Prints a failure the one way devsync prints errors: `devsync: error: ` and the cause chain,
-/// with control characters escaped (messages carry remote file names and remote stderr).
+/// with control characters escaped (messages carry remote file names and remote stderr); with
+/// `--json` also a JSON object on stdout, for tools.
 pub fn print_failure(f: &Failure) {
     let text = output::escape_text(&format!("{:#}", f.error));
     eprintln!("devsync: error: {text}");
+    if f.json {
+        let v = serde_json::json!({
+            "error": format!("{:#}", f.error),
+            "stage": stage_of(&f.error),
+            "exit_code": f.code,
+        });
+        println!("{v}");
+    }
 }
 
 /// Whether `e` is only a closed stdout/stderr (a pipe into `head`): not worth an error.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::output::{Reporter, summary_json, summary_line};
+use super::output::{Reporter, summary_detail, summary_json, summary_line};
 use super::{SyncArgs, exit};
 use crate::engine::filter::FilterOptions;
 use crate::engine::scan::check_root;
@@ -29,7 +29,12 @@ pub enum Direction {
 
 pub fn run(a: SyncArgs, dir: Direction) -> Result<u8, super::Failure> {
     super::raise_fd_limit();
-    Ok(run_inner(&a, dir)?)
+    crate::trace::init(a.verbose);
+    run_inner(&a, dir).map_err(|error| super::Failure {
+        error,
+        code: exit::FATAL,
+        json: a.json,
+    })
 }
 
 fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
@@ -50,7 +55,7 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
             }
         );
     };
-    check_local_root(&local_root, dir, a.dry_run)?;
+    check_local_root(&local_root, dir)?;
     let opts = SyncOptions {
         delete: a.delete,
         force_delete: a.force_delete,
@@ -100,19 +105,24 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
         println!("{}", summary_json(&outcome, elapsed, &reporter, code));
     } else if !a.quiet {
         println!("{}", summary_line(&outcome, elapsed, a.dry_run));
+        if a.verbose {
+            for line in summary_detail(&outcome) {
+                println!("  {line}");
+            }
+        }
     }
     Ok(code)
 }
 
-fn check_local_root(root: &Path, dir: Direction, dry_run: bool) -> anyhow::Result<()> {
+fn check_local_root(root: &Path, dir: Direction) -> anyhow::Result<()> {
     match dir {
-        Direction::Push => check_root(root).map_err(|e| anyhow::anyhow!("source {e}")),
+        Direction::Push => check_root(root).context("source"),
+        // A missing destination is created by the receiver once the session has started,
+        // so a pull that fails to connect leaves nothing behind.
         Direction::Pull => match std::fs::metadata(root) {
             Ok(md) if !md.is_dir() => bail!("destination {} is not a directory", root.display()),
             Ok(_) => Ok(()),
-            Err(_) if dry_run => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(root)
-                .with_context(|| format!("creating destination {}", root.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).with_context(|| format!("destination {}", root.display())),
         },
     }

@@ -37,6 +37,20 @@ pub fn chunk_cv(k: u64, data: &[u8]) -> Cv {
     h.finalize_non_root()
 }
 
+/// Chaining value of chunk `k` if it is `n` zero bytes (a hole), without a buffer of its size.
+pub fn zero_cv(k: u64, n: usize) -> Cv {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(k * CHUNK);
+    let mut left = n;
+    while left > 0 {
+        let m = left.min(ZEROS.len());
+        h.update(&ZEROS[..m]);
+        left -= m;
+    }
+    h.finalize_non_root()
+}
+
 /// Streams chunk `k` out of `src` through a small private buffer: each piece is copied, hashed
 /// and handed to `sink` (with its offset in the chunk) while it is still in cache. Returns the
 /// chaining value of exactly the bytes handed over. Used where `src` is a view of a file another

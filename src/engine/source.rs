@@ -37,6 +37,17 @@ pub struct Snapshot {
     pub mode: u32,
     pub mtime: Mtime,
     pub ctime: Mtime,
+    /// 512-byte blocks allocated.
+    pub blocks: u64,
+}
+
+impl Snapshot {
+    /// Whether `self` and `other` describe the same version of the same file (the blocks
+    /// allocated may change on their own, as delayed allocation completes).
+    pub fn same_version(&self, other: &Snapshot) -> bool {
+        let key = |s: &Snapshot| (s.dev, s.ino, s.size, s.mode, s.mtime, s.ctime);
+        key(self) == key(other)
+    }
 }
 
 /// The outcome of a bracketed read.
@@ -63,6 +74,7 @@ fn snapshot_of(st: &rfs::Stat) -> Snapshot {
             sec: st.st_ctime as i64,
             nsec: (st.st_ctime_nsec as u32).min(999_999_999),
         },
+        blocks: st.st_blocks as u64,
     }
 }
 
@@ -113,7 +125,7 @@ impl Source {
     /// The file's state now, compared with when it was opened.
     pub fn check(&self) -> io::Result<Stability> {
         let after = snapshot_of(&rfs::fstat(&self.file)?);
-        if after != self.before {
+        if !after.same_version(&self.before) {
             return Ok(Stability::Changed);
         }
         if fine_grained_ctime(&self.file) {
@@ -127,10 +139,29 @@ impl Source {
         }
     }
 
+    /// Whether the file has holes (fewer blocks allocated than its size needs).
+    pub fn is_sparse(&self) -> bool {
+        self.before.blocks.saturating_mul(512) < self.before.size
+    }
+
+    /// Whether `[off, off + len)` holds no data (a hole: it reads as zeros and need not be
+    /// read). Only ever `true` for a sparse file; an error answers `false`.
+    pub fn is_hole(&self, off: u64, len: u64) -> bool {
+        if len == 0 || !self.is_sparse() {
+            return false;
+        }
+        match rfs::seek(&self.file, rfs::SeekFrom::Data(off)) {
+            Ok(next) => next >= off + len,
+            // No data after `off` at all.
+            Err(rustix::io::Errno::NXIO) => true,
+            Err(_) => false,
+        }
+    }
+
     /// Whether the file still is the version `snap` describes (a later read of a file first
     /// read earlier, as the two halves of a big file's delta are).
     pub fn same_as(&self, snap: &Snapshot) -> bool {
-        self.before == *snap
+        self.before.same_version(snap)
     }
 }
 

@@ -78,8 +78,20 @@ pub struct SyncOptions {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     Change(Change),
-    Warning { path: String, message: String },
-    Error { path: String, message: String },
+    Warning {
+        path: String,
+        message: String,
+    },
+    Error {
+        path: String,
+        message: String,
+    },
+    /// The receiver has planned the whole list: this many files and bytes will travel (a
+    /// progress display can show a real bar from here on).
+    Planned {
+        files: u64,
+        bytes: u64,
+    },
 }
 
 /// Totals of one sync, counted by the receiver and reported to the client.
@@ -186,6 +198,12 @@ pub enum Msg {
     WholeFiles { files: Vec<WholeItem> },
     /// Sender → receiver: literal bytes of one chunk (payload) of a bigger file.
     Data { id: FileId, chunk: u32 },
+    /// Sender → receiver, before any chunk of the file: it has holes. Do not reserve its
+    /// space; `Zeros` chunks and zero blocks are to be left as holes.
+    Sparse { id: FileId },
+    /// Sender → receiver: chunk `chunk` (`len` bytes) is a hole in the sender's file (all
+    /// zeros, nothing to send).
+    Zeros { id: FileId, chunk: u32, len: u32 },
     /// Sender → receiver: a delta (payload) against a window of base chunks that rebuilds
     /// chunk `chunk`, exactly `len` bytes.
     Delta {
@@ -378,6 +396,9 @@ impl Msg {
             } if *window_len == 0 || u64::from(*len) > crate::engine::hash::CHUNK => {
                 return Err(invalid("delta window or length out of range"));
             }
+            Msg::Zeros { len, .. } if *len == 0 || u64::from(*len) > crate::engine::hash::CHUNK => {
+                return Err(invalid("hole length out of range"));
+            }
             Msg::SendFailed { message, .. } => check_text(message)?,
             Msg::Event(ev) => match ev {
                 Event::Change(c) => c.path.check().map_err(|e| invalid(e.to_string()))?,
@@ -385,6 +406,7 @@ impl Msg {
                     check_text(path)?;
                     check_text(message)?;
                 }
+                Event::Planned { .. } => {}
             },
             _ => {}
         }

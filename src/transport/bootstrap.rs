@@ -164,8 +164,14 @@ fn start_script(dir: &str) -> String {
         Some(rest) => format!("\"$HOME/{rest}/{}\"", build_id()),
         None => format!("\"{dir}/{}\"", build_id()),
     };
+    // A client that traces has its helper trace too (its stderr comes back to the client).
+    let env = if crate::trace::enabled() {
+        "DEVSYNC_TRACE=1 "
+    } else {
+        ""
+    };
     format!(
-        "sh -c 'h={d}/devsync; if [ -x \"$h\" ]; then exec \"$h\" helper; fi; \
+        "sh -c 'h={d}/devsync; if [ -x \"$h\" ]; then {env}exec \"$h\" helper; fi; \
          echo \"{MARKER} $(uname -s) $(uname -m) $HOME\" >&2; exit {NEED_HELPER}'"
     )
 }

@@ -37,9 +37,16 @@ impl Default for Retry {
 /// One failed attempt: worth retrying or not.
 #[derive(Debug)]
 pub enum Attempt {
+    /// A busy or briefly unreachable service (5xx, 429, timeouts): back off and try again.
     Retry(String),
+    /// Nothing listens there (connection refused): most likely a wrong address, so one quick
+    /// retry (a service restarting) and then an error that says what to check.
+    Quick(String),
     Fail(String),
 }
+
+/// The pause before the one retry of a refused connection.
+pub const QUICK_RETRY: Duration = Duration::from_millis(250);
 
 /// Runs `op` until it succeeds, fails for good, or the retries run out (backoff doubling from
 /// `first` up to `max`).
@@ -49,10 +56,20 @@ where
     Fut: Future<Output = Result<T, Attempt>>,
 {
     let mut delay = policy.first;
+    let mut quick_tried = false;
     for attempt in 0..=policy.retries {
         match op().await {
             Ok(v) => return Ok(v),
             Err(Attempt::Fail(e)) => return Err(e),
+            Err(Attempt::Quick(e)) if quick_tried => {
+                return Err(format!(
+                    "{e} (nothing accepts connections there: check RUNLOOP_BASE_URL)"
+                ));
+            }
+            Err(Attempt::Quick(_)) => {
+                quick_tried = true;
+                tokio::time::sleep(QUICK_RETRY).await;
+            }
             Err(Attempt::Retry(e)) if attempt == policy.retries => {
                 return Err(format!("{e} (gave up after {} attempts)", attempt + 1));
             }
@@ -63,6 +80,20 @@ where
         }
     }
     Err("no attempt made".into())
+}
+
+/// Whether `e` (or what it wraps) is a refused TCP connection.
+fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 #[derive(Deserialize)]
@@ -97,9 +128,14 @@ impl Api {
         let base = std::env::var("RUNLOOP_BASE_URL")
             .ok()
             .filter(|b| !b.is_empty())
-            .unwrap_or_else(|| DEFAULT_BASE.into())
-            .trim_end_matches('/')
-            .to_string();
+            .unwrap_or_else(|| DEFAULT_BASE.into());
+        Api::new(&base, &key, tls)
+    }
+
+    /// An API client for `base` with bearer `key`.
+    pub fn new(base: &str, key: &str, tls: &TlsPolicy) -> Result<Api, TransportError> {
+        let base = base.trim_end_matches('/').to_string();
+        let key = key.to_string();
         let tls_cfg = client_config(tls, None)?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
@@ -144,6 +180,8 @@ impl Api {
                 if let Some(hint) = permanent_failure(&e) {
                     // Retrying cannot make a certificate acceptable or the answer HTTP.
                     Attempt::Fail(format!("{msg} ({hint})"))
+                } else if refused(&e) {
+                    Attempt::Quick(msg)
                 } else if e.is_connect() || e.is_timeout() || e.is_request() {
                     Attempt::Retry(msg)
                 } else {
@@ -358,6 +396,55 @@ mod tests {
         .await;
         assert_eq!(r.unwrap_err(), "401");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_connection_gets_one_quick_retry() {
+        let calls = AtomicU32::new(0);
+        let t0 = tokio::time::Instant::now();
+        let r: Result<(), _> = with_retry(Retry::default(), || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(Attempt::Quick("connection refused".into()))
+        })
+        .await;
+        let e = r.unwrap_err();
+        assert!(e.contains("check RUNLOOP_BASE_URL"), "{e}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(t0.elapsed(), QUICK_RETRY);
+        // A service that comes back at once is fine.
+        let calls = AtomicU32::new(0);
+        let r = with_retry(Retry::default(), || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0 => Err(Attempt::Quick("refused".into())),
+                _ => Ok(1),
+            }
+        })
+        .await;
+        assert_eq!(r, Ok(1));
+    }
+
+    #[tokio::test]
+    async fn a_refused_api_fails_within_a_second() {
+        // A port nothing listens on: bind one and drop it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        crate::transport::tls::install_crypto_provider();
+        let api = Api::new(
+            &format!("http://127.0.0.1:{port}"),
+            "k",
+            &TlsPolicy::default(),
+        )
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        let e = api.status("dbx_x").await.unwrap_err().to_string();
+        assert!(
+            e.contains("refused") && e.contains("RUNLOOP_BASE_URL"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,7 +26,11 @@ pub fn helper_binary() -> std::io::Result<PathBuf> {
 impl LocalHelper {
     pub fn spawn() -> std::io::Result<LocalHelper> {
         let bin = helper_binary()?;
-        let mut child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if crate::trace::enabled() {
+            cmd.env("DEVSYNC_TRACE", "1"); // -v traces both ends
+        }
+        let mut child = cmd
             .arg("helper")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -300,10 +300,16 @@ impl Connection {
                             tx = None; // reader gone: keep draining for the exit status
                         }
                     }
-                    ChannelMsg::ExtendedData { data, ext: 1 } => status_tx.send_modify(|s| {
-                        let room = STDERR_KEEP.saturating_sub(s.stderr.len());
-                        s.stderr.extend_from_slice(&data[..data.len().min(room)]);
-                    }),
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        if crate::trace::enabled() {
+                            // The helper's milestones, as they happen.
+                            eprint!("{}", String::from_utf8_lossy(&data));
+                        }
+                        status_tx.send_modify(|s| {
+                            let room = STDERR_KEEP.saturating_sub(s.stderr.len());
+                            s.stderr.extend_from_slice(&data[..data.len().min(room)]);
+                        })
+                    }
                     ChannelMsg::Eof => tx = None,
                     ChannelMsg::ExitStatus { exit_status } => {
                         status_tx.send_modify(|s| s.code = Some(exit_status))

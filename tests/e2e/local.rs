@@ -638,3 +638,230 @@ fn hostile_names_are_escaped_in_human_output() {
     assert!(err.contains("devsync: error: f: "), "{err}");
     assert!(!err.contains("f: f:"), "the path twice: {err}");
 }
+
+/// A sparse file stays sparse: its holes do not travel and are holes again on arrival, for a
+/// first copy and for a delta.
+#[test]
+fn sparse_files_arrive_sparse() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst, back) = (
+        td.path().join("src"),
+        td.path().join("dst"),
+        td.path().join("back"),
+    );
+    fs::create_dir(&src).unwrap();
+    let f = fs::File::create(src.join("disk.img")).unwrap();
+    let size: u64 = 1 << 30;
+    f.set_len(size).unwrap();
+    for (i, at) in [0u64, 300 << 20, size - (1 << 20)].into_iter().enumerate() {
+        f.write_all_at(&random_bytes(1 << 20, i as u64), at)
+            .unwrap();
+    }
+    drop(f);
+    let allocated = |p: &Path| fs::metadata(p).unwrap().blocks() * 512;
+    assert!(
+        allocated(&src.join("disk.img")) < 8 << 20,
+        "the source is sparse"
+    );
+    let v = sync_json("push", &src, &dst, &[], 0);
+    assert_same_tree(&src, &dst);
+    let wire = num(&v, "bytes_sent") + num(&v, "bytes_received");
+    assert!(wire < 16 << 20, "holes travelled: {wire} bytes on the wire");
+    assert!(
+        allocated(&dst.join("disk.img")) < 16 << 20,
+        "arrived dense: {} bytes allocated",
+        allocated(&dst.join("disk.img"))
+    );
+    // An edit in a hole: a delta, and the copy stays sparse.
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("disk.img"))
+        .unwrap();
+    f.write_all_at(b"written into a hole", 700 << 20).unwrap();
+    drop(f);
+    let v = sync_json("push", &src, &dst, &[], 0);
+    assert_same_tree(&src, &dst);
+    assert!(num(&v, "literal_bytes") < 8 << 20, "{v}");
+    assert!(allocated(&dst.join("disk.img")) < 16 << 20);
+    // And pulled back.
+    sync_json("pull", &dst, &back, &[], 0);
+    assert_same_tree(&src, &back);
+    assert!(allocated(&back.join("disk.img")) < 16 << 20);
+}
+
+/// A mistyped flag is a usage error with a suggestion, never a path; a path that starts with
+/// `-` goes after `--` or as `./-name`.
+#[test]
+fn mistyped_flags_are_not_paths() {
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"x").unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .current_dir(td.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [
+        &["push", "src", "--dleete"][..],
+        &["push", "--delte", "src", "dst"],
+        &["push", "src", "dst", "--delte"],
+    ] {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains("unexpected argument '--d"), "{args:?}: {err}");
+        assert!(
+            err.contains("a similar argument exists: '--delete'"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!td.path().join("--dleete").exists());
+    assert!(!td.path().join("dst").exists());
+    // Names that start with a dash, written so that they cannot be flags.
+    fs::rename(&src, td.path().join("-src")).unwrap();
+    let (code, err) = run(&["push", "-q", "--", "-src", "-dst"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(td.path().join("-dst/f").exists());
+    let (code, err) = run(&["push", "-q", "./-src", "./-dst2"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(td.path().join("-dst2/f").exists());
+}
+
+/// A pull that fails before it starts creates nothing; `--json` reports every failure as a
+/// JSON object (error, stage, exit code).
+#[test]
+fn failures_create_nothing_and_speak_json() {
+    let td = tempfile::tempdir().unwrap();
+    let fresh = td.path().join("fresh/dest");
+    let json = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(BIN);
+        c.args(args).env_remove("RUNLOOP_API_KEY");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        (out.status.code(), v)
+    };
+    let f = fresh.to_str().unwrap();
+    let (code, v) = json(&["pull", "--json", "dbx_nope:/x", f], &[]);
+    assert_eq!(code, Some(1));
+    assert_eq!(v["stage"], "api", "{v}");
+    assert_eq!(v["exit_code"], 1);
+    assert!(
+        v["error"].as_str().unwrap().contains("RUNLOOP_API_KEY"),
+        "{v}"
+    );
+    assert!(
+        !fresh.exists() && !td.path().join("fresh").exists(),
+        "created on failure"
+    );
+    let missing = td.path().join("no such dir");
+    let (code, v) = json(&["pull", "--json", missing.to_str().unwrap(), f], &[]);
+    assert_eq!(code, Some(1));
+    assert_eq!(v["stage"], "sync", "{v}");
+    assert!(!fresh.exists(), "created on failure");
+    let (code, v) = json(&["push", "--json", missing.to_str().unwrap(), f], &[]);
+    assert_eq!(
+        (code, v["stage"].as_str()),
+        (Some(1), Some("source")),
+        "{v}"
+    );
+    let (code, v) = json(&["push", "--json", "--dleete", "a", "b"], &[]);
+    assert_eq!((code, v["stage"].as_str()), (Some(2), Some("usage")), "{v}");
+    assert_eq!(v["exit_code"], 2);
+    let (code, v) = json(
+        &["push", "--json", td.path().to_str().unwrap(), "dbx_x:/p"],
+        &[
+            ("RUNLOOP_API_KEY", "k"),
+            ("RUNLOOP_BASE_URL", "http://127.0.0.1:9"),
+        ],
+    );
+    assert_eq!((code, v["stage"].as_str()), (Some(1), Some("api")), "{v}");
+}
+
+/// The summary is one short line that says what happened, with plurals right and no
+/// meaningless ratio; `-v` adds the detail.
+#[test]
+fn the_summary_is_short_and_true() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"x").unwrap();
+    let line = |extra: &[&str]| {
+        let mut args = vec![OsStr::new("push"), src.as_os_str(), dst.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        let out = devsync(&args);
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = line(&[]);
+    assert!(
+        first.starts_with("changed 1 of 1 entry (1 new); "),
+        "{first}"
+    );
+    assert!(
+        first.trim_end().ends_with('s') && first.len() < 100,
+        "{first}"
+    );
+    assert!(
+        !first.contains("speedup") && !first.contains("1 files"),
+        "{first}"
+    );
+    let again = line(&[]);
+    assert!(
+        again.starts_with("up to date: 1 entry checked, "),
+        "{again}"
+    );
+    let verbose = line(&["-v"]);
+    assert!(
+        verbose.contains("\n  source: 1 file, 0 directories, 0 symlinks; 1 B"),
+        "{verbose}"
+    );
+    assert!(
+        !verbose.contains("speedup"),
+        "nothing moved: no ratio: {verbose}"
+    );
+}
+
+/// Completions for the usual shells, and `-v` tracing both ends.
+#[test]
+fn completions_and_verbose_tracing() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = devsync(&[OsStr::new("completions"), OsStr::new(shell)]);
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("push") && text.contains("--delete"),
+            "{shell}: {text}"
+        );
+    }
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"x").unwrap();
+    let out = devsync(&[
+        OsStr::new("push"),
+        OsStr::new("-v"),
+        src.as_os_str(),
+        dst.as_os_str(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // The client's own milestones and the helper's (the receiver here).
+    assert!(err.contains("[client] helper ready"), "{err}");
+    assert!(err.contains("[recv] all 1 entries planned"), "{err}");
+    assert!(!err.contains('\u{1b}'), "no colours into a pipe: {err}");
+}

@@ -353,6 +353,30 @@ impl TempFile {
         }
     }
 
+    /// Makes `[off, off + len)` a hole (for a reused partial whose old bytes there must go;
+    /// a fresh file's unwritten ranges are holes already). Filesystems without hole punching
+    /// get zeros written instead.
+    pub fn punch(&self, off: u64, len: u64) -> Result<()> {
+        let flags = rfs::FallocateFlags::PUNCH_HOLE | rfs::FallocateFlags::KEEP_SIZE;
+        match rfs::fallocate(&self.file, flags, off, len) {
+            Ok(()) => Ok(()),
+            Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
+                use std::os::unix::fs::FileExt;
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut at = off;
+                while at < off + len {
+                    let n = (off + len - at).min(zeros.len() as u64) as usize;
+                    self.file
+                        .write_all_at(&zeros[..n], at)
+                        .map_err(|e| DestError::io(&self.path, "writing zeros", e))?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(DestError::io(&self.path, "punching a hole", e)),
+        }
+    }
+
     /// Sets the final length (dropping any reservation beyond it).
     pub fn set_len(&self, len: u64) -> Result<()> {
         self.file

@@ -150,10 +150,10 @@ impl Ctx {
         cvs: &[Cv],
         stamp: Stamp,
     ) -> Result<(), FileError> {
-        let (base, params, resumed, partial) = {
+        let (base, params, resumed, partial, sparse) = {
             let st = lock(&inc.st);
             let partial = st.temp.clone().filter(|_| st.resumed > 0);
-            (st.base.clone(), st.params, st.resumed, partial)
+            (st.base.clone(), st.params, st.resumed, partial, st.sparse)
         };
         let params = params.unwrap_or_else(|| SigParams::for_len(0));
         crate::trace!("recv", "{}: comparing {} chunks", inc.path, cvs.len());
@@ -172,8 +172,18 @@ impl Ctx {
         let stream = |k: u64, data: &[u8], want: Option<&Cv>| -> Result<Option<Cv>, FileError> {
             let t = self.temp_file(inc)?;
             let cv = hash::stream_cv(k, data, |off, piece| {
+                let at = k * CHUNK + off as u64;
+                if sparse && is_zero(piece) {
+                    // Leave it a hole (a reused partial may hold old bytes there).
+                    return match t.is_partial() {
+                        true => t
+                            .punch(at, piece.len() as u64)
+                            .map_err(std::io::Error::other),
+                        false => Ok(()),
+                    };
+                }
                 let _serial = lock(&inc.write);
-                t.file().write_all_at(piece, k * CHUNK + off as u64)
+                t.file().write_all_at(piece, at)
             })
             .map_err(|e| self.write_error(inc, e))?;
             if want.is_some_and(|w| *w != cv) {
@@ -343,7 +353,8 @@ impl Ctx {
             d.create_temp(&inc.path)
         };
         let t = Arc::new(t.map_err(report)?);
-        if inc.size >= PREALLOCATE_MIN {
+        // A sparse file keeps its holes: reserving its whole size would fill them.
+        if inc.size >= PREALLOCATE_MIN && !lock(&inc.st).sparse {
             t.preallocate(inc.size).map_err(report)?;
         }
         let mut st = lock(&inc.st);
@@ -404,8 +415,21 @@ impl Ctx {
             }
             let base = base.as_deref();
             let bad = |what: &str| FileError::Pieces(what.to_string());
+            if let Piece::Zeros(n) = piece {
+                if n as u64 > CHUNK || k >= crate::proto::msg::MAX_CHUNKS {
+                    return Err(bad("hole out of range"));
+                }
+                let t = self.temp_file(inc)?;
+                if t.is_partial() {
+                    t.punch(k * CHUNK, n as u64).map_err(FileError::Dest)?;
+                }
+                self.obs.progressed(n as u64);
+                return Ok((n, hash::zero_cv(k, n)));
+            }
+            let sparse = lock(&inc.st).sparse;
             let (data, literal, matched): (std::borrow::Cow<'_, [u8]>, u64, u64) = match &piece {
                 Piece::Literal(b) => (b[..].into(), b.len() as u64, 0),
+                Piece::Zeros(_) => return Err(bad("unreachable")),
                 Piece::Copy => {
                     let c = base
                         .and_then(|b| b.chunk(k))
@@ -439,9 +463,7 @@ impl Ctx {
             let t = self.temp_file(inc)?;
             {
                 let _serial = lock(&inc.write);
-                t.file()
-                    .write_all_at(&data, k * CHUNK)
-                    .map_err(|e| self.write_error(inc, e))?;
+                write_chunk(&t, &data, k * CHUNK, sparse).map_err(|e| self.write_error(inc, e))?;
             }
             self.obs.progressed(data.len() as u64);
             Ok((data.len(), cv))
@@ -733,10 +755,36 @@ impl Assembly {
         self.params = None;
         self.resumed = 0;
         self.hashed = false;
+        self.sparse = false;
         self.chunks.clear();
         self.end = None;
         self.error = None;
     }
+}
+
+/// Whether `b` is all zeros.
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+/// Writes `data` at `at`; for a sparse file, 64 KiB-aligned blocks of zeros are left as holes
+/// (punched in a reused partial, which may hold old bytes there).
+fn write_chunk(t: &TempFile, data: &[u8], at: u64, sparse: bool) -> io::Result<()> {
+    if !sparse {
+        return t.file().write_all_at(data, at);
+    }
+    const BLOCK: usize = 64 << 10;
+    for (i, piece) in data.chunks(BLOCK).enumerate() {
+        let off = at + (i * BLOCK) as u64;
+        if is_zero(piece) {
+            if t.is_partial() {
+                t.punch(off, piece.len() as u64).map_err(io::Error::other)?;
+            }
+        } else {
+            t.file().write_all_at(piece, off)?;
+        }
+    }
+    Ok(())
 }
 
 /// Our copy of `path`, mapped for reading.

@@ -112,6 +112,8 @@ struct Assembly {
     resumed: u64,
     /// The sender's chunk hashes arrived for this attempt.
     hashed: bool,
+    /// The sender's file has holes: no space reserved, zeros left as holes.
+    sparse: bool,
     /// Written chunks: index → (length, chaining value).
     chunks: HashMap<u64, (usize, Cv)>,
     /// Work handed to the pool for this file and not finished yet.
@@ -150,6 +152,8 @@ struct Ctx {
     files: Mutex<HashMap<FileId, Arc<Incoming>>>,
     /// Whole-file requests the planner has not sent yet.
     needs: Mutex<Vec<FileId>>,
+    /// Files and bytes planned for transfer so far.
+    planned: Mutex<(u64, u64)>,
     track: Mutex<Track>,
     dirs: Mutex<DirState>,
     sender_paths: Mutex<HashSet<RelPath>>,
@@ -218,6 +222,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         stats: Mutex::new(Stats::default()),
         files: Mutex::new(HashMap::new()),
         needs: Mutex::new(Vec::new()),
+        planned: Mutex::new((0, 0)),
         track: Mutex::new(Track {
             outstanding: 0,
             list_done: false,
@@ -353,6 +358,13 @@ impl Ctx {
                 st.jobs += 1;
                 Step::Chunk(st.base.clone())
             }
+            Kind::Sparse => {
+                if st.sparse || st.jobs > 0 || !st.chunks.is_empty() {
+                    return bad("'sparse' after the file's data began");
+                }
+                st.sparse = true;
+                Step::Ready(false)
+            }
             Kind::FromBase => {
                 if asked != Ask::Delta || st.base.is_none() {
                     return bad("delta without a base");
@@ -403,7 +415,8 @@ impl Ctx {
         }
         let (id, kind) = match &msg {
             Msg::NewHashes { id, .. } => (*id, Kind::Hashes),
-            Msg::Data { id, .. } => (*id, Kind::Data),
+            Msg::Data { id, .. } | Msg::Zeros { id, .. } => (*id, Kind::Data),
+            Msg::Sparse { id } => (*id, Kind::Sparse),
             Msg::Copy { id, .. } | Msg::Delta { id, .. } => (*id, Kind::FromBase),
             Msg::FileEnd { id, len, .. } if chunk_count(*len) > crate::proto::msg::MAX_CHUNKS => {
                 return Err(self.violation(format!("file {id} claims {len} bytes")));
@@ -456,6 +469,11 @@ impl Ctx {
                 let piece = Piece::Literal(payload);
                 Box::new(move || c.chunk(id, &inc, base, u64::from(chunk), piece))
             }
+            (Msg::Zeros { chunk, len, .. }, Step::Chunk(base)) => {
+                let piece = Piece::Zeros(len as usize);
+                Box::new(move || c.chunk(id, &inc, base, u64::from(chunk), piece))
+            }
+            (Msg::Sparse { .. }, _) => Box::new(|| {}),
             (Msg::Copy { chunk, .. }, Step::Chunk(base)) => {
                 Box::new(move || c.chunk(id, &inc, base, u64::from(chunk), Piece::Copy))
             }
@@ -496,6 +514,8 @@ enum Kind {
     Data,
     /// A chunk taken from the base (copy or delta).
     FromBase,
+    /// The file has holes.
+    Sparse,
     End(End),
 }
 
@@ -511,6 +531,8 @@ enum Step {
 
 enum Piece {
     Literal(Bytes),
+    /// A hole of this many bytes.
+    Zeros(usize),
     Copy,
     Delta(Window, Bytes),
 }

@@ -64,6 +64,8 @@ impl Ctx {
                     }
                     crate::trace!("recv", "all {count} entries planned");
                     self.flush_needs();
+                    let (files, bytes) = *lock(&self.planned);
+                    self.obs.event(Event::Planned { files, bytes });
                     self.sender_count.store(count, Ordering::Relaxed);
                     self.sender_scan_errors
                         .store(scan_errors, Ordering::Relaxed);
@@ -382,6 +384,11 @@ impl Ctx {
                 }
                 lock(&self.track).outstanding += 1;
                 self.obs.planned(*size);
+                {
+                    let mut p = lock(&self.planned);
+                    p.0 += 1;
+                    p.1 += *size;
+                }
                 self.request(id, &inc, batched);
             }
         }

@@ -254,22 +254,33 @@ impl Ctx {
             self.obs.file_done();
             return Ok(());
         }
+        // Holes travel as holes: announced first, then nothing but their length.
+        let sparse = src.is_sparse();
+        if sparse {
+            let _ = self.out.send(Msg::Sparse { id });
+        }
         let cvs: Vec<Cv> = (0..chunk_count(len))
             .into_par_iter()
             .map(|k| {
+                let (off, n) = chunk_span(len, k);
+                let chunk = k as u32;
+                if sparse && src.is_hole(off, n as u64) {
+                    let msg = Msg::Zeros {
+                        id,
+                        chunk,
+                        len: n as u32,
+                    };
+                    let _ = self.out.send(msg);
+                    self.obs.progressed(n as u64);
+                    return Ok(hash::zero_cv(k, n));
+                }
                 let permit = self.budget.acquire(CHUNK);
                 let buf = hash::read_chunk(&src.file, len, k)?;
                 let cv = hash::chunk_cv(k, &buf);
-                let n = buf.len() as u64;
-                let _ = self.out.send_data(
-                    Msg::Data {
-                        id,
-                        chunk: k as u32,
-                    },
-                    Bytes::from(buf),
-                    Some(permit),
-                );
-                self.obs.progressed(n);
+                let _ = self
+                    .out
+                    .send_data(Msg::Data { id, chunk }, Bytes::from(buf), Some(permit));
+                self.obs.progressed(n as u64);
                 Ok(cv)
             })
             .collect::<io::Result<_>>()
@@ -308,7 +319,7 @@ impl Ctx {
     /// digest), and which equal the base chunk at the same offset.
     fn own_hashes(
         &self,
-        f: &File,
+        src: &Source,
         len: u64,
         base_len: u64,
         base_cvs: &[Cv],
@@ -316,7 +327,12 @@ impl Ctx {
         let hashed: Vec<(Cv, Option<Digest>)> = (0..chunk_count(len))
             .into_par_iter()
             .map(|k| {
-                hash::read_chunk(f, len, k).map(|b| {
+                let (off, n) = chunk_span(len, k);
+                // A hole is zeros: hashed without reading it.
+                if len > CHUNK && src.is_hole(off, n as u64) {
+                    return Ok((hash::zero_cv(k, n), None));
+                }
+                hash::read_chunk(&src.file, len, k).map(|b| {
                     let whole = (len <= CHUNK).then(|| *blake3::hash(&b).as_bytes());
                     (hash::chunk_cv(k, &b), whole)
                 })
@@ -354,7 +370,7 @@ impl Ctx {
             if first {
                 self.obs.planned(len);
             }
-            let (cvs, one_chunk, same) = self.own_hashes(&src.file, len, base_len, &base_cvs)?;
+            let (cvs, one_chunk, same) = self.own_hashes(&src, len, base_len, &base_cvs)?;
             settled(&src, false)?;
             if len == base_len && same.iter().all(|&s| s) {
                 self.identical(id, len, &src.before);
@@ -476,9 +492,12 @@ impl Ctx {
                 self.obs.planned(len);
             }
             crate::trace!("send", "{}: hashing own chunks", path.display());
-            let (cvs, one_chunk, _) = self.own_hashes(&src.file, len, 0, &[])?;
+            let (cvs, one_chunk, _) = self.own_hashes(&src, len, 0, &[])?;
             settled(&src, false)?;
             crate::trace!("send", "{}: own chunks hashed", path.display());
+            if src.is_sparse() {
+                let _ = self.out.send(Msg::Sparse { id });
+            }
             let big = BigFile {
                 snap: src.before,
                 base_len,
