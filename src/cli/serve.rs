@@ -13,7 +13,8 @@ use crate::server::{self, Isolation, KeyFormat, Limits, Listeners, ServeConfig, 
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// State directory (keys, CA, devboxes); default ~/.local/state/devsync/serve
+    /// State directory (keys, CA, devboxes); default ~/.local/state/devsync/serve, or
+    /// /var/lib/devsync/serve as root
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
     /// Address for the TLS gateway (SSH inside TLS, routed by SNI)
@@ -118,8 +119,19 @@ fn client_env(api: &str, gw: &str, token: &str, ca: &std::path::Path) -> String 
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let isolation = isolation(&a)?;
+    let on_command_line = std::env::args().any(|x| x == "--token" || x.starts_with("--token="));
+    if on_command_line && matches!(isolation, Isolation::Users { .. }) {
+        // Every devbox user can read our command line in /proc.
+        server::log(
+            "warning: --token on the command line is visible to devbox users (in /proc); \
+             pass it in DEVSYNC_SERVE_TOKEN instead",
+        );
+    }
     let dir = match &a.state {
         Some(d) => d.clone(),
+        // Root's home is closed to the devbox users who must reach their homes in it.
+        None if matches!(isolation, Isolation::Users { .. }) => "/var/lib/devsync/serve".into(),
         None => crate::target::credentials::state_dir()?.join("serve"),
     };
     // Homes live in it and sessions run elsewhere: it must not depend on our cwd.
@@ -137,7 +149,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             KeyFormat::Pkcs8
         },
         devboxes: a.devboxes.clone(),
-        isolation: isolation(&a)?,
+        isolation,
     };
     if a.print_env {
         let st = server::State::open(&state)?;

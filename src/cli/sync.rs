@@ -146,6 +146,7 @@ fn remote_options(a: &SyncArgs) -> RemoteOptions {
         bootstrap: BootstrapOptions {
             remote_dir: a.remote_dir.clone(),
             helper_binary: a.helper_binary.clone(),
+            greeting_timeout: Duration::from_secs(a.timeout.max(1)),
         },
         timeout: Duration::from_secs(a.timeout.max(1)),
         // For scripts and tests that do not want to wait 3 s between status checks.

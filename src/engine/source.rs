@@ -5,20 +5,21 @@
 //! and its BLAKE3 digest, taken of what was read, cannot tell. So every read is bracketed by
 //! `fstat`s of the open file: if the inode, size, mtime or ctime moved, the read is not
 //! trusted. ctime cannot be set by user programs, so a writer that restores the mtime is still
-//! seen. Kernels from 6.13 hand out fine-grained timestamps on ext4, xfs, btrfs and tmpfs once a
-//! timestamp has been looked at, so any write after our first `fstat` changes ctime; elsewhere a
-//! write in the same clock tick as the file's previous change could leave ctime as it was, so a
-//! file changed within [`RACY_WINDOW`] before we looked is read again once the window has passed
-//! (git's "racily clean" problem, solved the same way).
+//! seen. Two gaps remain, both for a file changed just before we looked: on kernels before 6.13
+//! (and filesystems without their fine-grained timestamps) a write in the same clock tick as the
+//! previous change leaves ctime as it was, and anywhere a single `write()` already under way
+//! at our first look has set ctime once, at its start. So a file whose ctime is within
+//! [`RACY_WINDOW`] of our first look is read again once the window has passed (git's "racily
+//! clean" problem, solved the same way). A caller that learns of writes as they complete
+//! (a watch, from inotify) can pass a zero window: another event follows any write still
+//! under way.
 //!
 //! This module reads and decides; retrying and reporting is the sender's job.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use rustix::fs::{self as rfs, OFlags};
@@ -84,6 +85,7 @@ pub struct Source {
     pub before: Snapshot,
     /// Wall-clock time of the first `fstat`, for the racy check.
     seen_at: Mtime,
+    racy: Duration,
 }
 
 fn now() -> Mtime {
@@ -99,18 +101,37 @@ fn nanos(t: Mtime) -> i128 {
 }
 
 impl Source {
-    /// Opens `path` without following a symlink there.
-    pub fn open(path: &Path) -> io::Result<Source> {
+    /// Opens the regular file `path` (not following a symlink there), with a racy window of
+    /// `racy` (normally [`RACY_WINDOW`]). Something else by now at that path is an error.
+    pub fn open(path: &Path, racy: Duration) -> io::Result<Source> {
         let file = File::options()
             .read(true)
             .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
             .open(path)?;
-        let seen_at = now();
-        let before = snapshot_of(&rfs::fstat(&file)?);
+        let mut seen_at = now();
+        let mut st = rfs::fstat(&file)?;
+        if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no longer a regular file",
+            ));
+        }
+        // Changed just now: wait out the window before reading rather than read it twice
+        // (a few times at most; `check` still catches a file that keeps changing).
+        for _ in 0..3 {
+            let snap = snapshot_of(&st);
+            if nanos(seen_at) - nanos(snap.ctime) >= racy.as_nanos() as i128 {
+                break;
+            }
+            wait_out_racy(&snap);
+            seen_at = now();
+            st = rfs::fstat(&file)?;
+        }
         Ok(Source {
             file,
-            before,
+            before: snapshot_of(&st),
             seen_at,
+            racy,
         })
     }
 
@@ -128,11 +149,8 @@ impl Source {
         if !after.same_version(&self.before) {
             return Ok(Stability::Changed);
         }
-        if fine_grained_ctime(&self.file) {
-            return Ok(Stability::Stable);
-        }
         let since_change = nanos(self.seen_at) - nanos(self.before.ctime);
-        if since_change < RACY_WINDOW.as_nanos() as i128 {
+        if since_change < self.racy.as_nanos() as i128 {
             Ok(Stability::Racy)
         } else {
             Ok(Stability::Stable)
@@ -165,42 +183,15 @@ impl Source {
     }
 }
 
-/// Waits until a file last changed at `ctime` is past [`RACY_WINDOW`].
+/// Waits until a file last changed at `ctime` is past [`RACY_WINDOW`] (at most that long:
+/// a ctime in the future, from a clock stepped back or a server's clock ahead, is no reason
+/// to wait more).
 pub fn wait_out_racy(before: &Snapshot) {
     let until = nanos(before.ctime) + RACY_WINDOW.as_nanos() as i128;
-    let left = until - nanos(now());
+    let left = (until - nanos(now())).clamp(0, RACY_WINDOW.as_nanos() as i128);
     if left > 0 {
         std::thread::sleep(Duration::from_nanos(left as u64));
     }
-}
-
-/// Whether a change to the file always gets a ctime distinct from the one we looked at:
-/// multigrain timestamps (Linux 6.13 and later) on the filesystems that have them.
-fn fine_grained_ctime(f: &impl AsFd) -> bool {
-    static KERNEL: OnceLock<bool> = OnceLock::new();
-    let new_kernel = *KERNEL.get_or_init(|| {
-        let uname = rustix::system::uname();
-        let release = uname.release().to_string_lossy().into_owned();
-        let mut it = release
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|p| p.parse::<u32>().ok());
-        let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-        (major, minor) >= (6, 13)
-    });
-    if !new_kernel {
-        return false;
-    }
-    static BY_TYPE: Mutex<Option<std::collections::HashMap<i64, bool>>> = Mutex::new(None);
-    let Ok(fs) = rfs::fstatfs(f) else {
-        return false;
-    };
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
-    let ty = fs.f_type as i64;
-    let mut cache = BY_TYPE.lock().unwrap_or_else(|p| p.into_inner());
-    *cache.get_or_insert_with(Default::default).entry(ty).or_insert(matches!(
-        ty,
-        0xEF53 /* ext2/3/4 */ | 0x5846_5342 /* xfs */ | 0x9123_683E /* btrfs */ | 0x0102_1994 /* tmpfs */
-    ))
 }
 
 #[cfg(test)]
@@ -214,7 +205,7 @@ mod tests {
         let p = td.path().join("f");
         std::fs::write(&p, b"one").unwrap();
         std::thread::sleep(RACY_WINDOW * 2);
-        let s = Source::open(&p).unwrap();
+        let s = Source::open(&p, RACY_WINDOW).unwrap();
         assert_eq!(s.check().unwrap(), Stability::Stable);
         // Same size, and the mtime put back: ctime still moves.
         let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
@@ -233,27 +224,51 @@ mod tests {
         assert_eq!(s.check().unwrap(), Stability::Changed);
         // Replaced by another file under the same name: the open file is what is read, and
         // it did not change; a fresh open sees the new inode.
-        let s = Source::open(&p).unwrap();
+        let s = Source::open(&p, RACY_WINDOW).unwrap();
         let tmp = td.path().join("g");
         std::fs::write(&tmp, b"three").unwrap();
         std::fs::rename(&tmp, &p).unwrap();
-        assert!(!Source::open(&p).unwrap().same_as(&s.before));
+        assert!(!Source::open(&p, RACY_WINDOW).unwrap().same_as(&s.before));
+        // Something other than a regular file by now is refused, not read.
+        std::fs::remove_file(&p).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &p,
+            rfs::FileType::Fifo,
+            rfs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        assert!(Source::open(&p, RACY_WINDOW).is_err());
     }
 
     #[test]
-    fn a_file_changed_just_before_it_is_read_is_racy_on_coarse_clocks() {
+    fn a_file_changed_just_before_it_is_read_is_read_again_after_the_window() {
         let td = tempfile::tempdir().unwrap();
         let p = td.path().join("f");
         std::fs::write(&p, b"fresh").unwrap();
-        let s = Source::open(&p).unwrap();
-        let st = s.check().unwrap();
-        if fine_grained_ctime(&s.file) {
-            assert_eq!(st, Stability::Stable);
-        } else {
-            assert_eq!(st, Stability::Racy);
-            wait_out_racy(&s.before);
-            let again = Source::open(&p).unwrap();
-            assert_eq!(again.check().unwrap(), Stability::Stable);
-        }
+        // Opening waits the window out, so the read that follows is trusted.
+        let t0 = std::time::Instant::now();
+        let s = Source::open(&p, RACY_WINDOW).unwrap();
+        assert!(t0.elapsed() <= RACY_WINDOW * 2, "{:?}", t0.elapsed());
+        assert_eq!(s.check().unwrap(), Stability::Stable);
+        // A file that changes again right after we looked is still caught.
+        std::fs::write(&p, b"fresh again").unwrap();
+        assert_eq!(s.check().unwrap(), Stability::Changed);
+        // Event-driven callers pass no window.
+        std::fs::write(&p, b"fresher").unwrap();
+        let s = Source::open(&p, Duration::ZERO).unwrap();
+        assert_eq!(s.check().unwrap(), Stability::Stable);
+        // A ctime in the future is waited out for no longer than the window.
+        let future = Snapshot {
+            ctime: Mtime {
+                sec: now().sec + 3600,
+                nsec: 0,
+            },
+            ..s.before
+        };
+        let t0 = std::time::Instant::now();
+        wait_out_racy(&future);
+        assert!(t0.elapsed() < RACY_WINDOW * 2, "{:?}", t0.elapsed());
     }
 }

@@ -11,8 +11,11 @@
 //!
 //! Pure functions over bytes; no I/O.
 
-/// Prefix of temp names.
+/// Prefix of temp names given to staged files already locked by their owner.
 pub const TEMP_PREFIX: &[u8] = b".devsync-tmp.";
+/// Prefix of files created by name (where `O_TMPFILE` is missing): locked an instant after
+/// they appear, so a sweep leaves young ones alone.
+pub const NEW_PREFIX: &[u8] = b".devsync-new.";
 /// Prefix of resumable partial files.
 pub const PART_PREFIX: &[u8] = b".devsync-part.";
 
@@ -20,6 +23,8 @@ pub const PART_PREFIX: &[u8] = b".devsync-part.";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ours {
     Temp,
+    /// Created by name, locked just after.
+    New,
     Partial,
 }
 
@@ -44,6 +49,11 @@ pub fn temp_name(nonce: u64) -> Vec<u8> {
     named(TEMP_PREFIX, &format!("{nonce:016x}"))
 }
 
+/// A name for a file created by name (see [`NEW_PREFIX`]).
+pub fn new_name(nonce: u64) -> Vec<u8> {
+    named(NEW_PREFIX, &format!("{nonce:016x}"))
+}
+
 /// The partial-transfer name for a file called `name` in the same directory.
 pub fn partial_name(name: &[u8]) -> Vec<u8> {
     let mut h = blake3::Hasher::new();
@@ -56,6 +66,8 @@ pub fn partial_name(name: &[u8]) -> Vec<u8> {
 pub fn ours(name: &[u8]) -> Option<Ours> {
     let (kind, prefix) = if name.starts_with(TEMP_PREFIX) {
         (Ours::Temp, TEMP_PREFIX)
+    } else if name.starts_with(NEW_PREFIX) {
+        (Ours::New, NEW_PREFIX)
     } else if name.starts_with(PART_PREFIX) {
         (Ours::Partial, PART_PREFIX)
     } else {
@@ -89,6 +101,8 @@ mod tests {
                 String::from_utf8_lossy(&t)
             );
         }
+        assert_eq!(ours(&new_name(3)), Some(Ours::New));
+        assert_ne!(new_name(3), temp_name(3));
         let p = partial_name(b"big.iso");
         assert_eq!(ours(&p), Some(Ours::Partial));
         assert_ne!(p, partial_name(b"big.iso2"));

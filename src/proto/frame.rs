@@ -7,8 +7,15 @@
 //! `LengthDelimitedCodec` reports these cases as indistinguishable `io::Error`s and copies
 //! every payload into its write buffer, hence this small reader and writer.)
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf,
+};
 
 use super::ProtoError;
 use super::msg::Msg;
@@ -18,17 +25,72 @@ pub const MAX_FRAME: u32 = 8 << 20;
 /// Largest encoded message header inside a frame.
 pub const MAX_HEADER: u32 = 1 << 20;
 
+/// A stream that counts the bytes that actually move through it, so a watchdog can tell a
+/// slow transfer (bytes trickle) from a dead one (nothing moves).
+pub struct Counted<S> {
+    inner: S,
+    moved: Arc<AtomicU64>,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S) -> Self {
+        Counted {
+            inner,
+            moved: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.moved.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 pub struct FrameReader<R> {
-    inner: BufReader<R>,
+    inner: BufReader<Counted<R>>,
     bytes: u64,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(r: R) -> Self {
         FrameReader {
-            inner: BufReader::with_capacity(256 << 10, r),
+            inner: BufReader::with_capacity(256 << 10, Counted::new(r)),
             bytes: 0,
         }
+    }
+
+    /// Bytes read from the stream so far, as they arrive (frames need not be complete).
+    pub fn moved(&self) -> Arc<AtomicU64> {
+        self.inner.get_ref().moved.clone()
     }
 
     /// Bytes consumed from the stream so far.
@@ -36,12 +98,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.bytes
     }
 
-    pub(crate) fn buffered(&mut self) -> &mut BufReader<R> {
+    pub(crate) fn buffered(&mut self) -> &mut BufReader<Counted<R>> {
         &mut self.inner
     }
 
     /// The buffered stream underneath, for reading raw bytes outside frames (handshakes).
-    pub fn raw(&mut self) -> &mut BufReader<R> {
+    pub fn raw(&mut self) -> &mut BufReader<Counted<R>> {
         &mut self.inner
     }
 
@@ -143,7 +205,7 @@ pub fn encode(msg: &Msg, payload: &[u8], out: &mut Vec<u8>) -> Result<(), ProtoE
 }
 
 pub struct FrameWriter<W> {
-    inner: BufWriter<W>,
+    inner: BufWriter<Counted<W>>,
     header: Vec<u8>,
     bytes: u64,
 }
@@ -151,7 +213,7 @@ pub struct FrameWriter<W> {
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(w: W) -> Self {
         FrameWriter {
-            inner: BufWriter::with_capacity(256 << 10, w),
+            inner: BufWriter::with_capacity(256 << 10, Counted::new(w)),
             header: Vec::with_capacity(256),
             bytes: 0,
         }
@@ -159,6 +221,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     pub fn bytes_written(&self) -> u64 {
         self.bytes
+    }
+
+    /// Bytes that reached the stream so far (not only queued in our buffer).
+    pub fn moved(&self) -> Arc<AtomicU64> {
+        self.inner.get_ref().moved.clone()
     }
 
     /// Writes raw bytes (the handshake magic) outside of any frame.

@@ -68,6 +68,50 @@ pub enum ServeError {
     Certificate { path: String, msg: String },
     #[error("TLS configuration: {0}")]
     Tls(#[source] rustls::Error),
+    #[error(
+        "devboxes run as their own users, who cannot pass through {dir} (mode {mode:o}) to \
+         reach {what}: put it under a directory others may pass through (e.g. --state \
+         /var/lib/devsync/serve, or a copy of devsync in /usr/local/bin), or chmod o+x {dir}"
+    )]
+    Unreachable {
+        dir: String,
+        mode: u32,
+        what: &'static str,
+    },
+}
+
+/// Checks that users other than us can reach `path` (every directory above it searchable by
+/// others, and the file itself readable and executable if `exec`).
+fn reachable_by_others(
+    path: &std::path::Path,
+    exec: bool,
+    what: &'static str,
+) -> Result<(), ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode_of =
+        |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.permissions().mode() & 0o7777);
+    let mut dirs: Vec<&std::path::Path> = path.ancestors().skip(1).collect();
+    if !exec {
+        dirs.insert(0, path);
+    }
+    for dir in dirs {
+        let mode = mode_of(dir);
+        if mode & 0o001 == 0 {
+            return Err(ServeError::Unreachable {
+                dir: dir.display().to_string(),
+                mode,
+                what,
+            });
+        }
+    }
+    if exec && mode_of(path) & 0o005 != 0o005 {
+        return Err(ServeError::Unreachable {
+            dir: path.display().to_string(),
+            mode: mode_of(path),
+            what,
+        });
+    }
+    Ok(())
 }
 
 /// Limits against connections that hold resources without doing anything useful.
@@ -165,6 +209,11 @@ pub struct Running {
 /// Opens the state directory and starts serving on the given listeners.
 pub fn start(listeners: Listeners, cfg: ServeConfig) -> Result<Running, ServeError> {
     let state = Arc::new(State::open(&cfg.state)?);
+    if matches!(cfg.state.isolation, Isolation::Users { .. }) {
+        // Their homes are inside the state directory, and SFTP runs this binary as them.
+        reachable_by_others(&state.dir.join("homes"), false, "their homes")?;
+        reachable_by_others(&cfg.exe, true, "the devsync binary (for SFTP)")?;
+    }
     let tls = gateway::tls_config(
         &state,
         cfg.cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),

@@ -73,8 +73,18 @@ pub fn command(program: &std::path::Path, who: &Identity) -> Command {
 }
 
 /// Runs `cmd` with `channel` as its stdio until it exits or the channel goes away.
-pub async fn run(channel: Channel<Msg>, handle: Handle, mut cmd: Command, label: String) {
+pub async fn run(
+    channel: Channel<Msg>,
+    handle: Handle,
+    mut cmd: Command,
+    who: Identity,
+    label: String,
+) {
     let id = channel.id();
+    // The uid the command's processes have: only processes of that uid are ever signalled.
+    let uid = who
+        .ids
+        .map_or_else(|| rustix::process::geteuid().as_raw(), |(u, _)| u);
     let (mut read, write) = channel.split();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -91,6 +101,10 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, mut cmd: Command, label:
         }
     };
     let group = child.id();
+    // Set once the command's leader is reaped: its pid (the group's id) may then be reused,
+    // so nothing is sent to "the group" any more, only to processes still seen in it.
+    let reaped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reaped_in = reaped.clone();
     let (Some(stdin), Some(mut stdout), Some(mut stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
@@ -111,7 +125,11 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, mut cmd: Command, label:
                     }
                 }
                 ChannelMsg::Eof => stdin = None,
-                ChannelMsg::Signal { signal } => signal_group(group, &signal),
+                ChannelMsg::Signal { signal }
+                    if !reaped_in.load(std::sync::atomic::Ordering::Acquire) =>
+                {
+                    signal_group(group, &signal)
+                }
                 ChannelMsg::Close => break,
                 _ => {}
             }
@@ -133,7 +151,10 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, mut cmd: Command, label:
     });
     let (abort_out, abort_err) = (copy_out.abort_handle(), copy_err.abort_handle());
     let status = tokio::select! {
-        s = child.wait() => Some(s.ok()),
+        s = child.wait() => {
+            reaped.store(true, std::sync::atomic::Ordering::Release);
+            Some(s.ok())
+        }
         _ = &mut gone => None,
     };
     let status = match status {
@@ -151,7 +172,8 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, mut cmd: Command, label:
             // Our ends of its pipes go first: a command blocked writing gets EPIPE at once.
             abort_out.abort();
             abort_err.abort();
-            terminate(group, &mut child).await;
+            terminate(group, uid, &mut child).await;
+            reaped.store(true, std::sync::atomic::Ordering::Release);
         }
     }
 }
@@ -179,23 +201,45 @@ async fn report(
     let _ = write.close().await;
 }
 
-/// Ends `child` and its process group: SIGTERM, then SIGKILL after [`TERM_GRACE`].
-async fn terminate(group: Option<u32>, child: &mut Child) {
-    let kill = |sig: rustix::process::Signal| {
-        if let Some(pgid) = group
-            .and_then(|g| i32::try_from(g).ok())
-            .and_then(rustix::process::Pid::from_raw)
-        {
-            let _ = rustix::process::kill_process_group(pgid, sig); // already gone: fine
-        }
+/// Ends `child` and everything left in its process group: SIGTERM, then, after
+/// [`TERM_GRACE`], SIGKILL to whatever is still there (its leader may be gone, its children
+/// not, and some ignore TERM).
+async fn terminate(group: Option<u32>, uid: u32, child: &mut Child) {
+    use rustix::process::Signal;
+    signal_members(group, uid, Signal::TERM);
+    let _ = tokio::time::timeout(TERM_GRACE, child.wait()).await; // exited or not: KILL next
+    signal_members(group, uid, Signal::KILL);
+    let _ = child.wait().await; // SIGKILL cannot be refused
+}
+
+/// Sends `sig` to each process in group `group` that runs as `uid`, found by name in /proc
+/// (never to "the group" by id: a group whose members are all gone may have had its id
+/// reused by someone else's process).
+fn signal_members(group: Option<u32>, uid: u32, sig: rustix::process::Signal) {
+    use std::os::unix::fs::MetadataExt;
+    let Some(group) = group else { return };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
     };
-    kill(rustix::process::Signal::TERM);
-    if tokio::time::timeout(TERM_GRACE, child.wait())
-        .await
-        .is_err()
-    {
-        kill(rustix::process::Signal::KILL);
-        let _ = child.wait().await; // SIGKILL cannot be refused
+    for e in procs.filter_map(Result::ok) {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let owned = std::fs::metadata(e.path()).is_ok_and(|m| m.uid() == uid);
+        let in_group = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|st| {
+                // `pid (comm) state ppid pgrp …`; comm may hold spaces and parentheses.
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<u32>().ok())
+            })
+            == Some(group);
+        if owned
+            && in_group
+            && let Some(p) = rustix::process::Pid::from_raw(pid)
+        {
+            let _ = rustix::process::kill_process(p, sig); // it may have just exited
+        }
     }
 }
 

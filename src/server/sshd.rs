@@ -194,7 +194,14 @@ impl server::Handler for Handler {
         session.channel_success(id)?;
         let mut cmd = process::command(std::path::Path::new("/bin/sh"), &self.runner.who);
         cmd.arg("-c").arg(&command);
-        tokio::spawn(process::run(channel, session.handle(), cmd, self.label()));
+        let who = self.runner.who.clone();
+        tokio::spawn(process::run(
+            channel,
+            session.handle(),
+            cmd,
+            who,
+            self.label(),
+        ));
         Ok(())
     }
 
@@ -211,7 +218,14 @@ impl server::Handler for Handler {
                 // A process of its own, as the devbox's user: SFTP reaches what that user can.
                 let mut cmd = process::command(&self.runner.exe, &self.runner.who);
                 cmd.arg("sftp-server").arg(&self.runner.who.home);
-                tokio::spawn(process::run(channel, session.handle(), cmd, self.label()));
+                let who = self.runner.who.clone();
+                tokio::spawn(process::run(
+                    channel,
+                    session.handle(),
+                    cmd,
+                    who,
+                    self.label(),
+                ));
             }
             _ => session.channel_failure(id)?,
         }

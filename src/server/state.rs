@@ -102,6 +102,8 @@ pub struct State {
     key_format: KeyFormat,
     isolation: Isolation,
     devboxes: Mutex<HashMap<String, Arc<Devbox>>>,
+    /// Serializes creating devboxes (uid allocation, the one-devbox rule, their files).
+    creating: Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +188,52 @@ fn private_dir(dir: &Path, mode: u32) -> Result<(), StateError> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io_err(dir))
 }
 
+/// Ids the system already uses: accounts and groups, and the ranges handed to users for their
+/// own user namespaces (`/etc/subuid`, `/etc/subgid`) — a devbox given one of those could be
+/// entered by that user's rootless containers.
+struct SystemIds {
+    ids: std::collections::HashSet<u32>,
+    ranges: Vec<(u32, u32)>,
+}
+
+impl SystemIds {
+    fn read() -> SystemIds {
+        let text = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let mut ids = std::collections::HashSet::new();
+        for (file, field) in [("/etc/passwd", 2), ("/etc/group", 2)] {
+            for line in text(file).lines() {
+                if let Some(id) = line.split(':').nth(field).and_then(|f| f.parse().ok()) {
+                    ids.insert(id);
+                }
+            }
+        }
+        if let Some(gids) = text("/etc/passwd")
+            .lines()
+            .map(|l| l.split(':').nth(3).and_then(|f| f.parse::<u32>().ok()))
+            .collect::<Option<Vec<u32>>>()
+        {
+            ids.extend(gids);
+        }
+        let mut ranges = Vec::new();
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            for line in text(file).lines() {
+                let mut f = line.split(':').skip(1);
+                if let (Some(Ok(start)), Some(Ok(count))) = (
+                    f.next().map(str::parse::<u32>),
+                    f.next().map(str::parse::<u32>),
+                ) {
+                    ranges.push((start, start.saturating_add(count)));
+                }
+            }
+        }
+        SystemIds { ids, ranges }
+    }
+
+    fn taken(&self, id: u32) -> bool {
+        self.ids.contains(&id) || self.ranges.iter().any(|&(a, b)| (a..b).contains(&id))
+    }
+}
+
 /// uid and primary gid of `account` from /etc/passwd.
 fn lookup_account(account: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
@@ -248,6 +296,7 @@ impl State {
             key_format: o.key_format,
             isolation: o.isolation.clone(),
             devboxes: Mutex::new(HashMap::new()),
+            creating: Mutex::new(()),
         };
         // CA certificate for clients: written once, so copies handed to clients stay identical
         // (the issuer of gateway certificates is rebuilt from the same key and name).
@@ -371,6 +420,11 @@ impl State {
         if !valid_id(id) {
             return Err(StateError::BadId(id.into()));
         }
+        let _one_at_a_time = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        // Two requests for the same new devbox: the second finds the first's.
+        if let Some(d) = self.devbox(id) {
+            return Ok(d);
+        }
         let count = self
             .devboxes
             .lock()
@@ -412,8 +466,9 @@ impl State {
             .values()
             .filter_map(|d| d.ids.map(|(u, _)| u))
             .collect();
+        let system = SystemIds::read();
         (base..base.saturating_add(1 << 20))
-            .find(|u| !taken.contains(u))
+            .find(|u| !taken.contains(u) && !system.taken(*u))
             .ok_or(StateError::NoUid)
     }
 
@@ -544,11 +599,13 @@ fn read_or_create(
 /// Writes `data` to `path` atomically with `mode` (whatever the umask).
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), StateError> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Unique, so concurrent writers of one file never share a temp file.
+    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
     let mut f = std::fs::File::options()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(io_err(&tmp))?;

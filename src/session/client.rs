@@ -94,7 +94,16 @@ where
     // Hello goes out before anything queued (the list may already be waiting).
     writer.write(&hello, &[]).await?;
     writer.flush().await?;
-    match reader.next().await? {
+    let limit = conn::Keepalive::from_env().dead;
+    let answer = tokio::time::timeout(limit, reader.next())
+        .await
+        .map_err(|_| {
+            SessionError::Local(format!(
+                "no answer from the helper in {} s",
+                limit.as_secs()
+            ))
+        })?;
+    match answer? {
         Some((Msg::HelloOk { version }, _)) if version == PROTOCOL_VERSION => {}
         Some((Msg::HelloOk { version }, _)) => {
             return Err(SessionError::Remote(format!(

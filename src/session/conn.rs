@@ -20,14 +20,15 @@
 //! ([`crate::session::next_frame`]). A helper whose client vanished without closing the
 //! stream therefore ends by itself.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use bytes::Bytes;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
 use super::lock;
-use crate::proto::{FrameWriter, Msg, ProtoError};
+use crate::proto::{FrameReader, FrameWriter, Msg, ProtoError};
 
 /// Longest the list waits in the writer's hands for more frames to share a flush.
 pub const LAZY_FLUSH: std::time::Duration = std::time::Duration::from_millis(2);
@@ -59,23 +60,55 @@ impl Keepalive {
     }
 }
 
-/// `f`, failing if the peer does not take our bytes within `limit`.
-async fn unless_stalled<T>(
-    limit: std::time::Duration,
-    f: impl std::future::Future<Output = Result<T, ProtoError>>,
-) -> Result<T, ProtoError> {
-    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
-        Err(ProtoError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "the other side has not read anything for {} s; taking it for gone",
-                limit.as_secs()
-            ),
-        )))
-    })
-}
 /// The list buffer wakes the writer again each time it grows by this much.
 pub const LIST_CHUNK: usize = 64 << 10;
+
+/// Bytes moving on a connection: ours going out, the peer's coming in (the latter known once
+/// the read side has started).
+#[derive(Default)]
+struct Moving {
+    written: OnceLock<Arc<AtomicU64>>,
+    heard: OnceLock<Arc<AtomicU64>>,
+}
+
+impl Moving {
+    fn total(&self) -> u64 {
+        let get = |c: &OnceLock<Arc<AtomicU64>>| c.get().map_or(0, |a| a.load(Ordering::Relaxed));
+        get(&self.written).wrapping_add(get(&self.heard))
+    }
+}
+
+/// Runs `f`, unless nothing moves for `dead`: neither our bytes out nor the peer's in. A slow
+/// link (bytes trickle) or a peer too busy to read that still pings is alive; only a
+/// connection on which nothing at all happens is given up.
+async fn unless_dead<T>(
+    dead: std::time::Duration,
+    moving: &Moving,
+    what: &'static str,
+    f: impl std::future::Future<Output = Result<T, ProtoError>>,
+) -> Result<T, ProtoError> {
+    tokio::pin!(f);
+    let tick = (dead / 8).max(std::time::Duration::from_millis(10));
+    let mut last = moving.total();
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut f => return r,
+            () = tokio::time::sleep(tick) => {
+                let now = moving.total();
+                if now != last {
+                    (last, since) = (now, tokio::time::Instant::now());
+                } else if since.elapsed() >= dead {
+                    return Err(ProtoError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("{what} for {} s; taking the other side for gone", dead.as_secs()),
+                    )));
+                }
+            }
+        }
+    }
+}
 
 enum Item {
     Frame(Msg, Bytes, Option<Permit>),
@@ -92,6 +125,7 @@ pub struct Out {
     /// Set (once) when the writer failed: the connection is gone.
     broken: watch::Receiver<Option<String>>,
     keep: Keepalive,
+    moving: Arc<Moving>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,9 +169,32 @@ impl Out {
         Ok(t)
     }
 
+    /// Whether the writer has stopped (the session is over): work for it can stop too.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// How long the peer may be silent before it is taken for gone.
     pub fn peer_timeout(&self) -> std::time::Duration {
         self.keep.dead
+    }
+
+    /// Waits for the peer's next frame from `reader` (whose bytes also tell the writer the
+    /// peer is alive), unless nothing moves on the connection for the keepalive limit.
+    pub(crate) async fn next_from<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut FrameReader<R>,
+    ) -> Result<Option<(Msg, Bytes)>, ProtoError> {
+        let _ = self.moving.heard.set(reader.moved()); // the same reader every time
+        let only_heard = Moving::default();
+        let _ = only_heard.heard.set(reader.moved());
+        unless_dead(
+            self.keep.dead,
+            &only_heard,
+            "nothing from the other side",
+            reader.next(),
+        )
+        .await
     }
 
     /// Resolves with the error once writing to the peer has failed; pending forever otherwise.
@@ -159,6 +216,7 @@ pub struct Pending {
     list: Arc<Mutex<Vec<u8>>>,
     broken: watch::Sender<Option<String>>,
     keep: Keepalive,
+    moving: Arc<Moving>,
 }
 
 /// A queue for frames and its not-yet-started writer.
@@ -172,18 +230,21 @@ pub fn channel_with(keep: Keepalive) -> (Out, Pending) {
     let (tx, rx) = mpsc::unbounded_channel::<Item>();
     let (broken, broken_rx) = watch::channel(None);
     let list = Arc::new(Mutex::new(Vec::new()));
+    let moving = Arc::new(Moving::default());
     (
         Out {
             tx,
             list: list.clone(),
             broken: broken_rx,
             keep,
+            moving: moving.clone(),
         },
         Pending {
             rx,
             list,
             broken,
             keep,
+            moving,
         },
     )
 }
@@ -235,12 +296,15 @@ impl Pending {
             list,
             broken,
             keep,
+            moving,
         } = self;
+        let _ = moving.written.set(w.moved());
         let mut list = ListTaker {
             shared: list,
             spare: Vec::new(),
         };
-        let stall = keep.dead;
+        let dead = keep.dead;
+        let stalled = "nothing written or read";
         tokio::spawn(async move {
             let r: Result<u64, ProtoError> = async {
                 // Set while list frames wait: when they must go out.
@@ -250,15 +314,15 @@ impl Pending {
                     let next = match tokio::time::timeout_at(wake, rx.recv()).await {
                         Ok(next) => next,
                         Err(_) if deadline.is_some() => {
-                            unless_stalled(stall, list.write(&mut w)).await?;
-                            unless_stalled(stall, w.flush()).await?;
+                            unless_dead(dead, &moving, stalled, list.write(&mut w)).await?;
+                            unless_dead(dead, &moving, stalled, w.flush()).await?;
                             deadline = None;
                             continue;
                         }
                         Err(_) => {
                             // Idle: tell the peer we are here.
-                            unless_stalled(stall, w.write(&Msg::Ping, &[])).await?;
-                            unless_stalled(stall, w.flush()).await?;
+                            unless_dead(dead, &moving, stalled, w.write(&Msg::Ping, &[])).await?;
+                            unless_dead(dead, &moving, stalled, w.flush()).await?;
                             continue;
                         }
                     };
@@ -271,13 +335,14 @@ impl Pending {
                         match item {
                             Item::ListReady => {
                                 if list.waiting() >= LIST_CHUNK {
-                                    unless_stalled(stall, list.write(&mut w)).await?;
+                                    unless_dead(dead, &moving, stalled, list.write(&mut w)).await?;
                                 }
                             }
                             Item::Frame(msg, payload, permit) => {
                                 // List frames appended before this one was queued go first.
-                                unless_stalled(stall, list.write(&mut w)).await?;
-                                unless_stalled(stall, w.write(&msg, &payload)).await?;
+                                unless_dead(dead, &moving, stalled, list.write(&mut w)).await?;
+                                unless_dead(dead, &moving, stalled, w.write(&msg, &payload))
+                                    .await?;
                                 drop(permit);
                                 urgent = true;
                             }
@@ -288,14 +353,14 @@ impl Pending {
                         }
                     }
                     if urgent {
-                        unless_stalled(stall, w.flush()).await?;
+                        unless_dead(dead, &moving, stalled, w.flush()).await?;
                         deadline = None;
                     } else if deadline.is_none() {
                         deadline = Some(tokio::time::Instant::now() + LAZY_FLUSH);
                     }
                 }
-                unless_stalled(stall, list.write(&mut w)).await?;
-                unless_stalled(stall, w.shutdown()).await?;
+                unless_dead(dead, &moving, stalled, list.write(&mut w)).await?;
+                unless_dead(dead, &moving, stalled, w.shutdown()).await?;
                 Ok(w.bytes_written())
             }
             .await;
@@ -364,7 +429,6 @@ impl Drop for Permit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::FrameReader;
     use std::time::Duration;
 
     fn list_frame(out: &Out, first_id: u32) {
@@ -464,9 +528,9 @@ mod tests {
             .unwrap();
         }
         let e = writer.await.unwrap().unwrap_err();
-        assert!(e.to_string().contains("has not read anything"), "{e}");
+        assert!(e.to_string().contains("nothing written or read"), "{e}");
         assert!(t1.elapsed() >= KEEP.dead && t1.elapsed() < KEEP.dead * 2);
-        assert!(out.broken().await.contains("has not read anything"));
+        assert!(out.broken().await.contains("nothing written or read"));
         drop(r);
     }
 
@@ -496,5 +560,65 @@ mod tests {
         assert!(e.to_string().contains("nothing from the other side"), "{e}");
         assert_eq!(t1.elapsed(), KEEP.dead);
         drop(a);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_too_busy_to_read_is_alive_while_it_pings_and_slow_links_are_not_dead() {
+        use tokio::io::AsyncWriteExt;
+        // Ours: writes blocked (the peer reads nothing), but the peer's pings keep coming.
+        let (ours, theirs) = tokio::io::duplex(1 << 10);
+        let (our_r, our_w) = tokio::io::split(ours);
+        let (their_r, mut their_w) = tokio::io::split(theirs);
+        let (out, pending) = channel_with(KEEP);
+        let writer = pending.start(FrameWriter::new(our_w));
+        for _ in 0..64 {
+            out.send(Msg::Fatal {
+                message: "y".repeat(100),
+            })
+            .unwrap();
+        }
+        let fatal = crate::session::Fatal::default();
+        let mut r = FrameReader::new(our_r);
+        let mut ping = Vec::new();
+        crate::proto::frame::encode(&Msg::Ping, &[], &mut ping).unwrap();
+        for _ in 0..10 {
+            tokio::time::sleep(KEEP.dead / 2).await;
+            their_w.write_all(&ping).await.unwrap();
+            let got = crate::session::next_frame(&mut r, &fatal, &out).await;
+            assert!(matches!(got, Ok((Msg::Ping, _))), "{got:?}");
+        }
+        assert!(!writer.is_finished(), "a peer that pings was given up");
+        // The pings stop: now nothing moves, and the writer gives up.
+        let t0 = tokio::time::Instant::now();
+        let e = writer.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("nothing written or read"), "{e}");
+        assert!(t0.elapsed() <= KEEP.dead * 2, "{:?}", t0.elapsed());
+        drop(their_r);
+
+        // A frame that trickles in over far longer than the limit still arrives.
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let (_o, p) = tokio::io::duplex(1 << 10);
+        let (out, pending) = channel_with(KEEP);
+        let _w = pending.start(FrameWriter::new(p));
+        let mut big = Vec::new();
+        crate::proto::frame::encode(
+            &Msg::Data { id: 0, chunk: 0 },
+            &vec![7u8; 64 << 10],
+            &mut big,
+        )
+        .unwrap();
+        let feeder = tokio::spawn(async move {
+            for piece in big.chunks(1 << 10) {
+                tokio::time::sleep(KEEP.dead / 4).await;
+                a.write_all(piece).await.unwrap();
+            }
+            a
+        });
+        let mut r = FrameReader::new(b);
+        let t0 = tokio::time::Instant::now();
+        let got = crate::session::next_frame(&mut r, &fatal, &out).await;
+        assert!(matches!(got, Ok((Msg::Data { .. }, _))), "{got:?}");
+        assert!(t0.elapsed() > KEEP.dead * 10, "{:?}", t0.elapsed());
+        drop(feeder.await.unwrap());
     }
 }

@@ -45,8 +45,17 @@ where
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
     handshake::helper_greet(&mut writer).await?;
-    handshake::helper_expect_client(&mut reader).await?;
-    let (role, root, opts) = match reader.next().await? {
+    // A client that never speaks (or vanished without closing the stream) is not waited for
+    // past the keepalive limit.
+    let limit = conn::Keepalive::from_env().dead;
+    let hello = async {
+        handshake::helper_expect_client(&mut reader).await?;
+        reader.next().await
+    };
+    let first = tokio::time::timeout(limit, hello).await.map_err(|_| {
+        SessionError::Local(format!("no word from the client in {} s", limit.as_secs()))
+    })?;
+    let (role, root, opts) = match first? {
         Some((
             Msg::Hello {
                 version,

@@ -100,19 +100,16 @@ pub(crate) async fn next_frame<R: tokio::io::AsyncRead + Unpin>(
     fatal: &Fatal,
     out: &conn::Out,
 ) -> Result<(crate::proto::Msg, bytes::Bytes), SessionError> {
-    let limit = out.peer_timeout();
     let next = tokio::select! {
         biased;
         () = fatal.set.notified() => None,
         e = out.broken() => return Err(SessionError::Local(format!("connection lost: {e}"))),
-        r = tokio::time::timeout(limit, reader.next()) => match r {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(SessionError::Local(format!(
-                    "connection lost: nothing from the other side for {} s",
-                    limit.as_secs()
-                )));
+        r = out.next_from(reader) => match r {
+            Ok(r) => r,
+            Err(crate::proto::ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(SessionError::Local(format!("connection lost: {e}")));
             }
+            Err(e) => return Err(e.into()),
         },
     };
     next.ok_or_else(|| fatal.take().unwrap_or(SessionError::Eof))

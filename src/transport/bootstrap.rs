@@ -62,6 +62,8 @@ pub struct BootstrapOptions {
     pub remote_dir: String,
     /// Binary to upload instead of this one (for a remote of another platform).
     pub helper_binary: Option<PathBuf>,
+    /// How long the helper may take to greet us once started.
+    pub greeting_timeout: Duration,
 }
 
 impl Default for BootstrapOptions {
@@ -69,6 +71,7 @@ impl Default for BootstrapOptions {
         BootstrapOptions {
             remote_dir: "~/.cache/devsync".into(),
             helper_binary: None,
+            greeting_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -254,7 +257,19 @@ pub async fn start(
             .map_err(|e| helper_err(HelperError::Exec(e)))?;
         let mut status = exec.status;
         let mut reader = FrameReader::new(exec.reader);
-        let greeting = await_helper(&mut reader).await;
+        // A login script that hangs (waiting for input, a dead NFS home) is not waited on for
+        // ever.
+        let greeting =
+            match tokio::time::timeout(opts.greeting_timeout, await_helper(&mut reader)).await {
+                Ok(g) => g,
+                Err(_) => {
+                    return Err(helper_err(HelperError::Failed(format!(
+                        "the helper did not say hello within {} s (a login script on the remote \
+                     side may be waiting for input)",
+                        opts.greeting_timeout.as_secs()
+                    ))));
+                }
+            };
         if greeting.is_ok() {
             return Ok(Started {
                 reader,

@@ -34,6 +34,9 @@ const PARTIAL_MAX_AGE_SECS: i64 = 7 * 24 * 3600;
 /// A symlink cannot be locked; a temp symlink is in place for microseconds, so one this old
 /// belongs to a dead session.
 const SYMLINK_TEMP_AGE_SECS: i64 = 60;
+/// A file created by name is unlocked for an instant after it appears: a sweep leaves those
+/// younger than this alone.
+const NEW_FILE_AGE_SECS: i64 = 10;
 
 /// How a [`TempFile`] is held on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +107,29 @@ fn try_lock(fd: &impl AsFd) -> rustix::io::Result<bool> {
     }
 }
 
+/// Locks a file we just made (nobody else can hold it yet): an error if that fails.
+fn lock_own(fd: &impl AsFd) -> rustix::io::Result<()> {
+    match try_lock(fd)? {
+        true => Ok(()),
+        false => Err(Errno::BUSY),
+    }
+}
+
+/// Whether `name` in `dir` still is the file open as `fd`, and its only name. Checked after
+/// locking a file found by name: meanwhile its owner may have renamed it into place (and
+/// another file may have taken the name).
+fn still_named(dir: &OwnedFd, name: &[u8], fd: &impl AsFd) -> bool {
+    match (
+        rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW),
+        rfs::fstat(fd),
+    ) {
+        (Ok(by_name), Ok(open)) => {
+            by_name.st_dev == open.st_dev && by_name.st_ino == open.st_ino && open.st_nlink == 1
+        }
+        _ => false,
+    }
+}
+
 impl Dest {
     pub(super) fn temp_name(&self) -> Vec<u8> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -115,7 +141,7 @@ impl Dest {
             return false;
         };
         let name = self.temp_name();
-        if !matches!(try_lock(&fd), Ok(true)) || link_fd(&fd, &self.root, &name).is_err() {
+        if lock_own(&fd).is_err() || link_fd(&fd, &self.root, &name).is_err() {
             return false;
         }
         rfs::unlinkat(&*self.root, &name, AtFlags::empty()).is_ok()
@@ -143,7 +169,8 @@ impl Dest {
                 Err(e) => return Err(DestError::io(path, "creating temp file", e)),
             }
         }
-        let name = self.temp_name();
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let name = tempname::new_name(self.nonce.wrapping_add(n));
         let fd = rfs::openat(
             &*dir,
             &name,
@@ -161,7 +188,7 @@ impl Dest {
             placed: AtomicBool::new(false),
             discarded: AtomicBool::new(false),
         };
-        try_lock(&staged.file).map_err(|e| DestError::io(path, "locking temp file", e))?;
+        lock_own(&staged.file).map_err(|e| DestError::io(path, "locking temp file", e))?;
         Ok(staged)
     }
 
@@ -171,47 +198,60 @@ impl Dest {
     pub fn stage_partial(&self, path: &RelPath) -> Result<Staged> {
         let dir = self.parent(path)?;
         let name = tempname::partial_name(path.file_name());
-        let opened = rfs::openat(
-            &*dir,
-            &name,
-            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-            Mode::from_raw_mode(0o600),
-        );
         let fallback = || {
             self.create_temp(path).map(|file| Staged {
                 file,
                 resumed_len: 0,
             })
         };
-        let fd = match opened {
-            Ok(fd) => fd,
-            // A symlink, directory or fifo by that name is not ours to use.
-            Err(Errno::LOOP | Errno::ISDIR | Errno::NXIO | Errno::ACCESS) => return fallback(),
-            Err(e) => return Err(DestError::io(path, "opening partial file", e)),
-        };
-        if !try_lock(&fd).map_err(|e| DestError::io(path, "locking partial file", e))? {
-            return fallback(); // another session is transferring this file right now
+        // A few tries: the file found by name may be renamed away under us (see below).
+        for _ in 0..3 {
+            let opened = rfs::openat(
+                &*dir,
+                &name,
+                OFlags::RDWR
+                    | OFlags::CREATE
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC
+                    | OFlags::NONBLOCK,
+                Mode::from_raw_mode(0o600),
+            );
+            let fd = match opened {
+                Ok(fd) => fd,
+                // A symlink, directory or fifo by that name is not ours to use.
+                Err(Errno::LOOP | Errno::ISDIR | Errno::NXIO | Errno::ACCESS) => return fallback(),
+                Err(e) => return Err(DestError::io(path, "opening partial file", e)),
+            };
+            if !try_lock(&fd).map_err(|e| DestError::io(path, "locking partial file", e))? {
+                return fallback(); // another session is transferring this file right now
+            }
+            // Its owner may have committed it (renamed it to the final name) between our open
+            // and our lock: then it is a live file, not a partial, and must not be touched.
+            if !still_named(&dir, &name, &fd) {
+                continue;
+            }
+            let st = rfs::fstat(&fd).map_err(|e| DestError::io(path, "stat of partial file", e))?;
+            if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+                || st.st_uid != rustix::process::geteuid().as_raw()
+            {
+                return fallback();
+            }
+            let file = TempFile {
+                file: File::from(fd),
+                dir,
+                path: path.clone(),
+                name: Some(name),
+                holder: Holder::Partial,
+                committed: AtomicBool::new(false),
+                placed: AtomicBool::new(false),
+                discarded: AtomicBool::new(false),
+            };
+            return Ok(Staged {
+                file,
+                resumed_len: st.st_size as u64,
+            });
         }
-        let st = rfs::fstat(&fd).map_err(|e| DestError::io(path, "stat of partial file", e))?;
-        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
-            || st.st_uid != rustix::process::geteuid().as_raw()
-        {
-            return fallback();
-        }
-        let file = TempFile {
-            file: File::from(fd),
-            dir,
-            path: path.clone(),
-            name: Some(name),
-            holder: Holder::Partial,
-            committed: AtomicBool::new(false),
-            placed: AtomicBool::new(false),
-            discarded: AtomicBool::new(false),
-        };
-        Ok(Staged {
-            file,
-            resumed_len: st.st_size as u64,
-        })
+        fallback()
     }
 
     /// Removes what killed sessions left in directory `dir` (once per session and directory):
@@ -283,9 +323,15 @@ impl Dest {
                     Err(Errno::NOENT) => return Ok(false),
                     Err(e) => return Err(DestError::io(shown(), "opening leftover", e)),
                 };
-                // Locked: a live session owns it. The lock we take goes with the fd.
+                // Locked: a live session owns it. The lock we take goes with the fd, and the
+                // name must still be this file once we hold it.
                 try_lock(&fd).map_err(|e| DestError::io(shown(), "locking leftover", e))?
-                    && (kind == Ours::Temp || age > PARTIAL_MAX_AGE_SECS)
+                    && still_named(dir, name, &fd)
+                    && match kind {
+                        Ours::Temp => true,
+                        Ours::New => age > NEW_FILE_AGE_SECS,
+                        Ours::Partial => age > PARTIAL_MAX_AGE_SECS,
+                    }
             }
             FileType::Symlink => kind == Ours::Temp && age > SYMLINK_TEMP_AGE_SECS,
             _ => false,
@@ -424,7 +470,7 @@ impl TempFile {
                 }
                 // A replacement: the temp name exists until the rename. Locked first, so a
                 // sweep by another session never takes it for a leftover.
-                try_lock(&self.file).map_err(|e| DestError::io(p, "locking temp file", e))?;
+                lock_own(&self.file).map_err(|e| DestError::io(p, "locking temp file", e))?;
                 let tmp = dest.temp_name();
                 link_fd(&self.file, &self.dir, &tmp)
                     .map_err(|e| DestError::io(p, "linking into place", e))?;

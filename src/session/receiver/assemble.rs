@@ -92,6 +92,11 @@ impl Ctx {
             st.base = base.clone();
             st.params = Some(params);
             st.resumed = resumed;
+            st.phase = if small {
+                Phase::Plain
+            } else {
+                Phase::AwaitHashes
+            };
         }
         if resumed > 0 {
             crate::trace!("recv", "{}: resuming from {resumed} bytes", inc.path);
@@ -135,7 +140,14 @@ impl Ctx {
         stamp: Stamp,
     ) {
         if let Err(e) = self.try_match_chunks(id, inc, len, &cvs, stamp) {
-            lock(&inc.st).error.get_or_insert(e);
+            {
+                let mut st = lock(&inc.st);
+                st.error.get_or_insert(e);
+                st.phase = Phase::Wanted {
+                    chunks: HashSet::new(),
+                    literal: true,
+                };
+            }
             // Ends the attempt: ask for nothing more and let the sender's end finish it.
             let _ = self.out.send(Msg::NeedChunks { id, chunks: vec![] });
         }
@@ -287,6 +299,11 @@ impl Ctx {
             .filter(|c| c.1)
             .map(|c| chunk_span(len, c.0).1 as u64)
             .sum::<u64>();
+        // Recorded before the request leaves, so the answer finds it.
+        lock(&inc.st).phase = Phase::Wanted {
+            chunks: mismatched.iter().copied().collect(),
+            literal: base.is_none(),
+        };
         match base {
             Some(base) => {
                 let wanted = delta::signature_request(
@@ -434,7 +451,9 @@ impl Ctx {
                     let c = base
                         .and_then(|b| b.chunk(k))
                         .ok_or_else(|| bad("copy of a chunk the base does not have"))?;
-                    (c.into(), 0, c.len() as u64)
+                    // Out of the live mapping once: what is hashed below is what is written,
+                    // even if another process rewrites our copy meanwhile.
+                    (c.to_vec().into(), 0, c.len() as u64)
                 }
                 Piece::Delta(w, d) => {
                     let b = base.ok_or_else(|| bad("delta without a base"))?;
@@ -754,7 +773,7 @@ impl Assembly {
         self.base = None;
         self.params = None;
         self.resumed = 0;
-        self.hashed = false;
+        self.phase = Phase::Plain;
         self.sparse = false;
         self.chunks.clear();
         self.end = None;

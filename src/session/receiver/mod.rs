@@ -82,6 +82,21 @@ enum Ask {
     Delta,
 }
 
+/// The steps of a delta against a big base (or a resumed partial): the sender's chunk hashes
+/// come first, then our pass over the base, then only the chunks we asked for.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Not a big delta: a whole file, or a small base signed at once.
+    #[default]
+    Plain,
+    /// `NeedDelta` sent; waiting for `NewHashes`.
+    AwaitHashes,
+    /// Comparing the hashes with our copy.
+    Matching,
+    /// Asked for these chunks: as deltas, or (`literal`) as data.
+    Wanted { chunks: HashSet<u32>, literal: bool },
+}
+
 /// How the sender ended the current attempt at a file.
 #[derive(Debug)]
 enum End {
@@ -110,8 +125,8 @@ struct Assembly {
     /// Bytes of an interrupted earlier transfer in `temp` (a resumed partial), to be checked
     /// chunk by chunk against the sender's hashes.
     resumed: u64,
-    /// The sender's chunk hashes arrived for this attempt.
-    hashed: bool,
+    /// Where a big file's delta is (what may arrive next).
+    phase: Phase,
     /// The sender's file has holes: no space reserved, zeros left as holes.
     sparse: bool,
     /// Written chunks: index → (length, chaining value).
@@ -338,6 +353,8 @@ impl Ctx {
         if st.end.is_some() {
             return bad("message after the file was ended");
         }
+        let big = st.phase != Phase::Plain;
+        let wanted = |st: &Assembly, k: u32, lit: bool| matches!(&st.phase, Phase::Wanted { chunks, literal } if *literal == lit && chunks.contains(&k));
         let step = match kind {
             Kind::Whole => {
                 if asked != Ask::Whole || st.jobs > 0 || !st.chunks.is_empty() {
@@ -347,35 +364,51 @@ impl Ctx {
                 Step::Go
             }
             Kind::Hashes => {
-                if asked != Ask::Delta || st.hashed || (st.base.is_none() && st.resumed == 0) {
+                if asked != Ask::Delta || st.phase != Phase::AwaitHashes {
                     return bad("chunk hashes that were not asked for");
                 }
-                st.hashed = true;
+                st.phase = Phase::Matching;
                 st.jobs += 1;
                 Step::Go
             }
-            Kind::Data => {
+            Kind::Data(k) => {
+                if asked == Ask::Delta && !wanted(&st, k, true) {
+                    return bad("data for a chunk that was not asked for");
+                }
+                st.jobs += 1;
+                Step::Chunk(st.base.clone())
+            }
+            Kind::Copy => {
+                if asked != Ask::Delta || big || st.base.is_none() {
+                    return bad("a copy without a base");
+                }
+                st.jobs += 1;
+                Step::Chunk(st.base.clone())
+            }
+            Kind::Delta(k) => {
+                if asked != Ask::Delta || st.base.is_none() || (big && !wanted(&st, k, false)) {
+                    return bad("a delta that was not asked for");
+                }
                 st.jobs += 1;
                 Step::Chunk(st.base.clone())
             }
             Kind::Sparse => {
-                if st.sparse || st.jobs > 0 || !st.chunks.is_empty() {
+                let early = asked == Ask::Whole || st.phase == Phase::AwaitHashes;
+                if st.sparse || !early || st.jobs > 0 || !st.chunks.is_empty() {
                     return bad("'sparse' after the file's data began");
                 }
                 st.sparse = true;
                 Step::Ready(false)
             }
-            Kind::FromBase => {
-                if asked != Ask::Delta || st.base.is_none() {
-                    return bad("delta without a base");
-                }
-                st.jobs += 1;
-                Step::Chunk(st.base.clone())
-            }
             Kind::End(end) => {
                 match &end {
-                    End::Identical(_) if asked != Ask::Delta || st.base.is_none() => {
-                        return bad("'identical' for a file sent whole");
+                    End::Identical(_) if asked != Ask::Delta || big || st.base.is_none() => {
+                        return bad("'identical' where it cannot be");
+                    }
+                    End::Complete { .. }
+                        if matches!(st.phase, Phase::AwaitHashes | Phase::Matching) =>
+                    {
+                        return bad("the end of a file before its chunks were asked for");
                     }
                     End::Restart => {
                         st.restarts += 1;
@@ -415,9 +448,10 @@ impl Ctx {
         }
         let (id, kind) = match &msg {
             Msg::NewHashes { id, .. } => (*id, Kind::Hashes),
-            Msg::Data { id, .. } | Msg::Zeros { id, .. } => (*id, Kind::Data),
+            Msg::Data { id, chunk } | Msg::Zeros { id, chunk, .. } => (*id, Kind::Data(*chunk)),
             Msg::Sparse { id } => (*id, Kind::Sparse),
-            Msg::Copy { id, .. } | Msg::Delta { id, .. } => (*id, Kind::FromBase),
+            Msg::Copy { id, .. } => (*id, Kind::Copy),
+            Msg::Delta { id, chunk, .. } => (*id, Kind::Delta(*chunk)),
             Msg::FileEnd { id, len, .. } if chunk_count(*len) > crate::proto::msg::MAX_CHUNKS => {
                 return Err(self.violation(format!("file {id} claims {len} bytes")));
             }
@@ -510,10 +544,12 @@ impl Ctx {
 enum Kind {
     Whole,
     Hashes,
-    /// Literal chunk data.
-    Data,
-    /// A chunk taken from the base (copy or delta).
-    FromBase,
+    /// Literal chunk data (or a hole) for this chunk.
+    Data(u32),
+    /// A chunk is the base's at the same offset.
+    Copy,
+    /// A delta for this chunk.
+    Delta(u32),
     /// The file has holes.
     Sparse,
     End(End),

@@ -90,6 +90,9 @@ impl Ctx {
         mut attempt: impl FnMut() -> Result<T, Fail>,
     ) -> Option<T> {
         loop {
+            if self.out.is_closed() {
+                return None; // the session is over: nobody reads what we would send
+            }
             match attempt() {
                 Ok(v) => {
                     if last {
@@ -158,29 +161,35 @@ impl Ctx {
         });
     }
 
-    /// Small files, read and sent as one frame.
+    /// Small files, read and sent as one frame. The batch's whole budget is taken once, up
+    /// front, and held by nothing else while this thread waits: a pool of any size cannot
+    /// hold all the budget in partial batches while each waits for more.
     pub(super) fn send_batch(&self, files: Vec<(FileId, PathBuf, u64)>) {
+        let listed: u64 = files.iter().map(|f| f.2).sum();
+        let mut permit = Some(self.budget.acquire(listed.max(1)));
         let mut items = Vec::with_capacity(files.len());
         // Sized from the listed sizes and filled in place: no per-file buffers, no regrowth.
-        let mut payload: Vec<u8> = Vec::with_capacity(files.iter().map(|f| f.2 as usize).sum());
-        let mut permits = Vec::new();
+        let mut payload: Vec<u8> = Vec::with_capacity(listed as usize);
+        // Files that grew past a small file since the scan go on their own, after the batch.
+        let mut grown = Vec::new();
         for (id, path, _) in files {
+            if self.out.is_closed() {
+                return; // the session is over: nobody reads what we would send
+            }
             let start = payload.len();
             let first = self.first_attempt(id);
             let read = self.stable(id, true, || {
                 payload.truncate(start);
-                let src = Source::open(&path)?;
+                let src = Source::open(&path, self.racy)?;
                 if src.len() > SMALL_FILE {
-                    return Ok(None); // grew since the scan: send it on its own
+                    return Ok(None);
                 }
-                let permit = self.budget.acquire(src.len());
                 hash::read_at_into(&src.file, 0, src.len() as usize, &mut payload)?;
                 settled(&src, false)?;
-                Ok(Some((src.before, permit)))
+                Ok(Some(src.before))
             });
             match read {
-                Some(Some((snap, permit))) => {
-                    permits.push(permit);
+                Some(Some(snap)) => {
                     let data = &payload[start..];
                     let n = data.len() as u64;
                     if first {
@@ -195,26 +204,28 @@ impl Ctx {
                     self.obs.progressed(n);
                     self.obs.file_done();
                 }
-                Some(None) => self.send_whole(id, path),
+                Some(None) => grown.push((id, path)),
                 None => payload.truncate(start),
             }
             if items.len() >= BATCH_FILES || payload.len() as u64 >= BATCH_BYTES {
-                self.flush_batch(&mut items, &mut payload, &mut permits);
+                self.flush_batch(&mut items, &mut payload, permit.take());
             }
         }
-        self.flush_batch(&mut items, &mut payload, &mut permits);
+        self.flush_batch(&mut items, &mut payload, permit.take());
+        for (id, path) in grown {
+            self.send_whole(id, path);
+        }
     }
 
     fn flush_batch(
         &self,
         items: &mut Vec<WholeItem>,
         payload: &mut Vec<u8>,
-        permits: &mut Vec<crate::session::conn::Permit>,
+        permit: Option<crate::session::conn::Permit>,
     ) {
         if items.is_empty() {
             return;
         }
-        let permit = self.budget.merge(std::mem::take(permits));
         let _ = self.out.send_data(
             Msg::WholeFiles {
                 files: std::mem::take(items),
@@ -230,7 +241,7 @@ impl Ctx {
     }
 
     fn try_send_whole(&self, id: FileId, path: &Path, first: bool) -> Result<(), Fail> {
-        let src = Source::open(path)?;
+        let src = Source::open(path, self.racy)?;
         let len = src.len();
         if first {
             self.obs.planned(len);
@@ -262,6 +273,9 @@ impl Ctx {
         let cvs: Vec<Cv> = (0..chunk_count(len))
             .into_par_iter()
             .map(|k| {
+                if self.out.is_closed() {
+                    return Err(io::Error::other("the session is over"));
+                }
                 let (off, n) = chunk_span(len, k);
                 let chunk = k as u32;
                 if sparse && src.is_hole(off, n as u64) {
@@ -365,7 +379,7 @@ impl Ctx {
     ) {
         let first = self.first_attempt(id);
         self.stable(id, true, || {
-            let src = Source::open(&path)?;
+            let src = Source::open(&path, self.racy)?;
             let len = src.len();
             if first {
                 self.obs.planned(len);
@@ -486,7 +500,7 @@ impl Ctx {
     ) {
         let first = self.first_attempt(id);
         self.stable(id, false, || {
-            let src = Source::open(&path)?;
+            let src = Source::open(&path, self.racy)?;
             let len = src.len();
             if first {
                 self.obs.planned(len);
@@ -521,7 +535,7 @@ impl Ctx {
     /// does not have, then `FileEnd`. The file must still be the version that was hashed.
     pub(super) fn send_big(&self, id: FileId, path: PathBuf, b: BigFile, req: BigRequest) {
         self.stable(id, true, || {
-            let src = Source::open(&path)?;
+            let src = Source::open(&path, self.racy)?;
             if !src.same_as(&b.snap) {
                 return Err(Fail::Changed { sent: true });
             }

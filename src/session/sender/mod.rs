@@ -118,6 +118,8 @@ struct Ctx {
     big: Mutex<HashMap<FileId, BigFile>>,
     /// Files sent again because they changed while being read: how many times so far.
     attempts: Mutex<HashMap<FileId, u32>>,
+    /// How recent a change makes a read suspect ([`crate::engine::source::RACY_WINDOW`]).
+    racy: std::time::Duration,
     fatal: super::Fatal,
 }
 
@@ -154,6 +156,7 @@ pub fn start(
         budget: Budget::new(SEND_BUDGET),
         big: Mutex::new(HashMap::new()),
         attempts: Mutex::new(HashMap::new()),
+        racy: crate::engine::source::RACY_WINDOW,
         fatal: Default::default(),
     });
     let scan_ctx = ctx.clone();
