@@ -7,6 +7,7 @@ pub mod delta;
 pub mod dest;
 pub mod filter;
 pub mod hash;
+pub mod index;
 pub mod plan;
 pub mod relpath;
 pub mod scan;

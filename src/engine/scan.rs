@@ -14,7 +14,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ignore::IncrementalIgnore;
@@ -29,23 +29,15 @@ use super::{Entry, EntryKind, MODE_MASK, Mtime, RelPath, hash, special_kind_name
 /// What the walk reports, from walker threads, in parent-before-child order per subtree.
 #[derive(Debug)]
 pub enum ScanEvent {
-    Entry(Entry),
+    /// An entry and the `(device, inode)` it is on.
+    Entry(Entry, super::index::Ino),
     /// Not synced, but not a failure (special files, unreadable ignore files).
-    Skipped {
-        path: String,
-        reason: String,
-    },
+    Skipped { path: String, reason: String },
     /// Something that could not be read: the list is incomplete.
-    Error {
-        path: String,
-        message: String,
-    },
+    Error { path: String, message: String },
     /// One of devsync's own temp or partial files (only with [`ScanOptions::report_ours`]);
     /// never part of the list.
-    Ours {
-        path: RelPath,
-        kind: Ours,
-    },
+    Ours { path: RelPath, kind: Ours },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -106,37 +98,176 @@ where
     S: FnMut(ScanEvent) + Send,
     M: Fn() -> S + Sync,
 {
-    check_root(root)?;
-    let matcher = opts
-        .filters
-        .walker(root)?
-        .build_matchers()
-        .pop()
-        .ok_or_else(|| ScanError::NotFound(root.display().to_string()))?;
-    let io_err = |source: std::io::Error| ScanError::Io {
-        path: root.display().to_string(),
-        source,
-    };
-    let root_fd = rfs::open(
-        root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io_err(e.into()))?;
-    let threads = match opts.threads {
-        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
-        n => n,
-    };
-    let pool = scan_pool(threads).map_err(|e| io_err(std::io::Error::other(e)))?;
-    let walk = Walk {
-        root,
-        checksum: opts.checksum,
-        report_ours: opts.report_ours,
-        matcher: Mutex::new(matcher),
-        make,
-    };
-    pool.scope(|s| walk.list(s, root_fd, b""));
-    Ok(())
+    Scanner::new(root, opts)?.all(make)
+}
+
+/// A root and its filters, for scanning all of it or parts of it again and again (a watch
+/// rescans the directories that changed). The ignore files read are cached: a scanner made
+/// before an ignore file changed must be replaced to see the change.
+pub struct Scanner {
+    root: PathBuf,
+    opts: ScanOptions,
+    matcher: Mutex<IncrementalIgnore>,
+}
+
+impl Scanner {
+    pub fn new(root: &Path, opts: &ScanOptions) -> Result<Scanner, ScanError> {
+        check_root(root)?;
+        let matcher = opts
+            .filters
+            .walker(root)?
+            .build_matchers()
+            .pop()
+            .ok_or_else(|| ScanError::NotFound(root.display().to_string()))?;
+        Ok(Scanner {
+            root: root.to_path_buf(),
+            opts: opts.clone(),
+            matcher: Mutex::new(matcher),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn io_err(&self, source: std::io::Error) -> ScanError {
+        ScanError::Io {
+            path: self.root.display().to_string(),
+            source,
+        }
+    }
+
+    fn walk<'a, M>(&'a self, make: &'a M, recurse: bool) -> Walk<'a, M> {
+        Walk {
+            root: &self.root,
+            checksum: self.opts.checksum,
+            report_ours: self.opts.report_ours,
+            recurse,
+            matcher: &self.matcher,
+            make,
+        }
+    }
+
+    fn pool(&self) -> Result<Arc<rayon::ThreadPool>, ScanError> {
+        let threads = match self.opts.threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        scan_pool(threads).map_err(|e| self.io_err(std::io::Error::other(e)))
+    }
+
+    fn root_fd(&self) -> Result<OwnedFd, ScanError> {
+        rfs::open(
+            &self.root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.io_err(e.into()))
+    }
+
+    /// The directory `rel` under the root, opened one component at a time without following
+    /// symlinks; `None` if it is not (or no longer) a directory.
+    fn open_dir(&self, rel: &[u8]) -> Result<Option<OwnedFd>, ScanError> {
+        let mut fd = self.root_fd()?;
+        for part in rel.split(|&c| c == b'/').filter(|p| !p.is_empty()) {
+            match rfs::openat(
+                &fd,
+                part,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(next) => fd = next,
+                Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(None),
+                Err(e) => {
+                    return Err(ScanError::Io {
+                        path: self
+                            .root
+                            .join(std::ffi::OsStr::from_bytes(rel))
+                            .display()
+                            .to_string(),
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+        Ok(Some(fd))
+    }
+
+    /// Walks the whole tree (see [`scan_each`]).
+    pub fn all<S, M>(&self, make: &M) -> Result<(), ScanError>
+    where
+        S: FnMut(ScanEvent) + Send,
+        M: Fn() -> S + Sync,
+    {
+        let root_fd = self.root_fd()?;
+        let walk = self.walk(make, true);
+        self.pool()?.scope(|s| walk.list(s, root_fd, b""));
+        Ok(())
+    }
+
+    /// The entries directly in directory `rel` (`None`: the root), without descending.
+    /// Nothing is reported if it is not a directory (any more).
+    pub fn dir<S, M>(&self, rel: Option<&RelPath>, make: &M) -> Result<(), ScanError>
+    where
+        S: FnMut(ScanEvent) + Send,
+        M: Fn() -> S + Sync,
+    {
+        let rel = rel.map_or(&b""[..], |r| r.as_bytes());
+        let Some(fd) = self.open_dir(rel)? else {
+            return Ok(());
+        };
+        let walk = self.walk(make, false);
+        self.pool()?.scope(|s| walk.list(s, fd, rel));
+        Ok(())
+    }
+
+    /// `rel` itself, if it exists and takes part (its parents' ignore files count), and for a
+    /// directory everything under it.
+    pub fn subtree<S, M>(&self, rel: &RelPath, make: &M) -> Result<(), ScanError>
+    where
+        S: FnMut(ScanEvent) + Send,
+        M: Fn() -> S + Sync,
+    {
+        let Some(parent) = self.open_dir(rel.parent().unwrap_or(b""))? else {
+            return Ok(());
+        };
+        let name = rel.file_name();
+        let is_dir = match rfs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Some(FileType::from_raw_mode(st.st_mode) == FileType::Directory),
+            Err(Errno::NOENT) => return Ok(()),
+            Err(_) => None,
+        };
+        let walk = self.walk(make, true);
+        let named = Named {
+            path: rel.as_bytes().to_vec(),
+            name_at: rel.as_bytes().len() - name.len(),
+            is_dir,
+        };
+        let parent = Arc::new(parent);
+        self.pool()?.scope(|s| {
+            let mut sink = make();
+            let kept = walk.filter(&mut sink, parent.as_fd(), vec![named]);
+            let mut sub = None;
+            for named in kept {
+                if let Some(ev) = walk.visit(parent.as_fd(), named) {
+                    if let ScanEvent::Entry(e, _) = &ev
+                        && e.is_dir()
+                    {
+                        sub = Some(SubDir {
+                            parent: parent.clone(),
+                            rel: e.path.clone(),
+                        });
+                    }
+                    sink(ev);
+                }
+            }
+            drop(sink);
+            if let Some(sub) = sub {
+                walk.open_and_list(s, sub);
+            }
+        });
+        Ok(())
+    }
 }
 
 /// The walker threads for scans with `threads` threads, made once per process (a watch rescans
@@ -162,9 +293,11 @@ struct Walk<'a, M> {
     root: &'a Path,
     checksum: bool,
     report_ours: bool,
+    /// Whether subdirectories are read too.
+    recurse: bool,
     /// `IncrementalIgnore` caches per-directory matchers and needs `&mut`; a directory's
     /// entries are matched under one lock, which is short next to their `lstat`s.
-    matcher: Mutex<IncrementalIgnore>,
+    matcher: &'a Mutex<IncrementalIgnore>,
     make: &'a M,
 }
 
@@ -231,8 +364,9 @@ where
             let Some(ev) = self.visit(fd.as_fd(), named) else {
                 continue;
             };
-            if let ScanEvent::Entry(e) = &ev
+            if let ScanEvent::Entry(e, _) = &ev
                 && e.is_dir()
+                && self.recurse
             {
                 subdirs.push(SubDir {
                     parent: fd.clone(),
@@ -345,12 +479,15 @@ where
                 });
             }
         };
-        Some(ScanEvent::Entry(Entry {
-            path: rpath,
-            kind,
-            mode: st.st_mode & MODE_MASK,
-            mtime: Mtime::of_stat(&st),
-        }))
+        Some(ScanEvent::Entry(
+            Entry {
+                path: rpath,
+                kind,
+                mode: st.st_mode & MODE_MASK,
+                mtime: Mtime::of_stat(&st),
+            },
+            (st.st_dev, st.st_ino),
+        ))
     }
 }
 
@@ -419,7 +556,7 @@ pub fn scan_to_vec(
     scan(root, opts, &|ev| {
         let mut g = out.lock().unwrap_or_else(|p| p.into_inner());
         match ev {
-            ScanEvent::Entry(e) => g.0.push(e),
+            ScanEvent::Entry(e, _) => g.0.push(e),
             other => g.1.push(other),
         }
     })?;
@@ -545,6 +682,94 @@ mod tests {
         out
     }
 
+    type Got = Mutex<BTreeMap<Vec<u8>, Entry>>;
+
+    /// Sinks that collect the entries a scan reports into `got`.
+    fn into<'a>(got: &'a Got) -> impl Fn() -> Box<dyn FnMut(ScanEvent) + Send + 'a> + Sync + 'a {
+        move || {
+            Box::new(move |ev| {
+                if let ScanEvent::Entry(e, _) = ev {
+                    got.lock().unwrap().insert(e.path.as_bytes().to_vec(), e);
+                }
+            })
+        }
+    }
+
+    /// What one scanner call reports.
+    fn collect(f: impl FnOnce(&Got)) -> BTreeMap<Vec<u8>, Entry> {
+        let got = Mutex::new(BTreeMap::new());
+        f(&got);
+        got.into_inner().unwrap()
+    }
+
+    #[test]
+    fn parts_of_the_tree_scan_as_they_do_in_a_whole_walk() {
+        let td = tempfile::tempdir().unwrap();
+        let root = td.path().join("src");
+        tricky_tree(&root);
+        let filters = FilterOptions {
+            excludes: vec!["*.md".into()],
+            ..FilterOptions::default()
+        };
+        let opts = ScanOptions {
+            filters,
+            threads: 2,
+            ..ScanOptions::default()
+        };
+        let sc = Scanner::new(&root, &opts).unwrap();
+        let all = collect(|g| sc.all(&into(g)).unwrap());
+        assert!(all.contains_key(&b"sub/important.tmp"[..]));
+        // Every directory's own listing, and every entry's subtree, as in the whole walk
+        // (ignore files of the parents included).
+        let mut dirs: Vec<Option<RelPath>> = vec![None];
+        dirs.extend(
+            all.values()
+                .filter(|e| e.is_dir())
+                .map(|e| Some(e.path.clone())),
+        );
+        for d in &dirs {
+            let got = collect(|g| sc.dir(d.as_ref(), &into(g)).unwrap());
+            let want: BTreeMap<_, _> = all
+                .iter()
+                .filter(|(_, e)| {
+                    e.path.parent().unwrap_or(b"") == d.as_ref().map_or(&b""[..], |d| d.as_bytes())
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            assert_eq!(got, want, "listing of {d:?}");
+        }
+        for e in all.values() {
+            let got = collect(|g| sc.subtree(&e.path, &into(g)).unwrap());
+            let want: BTreeMap<_, _> = all
+                .iter()
+                .filter(|(_, o)| o.path == e.path || o.path.is_inside(e.path.as_bytes()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            assert_eq!(got, want, "subtree of {}", e.path);
+        }
+        // Excluded or missing paths, and paths through a symlink, give nothing.
+        for p in [
+            "a.log",
+            "build",
+            "build/out.o",
+            "secret/key",
+            "missing",
+            "link-to-dir/f",
+            "notes.md",
+        ] {
+            let got = collect(|g| sc.subtree(&RelPath::new(p).unwrap(), &into(g)).unwrap());
+            assert!(got.is_empty(), "{p}: {got:?}");
+        }
+        let got = collect(|g| {
+            sc.dir(Some(&RelPath::new("link-to-dir").unwrap()), &into(g))
+                .unwrap()
+        });
+        assert!(
+            got.is_empty(),
+            "a symlink is not listed as a directory: {got:?}"
+        );
+    }
+
     #[test]
     fn same_entries_as_the_ignore_crates_walker() {
         let td = tempfile::tempdir().unwrap();
@@ -594,7 +819,7 @@ mod tests {
                     .filter_map(|ev| match ev {
                         ScanEvent::Skipped { path, reason } => Some((path, reason)),
                         ScanEvent::Error { path, message } => panic!("{path}: {message}"),
-                        ScanEvent::Entry(_) | ScanEvent::Ours { .. } => None,
+                        ScanEvent::Entry(..) | ScanEvent::Ours { .. } => None,
                     })
                     .collect();
                 assert_eq!(skipped.len(), 1, "{skipped:?}");
@@ -675,7 +900,7 @@ mod tests {
         scan_each(td.path(), &opts, &|| {
             let mut b = Batch(Vec::new(), &published);
             move |ev| {
-                if let ScanEvent::Entry(e) = ev {
+                if let ScanEvent::Entry(e, _) = ev {
                     b.0.push(e.path.as_bytes().to_vec());
                 }
             }

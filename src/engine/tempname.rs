@@ -18,6 +18,9 @@ pub const TEMP_PREFIX: &[u8] = b".devsync-tmp.";
 pub const NEW_PREFIX: &[u8] = b".devsync-new.";
 /// Prefix of resumable partial files.
 pub const PART_PREFIX: &[u8] = b".devsync-part.";
+/// Prefix of entries parked for a moment while a batch of renames is applied (so that two
+/// entries can trade places).
+pub const MOVE_PREFIX: &[u8] = b".devsync-mv.";
 
 /// Which kind of file of ours a name denotes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +29,8 @@ pub enum Ours {
     /// Created by name, locked just after.
     New,
     Partial,
+    /// An entry parked during renames.
+    Move,
 }
 
 fn check(prefix: &[u8], body: &[u8]) -> String {
@@ -54,6 +59,11 @@ pub fn new_name(nonce: u64) -> Vec<u8> {
     named(NEW_PREFIX, &format!("{nonce:016x}"))
 }
 
+/// The parking name for the `n`th move of a batch whose renames use `nonce`.
+pub fn move_name(nonce: u64, n: u64) -> Vec<u8> {
+    named(MOVE_PREFIX, &format!("{:016x}", nonce.wrapping_add(n)))
+}
+
 /// The partial-transfer name for a file called `name` in the same directory.
 pub fn partial_name(name: &[u8]) -> Vec<u8> {
     let mut h = blake3::Hasher::new();
@@ -70,6 +80,8 @@ pub fn ours(name: &[u8]) -> Option<Ours> {
         (Ours::New, NEW_PREFIX)
     } else if name.starts_with(PART_PREFIX) {
         (Ours::Partial, PART_PREFIX)
+    } else if name.starts_with(MOVE_PREFIX) {
+        (Ours::Move, MOVE_PREFIX)
     } else {
         return None;
     };

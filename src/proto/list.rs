@@ -121,6 +121,7 @@ mod tests {
         let msg = Msg::Entries {
             first_id: 3,
             entries: paths.iter().map(|p| entry(p)).collect(),
+            changed: true,
         };
         let bytes = postcard::to_allocvec(&msg).unwrap();
         assert_eq!(postcard::from_bytes::<Msg>(&bytes).unwrap(), msg);
@@ -144,11 +145,14 @@ mod tests {
         let mut bytes = postcard::to_allocvec(&Msg::Entries {
             first_id: 0,
             entries: vec![],
+            changed: false,
         })
         .unwrap();
-        // Re-encode the same message with a hand-made entry list.
-        bytes.truncate(bytes.len() - 1);
+        // Re-encode the same message with a hand-made entry list (the empty list and the
+        // flag after it are the last two bytes).
+        bytes.truncate(bytes.len() - 2);
         bytes.extend(postcard::to_allocvec(&bad).unwrap());
+        bytes.push(0);
         let err = postcard::from_bytes::<Msg>(&bytes).unwrap_err();
         assert!(!err.to_string().is_empty());
     }

@@ -15,7 +15,7 @@ pub use frame::{FrameReader, FrameWriter, MAX_FRAME};
 pub use msg::{Event, FileId, Msg, Role, Stamp, Stats, SyncOptions, WholeItem};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {

@@ -9,7 +9,7 @@ use crate::engine::delta::SigParams;
 use crate::engine::filter::{FilterOptions, MAX_EXCLUDES, MAX_PATTERN_LEN};
 use crate::engine::hash::{Cv, Digest, chunk_count};
 use crate::engine::plan::Change;
-use crate::engine::{Entry, EntryKind, MODE_MASK, Mtime};
+use crate::engine::{Entry, EntryKind, MODE_MASK, Mtime, RelPath};
 
 /// Index of an entry in the sender's file list (assigned in the order entries are sent).
 pub type FileId = u32;
@@ -122,6 +122,30 @@ pub struct Stats {
     pub warnings: u64,
     /// `--delete` was refused by the guard (exit status 25).
     pub delete_refused: bool,
+    /// Entries moved by a rename (a directory counts once, whatever it holds).
+    pub renamed: u64,
+}
+
+impl Stats {
+    /// Adds another generation's totals to these.
+    pub fn add(&mut self, o: &Stats) {
+        self.files += o.files;
+        self.dirs += o.dirs;
+        self.symlinks += o.symlinks;
+        self.total_size += o.total_size;
+        self.created += o.created;
+        self.updated += o.updated;
+        self.metadata_only += o.metadata_only;
+        self.deleted += o.deleted;
+        self.literal_bytes += o.literal_bytes;
+        self.matched_bytes += o.matched_bytes;
+        self.verify_retries += o.verify_retries;
+        self.restarts += o.restarts;
+        self.errors += o.errors;
+        self.warnings += o.warnings;
+        self.delete_refused |= o.delete_refused;
+        self.renamed += o.renamed;
+    }
 }
 
 #[cfg_attr(test, derive(arbitrary::Arbitrary))]
@@ -140,13 +164,35 @@ pub enum Msg {
     /// Either way: the session cannot continue; the text says why.
     Fatal { message: String },
 
+    /// Sender → receiver: a generation begins: a batch of changes with its own file ids (from
+    /// 0) and totals. A session runs one or more, one at a time; each ends with `Done`.
+    /// `whole`: the list is the sender's whole tree (every directory listed before what it
+    /// holds); otherwise only what changed, in directories the receiver already has.
+    /// `replace_dirs`: a directory where the sender has a file or symlink is replaced.
+    GenStart {
+        generation: u64,
+        whole: bool,
+        replace_dirs: bool,
+    },
+    /// Sender → receiver, before the generation's list: park each entry (`from`) under a
+    /// parking name at the root, in order.
+    Stash { moves: Vec<(RelPath, RelPath)> },
+    /// Sender → receiver, after `Stash`: put each parked entry at `to`, in order (making
+    /// missing parents, replacing what is there).
+    Place { moves: Vec<(RelPath, RelPath)> },
+    /// Sender → receiver, before the list: the list is the truth at these paths. Once the
+    /// generation's files are in place, whatever else the receiver has there (and does not
+    /// exclude) is removed. `root`: the whole tree (`--delete`, guarded against mass deletion).
+    Scope { root: bool, paths: Vec<RelPath> },
     /// Sender → receiver: list entries with consecutive ids from `first_id`. Batches arrive in
-    /// id order (each `first_id` is the number of entries sent before it), and a directory
-    /// is always sent before anything inside it.
+    /// id order (each `first_id` is the number of entries sent before it in this generation).
+    /// `changed`: the sender saw these change; compare a file's content even if its size and
+    /// mtime match ours.
     Entries {
         first_id: FileId,
         #[serde(with = "super::list")]
         entries: Vec<Entry>,
+        changed: bool,
     },
     /// Sender → receiver: the list is complete. With scan errors, the receiver must not delete.
     /// `root`: the sender's root directory's own mode and mtime, mirrored at the end.
@@ -237,9 +283,15 @@ pub enum Msg {
 
     /// Helper → client: something to show the user.
     Event(Event),
-    /// Receiver → sender: everything is applied; the totals.
-    Done { stats: Stats },
-    /// Sender → receiver: acknowledges `Done`; the session is over.
+    /// Receiver → sender: the generation is applied; its totals, and the paths where our tree
+    /// was not what the sender expected (a rename's source missing, a parent gone), which
+    /// the sender should send again in full (`overflow`: more than could be listed).
+    Done {
+        stats: Stats,
+        unsynced: Vec<RelPath>,
+        overflow: bool,
+    },
+    /// Sender → receiver, after `Done`: the session is over.
     Bye,
     /// Either way, when nothing else was sent for a while: the peer is alive.
     Ping,
@@ -331,6 +383,34 @@ impl Msg {
                 }
             }
             Msg::Fatal { message } => check_text(message)?,
+            Msg::Stash { moves } | Msg::Place { moves } => {
+                if moves.len() > MAX_BATCH {
+                    return Err(invalid("too many renames in one message"));
+                }
+                let stash = matches!(self, Msg::Stash { .. });
+                for (from, to) in moves {
+                    from.check().map_err(|e| invalid(e.to_string()))?;
+                    to.check().map_err(|e| invalid(e.to_string()))?;
+                    let park = if stash { to } else { from };
+                    if park.depth() != 0
+                        || crate::engine::tempname::ours(park.as_bytes())
+                            != Some(crate::engine::tempname::Ours::Move)
+                    {
+                        return Err(invalid(format!("{park}: not a parking name")));
+                    }
+                }
+            }
+            Msg::Scope { paths, .. }
+            | Msg::Done {
+                unsynced: paths, ..
+            } => {
+                if paths.len() > MAX_BATCH {
+                    return Err(invalid("too many paths in one message"));
+                }
+                for p in paths {
+                    p.check().map_err(|e| invalid(e.to_string()))?;
+                }
+            }
             Msg::Entries { entries, .. } => {
                 if entries.len() > MAX_BATCH {
                     return Err(invalid("too many entries in one message"));

@@ -34,18 +34,22 @@ pub struct Outcome {
 pub struct Prepared {
     out: conn::Out,
     pending: conn::Pending,
-    sender: Option<sender::Started>,
+    sender: Option<(sender::Sender, sender::Gen)>,
 }
 
 pub fn prepare(job: &Job) -> Result<Prepared, SessionError> {
     let (out, pending) = conn::channel();
     let sender = match job.role {
-        Role::Sender => Some(sender::start(
-            out.clone(),
-            job.local_root.clone(),
-            &job.opts,
-            job.obs.clone(),
-        )?),
+        Role::Sender => {
+            let s = sender::Sender::new(
+                out.clone(),
+                job.local_root.clone(),
+                &job.opts,
+                job.obs.clone(),
+            )?;
+            let generation = s.start(sender::Plan::whole(&job.opts, false))?;
+            Some((s, generation))
+        }
         Role::Receiver => None,
     };
     Ok(Prepared {
@@ -125,9 +129,11 @@ where
     } = prepared;
     let writer_task = pending.start(writer);
     let result = match (job.role, sender) {
-        (Role::Sender, Some(started)) => {
+        (Role::Sender, Some((s, generation))) => {
             drop(out);
-            sender::serve(&mut reader, started).await
+            let r = sender::finish(&mut reader, &s, &generation).await;
+            drop((s, generation)); // the writer ends (flushing Bye) once every Out is gone
+            r
         }
         _ => receiver::run(&mut reader, out, job.local_root, job.opts, job.obs).await,
     };

@@ -110,6 +110,9 @@ async fn unless_dead<T>(
     }
 }
 
+// Frames are the common item and move through the queue once; boxing them would cost an
+// allocation per frame to save space on the rare `ListReady`.
+#[allow(clippy::large_enum_variant)]
 enum Item {
     Frame(Msg, Bytes, Option<Permit>),
     /// The list buffer has frames waiting.
@@ -167,6 +170,16 @@ impl Out {
             self.tx.send(Item::ListReady).map_err(|_| Closed)?;
         }
         Ok(t)
+    }
+
+    /// Queues `msg` in list order: behind the list frames appended so far, ahead of those
+    /// appended later (for what frames a list: a generation's start, renames, scopes).
+    pub fn send_listed(&self, msg: &Msg) -> Result<(), crate::session::SessionError> {
+        match self.append_list(|buf| crate::proto::frame::encode(msg, &[], buf)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(c) => Err(c.into()),
+        }
     }
 
     /// Whether the writer has stopped (the session is over): work for it can stop too.
@@ -435,6 +448,7 @@ mod tests {
         let msg = Msg::Entries {
             first_id,
             entries: Vec::new(),
+            changed: false,
         };
         out.append_list(|buf| crate::proto::frame::encode(&msg, &[], buf))
             .unwrap()

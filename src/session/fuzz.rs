@@ -114,6 +114,9 @@ enum Ask {
 struct Model {
     listed: Vec<(Vec<u8>, u64, bool)>,
     ended: bool,
+    /// Generations begun; whether one is under way.
+    gens: u64,
+    in_gen: bool,
     /// A mostly well-behaved sender (it still lies now and then): these cases get deep into
     /// the receiver (transfers, deltas, commits, deletions) before anything odd happens.
     honest: bool,
@@ -147,7 +150,73 @@ fn sender_step(u: &mut Unstructured<'_>, m: &mut Model, heard: &mut Heard) -> Op
         // Some messages cannot be encoded (too big): skipping them is fine.
         let _ = encode(msg, payload, &mut out);
     };
+    if !m.in_gen && (m.honest || u.ratio(9, 10).ok()?) {
+        // A generation begins (again, after `Done`), sometimes with renames and scopes.
+        m.in_gen = true;
+        m.listed.clear();
+        m.ended = false;
+        heard.asks.clear();
+        heard.done = false;
+        let generation = if !m.honest && u.ratio(1, 20).ok()? {
+            0
+        } else {
+            m.gens
+        };
+        m.gens += 1;
+        frame(
+            &Msg::GenStart {
+                generation,
+                whole: u.ratio(2, 3).ok()?,
+                replace_dirs: u.arbitrary().ok()?,
+            },
+            &[],
+        );
+        if u.ratio(1, 3).ok()? {
+            let park = |k: u64| RelPath::unchecked(crate::engine::tempname::move_name(m.gens, k));
+            let name = |u: &mut Unstructured<'_>| -> Option<RelPath> {
+                let n = if !m.honest && u.ratio(1, 10).ok()? {
+                    *u.choose(HOSTILE).ok()?
+                } else {
+                    *u.choose(NAMES).ok()?
+                };
+                Some(entry(n, EntryKind::Dir, stamp(u, true)).path)
+            };
+            let n = u.int_in_range(1..=3).ok()?;
+            let mut stash = Vec::new();
+            let mut place = Vec::new();
+            for k in 0..n {
+                stash.push((name(u)?, park(k)));
+                place.push((park(k), name(u)?));
+            }
+            if !m.honest && u.ratio(1, 5).ok()? {
+                std::mem::swap(&mut stash, &mut place); // parking names on the wrong side
+            }
+            frame(&Msg::Stash { moves: stash }, &[]);
+            frame(&Msg::Place { moves: place }, &[]);
+        }
+        if u.ratio(1, 3).ok()? {
+            let paths = (0..u.int_in_range(0..=2).ok()?)
+                .map(|_| {
+                    u.choose(NAMES)
+                        .map(|n| entry(n, EntryKind::Dir, stamp(u, true)).path)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            frame(
+                &Msg::Scope {
+                    root: u.arbitrary().ok()?,
+                    paths,
+                },
+                &[],
+            );
+        }
+        return Some(out);
+    }
     let choice: u8 = if heard.done && u.ratio(9, 10).ok()? {
+        if u.ratio(1, 3).ok()? {
+            m.in_gen = false; // another generation, next step
+            return Some(out);
+        }
         85 // `Bye`, as a real sender answers `Done`
     } else if !heard.asks.is_empty() && u.ratio(1, 2).ok()? {
         50 // answer what was asked
@@ -222,6 +291,7 @@ fn sender_step(u: &mut Unstructured<'_>, m: &mut Model, heard: &mut Heard) -> Op
                 &Msg::Entries {
                     first_id: first,
                     entries,
+                    changed: u.arbitrary().ok()?,
                 },
                 &[],
             );
@@ -397,6 +467,8 @@ fn sender_step(u: &mut Unstructured<'_>, m: &mut Model, heard: &mut Heard) -> Op
             frame(
                 &Msg::Done {
                     stats: Default::default(),
+                    unsynced: Vec::new(),
+                    overflow: false,
                 },
                 &[],
             );
@@ -792,6 +864,8 @@ async fn sender_case(root: &Path, bytes: &[u8]) {
             80..=89 => Msg::arbitrary(&mut u).unwrap_or(Msg::Ping),
             90..=93 => Msg::Done {
                 stats: Default::default(),
+                unsynced: Vec::new(),
+                overflow: false,
             },
             _ => break,
         };

@@ -74,6 +74,15 @@ async fn pull_from_fake(
         ))
         .await
         .unwrap();
+        // One generation of the whole tree, as a pull's helper sends.
+        let start = Msg::GenStart {
+            generation: 0,
+            whole: true,
+            replace_dirs: false,
+        };
+        if hw.write_all(&frame(&start, &[])).await.is_err() {
+            return;
+        }
         for f in script {
             if hw.write_all(&f).await.is_err() {
                 return;
@@ -153,6 +162,7 @@ fn hostile_paths_are_refused_and_nothing_is_written_outside() {
             &Msg::Entries {
                 first_id: 0,
                 entries: vec![file(bad)],
+                changed: false,
             },
             &[],
         )];
@@ -177,6 +187,7 @@ fn paths_through_receiver_symlinks_are_refused() {
         &Msg::Entries {
             first_id: 0,
             entries: vec![file(b"link/evil")],
+            changed: false,
         },
         &[],
     )];
@@ -193,6 +204,7 @@ fn paths_through_receiver_symlinks_are_refused() {
             &Msg::Entries {
                 first_id: 0,
                 entries: vec![raw_entry(b"link", EntryKind::Dir)],
+                changed: false,
             },
             &[],
         ),
@@ -200,6 +212,7 @@ fn paths_through_receiver_symlinks_are_refused() {
             &Msg::Entries {
                 first_id: 1,
                 entries: vec![file(b"link/evil")],
+                changed: false,
             },
             &[],
         ),
@@ -260,6 +273,7 @@ fn entries_that_lie_are_refused() {
                     &Msg::Entries {
                         first_id: 0,
                         entries: vec![file(b"a")],
+                        changed: false,
                     },
                     &[],
                 ),
@@ -267,6 +281,7 @@ fn entries_that_lie_are_refused() {
                     &Msg::Entries {
                         first_id: 0,
                         entries: vec![file(b"b")],
+                        changed: false,
                     },
                     &[],
                 ),
@@ -278,6 +293,7 @@ fn entries_that_lie_are_refused() {
                 &Msg::Entries {
                     first_id: 7,
                     entries: vec![file(b"a")],
+                    changed: false,
                 },
                 &[],
             )],
@@ -289,6 +305,7 @@ fn entries_that_lie_are_refused() {
                     &Msg::Entries {
                         first_id: 0,
                         entries: vec![file(b"a")],
+                        changed: false,
                     },
                     &[],
                 ),

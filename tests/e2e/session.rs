@@ -304,9 +304,20 @@ fn failed_verification_falls_back_to_whole_file() {
                 },
             };
             hw.write_all(&enc(
+                &Msg::GenStart {
+                    generation: 0,
+                    whole: true,
+                    replace_dirs: false,
+                },
+                &[],
+            ))
+            .await
+            .unwrap();
+            hw.write_all(&enc(
                 &Msg::Entries {
                     first_id: 0,
                     entries: vec![entry],
+                    changed: false,
                 },
                 &[],
             ))

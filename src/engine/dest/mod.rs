@@ -373,6 +373,61 @@ impl Dest {
     }
 }
 
+/// Result of a rename inside the destination.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Renamed {
+    Yes,
+    /// Nothing at the source (or its parent is gone).
+    Missing,
+    /// Source and destination are on different file systems (a mount inside the tree).
+    CrossDevice,
+}
+
+impl Dest {
+    /// Renames `from` to `to` (both inside the root, neither followed if a symlink; what is at
+    /// `to` is replaced as `rename(2)` does).
+    pub fn rename(&self, from: &RelPath, to: &RelPath) -> Result<Renamed> {
+        let Some(src) = self.dir(from.parent().unwrap_or(b""))? else {
+            return Ok(Renamed::Missing);
+        };
+        let dst = self.parent(to)?;
+        self.invalidate(from.as_bytes());
+        self.invalidate(to.as_bytes());
+        match rfs::renameat(&*src, from.file_name(), &*dst, to.file_name()) {
+            Ok(()) => Ok(Renamed::Yes),
+            Err(Errno::NOENT) => Ok(Renamed::Missing),
+            Err(Errno::XDEV) => Ok(Renamed::CrossDevice),
+            Err(e) => Err(DestError::io(from, "renaming", e)),
+        }
+    }
+
+    /// Puts `from` at `to`: missing parents of `to` are made (a non-directory in their way is
+    /// removed first), whatever is at `to` is removed, then `from` is renamed there.
+    pub fn place(&self, from: &RelPath, to: &RelPath) -> Result<Renamed> {
+        if self.lstat(from)?.is_none() {
+            return Ok(Renamed::Missing);
+        }
+        for a in crate::engine::index::ancestors(to) {
+            match self.lstat(&a)? {
+                Some(m) if m.kind == LocalKind::Dir => continue,
+                Some(_) => {
+                    self.remove(&a, false)?;
+                }
+                None => {}
+            }
+            self.mkdir(&a)?;
+        }
+        match self.lstat(to)? {
+            Some(m) if m.kind == LocalKind::Dir => self.remove_tree(to)?,
+            Some(_) => {
+                self.remove(to, false)?;
+            }
+            None => {}
+        }
+        self.rename(from, to)
+    }
+}
+
 pub(super) fn times(t: Mtime) -> Timestamps {
     Timestamps {
         last_access: Timespec {
@@ -415,7 +470,7 @@ fn local_meta(st: &rfs::Stat) -> LocalMeta {
     }
 }
 
-fn remove_tree_at(parent: &OwnedFd, name: &[u8]) -> io::Result<()> {
+pub(super) fn remove_tree_at(parent: &OwnedFd, name: &[u8]) -> io::Result<()> {
     let fd = match rfs::openat(
         parent,
         name,

@@ -311,6 +311,16 @@ impl Dest {
             .map_or(0, |d| d.as_secs() as i64);
         #[allow(clippy::unnecessary_cast)] // i64 on x86_64, not on every target
         let age = now - st.st_ctime as i64;
+        if kind == Ours::Move {
+            // Parked for an instant during a batch of renames: one this old was left by a
+            // session that died between parking and placing (its content comes again).
+            if age <= SYMLINK_TEMP_AGE_SECS {
+                return Ok(false);
+            }
+            return super::remove_tree_at(dir, name)
+                .map(|()| true)
+                .map_err(|e| DestError::io(shown(), "removing leftover", e));
+        }
         let dead = match FileType::from_raw_mode(st.st_mode) {
             FileType::RegularFile => {
                 let fd = match rfs::openat(
@@ -331,6 +341,7 @@ impl Dest {
                         Ours::Temp => true,
                         Ours::New => age > NEW_FILE_AGE_SECS,
                         Ours::Partial => age > PARTIAL_MAX_AGE_SECS,
+                        Ours::Move => false,
                     }
             }
             FileType::Symlink => kind == Ours::Temp && age > SYMLINK_TEMP_AGE_SECS,

@@ -20,15 +20,84 @@ impl Ctx {
 
     pub(super) fn finish(&self) {
         crate::trace!("recv", "all transfers done");
-        if self.opts.delete {
+        let (root, paths) = std::mem::take(&mut *lock(&self.scopes));
+        if root {
             self.delete_extraneous();
+        }
+        if !paths.is_empty() {
+            self.delete_in_scopes(&paths);
         }
         if !self.opts.dry_run {
             self.fix_dirs();
         }
         let stats = lock(&self.stats).clone();
+        let mut unsynced = std::mem::take(&mut *lock(&self.unsynced));
+        unsynced.sort();
+        unsynced.dedup();
+        let overflow = unsynced.len() > crate::proto::msg::MAX_BATCH;
+        unsynced.truncate(crate::proto::msg::MAX_BATCH);
         *lock(&self.done) = Some(stats.clone());
-        let _ = self.out.send(Msg::Done { stats });
+        let _ = self.out.send(Msg::Done {
+            stats,
+            unsynced,
+            overflow,
+        });
+    }
+
+    /// Removes, under each of `scopes`, what the list did not name (and the filters do not
+    /// exclude). Deletions a watch saw: no guard, but nothing on a source read error.
+    fn delete_in_scopes(&self, scopes: &[RelPath]) {
+        let Some(d) = &self.dest else { return };
+        if self.sender_scan_errors.load(Ordering::Relaxed) > 0 {
+            return self.warn(
+                "",
+                "the source had read errors; not deleting anything this time",
+            );
+        }
+        let so = ScanOptions {
+            filters: self.opts.filters.clone(),
+            checksum: false,
+            threads: 1,
+            report_ours: true,
+        };
+        let scanner = match crate::engine::scan::Scanner::new(d.root_path(), &so) {
+            Ok(s) => s,
+            Err(e) => return self.error("", format!("scanning for deletions: {e}")),
+        };
+        let found = Mutex::new((Vec::new(), Vec::new()));
+        for p in scopes {
+            let r = scanner.subtree(p, &|| {
+                let found = &found;
+                move |ev| {
+                    let mut g = lock(found);
+                    match ev {
+                        ScanEvent::Entry(e, _) => g.0.push(e),
+                        ScanEvent::Ours { path, kind } => g.1.push((path, kind)),
+                        ScanEvent::Error { path, message } => {
+                            drop(g);
+                            self.warn(path, format!("not deleting: {message}"));
+                        }
+                        ScanEvent::Skipped { .. } => {}
+                    }
+                }
+            });
+            if let Err(e) = r {
+                self.warn(p, format!("not deleting: {e}"));
+            }
+        }
+        let (ours, leftovers) = found.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !self.opts.dry_run {
+            for (path, kind) in leftovers {
+                if let Err(e) = d.remove_leftover(&path, kind) {
+                    self.warn(&path, format!("cleaning up a leftover: {}", e.detail()));
+                }
+            }
+        }
+        let sender_paths = lock(&self.sender_paths);
+        let mut doomed = plan::deletions(&ours, &sender_paths);
+        drop(sender_paths);
+        doomed.dedup_by(|a, b| a.path == b.path);
+        self.remove_all(doomed);
     }
 
     pub(super) fn delete_extraneous(&self) {
@@ -76,6 +145,11 @@ impl Ctx {
             });
             return;
         }
+        self.remove_all(doomed);
+    }
+
+    /// Removes `doomed` (children before their directories).
+    fn remove_all(&self, doomed: Vec<Entry>) {
         for e in doomed {
             let kind = ItemKind::of(&e);
             let removed = match (&self.dest, self.opts.dry_run) {

@@ -159,10 +159,14 @@ struct DirState {
 
 struct Ctx {
     pool: Arc<rayon::ThreadPool>,
-    dest: Option<Dest>,
+    dest: Option<Arc<Dest>>,
     opts: SyncOptions,
     out: Out,
     obs: Arc<dyn Observer>,
+    /// This generation's list is the sender's whole tree.
+    whole: bool,
+    /// A directory where the sender has a file or symlink may be replaced.
+    replace_dirs: bool,
     stats: Mutex<Stats>,
     files: Mutex<HashMap<FileId, Arc<Incoming>>>,
     /// Whole-file requests the planner has not sent yet.
@@ -171,11 +175,15 @@ struct Ctx {
     planned: Mutex<(u64, u64)>,
     track: Mutex<Track>,
     dirs: Mutex<DirState>,
+    /// Where the list is the truth: the whole tree (guarded), and subtrees.
+    scopes: Mutex<(bool, Vec<RelPath>)>,
     sender_paths: Mutex<HashSet<RelPath>>,
     sender_count: AtomicU32,
     sender_scan_errors: AtomicU32,
     receiver_scan: Mutex<Option<ScanThread>>,
-    fatal: super::Fatal,
+    /// Paths where our tree was not what the sender expected.
+    unsynced: Mutex<Vec<RelPath>>,
+    fatal: Arc<super::Fatal>,
     done: Mutex<Option<Stats>>,
 }
 
@@ -184,15 +192,126 @@ struct Ctx {
 type ScanThread = std::thread::JoinHandle<Result<(Vec<Entry>, Vec<ScanEvent>), String>>;
 
 enum PlanItem {
-    /// A batch of the list; its ids are consecutive from the first.
-    Entries(FileId, Vec<Entry>),
+    Stash(Vec<(RelPath, RelPath)>),
+    Place(Vec<(RelPath, RelPath)>),
+    /// A batch of the list; its ids are consecutive from the first. `changed`: the sender saw
+    /// these change.
+    Entries(FileId, Vec<Entry>, bool),
     End {
         count: u32,
         scan_errors: u32,
     },
 }
 
-/// Runs the receiver until the sender acknowledges completion; returns the totals.
+/// What the session shares across generations.
+struct Session {
+    pool: Arc<rayon::ThreadPool>,
+    dest: Option<Arc<Dest>>,
+    root: PathBuf,
+    opts: SyncOptions,
+    out: Out,
+    obs: Arc<dyn Observer>,
+    fatal: Arc<super::Fatal>,
+}
+
+/// The generation being received, as the read loop tracks it.
+struct Current {
+    ctx: Arc<Ctx>,
+    plan_tx: mpsc::Sender<PlanItem>,
+    /// Entries received so far: the id the next batch must start at.
+    listed: FileId,
+    list_started: bool,
+    list_ended: bool,
+    placing: bool,
+}
+
+impl Current {
+    fn is_done(&self) -> bool {
+        lock(&self.ctx.done).is_some()
+    }
+}
+
+impl Session {
+    fn start_generation(&self, whole: bool, replace_dirs: bool) -> Result<Current, SessionError> {
+        let ctx = Arc::new(Ctx {
+            pool: self.pool.clone(),
+            dest: self.dest.clone(),
+            opts: self.opts.clone(),
+            out: self.out.clone(),
+            obs: self.obs.clone(),
+            whole,
+            replace_dirs,
+            stats: Mutex::new(Stats::default()),
+            files: Mutex::new(HashMap::new()),
+            needs: Mutex::new(Vec::new()),
+            planned: Mutex::new((0, 0)),
+            track: Mutex::new(Track {
+                outstanding: 0,
+                list_done: false,
+                finished: false,
+            }),
+            dirs: Mutex::new(DirState {
+                wanted: HashMap::new(),
+                fix: HashSet::new(),
+                root: None,
+            }),
+            scopes: Mutex::new((false, Vec::new())),
+            sender_paths: Mutex::new(HashSet::new()),
+            sender_count: AtomicU32::new(0),
+            sender_scan_errors: AtomicU32::new(0),
+            receiver_scan: Mutex::new(None),
+            unsynced: Mutex::new(Vec::new()),
+            fatal: self.fatal.clone(),
+            done: Mutex::new(None),
+        });
+        let (plan_tx, plan_rx) = mpsc::channel::<PlanItem>();
+        let planner_ctx = ctx.clone();
+        std::thread::Builder::new()
+            .name("devsync-plan".into())
+            .spawn(move || planner_ctx.planner(plan_rx))
+            .map_err(|e| SessionError::Local(format!("starting planner: {e}")))?;
+        Ok(Current {
+            ctx,
+            plan_tx,
+            listed: 0,
+            list_started: false,
+            list_ended: false,
+            placing: false,
+        })
+    }
+
+    /// Starts the receiver's own scan of the whole tree, for `--delete` at the end.
+    fn scan_root(&self, ctx: &Ctx) {
+        if self.dest.is_none() {
+            return;
+        }
+        let (root, filters) = (self.root.clone(), self.opts.filters.clone());
+        let handle = std::thread::spawn(move || {
+            let so = ScanOptions {
+                filters,
+                checksum: false,
+                threads: 0,
+                report_ours: true,
+            };
+            scan::scan_to_vec(&root, &so).map_err(|e| e.to_string())
+        });
+        *lock(&ctx.receiver_scan) = Some(handle);
+    }
+}
+
+/// The generation a list-phase message belongs to (one that is not done).
+fn open<'a>(cur: &'a mut Option<Current>, out: &Out) -> Result<&'a mut Current, SessionError> {
+    match cur {
+        Some(c) if !c.is_done() => Ok(c),
+        _ => Err(super::Fatal::violation(
+            out,
+            "a generation's message outside a generation".into(),
+        )),
+    }
+}
+
+/// Runs the receiver for a session's generations until the sender says goodbye; returns the
+/// totals of all of them.
 pub async fn run<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
     out: Out,
@@ -201,12 +320,12 @@ pub async fn run<R: AsyncRead + Unpin>(
     obs: Arc<dyn Observer>,
 ) -> Result<Stats, SessionError> {
     let dest = match root.is_dir() {
-        true => Some(Dest::open(&root)?),
+        true => Some(Arc::new(Dest::open(&root)?)),
         // Only a dry run gets here without a root: it has nothing to compare against.
         false if opts.dry_run => None,
         false => {
             Dest::create_root(&root)?;
-            Some(Dest::open(&root)?)
+            Some(Arc::new(Dest::open(&root)?))
         }
     };
     // Keep the root writable for us while we fill it; its final mode comes at the end.
@@ -216,96 +335,130 @@ pub async fn run<R: AsyncRead + Unpin>(
             d.set_root_meta(Some(meta.mode | 0o700), None)?;
         }
     }
-    let receiver_scan = (opts.delete && dest.is_some()).then(|| {
-        let (root, filters) = (root.clone(), opts.filters.clone());
-        std::thread::spawn(move || {
-            let so = ScanOptions {
-                filters,
-                checksum: false,
-                threads: 0,
-                report_ours: true,
-            };
-            scan::scan_to_vec(&root, &so).map_err(|e| e.to_string())
-        })
-    });
-    let ctx = Arc::new(Ctx {
+    let session = Session {
         pool: super::worker_pool("recv")?,
         dest,
+        root,
         opts,
         out,
         obs,
-        stats: Mutex::new(Stats::default()),
-        files: Mutex::new(HashMap::new()),
-        needs: Mutex::new(Vec::new()),
-        planned: Mutex::new((0, 0)),
-        track: Mutex::new(Track {
-            outstanding: 0,
-            list_done: false,
-            finished: false,
-        }),
-        dirs: Mutex::new(DirState {
-            wanted: HashMap::new(),
-            fix: HashSet::new(),
-            root: None,
-        }),
-        sender_paths: Mutex::new(HashSet::new()),
-        sender_count: AtomicU32::new(0),
-        sender_scan_errors: AtomicU32::new(0),
-        receiver_scan: Mutex::new(receiver_scan),
         fatal: Default::default(),
-        done: Mutex::new(None),
-    });
-    let (plan_tx, plan_rx) = mpsc::channel::<PlanItem>();
-    let planner_ctx = ctx.clone();
-    std::thread::Builder::new()
-        .name("devsync-plan".into())
-        .spawn(move || planner_ctx.planner(plan_rx))
-        .map_err(|e| SessionError::Local(format!("starting planner: {e}")))?;
+    };
     let budget = Arc::new(Semaphore::new(RECV_BUDGET));
-    // Entries received so far: the id the next batch must start at.
-    let mut listed: FileId = 0;
-    let mut list_ended = false;
+    let mut total = Stats::default();
+    let mut cur: Option<Current> = None;
+    let mut last_generation: Option<u64> = None;
+    let violation = |what: &str| super::Fatal::violation(&session.out, what.to_string());
 
     loop {
-        let (msg, payload) = super::next_frame(reader, &ctx.fatal, &ctx.out).await?;
+        let (msg, payload) = super::next_frame(reader, &session.fatal, &session.out).await?;
         match msg {
-            Msg::Entries { first_id, entries } => {
-                if list_ended {
-                    return Err(ctx.violation("list entries after the end of the list".into()));
+            Msg::GenStart {
+                generation,
+                whole,
+                replace_dirs,
+            } => {
+                if let Some(c) = &cur {
+                    let Some(stats) = lock(&c.ctx.done).clone() else {
+                        return Err(violation("a generation began before the last one was done"));
+                    };
+                    total.add(&stats);
                 }
-                if first_id != listed {
-                    return Err(ctx.violation(format!(
-                        "list batch starts at id {first_id}, expected {listed}"
+                if last_generation.is_some_and(|l| generation <= l) {
+                    return Err(violation("generation numbers must increase"));
+                }
+                last_generation = Some(generation);
+                crate::trace!("recv", "generation {generation} begins");
+                cur = Some(session.start_generation(whole, replace_dirs)?);
+            }
+            Msg::Stash { moves } => {
+                let c = open(&mut cur, &session.out)?;
+                if c.list_started || c.placing {
+                    return Err(violation("parking after placing or the list began"));
+                }
+                let _ = c.plan_tx.send(PlanItem::Stash(moves)); // planner gone: it reported why
+            }
+            Msg::Place { moves } => {
+                let c = open(&mut cur, &session.out)?;
+                if c.list_started {
+                    return Err(violation("renames after the list began"));
+                }
+                c.placing = true;
+                let _ = c.plan_tx.send(PlanItem::Place(moves)); // planner gone: it reported why
+            }
+            Msg::Scope { root, paths } => {
+                let c = open(&mut cur, &session.out)?;
+                if c.list_started {
+                    return Err(violation("a scope after the list began"));
+                }
+                let mut sc = lock(&c.ctx.scopes);
+                if root && !sc.0 {
+                    sc.0 = true;
+                    session.scan_root(&c.ctx);
+                }
+                if sc.1.len() + paths.len() > crate::proto::msg::MAX_BATCH * 16 {
+                    return Err(violation("too many scopes"));
+                }
+                sc.1.extend(paths);
+            }
+            Msg::Entries {
+                first_id,
+                entries,
+                changed,
+            } => {
+                let c = open(&mut cur, &session.out)?;
+                if c.list_ended {
+                    return Err(violation("list entries after the end of the list"));
+                }
+                if first_id != c.listed {
+                    return Err(violation(&format!(
+                        "list batch starts at id {first_id}, expected {}",
+                        c.listed
                     )));
                 }
-                listed = FileId::try_from(entries.len())
+                c.list_started = true;
+                c.listed = FileId::try_from(entries.len())
                     .ok()
-                    .and_then(|n| listed.checked_add(n))
-                    .ok_or_else(|| ctx.violation("file ids overflow".into()))?;
-                let _ = plan_tx.send(PlanItem::Entries(first_id, entries)); // planner gone: it reported why
+                    .and_then(|n| c.listed.checked_add(n))
+                    .ok_or_else(|| violation("file ids overflow"))?;
+                let _ = c
+                    .plan_tx
+                    .send(PlanItem::Entries(first_id, entries, changed)); // planner gone: it reported why
             }
             Msg::EndOfList {
                 count,
                 scan_errors,
                 root,
             } => {
-                if list_ended {
-                    return Err(ctx.violation("the list ended twice".into()));
+                let c = open(&mut cur, &session.out)?;
+                if c.list_ended {
+                    return Err(violation("the list ended twice"));
                 }
-                list_ended = true;
+                c.list_ended = true;
+                c.list_started = true;
                 crate::trace!("recv", "end of list received");
-                lock(&ctx.dirs).root = root;
-                let _ = plan_tx.send(PlanItem::End { count, scan_errors });
+                lock(&c.ctx.dirs).root = root;
+                let _ = c.plan_tx.send(PlanItem::End { count, scan_errors });
             }
-            Msg::Event(ev) => ctx.obs.event(ev),
+            Msg::Event(ev) => session.obs.event(ev),
             Msg::Ping => {}
             Msg::Bye => {
-                let stats = lock(&ctx.done).take();
-                return stats
-                    .ok_or_else(|| ctx.violation("goodbye before the receiver finished".into()));
+                if let Some(c) = &cur {
+                    let Some(stats) = lock(&c.ctx.done).clone() else {
+                        return Err(violation("goodbye before the receiver finished"));
+                    };
+                    total.add(&stats);
+                }
+                return Ok(total);
             }
             Msg::Fatal { message } => return Err(SessionError::Remote(message)),
             msg => {
+                let Some(c) = cur.as_ref().filter(|c| !c.is_done()) else {
+                    return Err(violation(&format!(
+                        "unexpected message between generations: {msg:?}"
+                    )));
+                };
+                let ctx = c.ctx.clone();
                 let n = payload.len().clamp(1, RECV_BUDGET) as u32;
                 let permit = budget
                     .clone()

@@ -1,19 +1,37 @@
 //! Planning: each entry of the sender's list against the local tree, in list order.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 
 use super::*;
-use crate::engine::plan::{self, FileAction};
+use crate::engine::dest::Renamed;
+use crate::engine::plan::{self, Decision, FileAction};
+
+/// What the planner knows while it works through one generation's list.
+#[derive(Default)]
+struct Walk {
+    /// Directories listed so far.
+    dirs_seen: HashSet<Vec<u8>>,
+    /// Directories found on our side (generations that list only changes).
+    dirs_here: HashSet<Vec<u8>>,
+    /// The parent of the previous entry, known to be fine: siblings arrive together.
+    last_parent: Vec<u8>,
+    planned: u64,
+    /// Parking names whose entry did not get parked.
+    unparked: HashSet<RelPath>,
+    /// Each parking name's source, when that is a real path (not inside another parked entry).
+    parked: HashMap<RelPath, Option<RelPath>>,
+    /// The real paths this generation's renames involve.
+    moved: Vec<RelPath>,
+    /// Some rename failed.
+    rename_failed: bool,
+}
 
 impl Ctx {
     pub(super) fn planner(self: Arc<Self>, rx: mpsc::Receiver<PlanItem>) {
-        let mut dirs_seen: HashSet<Vec<u8>> = HashSet::new();
-        // The parent of the previous entry, known to be listed: siblings arrive together.
-        let mut last_parent: Vec<u8> = Vec::new();
-        let mut planned: u64 = 0;
+        let mut w = Walk::default();
         loop {
             // Requests go out in batches, and whenever the list pauses.
             let item = match rx.try_recv() {
@@ -28,41 +46,61 @@ impl Ctx {
                 Err(mpsc::TryRecvError::Disconnected) => return,
             };
             match item {
-                PlanItem::Entries(first_id, entries) => {
+                PlanItem::Stash(moves) => {
+                    for (from, park) in moves {
+                        self.stash(&mut w, &from, park);
+                    }
+                }
+                PlanItem::Place(moves) => {
+                    for (park, to) in moves {
+                        self.place(&mut w, &park, to);
+                    }
+                }
+                PlanItem::Entries(first_id, entries, changed) => {
                     // Entries first: the id range is only advanced for real entries, so it
                     // cannot step past the last id the read loop accepted.
                     for (entry, id) in entries.into_iter().zip(first_id..) {
                         if let Some(parent) = entry.path.parent()
-                            && parent != last_parent.as_slice()
+                            && parent != w.last_parent.as_slice()
                         {
-                            if !dirs_seen.contains(parent) {
-                                return self.fail(SessionError::Violation(format!(
-                                    "{}: listed before its parent directory (or inside a \
-                                     non-directory)",
-                                    entry.path
-                                )));
+                            if !self.parent_ok(&mut w, parent) {
+                                if self.whole {
+                                    return self.fail(SessionError::Violation(format!(
+                                        "{}: listed before its parent directory (or inside a \
+                                         non-directory)",
+                                        entry.path
+                                    )));
+                                }
+                                w.planned += 1;
+                                continue;
                             }
-                            last_parent.clear();
-                            last_parent.extend_from_slice(parent);
+                            w.last_parent.clear();
+                            w.last_parent.extend_from_slice(parent);
                         }
                         if entry.is_dir() {
-                            dirs_seen.insert(entry.path.as_bytes().to_vec());
+                            w.dirs_seen.insert(entry.path.as_bytes().to_vec());
                         }
-                        if self.opts.delete {
+                        if self.keeps_sender_paths() {
                             lock(&self.sender_paths).insert(entry.path.clone());
                         }
-                        planned += 1;
-                        self.plan_entry(id, entry);
+                        w.planned += 1;
+                        self.plan_entry(id, entry, changed);
                     }
                 }
                 PlanItem::End { count, scan_errors } => {
                     // The read loop checked that batches are consecutive from id 0.
-                    if u64::from(count) != planned {
+                    if u64::from(count) != w.planned {
                         return self.fail(SessionError::Violation(format!(
-                            "list ended with count {count}, but {planned} entries arrived"
+                            "list ended with count {count}, but {} entries arrived",
+                            w.planned
                         )));
                     }
                     crate::trace!("recv", "all {count} entries planned");
+                    if w.rename_failed {
+                        // Where anything of this generation's renames is now is uncertain:
+                        // the sender sends those places again in full.
+                        lock(&self.unsynced).extend(w.moved.drain(..));
+                    }
                     self.flush_needs();
                     let (files, bytes) = *lock(&self.planned);
                     self.obs.event(Event::Planned { files, bytes });
@@ -73,6 +111,103 @@ impl Ctx {
                     self.maybe_finish();
                     return;
                 }
+            }
+        }
+    }
+
+    fn keeps_sender_paths(&self) -> bool {
+        let sc = lock(&self.scopes);
+        sc.0 || !sc.1.is_empty()
+    }
+
+    /// Whether an entry in directory `parent` can be planned: the directory was listed
+    /// before, or (in a generation of changes) is already here. Otherwise the outermost
+    /// missing piece is reported as unsynced.
+    fn parent_ok(&self, w: &mut Walk, parent: &[u8]) -> bool {
+        if w.dirs_seen.contains(parent) || w.dirs_here.contains(parent) {
+            return true;
+        }
+        if self.whole {
+            return false;
+        }
+        let Some(d) = &self.dest else {
+            return true; // a dry run into nothing: nothing to check against
+        };
+        let Ok(p) = RelPath::new(parent.to_vec()) else {
+            return false;
+        };
+        if let Ok(Some(m)) = d.lstat(&p)
+            && m.kind == LocalKind::Dir
+        {
+            w.dirs_here.insert(parent.to_vec());
+            return true;
+        }
+        let missing = crate::engine::index::ancestors(&p)
+            .chain(std::iter::once(p.clone()))
+            .find(|a| {
+                !w.dirs_seen.contains(a.as_bytes())
+                    && !matches!(d.lstat(a), Ok(Some(m)) if m.kind == LocalKind::Dir)
+            })
+            .unwrap_or_else(|| p.clone());
+        let mut u = lock(&self.unsynced);
+        if !u.contains(&missing) {
+            crate::trace!("recv", "{missing} is missing here; asking for it again");
+            u.push(missing);
+        }
+        false
+    }
+
+    /// Parks `from` under the parking name `park`.
+    fn stash(&self, w: &mut Walk, from: &RelPath, park: RelPath) {
+        let real = !from
+            .as_bytes()
+            .starts_with(crate::engine::tempname::MOVE_PREFIX);
+        w.parked.insert(park.clone(), real.then(|| from.clone()));
+        let (Some(d), false) = (&self.dest, self.opts.dry_run) else {
+            return;
+        };
+        match d.rename(from, &park) {
+            Ok(Renamed::Yes) => {
+                self.touched(from);
+            }
+            Ok(r) => {
+                crate::trace!("recv", "parking {from}: {r:?}");
+                w.rename_failed = true;
+                w.unparked.insert(park);
+            }
+            Err(e) => {
+                w.rename_failed = true;
+                w.unparked.insert(park);
+                self.dest_error(from, e);
+            }
+        }
+    }
+
+    /// Puts what was parked under `park` at `to`.
+    fn place(&self, w: &mut Walk, park: &RelPath, to: RelPath) {
+        if let Some(Some(from)) = w.parked.get(park) {
+            w.moved.push(from.clone());
+        }
+        w.moved.push(to.clone());
+        let (Some(d), false) = (&self.dest, self.opts.dry_run) else {
+            lock(&self.stats).renamed += 1;
+            return;
+        };
+        if w.unparked.contains(park) {
+            return;
+        }
+        match d.place(park, &to) {
+            Ok(Renamed::Yes) => {
+                lock(&self.stats).renamed += 1;
+                self.touched(&to);
+            }
+            Ok(r) => {
+                crate::trace!("recv", "placing {to}: {r:?}");
+                w.rename_failed = true;
+            }
+            Err(e) => {
+                w.rename_failed = true;
+                self.dest_error(&to, e);
             }
         }
     }
@@ -127,7 +262,7 @@ impl Ctx {
         }
     }
 
-    pub(super) fn plan_entry(self: &Arc<Self>, id: FileId, entry: Entry) {
+    pub(super) fn plan_entry(self: &Arc<Self>, id: FileId, entry: Entry, changed: bool) {
         {
             let mut s = lock(&self.stats);
             match entry.kind {
@@ -139,77 +274,111 @@ impl Ctx {
                 EntryKind::Symlink { .. } => s.symlinks += 1,
             }
         }
-        let local = match self.lstat(&entry.path) {
+        let meta = match self.lstat(&entry.path) {
             Ok(l) => l,
             Err(e) => return self.dest_error(&entry.path, e),
         };
-        let r = match &entry.kind {
-            EntryKind::Dir => self.plan_dir(&entry, local),
-            EntryKind::Symlink { target } => self.plan_symlink(&entry, target, local),
-            EntryKind::File { size, digest } => {
-                if let Err(e) = self.clear_dir_in_the_way(&entry, local.as_ref()) {
-                    return self.dest_error(&entry.path, e);
-                }
-                let local = local.filter(|l| l.kind == LocalKind::File);
-                match (digest, local) {
-                    (Some(_), Some(l)) if l.size == *size => {
-                        // --checksum: hash our copy off the planner thread.
-                        lock(&self.track).outstanding += 1;
-                        let c = self.clone();
-                        let entry = entry.clone();
-                        self.pool.spawn(move || {
-                            let ours = c.dest.as_ref().map(|d| {
-                                d.open_file(&entry.path)
-                                    .map_err(|e| e.to_string())
-                                    .and_then(|f| {
-                                        hash::file_digest(&f, l.size).map_err(|e| e.to_string())
-                                    })
-                            });
-                            match ours {
-                                Some(Err(e)) => {
-                                    c.error(&entry.path, format!("reading for --checksum: {e}"))
-                                }
-                                Some(Ok(d)) => c.plan_file(id, &entry, Some(l), Some(&d), false),
-                                None => c.plan_file(id, &entry, Some(l), None, false),
-                            }
-                            c.release();
-                        });
-                        Ok(())
-                    }
-                    _ => {
-                        self.plan_file(id, &entry, local, None, true);
-                        Ok(())
-                    }
+        let link = match (&self.dest, meta) {
+            (Some(d), Some(l))
+                if l.kind == LocalKind::Symlink
+                    && matches!(entry.kind, EntryKind::Symlink { .. }) =>
+            {
+                match d.read_link(&entry.path) {
+                    Ok(t) => Some(t),
+                    Err(e) => return self.dest_error(&entry.path, e),
                 }
             }
+            _ => None,
+        };
+        let rules = plan::Rules {
+            replace_dirs: self.replace_dirs || self.opts.delete,
+            changed,
+        };
+        let local = plan::Local {
+            meta,
+            link: link.as_deref(),
+            digest: None,
+        };
+        let decision = plan::decide(&entry, &local, rules);
+        if decision != Decision::HashFirst {
+            return self.carry_out(id, &entry, meta, decision, true);
+        }
+        // --checksum: hash our copy off the planner thread, then decide with its digest.
+        lock(&self.track).outstanding += 1;
+        let c = self.clone();
+        self.pool.spawn(move || {
+            let ours = c.dest.as_ref().map(|d| {
+                d.open_file(&entry.path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| {
+                        hash::file_digest(&f, meta.map_or(0, |m| m.size)).map_err(|e| e.to_string())
+                    })
+            });
+            match ours {
+                Some(Err(e)) => c.error(&entry.path, format!("reading for --checksum: {e}")),
+                Some(Ok(digest)) => {
+                    let local = plan::Local {
+                        meta,
+                        link: None,
+                        digest: Some(&digest),
+                    };
+                    let decision = plan::decide(&entry, &local, rules);
+                    c.carry_out(id, &entry, meta, decision, false);
+                }
+                None => c.carry_out(
+                    id,
+                    &entry,
+                    meta,
+                    Decision::File {
+                        clear_dir: false,
+                        action: FileAction::Transfer { basis: false },
+                    },
+                    false,
+                ),
+            }
+            c.release();
+        });
+    }
+
+    /// Does what [`plan::decide`] decided for `entry` (`local`: what `lstat` found there).
+    fn carry_out(
+        self: &Arc<Self>,
+        id: FileId,
+        entry: &Entry,
+        local: Option<LocalMeta>,
+        decision: Decision,
+        batched: bool,
+    ) {
+        let r = match decision {
+            Decision::RefuseDir => Err(DestError::Io {
+                path: entry.path.to_string(),
+                op: "replacing a directory",
+                source: io::Error::other(
+                    "the receiving side has a directory where the source has a file or \
+                     symlink; pass --delete to replace it",
+                ),
+            }),
+            Decision::MakeDir { clear } => self.make_dir(entry, clear),
+            Decision::FixDir { perms, time } => self.fix_dir(entry, local, perms, time),
+            Decision::Link { clear_dir, op } => self
+                .clear_dir(entry, clear_dir)
+                .and_then(|()| self.make_link(entry, local, op)),
+            Decision::LinkUpToDate => Ok(()),
+            Decision::HashFirst => Ok(()), // decided again once hashed
+            Decision::File { clear_dir, action } => self.clear_dir(entry, clear_dir).map(|()| {
+                let local = local.filter(|l| l.kind == LocalKind::File);
+                self.plan_file(id, entry, local, action, batched)
+            }),
         };
         if let Err(e) = r {
             self.dest_error(&entry.path, e);
         }
     }
 
-    /// A directory where the sender has a file or symlink goes only with `--delete`.
-    pub(super) fn clear_dir_in_the_way(
-        &self,
-        entry: &Entry,
-        local: Option<&LocalMeta>,
-    ) -> Result<(), DestError> {
-        if local.map(|l| l.kind) != Some(LocalKind::Dir) {
+    /// Removes the directory where the sender has a file or symlink.
+    fn clear_dir(&self, entry: &Entry, clear: bool) -> Result<(), DestError> {
+        if !clear {
             return Ok(());
-        }
-        if !self.opts.delete {
-            return Err(DestError::Io {
-                path: entry.path.to_string(),
-                op: "replacing a directory",
-                source: io::Error::other(format!(
-                    "the receiving side has a directory where the source has a {}; pass --delete to replace it",
-                    if entry.is_dir() {
-                        "directory"
-                    } else {
-                        "file or symlink"
-                    }
-                )),
-            });
         }
         self.report(&entry.path, ItemKind::Dir, ChangeOp::Deleted);
         match &self.dest {
@@ -218,53 +387,16 @@ impl Ctx {
         }
     }
 
-    pub(super) fn plan_dir(
-        &self,
-        entry: &Entry,
-        local: Option<LocalMeta>,
-    ) -> Result<(), DestError> {
+    fn make_dir(&self, entry: &Entry, clear: bool) -> Result<(), DestError> {
         let key = entry.path.as_bytes().to_vec();
         lock(&self.dirs)
             .wanted
             .insert(key.clone(), (entry.mode, entry.mtime));
-        let dry = self.opts.dry_run;
-        match local {
-            Some(l) if l.kind == LocalKind::Dir => {
-                let perms = l.mode != entry.mode;
-                if perms {
-                    self.report(
-                        &entry.path,
-                        ItemKind::Dir,
-                        ChangeOp::Updated {
-                            content: false,
-                            size: false,
-                            time: l.mtime != entry.mtime,
-                            perms,
-                        },
-                    );
-                    lock(&self.stats).metadata_only += 1;
-                }
-                if perms || l.mtime != entry.mtime {
-                    lock(&self.dirs).fix.insert(key);
-                }
-                // Keep it writable for us while we fill it; the final mode comes at the end.
-                if let (Some(d), false) = (&self.dest, dry)
-                    && l.mode & 0o700 != 0o700
-                {
-                    d.set_dir_meta(&entry.path, Some(l.mode | 0o700), None)?;
-                    lock(&self.dirs).fix.insert(entry.path.as_bytes().to_vec());
-                }
-                return Ok(());
-            }
-            Some(_) => {
+        if let (Some(d), false) = (&self.dest, self.opts.dry_run) {
+            if clear {
                 // A file, symlink or special file where the sender has a directory.
-                if let (Some(d), false) = (&self.dest, dry) {
-                    d.remove(&entry.path, false)?;
-                }
+                d.remove(&entry.path, false)?;
             }
-            None => {}
-        }
-        if let (Some(d), false) = (&self.dest, dry) {
             d.mkdir(&entry.path)?;
         }
         self.report(&entry.path, ItemKind::Dir, ChangeOp::Created);
@@ -274,20 +406,52 @@ impl Ctx {
         Ok(())
     }
 
-    pub(super) fn plan_symlink(
+    fn fix_dir(
         &self,
         entry: &Entry,
-        target: &[u8],
         local: Option<LocalMeta>,
+        perms: bool,
+        time: bool,
     ) -> Result<(), DestError> {
-        self.clear_dir_in_the_way(entry, local.as_ref())?;
-        let existing = match (&self.dest, local) {
-            (Some(d), Some(l)) if l.kind == LocalKind::Symlink => Some(d.read_link(&entry.path)?),
-            _ => None,
-        };
-        if existing.as_deref() == Some(target) {
-            return Ok(());
+        let key = entry.path.as_bytes().to_vec();
+        lock(&self.dirs)
+            .wanted
+            .insert(key.clone(), (entry.mode, entry.mtime));
+        if perms {
+            self.report(
+                &entry.path,
+                ItemKind::Dir,
+                ChangeOp::Updated {
+                    content: false,
+                    size: false,
+                    time,
+                    perms,
+                },
+            );
+            lock(&self.stats).metadata_only += 1;
         }
+        if perms || time {
+            lock(&self.dirs).fix.insert(key);
+        }
+        // Keep it writable for us while we fill it; the final mode comes at the end.
+        if let (Some(d), false, Some(l)) = (&self.dest, self.opts.dry_run, local)
+            && l.mode & 0o700 != 0o700
+        {
+            d.set_dir_meta(&entry.path, Some(l.mode | 0o700), None)?;
+            lock(&self.dirs).fix.insert(entry.path.as_bytes().to_vec());
+        }
+        Ok(())
+    }
+
+    fn make_link(
+        &self,
+        entry: &Entry,
+        local: Option<LocalMeta>,
+        op: ChangeOp,
+    ) -> Result<(), DestError> {
+        let EntryKind::Symlink { target } = &entry.kind else {
+            return Ok(());
+        };
         if let (Some(d), false) = (&self.dest, self.opts.dry_run) {
             if local.is_some()
                 && let Err(e) = d.sweep(entry.path.parent().unwrap_or(b""))
@@ -299,15 +463,6 @@ impl Ctx {
             }
             d.symlink(&entry.path, target, entry.mtime)?;
         }
-        let op = match local {
-            Some(l) if l.kind == LocalKind::Symlink => ChangeOp::Updated {
-                content: true,
-                size: false,
-                time: false,
-                perms: false,
-            },
-            _ => ChangeOp::Created,
-        };
         self.count_change(op);
         self.report(&entry.path, ItemKind::Symlink, op);
         self.touched(&entry.path);
@@ -327,20 +482,12 @@ impl Ctx {
         id: FileId,
         entry: &Entry,
         local: Option<LocalMeta>,
-        local_digest: Option<&Digest>,
+        action: FileAction,
         batched: bool,
     ) {
         let EntryKind::File { size, digest } = &entry.kind else {
             return;
         };
-        let action = plan::file_action(
-            *size,
-            entry.mode,
-            entry.mtime,
-            digest.as_ref(),
-            local.as_ref(),
-            local_digest,
-        );
         match action {
             FileAction::UpToDate => {}
             FileAction::Metadata { perms, time } => {

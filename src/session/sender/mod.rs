@@ -1,11 +1,14 @@
-//! Sender role: stream the file list, then answer the receiver's requests with whole files,
-//! chunk copies and deltas ([`files`]). Bulk work runs on rayon; the async loop here only reads
-//! frames and dispatches, so it never blocks and the receiver can always make progress.
+//! Sender role: for each generation, stream its list (the whole scanned tree, or the changes
+//! a watch found), then answer the receiver's requests with whole files, chunk copies and
+//! deltas ([`files`]) until it reports the generation done. Bulk work runs on rayon; the async
+//! loop here only reads frames and dispatches, so it never blocks and the receiver can always
+//! make progress.
 
 mod files;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -15,10 +18,11 @@ use super::conn::{Budget, Out};
 use super::{Observer, SessionError};
 use crate::engine::delta::SigParams;
 use crate::engine::hash::{Cv, chunk_count};
-use crate::engine::scan::{self, ScanEvent, ScanOptions};
+use crate::engine::index::{Index, Ino};
+use crate::engine::scan::{ScanEvent, ScanOptions, Scanner};
 use crate::engine::source::Snapshot;
-use crate::engine::{Entry, EntryKind, MODE_MASK};
-use crate::proto::{Event, FileId, FrameReader, Msg, Stamp, Stats, SyncOptions};
+use crate::engine::{Entry, EntryKind, MODE_MASK, RelPath};
+use crate::proto::{Event, FileId, FrameReader, Msg, Stamp, Stats, SyncOptions, msg::MAX_BATCH};
 
 /// File data a sender may have read but not yet written to the stream.
 const SEND_BUDGET: u64 = 48 << 20;
@@ -35,11 +39,16 @@ const LIST_BATCH: usize = 256;
 struct ListBatch<'a> {
     ctx: &'a Ctx,
     buf: Vec<Entry>,
+    inos: Vec<Ino>,
+    changed: bool,
 }
 
 impl ListBatch<'_> {
-    fn push(&mut self, entry: Entry) {
+    fn push(&mut self, entry: Entry, ino: Ino) {
         self.buf.push(entry);
+        if self.ctx.keep_inos {
+            self.inos.push(ino);
+        }
         if self.buf.len() >= LIST_BATCH {
             self.flush();
         }
@@ -56,6 +65,7 @@ impl ListBatch<'_> {
         let msg = Msg::Entries {
             first_id: all.len(),
             entries: std::mem::take(&mut self.buf),
+            changed: self.changed,
         };
         let encoded = self
             .ctx
@@ -64,7 +74,7 @@ impl ListBatch<'_> {
         let Msg::Entries { entries, .. } = msg else {
             unreachable!("built just above")
         };
-        all.push(entries);
+        all.push(entries, std::mem::take(&mut self.inos));
         match encoded {
             // Writer gone: the read loop sees the end.
             Err(_) | Ok(Ok(())) => {}
@@ -85,8 +95,8 @@ impl Drop for ListBatch<'_> {
 /// The list as sent, in id order: whole batches, so that growing it never copies entries.
 #[derive(Default)]
 struct ListTable {
-    /// Each batch with the id of its first entry.
-    batches: Vec<(FileId, Vec<Entry>)>,
+    /// Each batch with the id of its first entry, and (when kept) their inodes.
+    batches: Vec<(FileId, Vec<Entry>, Vec<Ino>)>,
     len: FileId,
 }
 
@@ -95,32 +105,48 @@ impl ListTable {
         self.len
     }
 
-    fn push(&mut self, batch: Vec<Entry>) {
+    fn push(&mut self, batch: Vec<Entry>, inos: Vec<Ino>) {
         let first = self.len;
         self.len += batch.len() as FileId;
-        self.batches.push((first, batch));
+        self.batches.push((first, batch, inos));
     }
 
     fn get(&self, id: FileId) -> Option<&Entry> {
-        let i = self.batches.partition_point(|(first, _)| *first <= id);
-        let (first, batch) = self.batches.get(i.checked_sub(1)?)?;
+        let i = self.batches.partition_point(|(first, ..)| *first <= id);
+        let (first, batch, _) = self.batches.get(i.checked_sub(1)?)?;
         batch.get((id - first) as usize)
     }
 }
 
+/// What every generation of one session shares.
+struct Shared {
+    pool: Arc<rayon::ThreadPool>,
+    root: PathBuf,
+    out: Out,
+    obs: Arc<dyn Observer>,
+    budget: Budget,
+    scan: ScanOptions,
+    racy: Mutex<std::time::Duration>,
+    fatal: Arc<super::Fatal>,
+    gens: AtomicU64,
+}
+
+/// One generation's state.
 struct Ctx {
     pool: Arc<rayon::ThreadPool>,
     root: PathBuf,
     out: Out,
     obs: Arc<dyn Observer>,
     entries: RwLock<ListTable>,
+    /// Keep each listed entry's inode (to hand the list back as an [`Index`]).
+    keep_inos: bool,
     budget: Budget,
     big: Mutex<HashMap<FileId, BigFile>>,
     /// Files sent again because they changed while being read: how many times so far.
     attempts: Mutex<HashMap<FileId, u32>>,
     /// How recent a change makes a read suspect ([`crate::engine::source::RACY_WINDOW`]).
     racy: std::time::Duration,
-    fatal: super::Fatal,
+    fatal: Arc<super::Fatal>,
 }
 
 /// A big file waiting for the block signatures it asked for.
@@ -136,44 +162,189 @@ struct BigFile {
     parts: HashMap<u32, Bytes>,
 }
 
-/// A sender whose list is already streaming into its [`Out`] (possibly before the connection
-/// exists: frames queue until the writer starts).
-pub struct Started(Arc<Ctx>);
+/// The sending side of a session: starts generations, one at a time.
+pub struct Sender(Arc<Shared>);
 
-/// Starts scanning `root` and queueing the list.
-pub fn start(
-    out: Out,
-    root: PathBuf,
-    opts: &SyncOptions,
-    obs: Arc<dyn Observer>,
-) -> Result<Started, SessionError> {
-    let ctx = Arc::new(Ctx {
-        pool: super::worker_pool("send")?,
-        root,
-        out,
-        obs,
-        entries: RwLock::new(ListTable::default()),
-        budget: Budget::new(SEND_BUDGET),
-        big: Mutex::new(HashMap::new()),
-        attempts: Mutex::new(HashMap::new()),
-        racy: crate::engine::source::RACY_WINDOW,
-        fatal: Default::default(),
-    });
-    let scan_ctx = ctx.clone();
-    let scan_opts = ScanOptions {
-        filters: opts.filters.clone(),
-        checksum: opts.checksum,
-        threads: 0,
-        report_ours: false,
-    };
-    std::thread::Builder::new()
-        .name("devsync-scan".into())
-        .spawn(move || scan_ctx.stream_list(&scan_opts))
-        .map_err(|e| SessionError::Local(format!("starting scanner: {e}")))?;
-    Ok(Started(ctx))
+/// What a generation lists.
+pub enum List {
+    /// The whole tree, scanned now and streamed as it is read; `keep_index`: hand it back
+    /// (with inodes) when the generation is done.
+    Scan { keep_index: bool },
+    /// These entries (parents before children; `true`: seen changing), and the root's own
+    /// attributes.
+    Given {
+        entries: Vec<(Entry, bool)>,
+        root: Option<Stamp>,
+    },
 }
 
-/// Runs the sender until the receiver reports completion; returns the receiver's totals.
+/// One generation's instructions.
+pub struct Plan {
+    pub list: List,
+    /// Renames: parkings, then placings (see [`crate::engine::index::ChangeSet`]).
+    pub stash: Vec<(RelPath, RelPath)>,
+    pub place: Vec<(RelPath, RelPath)>,
+    /// Paths where the list is the truth (whatever else the receiver has there goes).
+    pub scopes: Vec<RelPath>,
+    /// The whole tree is such a scope (`--delete`, guarded).
+    pub scope_root: bool,
+    pub replace_dirs: bool,
+}
+
+impl Plan {
+    /// Everything, with push semantics.
+    pub fn whole(opts: &SyncOptions, keep_index: bool) -> Plan {
+        Plan {
+            list: List::Scan { keep_index },
+            stash: Vec::new(),
+            place: Vec::new(),
+            scopes: Vec::new(),
+            scope_root: opts.delete,
+            replace_dirs: opts.delete,
+        }
+    }
+}
+
+/// A generation under way.
+pub struct Gen(Arc<Ctx>);
+
+/// How a generation ended, as the receiver reported it.
+#[derive(Debug)]
+pub struct GenDone {
+    pub stats: Stats,
+    /// Paths the receiver could not bring to what the sender expected.
+    pub unsynced: Vec<RelPath>,
+    pub overflow: bool,
+    /// The scanned list with inodes ([`List::Scan`] with `keep_index`).
+    pub index: Option<Index>,
+}
+
+impl Sender {
+    pub fn new(
+        out: Out,
+        root: PathBuf,
+        opts: &SyncOptions,
+        obs: Arc<dyn Observer>,
+    ) -> Result<Sender, SessionError> {
+        Ok(Sender(Arc::new(Shared {
+            pool: super::worker_pool("send")?,
+            root,
+            out,
+            obs,
+            budget: Budget::new(SEND_BUDGET),
+            scan: ScanOptions {
+                filters: opts.filters.clone(),
+                checksum: opts.checksum,
+                threads: 0,
+                report_ours: false,
+            },
+            racy: Mutex::new(crate::engine::source::RACY_WINDOW),
+            fatal: Default::default(),
+            gens: AtomicU64::new(0),
+        })))
+    }
+
+    /// Sets how recent a change makes a read suspect for generations started from now on. A
+    /// watch, which hears of every later write anyway, sets none.
+    pub fn set_racy_window(&self, racy: std::time::Duration) {
+        *super::lock(&self.0.racy) = racy;
+    }
+
+    pub fn out(&self) -> &Out {
+        &self.0.out
+    }
+
+    /// Starts the next generation: queues its start, renames and scopes, then its list (from
+    /// a scanner thread for [`List::Scan`]).
+    pub fn start(&self, plan: Plan) -> Result<Gen, SessionError> {
+        let sh = &self.0;
+        let generation = sh.gens.fetch_add(1, Ordering::Relaxed);
+        let keep_inos = matches!(plan.list, List::Scan { keep_index: true });
+        let ctx = Arc::new(Ctx {
+            pool: sh.pool.clone(),
+            root: sh.root.clone(),
+            out: sh.out.clone(),
+            obs: sh.obs.clone(),
+            entries: RwLock::new(ListTable::default()),
+            keep_inos,
+            budget: sh.budget.clone(),
+            big: Mutex::new(HashMap::new()),
+            attempts: Mutex::new(HashMap::new()),
+            racy: *super::lock(&sh.racy),
+            fatal: sh.fatal.clone(),
+        });
+        let out = &sh.out;
+        out.send_listed(&Msg::GenStart {
+            generation,
+            whole: matches!(plan.list, List::Scan { .. }),
+            replace_dirs: plan.replace_dirs,
+        })?;
+        for moves in plan.stash.chunks(MAX_BATCH) {
+            out.send_listed(&Msg::Stash {
+                moves: moves.to_vec(),
+            })?;
+        }
+        for moves in plan.place.chunks(MAX_BATCH) {
+            out.send_listed(&Msg::Place {
+                moves: moves.to_vec(),
+            })?;
+        }
+        if plan.scope_root || !plan.scopes.is_empty() {
+            let mut chunks: Vec<&[RelPath]> = plan.scopes.chunks(MAX_BATCH).collect();
+            if chunks.is_empty() {
+                chunks.push(&[]);
+            }
+            for (i, paths) in chunks.into_iter().enumerate() {
+                out.send_listed(&Msg::Scope {
+                    root: plan.scope_root && i == 0,
+                    paths: paths.to_vec(),
+                })?;
+            }
+        }
+        match plan.list {
+            List::Scan { .. } => {
+                let scan_ctx = ctx.clone();
+                let scan_opts = sh.scan.clone();
+                std::thread::Builder::new()
+                    .name("devsync-scan".into())
+                    .spawn(move || scan_ctx.stream_list(&scan_opts))
+                    .map_err(|e| SessionError::Local(format!("starting scanner: {e}")))?;
+            }
+            List::Given { entries, root } => {
+                {
+                    let mut batch = ListBatch {
+                        ctx: &ctx,
+                        buf: Vec::new(),
+                        inos: Vec::new(),
+                        changed: false,
+                    };
+                    for (e, changed) in entries {
+                        if changed != batch.changed {
+                            batch.flush();
+                            batch.changed = changed;
+                        }
+                        batch.push(e, (0, 0));
+                    }
+                }
+                let count = ctx.entries.read().unwrap_or_else(|p| p.into_inner()).len();
+                out.send(Msg::EndOfList {
+                    count,
+                    scan_errors: 0,
+                    root,
+                })?;
+            }
+        }
+        Ok(Gen(ctx))
+    }
+
+    /// Ends the session (after the last generation's `Done`).
+    pub fn bye(&self) -> Result<(), SessionError> {
+        Ok(self.0.out.send(Msg::Bye)?)
+    }
+}
+
+/// Plays the sender for one session of one whole generation (a push, or a pull's helper);
+/// returns the receiver's totals.
 pub async fn run<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
     out: Out,
@@ -181,15 +352,28 @@ pub async fn run<R: AsyncRead + Unpin>(
     opts: SyncOptions,
     obs: Arc<dyn Observer>,
 ) -> Result<Stats, SessionError> {
-    serve(reader, start(out, root, &opts, obs)?).await
+    let sender = Sender::new(out, root, &opts, obs)?;
+    let generation = sender.start(Plan::whole(&opts, false))?;
+    finish(reader, &sender, &generation).await
 }
 
-/// Answers the receiver for a started sender.
+/// Serves a started one-generation session to its end.
+pub async fn finish<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    sender: &Sender,
+    generation: &Gen,
+) -> Result<Stats, SessionError> {
+    let done = serve(reader, generation).await?;
+    sender.bye()?;
+    Ok(done.stats)
+}
+
+/// Answers the receiver for generation `generation` until it reports the generation done.
 pub async fn serve<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
-    started: Started,
-) -> Result<Stats, SessionError> {
-    let ctx = started.0;
+    generation: &Gen,
+) -> Result<GenDone, SessionError> {
+    let ctx = &generation.0;
     loop {
         let (msg, payload) = super::next_frame(reader, &ctx.fatal, &ctx.out).await?;
         match msg {
@@ -254,9 +438,18 @@ pub async fn serve<R: AsyncRead + Unpin>(
             }
             Msg::Ping => {}
             Msg::Event(ev) => ctx.obs.event(ev),
-            Msg::Done { stats } => {
-                ctx.out.send(Msg::Bye)?;
-                return Ok(stats);
+            Msg::Done {
+                stats,
+                unsynced,
+                overflow,
+            } => {
+                let index = ctx.keep_inos.then(|| ctx.index());
+                return Ok(GenDone {
+                    stats,
+                    unsynced,
+                    overflow,
+                    index,
+                });
             }
             Msg::Fatal { message } => return Err(SessionError::Remote(message)),
             other => {
@@ -309,44 +502,58 @@ impl Ctx {
         }
     }
 
+    /// The list as sent, with inodes, as an index.
+    fn index(&self) -> Index {
+        let mut ix = Index::new();
+        let table = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        for (_, batch, inos) in &table.batches {
+            for (e, ino) in batch
+                .iter()
+                .zip(inos.iter().chain(std::iter::repeat(&(0, 0))))
+            {
+                ix.insert(e.clone(), *ino);
+            }
+        }
+        ix
+    }
+
     /// Scans and streams entries; ids are list positions.
     fn stream_list(&self, opts: &ScanOptions) {
         crate::trace!("send", "scanning");
         let errors = std::sync::atomic::AtomicU32::new(0);
-        let result = scan::scan_each(&self.root, opts, &|| {
-            let mut batch = ListBatch {
-                ctx: self,
-                buf: Vec::with_capacity(32),
-            };
-            let errors = &errors;
-            move |ev| match ev {
-                ScanEvent::Entry(entry) => batch.push(entry),
-                ScanEvent::Skipped { path, reason } => self.obs.event(Event::Warning {
-                    path,
-                    message: reason,
-                }),
-                ScanEvent::Error { path, message } => {
-                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.obs.event(Event::Error { path, message })
+        let result = Scanner::new(&self.root, opts).and_then(|sc| {
+            sc.all(&|| {
+                let mut batch = ListBatch {
+                    ctx: self,
+                    buf: Vec::with_capacity(32),
+                    inos: Vec::new(),
+                    changed: false,
+                };
+                let errors = &errors;
+                move |ev| match ev {
+                    ScanEvent::Entry(entry, ino) => batch.push(entry, ino),
+                    ScanEvent::Skipped { path, reason } => self.obs.event(Event::Warning {
+                        path,
+                        message: reason,
+                    }),
+                    ScanEvent::Error { path, message } => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.obs.event(Event::Error { path, message })
+                    }
+                    // Not asked for (and never part of the list).
+                    ScanEvent::Ours { .. } => {}
                 }
-                // Not asked for (and never part of the list).
-                ScanEvent::Ours { .. } => {}
-            }
+            })
         });
         match result {
             Ok(()) => {
                 let count = self.entries.read().unwrap_or_else(|p| p.into_inner()).len();
                 let scan_errors = errors.into_inner();
                 crate::trace!("send", "list of {count} entries complete");
-                // The root's own attributes, as they are once its entries were read.
-                let root = std::fs::metadata(&self.root).ok().map(|md| Stamp {
-                    mode: std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & MODE_MASK,
-                    mtime: crate::engine::Mtime::of(&md),
-                });
                 let _ = self.out.send(Msg::EndOfList {
                     count,
                     scan_errors,
-                    root,
+                    root: root_stamp(&self.root),
                 });
             }
             Err(e) => self.fatal.fail(
@@ -355,4 +562,12 @@ impl Ctx {
             ),
         }
     }
+}
+
+/// The root's own attributes, as they are now (once its entries were read).
+pub fn root_stamp(root: &std::path::Path) -> Option<Stamp> {
+    std::fs::metadata(root).ok().map(|md| Stamp {
+        mode: std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & MODE_MASK,
+        mtime: crate::engine::Mtime::of(&md),
+    })
 }
