@@ -12,3 +12,4 @@ pub mod session;
 pub mod target;
 pub mod trace;
 pub mod transport;
+pub mod watch;

@@ -1,9 +1,10 @@
 //! Command line: clap definitions (syntax only) turned into jobs; one file per command.
 
 mod helper;
-mod output;
+pub(crate) mod output;
 mod serve;
 mod sync;
+mod watch;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -18,6 +19,8 @@ pub mod exit {
     pub const PARTIAL: u8 = 23;
     /// `--delete` was refused by the safety guard.
     pub const DELETE_REFUSED: u8 = 25;
+    /// A watch stopped propagating: its root was deleted, replaced or emptied.
+    pub const HALTED: u8 = 26;
 }
 
 #[derive(Parser, Debug)]
@@ -25,7 +28,8 @@ pub mod exit {
     name = "devsync",
     version,
     about = "Fast rsync-style delta sync between your working tree and a remote dev box",
-    after_help = "Exit status: 0 ok, 1 error, 2 usage, 23 some files failed, 25 --delete refused."
+    after_help = "Exit status: 0 ok, 1 error, 2 usage, 23 some files failed, 25 --delete refused, \
+                  26 watch halted."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -59,6 +63,12 @@ enum Cmd {
     /// Make the local directory DEST mirror SRC
     #[command(after_help = format!("{TARGETS}\n\n{PULL_HELP}"))]
     Pull(SyncArgs),
+    /// Keep DEST in sync with the local directory SRC: an initial push, then every change as
+    /// it happens, over one connection
+    #[command(after_help = format!("{TARGETS}\n\n{}", watch::WATCH_HELP))]
+    Watch(watch::WatchArgs),
+    /// Wait until every change made in DIR so far is on the remote (DIR is being watched)
+    Flush(watch::FlushArgs),
     /// Run the embedded endpoint: TLS gateway, SSH server and devbox key API in one process
     Serve(serve::ServeArgs),
     /// Serve the sync protocol on stdin/stdout (started by devsync itself, locally or over SSH)
@@ -102,15 +112,8 @@ pub struct SyncArgs {
     /// slower)
     #[arg(long)]
     fsync: bool,
-    /// Exclude paths matching PATTERN (gitignore syntax; repeatable)
-    #[arg(long, value_name = "PATTERN")]
-    exclude: Vec<String>,
-    /// Do not read .gitignore files (.devsyncignore and --exclude still apply)
-    #[arg(long)]
-    no_gitignore: bool,
-    /// Leave version-control directories (.git, .hg, .svn, …) out of the sync
-    #[arg(long)]
-    exclude_vcs: bool,
+    #[command(flatten)]
+    filters: FilterArgs,
     /// Show a progress bar (default: on when stderr is a terminal)
     #[arg(long, overrides_with = "no_progress")]
     progress: bool,
@@ -127,6 +130,37 @@ pub struct SyncArgs {
     /// (as DEVSYNC_TRACE=1 does)
     #[arg(short, long)]
     verbose: bool,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+/// Which paths take part (push, pull and watch).
+#[derive(Args, Debug, Clone)]
+pub struct FilterArgs {
+    /// Exclude paths matching PATTERN (gitignore syntax; repeatable)
+    #[arg(long, value_name = "PATTERN")]
+    exclude: Vec<String>,
+    /// Do not read .gitignore files (.devsyncignore and --exclude still apply)
+    #[arg(long)]
+    no_gitignore: bool,
+    /// Leave version-control directories (.git, .hg, .svn, …) out of the sync
+    #[arg(long)]
+    exclude_vcs: bool,
+}
+
+impl FilterArgs {
+    pub fn options(&self) -> crate::engine::filter::FilterOptions {
+        crate::engine::filter::FilterOptions {
+            gitignore: !self.no_gitignore,
+            exclude_vcs: self.exclude_vcs,
+            excludes: self.exclude.clone(),
+        }
+    }
+}
+
+/// How to reach remote targets.
+#[derive(Args, Debug, Clone)]
+pub struct RemoteArgs {
     /// Private key for SSH hosts (repeatable; tried before the ssh-agent and ~/.ssh/id_*)
     #[arg(short = 'I', long = "identity", value_name = "FILE")]
     identity: Vec<std::path::PathBuf>,
@@ -153,6 +187,39 @@ pub struct SyncArgs {
     /// Seconds to wait for a connection, handshake or authentication
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     timeout: u64,
+}
+
+impl RemoteArgs {
+    pub fn options(&self) -> crate::transport::remote::RemoteOptions {
+        use crate::transport::bootstrap::BootstrapOptions;
+        use crate::transport::remote::RemoteOptions;
+        use crate::transport::tls::TlsPolicy;
+        use std::time::Duration;
+        let ms = |var: &str| {
+            std::env::var(var)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis)
+        };
+        let d = RemoteOptions::default();
+        RemoteOptions {
+            tls: TlsPolicy {
+                extra_ca: self.tls_ca.clone(),
+                insecure: self.insecure_tls,
+            },
+            identities: self.identity.clone(),
+            strict_host_keys: self.strict_host_keys,
+            bootstrap: BootstrapOptions {
+                remote_dir: self.remote_dir.clone(),
+                helper_binary: self.helper_binary.clone(),
+                greeting_timeout: Duration::from_secs(self.timeout.max(1)),
+            },
+            timeout: Duration::from_secs(self.timeout.max(1)),
+            // For scripts and tests that do not want to wait 3 s between status checks.
+            poll_every: ms("DEVSYNC_POLL_INTERVAL_MS").unwrap_or(d.poll_every),
+            poll_limit: d.poll_limit,
+        }
+    }
 }
 
 /// A command that failed: the error to print (once, by `main`) and the exit status.
@@ -235,6 +302,8 @@ pub fn run() -> Result<u8, Failure> {
     match cli.cmd {
         Cmd::Push(a) => sync::run(a, sync::Direction::Push),
         Cmd::Pull(a) => sync::run(a, sync::Direction::Pull),
+        Cmd::Watch(a) => watch::run(a),
+        Cmd::Flush(a) => watch::flush(a),
         Cmd::Serve(a) => {
             crate::trace::init(false);
             serve::run(a)

@@ -10,16 +10,13 @@ use anyhow::{Context, bail};
 
 use super::output::{Reporter, summary_detail, summary_json, summary_line};
 use super::{SyncArgs, exit};
-use crate::engine::filter::FilterOptions;
 use crate::engine::scan::check_root;
 use crate::proto::{Role, SyncOptions};
 use crate::session::client::{self, Job, Outcome};
 use crate::target::Target;
-use crate::transport::bootstrap::BootstrapOptions;
 use crate::transport::local::{self, LocalHelper};
 use crate::transport::remote::{self, Notice, RemoteOptions};
 use crate::transport::ssh;
-use crate::transport::tls::TlsPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -62,11 +59,7 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
         dry_run: a.dry_run,
         checksum: a.checksum,
         fsync: a.fsync,
-        filters: FilterOptions {
-            gitignore: !a.no_gitignore,
-            exclude_vcs: a.exclude_vcs,
-            excludes: a.exclude.clone(),
-        },
+        filters: a.filters.options(),
     };
     // Bad patterns are a usage error: report them before connecting anywhere.
     if let Err(e) = opts.filters.walker(Path::new(".")) {
@@ -88,7 +81,7 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
         opts,
         obs: reporter.clone(),
     };
-    let ropts = remote_options(a);
+    let ropts = a.remote.options();
     let rt = super::runtime()?;
     let outcome = rt.block_on(run_remote(remote, job, &ropts, reporter.clone()));
     reporter.finish_bar();
@@ -125,33 +118,6 @@ fn check_local_root(root: &Path, dir: Direction) -> anyhow::Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).with_context(|| format!("destination {}", root.display())),
         },
-    }
-}
-
-fn remote_options(a: &SyncArgs) -> RemoteOptions {
-    let ms = |var: &str| {
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
-    };
-    let d = RemoteOptions::default();
-    RemoteOptions {
-        tls: TlsPolicy {
-            extra_ca: a.tls_ca.clone(),
-            insecure: a.insecure_tls,
-        },
-        identities: a.identity.clone(),
-        strict_host_keys: a.strict_host_keys,
-        bootstrap: BootstrapOptions {
-            remote_dir: a.remote_dir.clone(),
-            helper_binary: a.helper_binary.clone(),
-            greeting_timeout: Duration::from_secs(a.timeout.max(1)),
-        },
-        timeout: Duration::from_secs(a.timeout.max(1)),
-        // For scripts and tests that do not want to wait 3 s between status checks.
-        poll_every: ms("DEVSYNC_POLL_INTERVAL_MS").unwrap_or(d.poll_every),
-        poll_limit: d.poll_limit,
     }
 }
 

@@ -48,6 +48,8 @@ pub struct ChangeSet {
     pub upserts: Vec<Entry>,
     /// Each with everything under it; none inside another.
     pub removes: Vec<RelPath>,
+    /// The moves as the user made them, `(old path, new path)` (for reporting).
+    pub renamed: Vec<(RelPath, RelPath)>,
 }
 
 /// What a directory made only to hold a placed entry looks like until its own upsert.
@@ -301,10 +303,24 @@ pub fn diff(old: &Index, new: &Index, nonce: u64, touched: &HashSet<RelPath>) ->
             .is_none_or(|n| n.ino != o.ino || !same_kind(&o.entry, &n.entry))
     };
     // A move's source for new entry `n`: the old entry on its inode, elsewhere, that left.
+    // A file must also have kept its size and mtime (a rename changes neither): file systems
+    // hand a freed inode number to the next new file at once, and that is no move.
     let source_of = |n: &Indexed| {
         old_by_ino
             .get(&n.ino)
-            .filter(|o| o.entry.path != n.entry.path && same_kind(&o.entry, &n.entry) && left(o))
+            .filter(|o| {
+                o.entry.path != n.entry.path && same_kind(&o.entry, &n.entry) && left(o) && {
+                    match (&o.entry.kind, &n.entry.kind) {
+                        (EntryKind::File { size: a, .. }, EntryKind::File { size: b, .. }) => {
+                            a == b && o.entry.mtime == n.entry.mtime
+                        }
+                        (EntryKind::Symlink { target: a }, EntryKind::Symlink { target: b }) => {
+                            a == b
+                        }
+                        _ => true,
+                    }
+                }
+            })
             .copied()
     };
     // New entries that may have moved here: new paths, kind changes, other inodes. (An
@@ -419,6 +435,7 @@ pub fn diff(old: &Index, new: &Index, nonce: u64, touched: &HashSet<RelPath>) ->
         place,
         upserts,
         removes,
+        renamed: moves,
     }
 }
 
@@ -444,6 +461,8 @@ mod tests {
     struct Fs {
         map: BTreeMap<String, (u8, u64, u32)>,
         next_ino: u64,
+        /// Inode numbers freed by removals: handed out again, as file systems do.
+        freed: Vec<u64>,
     }
 
     const FILE: u8 = 0;
@@ -461,8 +480,11 @@ mod tests {
 
         fn add(&mut self, p: &str, kind: u8) {
             if self.ok_parent(p) && !self.map.contains_key(p) {
-                self.next_ino += 1;
-                self.map.insert(p.to_string(), (kind, self.next_ino, 0));
+                let ino = self.freed.pop().unwrap_or_else(|| {
+                    self.next_ino += 1;
+                    self.next_ino
+                });
+                self.map.insert(p.to_string(), (kind, ino, 0));
             }
         }
 
@@ -476,7 +498,9 @@ mod tests {
 
         fn remove(&mut self, p: &str) {
             for k in self.subtree(p) {
-                self.map.remove(&k);
+                if let Some(v) = self.map.remove(&k) {
+                    self.freed.push(v.1);
+                }
             }
         }
 

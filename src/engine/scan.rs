@@ -228,6 +228,23 @@ impl Scanner {
         S: FnMut(ScanEvent) + Send,
         M: Fn() -> S + Sync,
     {
+        self.part(rel, make, true)
+    }
+
+    /// `rel` itself only, if it exists and takes part.
+    pub fn entry<S, M>(&self, rel: &RelPath, make: &M) -> Result<(), ScanError>
+    where
+        S: FnMut(ScanEvent) + Send,
+        M: Fn() -> S + Sync,
+    {
+        self.part(rel, make, false)
+    }
+
+    fn part<S, M>(&self, rel: &RelPath, make: &M, deep: bool) -> Result<(), ScanError>
+    where
+        S: FnMut(ScanEvent) + Send,
+        M: Fn() -> S + Sync,
+    {
         let Some(parent) = self.open_dir(rel.parent().unwrap_or(b""))? else {
             return Ok(());
         };
@@ -252,6 +269,7 @@ impl Scanner {
                 if let Some(ev) = walk.visit(parent.as_fd(), named) {
                     if let ScanEvent::Entry(e, _) = &ev
                         && e.is_dir()
+                        && deep
                     {
                         sub = Some(SubDir {
                             parent: parent.clone(),

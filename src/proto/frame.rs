@@ -111,6 +111,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.bytes += n;
     }
 
+    /// Waits until bytes (or the end of the stream) are there to read. Cancel-safe: what
+    /// arrives stays buffered for [`FrameReader::next`].
+    pub async fn readable(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncBufRead;
+        std::future::poll_fn(|cx| {
+            std::pin::Pin::new(&mut self.inner)
+                .poll_fill_buf(cx)
+                .map_ok(|_| ())
+        })
+        .await
+    }
+
     /// Next message and its payload; `Ok(None)` on a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<(Msg, Bytes)>, ProtoError> {
         let mut len = [0u8; 4];

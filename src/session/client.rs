@@ -71,29 +71,30 @@ where
     run_ready(reader, w, job, prepared).await
 }
 
-/// Like [`run`], for a stream whose helper greeting was already read ([`handshake::await_helper`]).
-pub async fn run_ready<R, W>(
-    mut reader: FrameReader<R>,
-    w: W,
-    job: Job,
-    prepared: Prepared,
-) -> Result<Outcome, SessionError>
+/// Answers the helper's greeting, tells it what to do (it plays the role other than `role`)
+/// and waits for it to agree.
+async fn hello<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    role: Role,
+    remote_root: &[u8],
+    opts: &SyncOptions,
+) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let mut writer = FrameWriter::new(w);
-    handshake::client_answer(&mut writer).await?;
+    handshake::client_answer(writer).await?;
     crate::trace!("client", "helper ready");
-    let helper_role = match job.role {
+    let helper_role = match role {
         Role::Sender => Role::Receiver,
         Role::Receiver => Role::Sender,
     };
     let hello = Msg::Hello {
         version: PROTOCOL_VERSION,
         helper_role,
-        root: job.remote_root.clone(),
-        opts: job.opts.clone(),
+        root: remote_root.to_vec(),
+        opts: opts.clone(),
     };
     // Hello goes out before anything queued (the list may already be waiting).
     writer.write(&hello, &[]).await?;
@@ -108,20 +109,134 @@ where
             ))
         })?;
     match answer? {
-        Some((Msg::HelloOk { version }, _)) if version == PROTOCOL_VERSION => {}
-        Some((Msg::HelloOk { version }, _)) => {
-            return Err(SessionError::Remote(format!(
-                "helper answered with protocol version {version}"
-            )));
-        }
-        Some((Msg::Fatal { message }, _)) => return Err(SessionError::Remote(message)),
-        Some((other, _)) => {
-            return Err(SessionError::Violation(format!(
-                "expected HelloOk, got {other:?}"
-            )));
-        }
-        None => return Err(SessionError::Eof),
+        Some((Msg::HelloOk { version }, _)) if version == PROTOCOL_VERSION => Ok(()),
+        Some((Msg::HelloOk { version }, _)) => Err(SessionError::Remote(format!(
+            "helper answered with protocol version {version}"
+        ))),
+        Some((Msg::Fatal { message }, _)) => Err(SessionError::Remote(message)),
+        Some((other, _)) => Err(SessionError::Violation(format!(
+            "expected HelloOk, got {other:?}"
+        ))),
+        None => Err(SessionError::Eof),
     }
+}
+
+/// A session that stays open for generation after generation, the client sending (a watch).
+pub struct Live<R> {
+    pub reader: FrameReader<R>,
+    pub sender: sender::Sender,
+    writer: tokio::task::JoinHandle<Result<u64, crate::proto::ProtoError>>,
+}
+
+/// Opens a [`Live`] session on a stream whose helper greeting was already read.
+pub async fn open_live<R, W>(
+    mut reader: FrameReader<R>,
+    w: W,
+    local_root: PathBuf,
+    remote_root: &[u8],
+    opts: &SyncOptions,
+    obs: Arc<dyn Observer>,
+) -> Result<Live<R>, SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut writer = FrameWriter::new(w);
+    hello(&mut reader, &mut writer, Role::Sender, remote_root, opts).await?;
+    let (out, pending) = conn::channel();
+    let sender = sender::Sender::new(out, local_root, opts, obs)?;
+    Ok(Live {
+        reader,
+        sender,
+        writer: pending.start(writer),
+    })
+}
+
+impl<R: AsyncRead + Unpin + Send> Live<R> {
+    /// Runs one generation to its end.
+    pub async fn generation(
+        &mut self,
+        plan: sender::Plan,
+    ) -> Result<sender::GenDone, SessionError> {
+        let g = self.sender.start(plan)?;
+        sender::serve(&mut self.reader, &g).await
+    }
+
+    /// Waits, between generations, for the peer's next frame: a keepalive is fine; anything
+    /// else, or a peer silent past the keepalive limit, ends the session. Cancel-safe: nothing
+    /// is read until a whole frame's first bytes are there.
+    pub async fn idle(&mut self) -> Result<(), SessionError> {
+        let out = self.sender.out().clone();
+        let dead = out.peer_timeout();
+        let moved = self.reader.moved();
+        let mut last = moved.load(std::sync::atomic::Ordering::Relaxed);
+        let mut since = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                r = self.reader.readable() => {
+                    r.map_err(|e| SessionError::Local(format!("connection lost: {e}")))?;
+                    break;
+                }
+                e = out.broken() => return Err(SessionError::Local(format!("connection lost: {e}"))),
+                () = tokio::time::sleep(dead / 8) => {
+                    let now = moved.load(std::sync::atomic::Ordering::Relaxed);
+                    if now != last {
+                        (last, since) = (now, tokio::time::Instant::now());
+                    } else if since.elapsed() >= dead {
+                        return Err(SessionError::Local(format!(
+                            "connection lost: nothing from the other side for {} s",
+                            dead.as_secs()
+                        )));
+                    }
+                }
+            }
+        }
+        match self.reader.next().await? {
+            Some((Msg::Ping, _)) => Ok(()),
+            Some((Msg::Event(_), _)) => Ok(()),
+            Some((Msg::Fatal { message }, _)) => Err(SessionError::Remote(message)),
+            Some((other, _)) => Err(super::Fatal::violation(
+                &out,
+                format!("unexpected message between generations: {other:?}"),
+            )),
+            None => Err(SessionError::Eof),
+        }
+    }
+
+    /// Says goodbye and waits (at most `limit`) for everything to be written.
+    pub async fn close(self, limit: std::time::Duration) {
+        let Live {
+            reader,
+            sender,
+            writer,
+        } = self;
+        let _ = sender.bye(); // gone already: nothing to say goodbye to
+        drop(sender);
+        let _ = tokio::time::timeout(limit, writer).await;
+        drop(reader);
+    }
+}
+
+/// Like [`run`], for a stream whose helper greeting was already read ([`handshake::await_helper`]).
+pub async fn run_ready<R, W>(
+    mut reader: FrameReader<R>,
+    w: W,
+    job: Job,
+    prepared: Prepared,
+) -> Result<Outcome, SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut writer = FrameWriter::new(w);
+    hello(
+        &mut reader,
+        &mut writer,
+        job.role,
+        &job.remote_root,
+        &job.opts,
+    )
+    .await?;
     let Prepared {
         out,
         pending,

@@ -355,9 +355,20 @@ pub struct ServeProc {
 
 impl ServeProc {
     pub fn start(state: &Path, devbox: &str) -> ServeProc {
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Self::start_on(state, devbox, any, any)
+    }
+
+    /// [`ServeProc::start`] on given addresses (a restart on the ports it had).
+    pub fn start_on(
+        state: &Path,
+        devbox: &str,
+        gateway: std::net::SocketAddr,
+        api: std::net::SocketAddr,
+    ) -> ServeProc {
         let mut child = std::process::Command::new(BIN)
-            .args(["serve", "--no-isolation", "--listen", "127.0.0.1:0"])
-            .args(["--api-listen", "127.0.0.1:0", "--token", "test-token"])
+            .args(["serve", "--no-isolation", "--listen", &gateway.to_string()])
+            .args(["--api-listen", &api.to_string(), "--token", "test-token"])
             .args(["--domain", "devsync.test", "--devbox", devbox, "--state"])
             .arg(state)
             .stdin(std::process::Stdio::null())

@@ -9,3 +9,4 @@ mod reliability;
 mod remote;
 mod serve;
 mod session;
+mod watch;

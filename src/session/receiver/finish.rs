@@ -174,18 +174,25 @@ impl Ctx {
 
     pub(super) fn fix_dirs(&self) {
         let Some(d) = &self.dest else { return };
-        let (wanted, fix) = {
+        let (wanted, fix, original) = {
             let mut g = lock(&self.dirs);
-            (std::mem::take(&mut g.wanted), std::mem::take(&mut g.fix))
+            (
+                std::mem::take(&mut g.wanted),
+                std::mem::take(&mut g.fix),
+                std::mem::take(&mut g.original),
+            )
         };
         for dir in fix {
-            let Some(&(mode, mtime)) = wanted.get(&dir) else {
-                continue;
+            let (mode, mtime) = match (wanted.get(&dir), original.get(&dir)) {
+                (Some(&(mode, mtime)), _) => (Some(mode), mtime),
+                // Not listed: unchanged at the sender, so as it was before we wrote into it.
+                (None, Some(&mtime)) => (None, mtime),
+                (None, None) => continue,
             };
             let Ok(path) = RelPath::new(dir) else {
                 continue;
             };
-            if let Err(e) = d.set_dir_meta(&path, Some(mode), Some(mtime)) {
+            if let Err(e) = d.set_dir_meta(&path, mode, Some(mtime)) {
                 self.warn(&path, e.detail());
             }
         }

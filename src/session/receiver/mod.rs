@@ -153,6 +153,9 @@ struct DirState {
     wanted: HashMap<Vec<u8>, (u32, Mtime)>,
     /// Directories whose metadata must be (re)applied at the end.
     fix: HashSet<Vec<u8>>,
+    /// Directories this generation writes into without listing them (only what changed is
+    /// listed): the mtime they had, to put back once our writes have moved it.
+    original: HashMap<Vec<u8>, Mtime>,
     /// The sender's root: applied to ours last.
     root: Option<Stamp>,
 }
@@ -253,6 +256,7 @@ impl Session {
             dirs: Mutex::new(DirState {
                 wanted: HashMap::new(),
                 fix: HashSet::new(),
+                original: HashMap::new(),
                 root: None,
             }),
             scopes: Mutex::new((false, Vec::new())),

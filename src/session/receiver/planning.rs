@@ -140,6 +140,10 @@ impl Ctx {
             && m.kind == LocalKind::Dir
         {
             w.dirs_here.insert(parent.to_vec());
+            lock(&self.dirs)
+                .original
+                .entry(parent.to_vec())
+                .or_insert(m.mtime);
             return true;
         }
         let missing = crate::engine::index::ancestors(&p)

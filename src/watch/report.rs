@@ -1,0 +1,305 @@
+//! What a watch tells the user: a one-line live status on a terminal (connected or
+//! reconnecting, the last change and its latency, totals), `-i` itemized lines per change, or
+//! with `--json` one JSON object per line on stdout for tools:
+//!
+//! - `{"event":"ready", "files":…, "dirs":…, "watched_dirs":…, "initial":{…totals…}}` once
+//!   the initial sync is done;
+//! - `{"event":"synced", "generation":…, "paths":[…], "removed":[…], "renamed":[[from,to]…],
+//!   "bytes":…, "latency_ms":…}` after each generation (`bytes`: file content sent);
+//! - `{"event":"reconnecting", "error":…, "attempt":…, "retry_in_ms":…}`;
+//! - `{"event":"connected"}` after a reconnect;
+//! - `{"event":"halted", "reason":…}`;
+//! - `{"event":"error", "path":…, "message":…}` and `{"event":"warning", …}`.
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::cli::output::{escape_name, escape_text, plural, thousands};
+use crate::engine::RelPath;
+use crate::proto::{Event, Stats};
+use crate::session::Observer;
+
+pub struct Report {
+    json: bool,
+    itemize: bool,
+    quiet: bool,
+    /// Draw the status line (stderr is a terminal).
+    status: bool,
+    line: Mutex<Line>,
+}
+
+#[derive(Default)]
+struct Line {
+    state: String,
+    last: Option<String>,
+    generations: u64,
+    changes: u64,
+    bytes: u64,
+    drawn: bool,
+}
+
+/// One generation as the user hears of it.
+pub struct Synced<'a> {
+    pub generation: u64,
+    pub upserted: &'a [RelPath],
+    pub removed: &'a [RelPath],
+    pub renamed: &'a [(RelPath, RelPath)],
+    pub stats: &'a Stats,
+    pub latency: Option<Duration>,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
+}
+
+fn shown(p: &RelPath) -> String {
+    escape_name(p.as_bytes())
+}
+
+fn lossy(p: &RelPath) -> String {
+    String::from_utf8_lossy(p.as_bytes()).into_owned()
+}
+
+impl Report {
+    pub fn new(json: bool, itemize: bool, quiet: bool, status: bool) -> Report {
+        Report {
+            json,
+            itemize,
+            quiet,
+            status: status && !json && !quiet,
+            line: Mutex::new(Line::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Line> {
+        self.line.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn json_line(&self, v: serde_json::Value) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{v}"); // a closed stdout: keep syncing
+        let _ = out.flush();
+    }
+
+    /// Prints `text` (stdout or stderr) above the status line.
+    fn say(&self, text: &str, stderr: bool) {
+        let mut l = self.lock();
+        if l.drawn {
+            eprint!("\r\x1b[2K");
+            l.drawn = false;
+        }
+        if stderr {
+            eprintln!("{text}");
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{text}");
+            let _ = out.flush();
+        }
+        drop(l);
+        self.draw();
+    }
+
+    fn draw(&self) {
+        if !self.status {
+            return;
+        }
+        let mut l = self.lock();
+        let mut s = format!("devsync watch: {}", l.state);
+        if let Some(last) = &l.last {
+            s.push_str(&format!(" · last: {last}"));
+        }
+        if l.generations > 0 {
+            s.push_str(&format!(
+                " · {} synced, {} changes, {} sent",
+                plural(l.generations, "batch"),
+                thousands(l.changes),
+                indicatif::HumanBytes(l.bytes)
+            ));
+        }
+        eprint!("\r\x1b[2K{s}");
+        let _ = std::io::stderr().flush();
+        l.drawn = true;
+    }
+
+    /// Clears the status line (at exit).
+    pub fn finish(&self) {
+        let mut l = self.lock();
+        if l.drawn {
+            eprintln!();
+            l.drawn = false;
+        }
+    }
+
+    fn set_state(&self, state: String) {
+        self.lock().state = state;
+        self.draw();
+    }
+
+    pub fn notice(&self, msg: &str) {
+        if !self.quiet && !self.json {
+            self.say(&format!("devsync: {}", escape_text(msg)), true);
+        }
+    }
+
+    pub fn connecting(&self, target: &str) {
+        self.set_state(format!("connecting to {}", escape_text(target)));
+    }
+
+    pub fn ready(&self, files: u64, dirs: u64, watched: usize, initial: &Stats, took: Duration) {
+        if self.json {
+            self.json_line(json!({
+                "event": "ready",
+                "files": files,
+                "dirs": dirs,
+                "watched_dirs": watched,
+                "initial": initial,
+                "initial_ms": ms(took),
+            }));
+            return;
+        }
+        if !self.quiet {
+            self.say(
+                &format!(
+                    "devsync: watching {} in {} ({} watched); initial sync: {} created, {} \
+                     updated, {} deleted in {:.2} s",
+                    plural(files, "file"),
+                    plural(dirs, "directory"),
+                    thousands(watched as u64),
+                    thousands(initial.created),
+                    thousands(initial.updated),
+                    thousands(initial.deleted),
+                    took.as_secs_f64()
+                ),
+                true,
+            );
+        }
+        self.set_state("connected, in sync".into());
+    }
+
+    pub fn connected(&self) {
+        if self.json {
+            self.json_line(json!({"event": "connected"}));
+        }
+        self.set_state("connected, in sync".into());
+    }
+
+    pub fn syncing(&self, n: usize) {
+        self.set_state(format!("sending {}", plural(n as u64, "change")));
+    }
+
+    pub fn synced(&self, s: &Synced<'_>) {
+        let n = s.upserted.len() + s.removed.len() + s.renamed.len();
+        if self.json {
+            self.json_line(json!({
+                "event": "synced",
+                "generation": s.generation,
+                "paths": s.upserted.iter().map(lossy).collect::<Vec<_>>(),
+                "removed": s.removed.iter().map(lossy).collect::<Vec<_>>(),
+                "renamed": s.renamed.iter().map(|(a, b)| [lossy(a), lossy(b)]).collect::<Vec<_>>(),
+                "bytes": s.stats.literal_bytes,
+                "latency_ms": s.latency.map(ms),
+                "errors": s.stats.errors,
+            }));
+        } else if self.itemize {
+            for (a, b) in s.renamed {
+                self.say(&format!("renamed     {} -> {}", shown(a), shown(b)), false);
+            }
+        }
+        let mut l = self.lock();
+        l.generations += 1;
+        l.changes += n as u64;
+        l.bytes += s.stats.literal_bytes;
+        let what = match (s.upserted.first(), s.removed.first(), s.renamed.first()) {
+            _ if n > 1 => plural(n as u64, "change"),
+            (Some(p), _, _) => shown(p),
+            (_, Some(p), _) => format!("{} (removed)", shown(p)),
+            (_, _, Some((_, b))) => format!("{} (renamed)", shown(b)),
+            _ => "attributes".into(),
+        };
+        l.last = Some(match s.latency {
+            Some(d) => format!("{what} in {:.0} ms", ms(d)),
+            None => what,
+        });
+        l.state = "connected, in sync".into();
+        drop(l);
+        self.draw();
+    }
+
+    pub fn reconnecting(&self, error: &str, attempt: u32, wait: Duration) {
+        if self.json {
+            self.json_line(json!({
+                "event": "reconnecting",
+                "error": error,
+                "attempt": attempt,
+                "retry_in_ms": wait.as_millis() as u64,
+            }));
+            return;
+        }
+        if !self.quiet && attempt == 1 {
+            self.say(
+                &format!(
+                    "devsync: connection lost: {}; reconnecting",
+                    escape_text(error)
+                ),
+                true,
+            );
+        }
+        self.set_state(format!(
+            "reconnecting (attempt {attempt}, next in {:.1} s): {}",
+            wait.as_secs_f64(),
+            escape_text(error)
+        ));
+    }
+
+    pub fn halted(&self, reason: &str) {
+        if self.json {
+            self.json_line(json!({"event": "halted", "reason": reason}));
+        }
+        self.set_state("halted".into());
+    }
+
+    pub fn warning(&self, path: &str, message: &str) {
+        if self.json {
+            self.json_line(json!({"event": "warning", "path": path, "message": message}));
+        } else if !self.quiet {
+            self.say(
+                &format!("devsync: warning: {}", located(path, message)),
+                true,
+            );
+        }
+    }
+
+    pub fn error(&self, path: &str, message: &str) {
+        if self.json {
+            self.json_line(json!({"event": "error", "path": path, "message": message}));
+        } else {
+            self.say(&format!("devsync: error: {}", located(path, message)), true);
+        }
+    }
+}
+
+fn located(path: &str, message: &str) -> String {
+    if path.is_empty() {
+        escape_text(message)
+    } else {
+        format!("{}: {}", escape_name(path.as_bytes()), escape_text(message))
+    }
+}
+
+impl Observer for Report {
+    fn event(&self, ev: Event) {
+        match ev {
+            Event::Change(c) => {
+                if self.itemize && !self.json {
+                    self.say(&format!("{} {}", c.flags(true), shown(&c.path)), false);
+                }
+            }
+            Event::Warning { path, message } => self.warning(&path, &message),
+            Event::Error { path, message } => self.error(&path, &message),
+            Event::Planned { .. } => {}
+        }
+    }
+}

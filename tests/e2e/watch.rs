@@ -1,0 +1,662 @@
+//! `devsync watch` end to end: the real binary watching a real tree, syncing to a local
+//! directory, through `devsync serve` (TLS gateway + SSH) and through OpenSSH. Every check
+//! is "until identical or a time limit" (or, after `devsync flush`, identical at once: the
+//! barrier's promise), never a fixed sleep.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// Longest any convergence may take in these tests.
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A running `devsync watch --json`, its events as they come.
+pub struct Watch {
+    child: Child,
+    pub events: Arc<Mutex<Vec<serde_json::Value>>>,
+    pub stderr: Arc<Mutex<String>>,
+    src: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Watch {
+    /// Starts `devsync watch --json SRC DST extra…` with `env`, waits for its `ready` event.
+    pub fn start(src: &Path, dst: &str, extra: &[&str], env: &[(String, String)]) -> Watch {
+        let mut c = Command::new(BIN);
+        c.args(["watch", "--json", s(src), dst])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("SSH_AUTH_SOCK");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let ev = events.clone();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let v: serde_json::Value = serde_json::from_str(&l)
+                    .unwrap_or_else(|e| panic!("watch printed a non-JSON line ({e}): {l}"));
+                ev.lock().unwrap().push(v);
+            }
+        });
+        let se = stderr.clone();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                se.lock().unwrap().push_str(&(l + "\n"));
+            }
+        });
+        let w = Watch {
+            child,
+            events,
+            stderr,
+            src: src.to_path_buf(),
+            env: env.to_vec(),
+        };
+        w.wait_event("ready", LIMIT);
+        w
+    }
+
+    fn diag(&self) -> String {
+        format!(
+            "events: {:#?}\nstderr: {}",
+            self.events.lock().unwrap(),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    /// Waits for an event named `name` (any so far counts); returns it.
+    pub fn wait_event(&self, name: &str, limit: Duration) -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            if let Some(v) = self
+                .events
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|v| v["event"] == name)
+            {
+                return v.clone();
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "no {name} event in {limit:?}\n{}",
+                self.diag()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `devsync flush SRC`: must succeed within `limit`.
+    pub fn flush(&self) {
+        let (code, err) = self.flush_result();
+        assert_eq!(code, 0, "flush failed: {err}\n{}", self.diag());
+    }
+
+    pub fn flush_result(&self) -> (i32, String) {
+        let mut c = Command::new(BIN);
+        c.args(["flush", s(&self.src), "--timeout", "60"]);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Flushes, then asserts the trees are identical at once (the barrier's promise).
+    pub fn flush_and_check(&self, dst: &Path, skip: &dyn Fn(&Path) -> bool) {
+        self.flush();
+        let (a, b) = (snapshot_filtered(&self.src, skip), snapshot(dst));
+        if a != b {
+            panic!(
+                "not identical right after flush:\n{}\n{}",
+                tree_diff(&a, &b),
+                self.diag()
+            );
+        }
+    }
+
+    /// The `synced` events so far.
+    pub fn synced(&self) -> Vec<serde_json::Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["event"] == "synced")
+            .cloned()
+            .collect()
+    }
+
+    /// Stops it with SIGINT; returns its exit status.
+    pub fn interrupt(mut self) -> i32 {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        self.wait_exit(LIMIT)
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> i32 {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(t0.elapsed() < limit, "watch did not exit\n{}", self.diag());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // ours; may have exited
+        let _ = self.child.wait();
+    }
+}
+
+fn tree_diff(a: &BTreeMap<PathBuf, Node>, b: &BTreeMap<PathBuf, Node>) -> String {
+    let mut out = String::new();
+    for (k, v) in a {
+        match b.get(k) {
+            None => out.push_str(&format!("only local: {k:?}\n")),
+            Some(w) if w != v => out.push_str(&format!("differs: {k:?}: {v:?} vs {w:?}\n")),
+            _ => {}
+        }
+    }
+    for k in b.keys() {
+        if !a.contains_key(k) {
+            out.push_str(&format!("only remote: {k:?}\n"));
+        }
+    }
+    out
+}
+
+/// Polls until `dst` mirrors `src` (minus `skip`), or fails after `limit`.
+pub fn converge(src: &Path, dst: &Path, skip: &dyn Fn(&Path) -> bool, limit: Duration, w: &Watch) {
+    let t0 = Instant::now();
+    loop {
+        let (a, b) = (snapshot_filtered(src, skip), snapshot(dst));
+        if a == b {
+            return;
+        }
+        if t0.elapsed() > limit {
+            panic!(
+                "did not converge in {limit:?}:\n{}\n{}",
+                tree_diff(&a, &b),
+                w.diag()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn nothing(_: &Path) -> bool {
+    false
+}
+
+fn write(p: &Path, body: &[u8]) {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(p, body).unwrap();
+}
+
+/// The edits every target kind gets: what editors, git and build tools do.
+fn exercise(w: &Watch, src: &Path, dst: &Path) {
+    // Create, modify, delete a file.
+    write(&src.join("new.txt"), b"first");
+    w.flush_and_check(dst, &nothing);
+    write(&src.join("new.txt"), b"second version, longer");
+    w.flush_and_check(dst, &nothing);
+    std::fs::remove_file(src.join("new.txt")).unwrap();
+    w.flush_and_check(dst, &nothing);
+    // An editor's atomic save: a temp file renamed over the original.
+    write(&src.join("doc.md"), b"draft");
+    w.flush_and_check(dst, &nothing);
+    write(&src.join(".doc.md.swp"), b"saved text");
+    std::fs::rename(src.join(".doc.md.swp"), src.join("doc.md")).unwrap();
+    w.flush_and_check(dst, &nothing);
+    // Rename a file, and a directory with a file edited inside it after the move.
+    std::fs::rename(src.join("doc.md"), src.join("renamed.md")).unwrap();
+    std::fs::create_dir_all(src.join("pkg/inner")).unwrap();
+    write(&src.join("pkg/inner/a.rs"), b"fn a() {}");
+    w.flush_and_check(dst, &nothing);
+    std::fs::rename(src.join("pkg"), src.join("pkg2")).unwrap();
+    write(&src.join("pkg2/inner/a.rs"), b"fn a() { changed() }");
+    w.flush_and_check(dst, &nothing);
+    // Two files trade names.
+    write(&src.join("left"), b"L");
+    write(&src.join("right"), b"R");
+    w.flush_and_check(dst, &nothing);
+    std::fs::rename(src.join("left"), src.join("tmp-swap")).unwrap();
+    std::fs::rename(src.join("right"), src.join("left")).unwrap();
+    std::fs::rename(src.join("tmp-swap"), src.join("right")).unwrap();
+    w.flush_and_check(dst, &nothing);
+    // A file replaced by a directory and back; a symlink; permissions.
+    std::fs::remove_file(src.join("left")).unwrap();
+    write(&src.join("left/inside"), b"now a directory");
+    w.flush_and_check(dst, &nothing);
+    std::fs::remove_dir_all(src.join("left")).unwrap();
+    write(&src.join("left"), b"a file again");
+    std::os::unix::fs::symlink("renamed.md", src.join("link")).unwrap();
+    std::fs::set_permissions(
+        src.join("right"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    w.flush_and_check(dst, &nothing);
+    // Delete and recreate at once.
+    std::fs::remove_dir_all(src.join("pkg2")).unwrap();
+    write(&src.join("pkg2/other.rs"), b"recreated");
+    w.flush_and_check(dst, &nothing);
+}
+
+/// A big directory renamed: the bytes for it are tiny.
+fn big_rename(w: &Watch, src: &Path, dst: &Path) {
+    let big = src.join("big");
+    for i in 0..40 {
+        write(
+            &big.join(format!("part{i}.bin")),
+            &random_bytes(512 << 10, i),
+        ); // 20 MB
+    }
+    w.flush_and_check(dst, &nothing);
+    let before = w.synced().len();
+    std::fs::rename(&big, src.join("big-renamed")).unwrap();
+    w.flush_and_check(dst, &nothing);
+    let after = w.synced();
+    let bytes: u64 = after[before..].iter().map(|v| num(v, "bytes")).sum();
+    let renamed: usize = after[before..]
+        .iter()
+        .map(|v| v["renamed"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert!(renamed >= 1, "not sent as a rename: {:?}", &after[before..]);
+    assert!(
+        bytes < 4096,
+        "a 20 MB directory rename sent {bytes} bytes of content"
+    );
+}
+
+/// A `git checkout`-sized burst.
+fn burst(w: &Watch, src: &Path, dst: &Path) {
+    for i in 0..5000 {
+        write(
+            &src.join(format!("burst/d{}/f{i}.txt", i % 50)),
+            format!("file {i}").as_bytes(),
+        );
+    }
+    w.flush_and_check(dst, &nothing);
+    for i in (0..5000).step_by(2) {
+        write(
+            &src.join(format!("burst/d{}/f{i}.txt", i % 50)),
+            format!("file {i}, changed").as_bytes(),
+        );
+    }
+    w.flush_and_check(dst, &nothing);
+}
+
+#[test]
+fn watch_to_a_local_directory_follows_what_editors_and_tools_do() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    make_tree(
+        &src,
+        91,
+        &TreeSpec {
+            files: 60,
+            max_size: 1 << 20,
+            dirs: 8,
+            links: 4,
+        },
+    );
+    let env = vec![(
+        "DEVSYNC_STATE_DIR".to_string(),
+        td.path().join("state").display().to_string(),
+    )];
+    let w = Watch::start(&src, s(&dst), &[], &env);
+    converge(&src, &dst, &nothing, LIMIT, &w);
+    exercise(&w, &src, &dst);
+    big_rename(&w, &src, &dst);
+    burst(&w, &src, &dst);
+    // Latency is reported per generation.
+    let last = w.synced().last().cloned().unwrap();
+    assert!(last["latency_ms"].as_f64().is_some(), "{last}");
+    assert_eq!(w.interrupt(), 0);
+    assert!(own_files(&dst).is_empty(), "{:?}", own_files(&dst));
+}
+
+#[test]
+fn ignore_rules_apply_and_an_edited_gitignore_is_followed() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    write(&src.join(".gitignore"), b"node_modules/\n*.log\n");
+    write(&src.join("keep.txt"), b"kept");
+    write(&src.join("node_modules/dep/index.js"), b"ignored");
+    write(&src.join("sub/.gitignore"), b"local-only\n");
+    write(&src.join("sub/local-only"), b"ignored by a nested file");
+    let env = vec![(
+        "DEVSYNC_STATE_DIR".to_string(),
+        td.path().join("state").display().to_string(),
+    )];
+    let w = Watch::start(&src, s(&dst), &[], &env);
+    let ignored = |p: &Path| {
+        p.starts_with("node_modules")
+            || p.extension().is_some_and(|e| e == "log")
+            || p == Path::new("sub/local-only")
+    };
+    converge(&src, &dst, &ignored, LIMIT, &w);
+    // Ignored paths get no watch and are never sent.
+    write(&src.join("node_modules/dep/more.js"), b"still ignored");
+    write(&src.join("debug.log"), b"ignored");
+    write(&src.join("seen.txt"), b"synced");
+    w.flush_and_check(&dst, &ignored);
+    assert!(!dst.join("node_modules").exists());
+    // Newly excluded paths stay on the remote; newly included ones are sent.
+    write(&src.join("build.txt"), b"soon excluded");
+    w.flush_and_check(&dst, &ignored);
+    write(&src.join(".gitignore"), b"*.log\nbuild.txt\n");
+    w.flush();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        std::fs::read(dst.join("build.txt")).unwrap(),
+        b"soon excluded"
+    );
+    assert_eq!(
+        std::fs::read(dst.join("node_modules/dep/index.js")).unwrap(),
+        b"ignored",
+        "node_modules is no longer ignored: it must be sent"
+    );
+    // build.txt is excluded now: an edit there is not sent.
+    write(&src.join("build.txt"), b"edited locally only");
+    write(&src.join("after.txt"), b"marks a generation");
+    w.flush();
+    assert_eq!(
+        std::fs::read(dst.join("build.txt")).unwrap(),
+        b"soon excluded"
+    );
+    assert_eq!(
+        std::fs::read(dst.join("after.txt")).unwrap(),
+        b"marks a generation"
+    );
+    assert_eq!(w.interrupt(), 0);
+}
+
+#[test]
+fn a_file_rewritten_while_being_sent_arrives_complete() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    write(&src.join("steady"), b"x");
+    let env = vec![(
+        "DEVSYNC_STATE_DIR".to_string(),
+        td.path().join("state").display().to_string(),
+    )];
+    let w = Watch::start(&src, s(&dst), &[], &env);
+    // A writer rewrites a 16 MiB file in place, over and over, each version one byte value.
+    let hot = src.join("hot.bin");
+    write(&hot, &vec![0u8; 16 << 20]);
+    let versions = 12u8;
+    let writer = {
+        let hot = hot.clone();
+        std::thread::spawn(move || {
+            use std::io::{Seek, Write};
+            for v in 1..=versions {
+                let mut f = std::fs::OpenOptions::new().write(true).open(&hot).unwrap();
+                for _ in 0..16 {
+                    f.write_all(&vec![v; 1 << 20]).unwrap();
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                f.seek(std::io::SeekFrom::Start(0)).unwrap();
+            }
+        })
+    };
+    // Meanwhile: whatever the remote has at any moment is one whole version.
+    let t0 = Instant::now();
+    while !writer.is_finished() && t0.elapsed() < LIMIT {
+        if let Ok(d) = std::fs::read(dst.join("hot.bin"))
+            && !d.is_empty()
+        {
+            let v = d[0];
+            assert!(d.iter().all(|&b| b == v), "a torn version arrived");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writer.join().unwrap();
+    w.flush_and_check(&dst, &nothing);
+    assert_eq!(
+        std::fs::read(dst.join("hot.bin")).unwrap(),
+        vec![versions; 16 << 20]
+    );
+    assert_eq!(w.interrupt(), 0);
+}
+
+#[test]
+fn watch_halts_instead_of_mirroring_an_emptied_or_deleted_root() {
+    for deleted in [false, true] {
+        let td = tempfile::tempdir().unwrap();
+        let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+        for i in 0..20 {
+            write(&src.join(format!("f{i}")), b"precious");
+        }
+        let env = vec![(
+            "DEVSYNC_STATE_DIR".to_string(),
+            td.path().join("state").display().to_string(),
+        )];
+        let mut w = Watch::start(&src, s(&dst), &[], &env);
+        converge(&src, &dst, &nothing, LIMIT, &w);
+        if deleted {
+            std::fs::remove_dir_all(&src).unwrap();
+        } else {
+            for i in 0..20 {
+                std::fs::remove_file(src.join(format!("f{i}"))).unwrap();
+            }
+        }
+        let v = w.wait_event("halted", LIMIT);
+        let reason = v["reason"].as_str().unwrap().to_string();
+        assert!(
+            reason.contains(if deleted {
+                "deleted"
+            } else {
+                "lost all its entries"
+            }),
+            "{reason}"
+        );
+        assert_eq!(w.wait_exit(LIMIT), 26, "{}", w.diag());
+        assert_eq!(
+            std::fs::read_dir(&dst).unwrap().count(),
+            20,
+            "the remote lost files"
+        );
+    }
+}
+
+#[test]
+fn flush_without_a_watch_fails_at_once_with_the_fix() {
+    let td = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["flush", s(td.path())])
+        .env("DEVSYNC_STATE_DIR", td.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no devsync watch is running") && err.contains("devsync watch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_local_destination_inside_the_watched_tree_is_refused() {
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let out = Command::new(BIN)
+        .args(["watch", s(&src), s(&src.join("mirror"))])
+        .env("DEVSYNC_STATE_DIR", td.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("contain one another"), "{err}");
+}
+
+/// The helper processes a `devsync serve` (pid) runs.
+fn helpers_of(pid: u32) -> Vec<u32> {
+    descendants(pid)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| c.split(|&b| b == 0).any(|a| a == b"helper"))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn kill(pid: u32) {
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    ); // it may be gone already
+}
+
+#[test]
+fn watch_through_serve_survives_a_killed_helper_and_a_restarted_server() {
+    let td = tempfile::tempdir().unwrap();
+    let home = td.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let state = td.path().join("serve-state");
+    let mut serve = ServeProc::start(&state, "dbx_watch");
+    let src = td.path().join("src");
+    make_tree(
+        &src,
+        17,
+        &TreeSpec {
+            files: 40,
+            max_size: 256 << 10,
+            dirs: 6,
+            links: 2,
+        },
+    );
+    let remote = state.join("homes/dbx_watch/proj");
+    let mut c = Command::new("true");
+    serve.env(&mut c, &home);
+    let env: Vec<(String, String)> = c
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
+        .collect();
+    let w = Watch::start(&src, "dbx_watch:proj", &[], &env);
+    converge(&src, &remote, &nothing, LIMIT, &w);
+    exercise(&w, &src, &remote);
+    // The helper dies: changes made meanwhile arrive after the reconnect.
+    for h in helpers_of(serve.child.id()) {
+        kill(h);
+    }
+    write(
+        &src.join("during-outage-1"),
+        b"made while the helper was dead",
+    );
+    std::fs::rename(src.join("renamed.md"), src.join("renamed-again.md")).unwrap();
+    w.wait_event("reconnecting", LIMIT);
+    converge(&src, &remote, &nothing, LIMIT, &w);
+    w.flush_and_check(&remote, &nothing);
+    // The whole server dies and comes back on the same ports.
+    let (gw, api) = (serve.gateway, serve.api);
+    kill(serve.child.id());
+    let _ = serve.child.wait();
+    std::fs::remove_file(src.join("during-outage-1")).unwrap();
+    write(
+        &src.join("during-outage-2"),
+        b"made while the server was down",
+    );
+    // A flush while disconnected answers at once (an error, never a hang).
+    let t0 = Instant::now();
+    let (code, err) = w.flush_result();
+    if code != 0 {
+        assert!(
+            err.contains("disconnected") || err.contains("reconnect"),
+            "{err}"
+        );
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "flush hung: {:?}",
+        t0.elapsed()
+    );
+    let serve2 = ServeProc::start_on(&state, "dbx_watch", gw, api);
+    converge(&src, &remote, &nothing, LIMIT, &w);
+    w.wait_event("connected", LIMIT);
+    w.flush_and_check(&remote, &nothing);
+    assert_eq!(w.interrupt(), 0);
+    drop(serve2);
+}
+
+#[test]
+fn watch_over_openssh_follows_edits_and_reconnects() {
+    let Some(sshd) = crate::openssh::sshd() else {
+        return;
+    };
+    let td = tempfile::tempdir().unwrap();
+    let home = td.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let (src, remote) = (td.path().join("src"), td.path().join("remote"));
+    make_tree(
+        &src,
+        23,
+        &TreeSpec {
+            files: 40,
+            max_size: 256 << 10,
+            dirs: 6,
+            links: 2,
+        },
+    );
+    let dst = format!("root@127.0.0.1:{}:{}", sshd.addr.port(), s(&remote));
+    let helpers = td.path().join("helpers");
+    let env = vec![("HOME".to_string(), s(&home).to_string())];
+    let w = Watch::start(
+        &src,
+        &dst,
+        &["-I", s(&sshd.client_key), "--remote-dir", s(&helpers)],
+        &env,
+    );
+    converge(&src, &remote, &nothing, LIMIT, &w);
+    exercise(&w, &src, &remote);
+    big_rename(&w, &src, &remote);
+    // The remote helper dies (as when the devbox restarts it): reconnect and catch up.
+    let helper_pids: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                args.iter().any(|a| *a == b"helper")
+                    && args
+                        .first()
+                        .is_some_and(|a| a.starts_with(helpers.as_os_str().as_encoded_bytes()))
+            })
+        })
+        .collect();
+    assert!(!helper_pids.is_empty(), "no remote helper found");
+    for p in helper_pids {
+        kill(p);
+    }
+    write(&src.join("after-kill"), b"sent after the reconnect");
+    w.wait_event("reconnecting", LIMIT);
+    converge(&src, &remote, &nothing, LIMIT, &w);
+    w.flush_and_check(&remote, &nothing);
+    assert_eq!(w.interrupt(), 0);
+}
