@@ -221,6 +221,8 @@ struct State {
     /// Whether the remote ever had the initial sync.
     initial_done: bool,
     stop_after_generation: bool,
+    /// When directories without a watch are read again next.
+    next_recheck: tokio::time::Instant,
     events: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
     flushes: mpsc::UnboundedReceiver<flush::Request>,
     stop: Stop,
@@ -266,6 +268,7 @@ pub async fn run(cfg: Config, report: Arc<Report>) -> anyhow::Result<End> {
         in_doubt: Vec::new(),
         initial_done: false,
         stop_after_generation: false,
+        next_recheck: tokio::time::Instant::now() + tree::UNWATCHED_RESCAN,
         events: ev_rx,
         flushes: flush_rx,
         stop: Stop::new()?,
@@ -377,6 +380,10 @@ impl State {
     /// Markers that arrived: what each waiter needs; answers those already satisfied.
     fn settle_waiters(&mut self, in_flight: bool) {
         let seen = self.tree.take_markers();
+        if !seen.is_empty() {
+            // Directories without a watch give no events: a flush reads them again.
+            self.tree.recheck_unwatched();
+        }
         let pending = self.has_work();
         for w in &mut self.waiters {
             if w.need.is_none() && seen.contains(&w.marker) {
@@ -510,12 +517,13 @@ async fn session_inner(
         if !st.has_work() {
             let wake = {
                 let recheck = st.tree.has_unwatched();
+                let next_recheck = st.next_recheck;
                 tokio::select! {
                     Some(ev) = st.events.recv() => { st.tree.note(ev); Wake::Changes }
                     Some(f) = st.flushes.recv() => Wake::Flush(f),
                     () = st.stop.wait() => Wake::Stop,
                     r = c.live.idle() => Wake::Peer(r),
-                    () = tokio::time::sleep(tree::UNWATCHED_RESCAN), if recheck => Wake::Recheck,
+                    () = tokio::time::sleep_until(next_recheck), if recheck => Wake::Recheck,
                 }
             };
             match wake {
@@ -523,7 +531,10 @@ async fn session_inner(
                 Wake::Flush(f) => st.add_waiter(f),
                 Wake::Stop => return Ok(End::Interrupted),
                 Wake::Peer(r) => r?,
-                Wake::Recheck => st.tree.recheck_unwatched(),
+                Wake::Recheck => {
+                    st.next_recheck = tokio::time::Instant::now() + tree::UNWATCHED_RESCAN;
+                    st.tree.recheck_unwatched();
+                }
             }
             coalesce(cfg, st).await;
             st.settle_waiters(false);

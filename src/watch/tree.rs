@@ -24,7 +24,7 @@ use notify::{RecursiveMode, Watcher};
 use crate::engine::RelPath;
 use crate::engine::filter::DEVSYNC_IGNORE;
 use crate::engine::index::{Index, Ino};
-use crate::engine::scan::{ScanError, ScanEvent, ScanOptions, Scanner};
+use crate::engine::scan::{ScanEvent, ScanOptions, Scanner};
 
 /// How often directories that could not be watched are read again.
 pub const UNWATCHED_RESCAN: Duration = Duration::from_secs(2);
@@ -112,8 +112,55 @@ pub struct Tree {
     markers: Vec<u64>,
 }
 
-/// The entries and inodes a scan found, with the directories it watched on the way.
-type Found = Mutex<Vec<(crate::engine::Entry, Ino)>>;
+/// What one scan found: entries with their inodes, things worth a warning, and whether any
+/// part could not be read (then nothing missing from it may be taken for deleted).
+#[derive(Default)]
+struct Collect {
+    found: Mutex<Vec<(crate::engine::Entry, Ino)>>,
+    warnings: Mutex<Vec<(String, String)>>,
+    errors: std::sync::atomic::AtomicUsize,
+}
+
+impl Collect {
+    fn take(self, out: &mut Refreshed) -> (Vec<(crate::engine::Entry, Ino)>, bool) {
+        out.warnings.extend(
+            self.warnings
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let clean = self.errors.into_inner() == 0;
+        (
+            self.found.into_inner().unwrap_or_else(|p| p.into_inner()),
+            clean,
+        )
+    }
+
+    fn event(&self, ev: ScanEvent) {
+        match ev {
+            ScanEvent::Entry(e, ino) => lock(&self.found).push((e, ino)),
+            ScanEvent::Skipped { path, reason } => lock(&self.warnings).push((path, reason)),
+            ScanEvent::Error { path, message } => {
+                self.errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                lock(&self.warnings).push((path, message));
+            }
+            ScanEvent::Ours { .. } => {}
+        }
+    }
+}
+
+/// At most this many watches of our own (`DEVSYNC_WATCH_LIMIT`, for testing the fallback
+/// without lowering the system-wide `fs.inotify.max_user_watches`); the kernel's limit applies
+/// anyway.
+fn watch_limit() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var("DEVSYNC_WATCH_LIMIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(usize::MAX)
+    })
+}
 
 fn is_ignore_file(name: &[u8]) -> bool {
     name == b".gitignore" || name == DEVSYNC_IGNORE.as_bytes()
@@ -135,7 +182,13 @@ impl Tree {
             std::os::unix::fs::MetadataExt::dev(&md),
             std::os::unix::fs::MetadataExt::ino(&md),
         );
-        let watcher = notify::recommended_watcher(move |ev| {
+        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // Reads (ours, a build's, an editor's) change nothing: not worth a wake-up.
+            if let Ok(e) = &ev
+                && matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write))
+            {
+                return;
+            }
             let _ = events.send(ev); // the watch is over: nobody listens
         })?;
         let scanner = Scanner::new(&root, opts)?;
@@ -171,7 +224,9 @@ impl Tree {
                 .map_err(|e| anyhow::anyhow!("watching {}: {e}", t.marker_dir.display()))?;
         }
         t.watch(b"");
-        let found = t.scan_all()?;
+        let c = Collect::default();
+        t.scanner.all(&t.collecting(&c, true))?;
+        let (found, _) = c.take(&mut Refreshed::default());
         for (e, ino) in found {
             t.index.insert(e, ino);
         }
@@ -210,7 +265,12 @@ impl Tree {
         if w.watched.contains(rel) {
             return;
         }
-        match w.watcher.watch(&path, RecursiveMode::NonRecursive) {
+        let r = if w.watched.len() >= watch_limit() {
+            Err(notify::Error::new(notify::ErrorKind::MaxFilesWatch))
+        } else {
+            w.watcher.watch(&path, RecursiveMode::NonRecursive)
+        };
+        match r {
             Ok(()) => {
                 w.watched.insert(rel.to_vec());
                 w.unwatched.remove(rel);
@@ -248,33 +308,24 @@ impl Tree {
         w.unwatched.retain(|d| !is_at_or_under(d, rel));
     }
 
-    /// A sink factory that collects entries and watches each directory as it is reported
-    /// (before the walk reads it).
+    /// A sink factory that collects entries, watching each directory as it is reported
+    /// (before the walk reads it) when `watch` is set.
     fn collecting<'a>(
         &'a self,
-        found: &'a Found,
-        warnings: &'a Mutex<Vec<(String, String)>>,
+        c: &'a Collect,
+        watch: bool,
     ) -> impl Fn() -> Box<dyn FnMut(ScanEvent) + Send + 'a> + Sync + 'a {
         move || {
-            Box::new(move |ev| match ev {
-                ScanEvent::Entry(e, ino) => {
-                    if e.is_dir() {
-                        self.watch(e.path.as_bytes());
-                    }
-                    lock(found).push((e, ino));
+            Box::new(move |ev| {
+                if let ScanEvent::Entry(e, _) = &ev
+                    && e.is_dir()
+                    && watch
+                {
+                    self.watch(e.path.as_bytes());
                 }
-                ScanEvent::Skipped { path, reason } => lock(warnings).push((path, reason)),
-                ScanEvent::Error { path, message } => lock(warnings).push((path, message)),
-                ScanEvent::Ours { .. } => {}
+                c.event(ev);
             })
         }
-    }
-
-    fn scan_all(&self) -> Result<Vec<(crate::engine::Entry, Ino)>, ScanError> {
-        let found = Mutex::new(Vec::new());
-        let warnings = Mutex::new(Vec::new());
-        self.scanner.all(&self.collecting(&found, &warnings))?;
-        Ok(found.into_inner().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Takes in one event from the watcher: where to look again. Returns whether it was a
@@ -467,41 +518,30 @@ impl Tree {
                 _ => return,
             }
         };
-        let found = Mutex::new(Vec::new());
-        let warnings = Mutex::new(Vec::new());
         // Only this directory's entries: a listing that does not descend.
-        let sink = || {
-            let found = &found;
-            let warnings = &warnings;
-            move |ev| match ev {
-                ScanEvent::Entry(e, ino) => lock(found).push((e, ino)),
-                ScanEvent::Skipped { path, reason } => lock(warnings).push((path, reason)),
-                ScanEvent::Error { path, message } => lock(warnings).push((path, message)),
-                ScanEvent::Ours { .. } => {}
-            }
-        };
-        if let Err(e) = self.scanner.dir(dir.as_ref(), &sink) {
+        let c = Collect::default();
+        if let Err(e) = self.scanner.dir(dir.as_ref(), &self.collecting(&c, false)) {
             out.warnings
                 .push((String::from_utf8_lossy(d).into_owned(), e.to_string()));
             return;
         }
-        out.warnings
-            .extend(warnings.into_inner().unwrap_or_default());
+        let (found, clean) = c.take(out);
         let now: BTreeMap<RelPath, (crate::engine::Entry, Ino)> = found
-            .into_inner()
-            .unwrap_or_default()
             .into_iter()
             .map(|(e, ino)| (e.path.clone(), (e, ino)))
             .collect();
-        let before: Vec<RelPath> = self
-            .index
-            .children(dir.as_ref())
-            .map(|i| i.entry.path.clone())
-            .collect();
-        for p in before {
-            if !now.contains_key(&p) {
-                self.forget(&p);
-                self.changed(&p, true);
+        // What is missing from a listing that failed somewhere is not taken for deleted.
+        if clean {
+            let before: Vec<RelPath> = self
+                .index
+                .children(dir.as_ref())
+                .map(|i| i.entry.path.clone())
+                .collect();
+            for p in before {
+                if !now.contains_key(&p) {
+                    self.forget(&p);
+                    self.changed(&p, true);
+                }
             }
         }
         for (p, (e, ino)) in now {
@@ -544,17 +584,12 @@ impl Tree {
         self.changed(&p, true);
         if is_dir {
             self.watch(p.as_bytes());
-            let found = Mutex::new(Vec::new());
-            let warnings = Mutex::new(Vec::new());
-            let r = self
-                .scanner
-                .subtree(&p, &self.collecting(&found, &warnings));
-            if let Err(e) = r {
+            let c = Collect::default();
+            if let Err(e) = self.scanner.subtree(&p, &self.collecting(&c, true)) {
                 out.warnings.push((p.to_string(), e.to_string()));
             }
-            out.warnings
-                .extend(warnings.into_inner().unwrap_or_default());
-            for (e, ino) in found.into_inner().unwrap_or_default() {
+            let (found, _) = c.take(out);
+            for (e, ino) in found {
                 self.index.insert(e, ino);
             }
         }
@@ -570,24 +605,13 @@ impl Tree {
 
     /// `lstat`s one path again.
     fn restat(&mut self, p: &RelPath, out: &mut Refreshed) {
-        let found = Mutex::new(Vec::new());
-        let warnings = Mutex::new(Vec::new());
-        let r = self.scanner.entry(p, &|| {
-            let found = &found;
-            let warnings = &warnings;
-            move |ev| match ev {
-                ScanEvent::Entry(e, ino) => lock(found).push((e, ino)),
-                ScanEvent::Error { path, message } => lock(warnings).push((path, message)),
-                _ => {}
-            }
-        });
-        if let Err(e) = r {
+        let c = Collect::default();
+        if let Err(e) = self.scanner.entry(p, &self.collecting(&c, false)) {
             out.warnings.push((p.to_string(), e.to_string()));
             return;
         }
-        out.warnings
-            .extend(warnings.into_inner().unwrap_or_default());
-        match found.into_inner().unwrap_or_default().pop() {
+        let (mut found, clean) = c.take(out);
+        match found.pop() {
             Some((e, ino)) => {
                 // Only entries whose parent is known: a new one is its parent listing's job.
                 let parent_known = p.parent().is_none_or(|d| {
@@ -600,28 +624,40 @@ impl Tree {
                     self.dirty_dirs.insert(p.parent().unwrap_or(b"").to_vec());
                 }
             }
-            None => {
-                if self.index.get(p).is_some() {
-                    self.forget(p);
-                    self.changed(p, true);
-                }
+            None if clean && self.index.get(p).is_some() => {
+                self.forget(p);
+                self.changed(p, true);
             }
+            None => {}
         }
     }
 
     /// Reads the whole tree again (watching what is new) and compares it with the index.
     fn full_rescan(&mut self, out: &mut Refreshed) {
-        let found = match self.scan_all() {
-            Ok(f) => f,
-            Err(e) => {
-                out.warnings
-                    .push((String::new(), format!("rescanning: {e}")));
-                return;
-            }
-        };
+        let c = Collect::default();
+        if let Err(e) = self.scanner.all(&self.collecting(&c, true)) {
+            out.warnings
+                .push((String::new(), format!("rescanning: {e}")));
+            return;
+        }
+        let (found, clean) = c.take(out);
         let mut now = Index::new();
         for (e, ino) in found {
             now.insert(e, ino);
+        }
+        if !clean {
+            // Parts could not be read: what seems gone is kept until a rescan that reads all.
+            out.warnings.push((
+                String::new(),
+                "parts of the source could not be read; deletions there wait for a rescan \
+                 that can read them"
+                    .into(),
+            ));
+            for i in self.index.iter() {
+                if now.get(&i.entry.path).is_none() {
+                    now.insert(i.entry.clone(), i.ino);
+                }
+            }
         }
         let old = std::mem::replace(&mut self.index, now);
         // Watches on directories that are no longer part of the tree go.
@@ -765,4 +801,130 @@ pub fn changed_between(old: &Index, new: &Index) -> Vec<(RelPath, bool)> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// What a fresh scan finds: path → (entry, inode).
+    fn fresh(root: &Path, opts: &ScanOptions) -> Vec<(crate::engine::Entry, Ino)> {
+        let sc = Scanner::new(root, opts).unwrap();
+        let c = Collect::default();
+        sc.all(&|| {
+            let c = &c;
+            move |ev| c.event(ev)
+        })
+        .unwrap();
+        let (mut v, clean) = c.take(&mut Refreshed::default());
+        assert!(clean);
+        v.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+        v
+    }
+
+    fn held(t: &Tree) -> Vec<(crate::engine::Entry, Ino)> {
+        t.index().iter().map(|i| (i.entry.clone(), i.ino)).collect()
+    }
+
+    /// Feeds the tree its events until none has come for a while.
+    fn settle(
+        t: &mut Tree,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    ) {
+        let mut quiet_since = Instant::now();
+        let t0 = Instant::now();
+        while quiet_since.elapsed() < Duration::from_millis(40) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "events never stop");
+            match rx.try_recv() {
+                Ok(ev) => {
+                    t.note(ev);
+                    quiet_since = Instant::now();
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }
+
+    #[test]
+    fn seeded_random_operations_keep_the_index_equal_to_a_fresh_scan() {
+        let td = tempfile::tempdir().unwrap();
+        let root = td.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join(".gitignore"), "*.ign\nskipdir/\n").unwrap();
+        let opts = ScanOptions {
+            threads: 2,
+            ..ScanOptions::default()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut t = Tree::start(&root, &opts, td.path().join("markers"), tx).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let names = ["a", "b", "c", "d.ign", "skipdir", "e"];
+        let mut all_changed = 0;
+        for round in 0..60 {
+            for _ in 0..rng.random_range(1..12) {
+                // A random existing directory (walked from the root) and a name in it.
+                let mut dir = root.clone();
+                for _ in 0..rng.random_range(0..3) {
+                    let sub: Vec<PathBuf> = std::fs::read_dir(&dir)
+                        .unwrap()
+                        .filter_map(|e| e.ok())
+                        .filter(|e| e.file_type().is_ok_and(|f| f.is_dir()))
+                        .map(|e| e.path())
+                        .collect();
+                    if sub.is_empty() {
+                        break;
+                    }
+                    dir = sub[rng.random_range(0..sub.len())].clone();
+                }
+                let p = dir.join(names[rng.random_range(0..names.len())]);
+                let q = root.join(names[rng.random_range(0..names.len())]);
+                let is_dir = p.symlink_metadata().is_ok_and(|m| m.is_dir());
+                let _ = match rng.random_range(0..8) {
+                    0 => std::fs::write(&p, vec![b'x'; rng.random_range(0..100)]),
+                    1 => std::fs::create_dir(&p),
+                    2 if is_dir => std::fs::remove_dir_all(&p),
+                    2 => std::fs::remove_file(&p),
+                    3 => std::fs::rename(&p, &q),
+                    4 => std::os::unix::fs::symlink("target", &p),
+                    5 => std::fs::set_permissions(
+                        &p,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                    ),
+                    6 => {
+                        // An atomic save over whatever file is there.
+                        let tmp = dir.join(".tmp-save");
+                        std::fs::write(&tmp, b"saved").and_then(|()| std::fs::rename(&tmp, &p))
+                    }
+                    _ => std::fs::create_dir_all(p.join("x/y"))
+                        .and_then(|()| std::fs::write(p.join("x/y/z"), b"deep")),
+                }; // many operations fail on what is there: fine, that is the point
+            }
+            settle(&mut t, &mut rx);
+            let r = t.refresh();
+            assert!(
+                r.excluded_now.is_empty(),
+                "round {round}: {:?}",
+                r.excluded_now
+            );
+            let ch = t.take_changes();
+            all_changed += ch.scope.len();
+            assert_eq!(held(&t), fresh(&root, &opts), "round {round}");
+        }
+        assert!(
+            all_changed > 100,
+            "the rounds changed little: {all_changed}"
+        );
+        // An edited ignore file: a whole rescan, newly excluded paths reported as such.
+        std::fs::write(root.join("keepme"), b"k").unwrap();
+        settle(&mut t, &mut rx);
+        t.refresh();
+        std::fs::write(root.join(".gitignore"), "*.ign\nskipdir/\nkeepme\n").unwrap();
+        settle(&mut t, &mut rx);
+        let r = t.refresh();
+        assert!(r.full_rescan);
+        assert_eq!(r.excluded_now, vec![RelPath::new("keepme").unwrap()]);
+        let fresh_opts = fresh(&root, &opts);
+        assert_eq!(held(&t), fresh_opts);
+    }
 }

@@ -660,3 +660,111 @@ fn watch_over_openssh_follows_edits_and_reconnects() {
     w.flush_and_check(&remote, &nothing);
     assert_eq!(w.interrupt(), 0);
 }
+
+fn state_env(td: &Path) -> Vec<(String, String)> {
+    vec![(
+        "DEVSYNC_STATE_DIR".to_string(),
+        td.join("state").display().to_string(),
+    )]
+}
+
+#[test]
+fn directories_beyond_the_watch_limit_are_read_again_instead() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    for d in 0..8 {
+        write(&src.join(format!("d{d}/sub/f")), b"v1");
+    }
+    let mut env = state_env(td.path());
+    env.push(("DEVSYNC_WATCH_LIMIT".into(), "4".into()));
+    let w = Watch::start(&src, s(&dst), &[], &env);
+    let warn = w.wait_event("warning", LIMIT);
+    let msg = warn["message"].as_str().unwrap();
+    assert!(
+        msg.contains("fs.inotify.max_user_watches") && msg.contains("sysctl"),
+        "{msg}"
+    );
+    // A flush reads the unwatched directories too.
+    for d in 0..8 {
+        write(&src.join(format!("d{d}/sub/f")), b"v2, longer");
+    }
+    w.flush_and_check(&dst, &nothing);
+    // Without a flush, the periodic rescan finds changes there within seconds.
+    for d in 0..8 {
+        write(&src.join(format!("d{d}/sub/g")), b"new");
+    }
+    converge(&src, &dst, &nothing, Duration::from_secs(20), &w);
+    assert_eq!(w.interrupt(), 0);
+}
+
+/// The `devsync helper` processes under `pid`.
+fn local_helpers(pid: u32) -> Vec<u32> {
+    helpers_of(pid)
+}
+
+#[test]
+fn a_silent_helper_is_taken_for_gone_and_replaced() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    write(&src.join("a"), b"1");
+    let mut env = state_env(td.path());
+    // Pings every 125 ms; a peer silent for 1 s is gone.
+    env.push(("DEVSYNC_PEER_TIMEOUT_MS".into(), "1000".into()));
+    let w = Watch::start(&src, s(&dst), &[], &env);
+    // Idle for longer than the limit: keepalives keep it up.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        w.events
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|v| v["event"] != "reconnecting"),
+        "an idle but live session was dropped\n{}",
+        w.diag()
+    );
+    write(&src.join("b"), b"2");
+    w.flush_and_check(&dst, &nothing);
+    // The helper freezes: within the limit the watch replaces it.
+    let helpers = local_helpers(w.child.id());
+    assert_eq!(helpers.len(), 1, "{helpers:?}");
+    let pid = rustix::process::Pid::from_raw(helpers[0] as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    write(&src.join("c"), b"3");
+    w.wait_event("reconnecting", Duration::from_secs(20));
+    converge(&src, &dst, &nothing, LIMIT, &w);
+    w.flush_and_check(&dst, &nothing);
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL); // if still there
+    assert_eq!(w.interrupt(), 0);
+}
+
+#[test]
+fn ctrl_c_finishes_the_generation_under_way_and_leaves_nothing_half_written() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    write(&src.join("small"), b"s");
+    let w = Watch::start(&src, s(&dst), &[], &state_env(td.path()));
+    let big = random_bytes(256 << 20, 7);
+    let before = io_bytes(w.child.id()).unwrap();
+    write(&src.join("big.bin"), &big);
+    // Interrupt once the transfer is under way (the watch has read 16 MiB of it).
+    let t0 = Instant::now();
+    while io_bytes(w.child.id()).unwrap() < before + (16 << 20) {
+        assert!(
+            t0.elapsed() < LIMIT,
+            "the transfer never began\n{}",
+            w.diag()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let under_way = w.synced().is_empty();
+    assert_eq!(w.interrupt(), 0);
+    if under_way {
+        // The generation under way was finished before the watch ended.
+        assert_eq!(std::fs::read(dst.join("big.bin")).unwrap(), big);
+    }
+    assert!(own_files(&dst).is_empty(), "{:?}", own_files(&dst));
+    match std::fs::read(dst.join("big.bin")) {
+        Ok(d) => assert!(d == big, "a partial big.bin"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
+    }
+}
