@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Deterministic benchmark data: a source-like tree and a big binary file.
 
-tree: ~40k files / ~700 MB: mostly small text files (source-like, compressible), a few
+tree [ROOT FILES BYTES]: ~40k files / ~700 MB by default: mostly small text files (source-like, compressible), a few
 multi-MB files, ~2k directories up to 6 deep. big: a 1 GiB random file plus an edited copy
 with three 4 KiB overwrites.
 """
@@ -56,7 +56,10 @@ def gen_big(path, edited, size=1 << 30, seed=7):
 if __name__ == '__main__':
     what, *args = sys.argv[1:]
     if what == 'tree':
-        gen_tree(args[0])
+        # tree ROOT [FILES [BYTES]]
+        files = int(args[1]) if len(args) > 1 else 40_000
+        size = int(args[2]) if len(args) > 2 else 700 << 20
+        gen_tree(args[0], files, size)
     elif what == 'big':
         gen_big(args[0], args[1])
     else:

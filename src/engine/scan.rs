@@ -217,7 +217,57 @@ impl Scanner {
             return Ok(());
         };
         let walk = self.walk(make, false);
-        self.pool()?.scope(|s| walk.list(s, fd, rel));
+        // One listing, no subdirectories: on this thread, without waking the pool.
+        rayon::in_place_scope(|s| walk.list(s, fd, rel));
+        Ok(())
+    }
+
+    /// The entries `names` of directory `dir` (`None`: the root), those that exist and take
+    /// part, without descending: one open of the directory for all of them, on this thread.
+    pub fn entries<S, M>(
+        &self,
+        dir: Option<&RelPath>,
+        names: &[&[u8]],
+        make: &M,
+    ) -> Result<(), ScanError>
+    where
+        S: FnMut(ScanEvent) + Send,
+        M: Fn() -> S + Sync,
+    {
+        let rel = dir.map_or(&b""[..], |r| r.as_bytes());
+        let Some(fd) = self.open_dir(rel)? else {
+            return Ok(());
+        };
+        let mut named = Vec::with_capacity(names.len());
+        for &name in names {
+            if name.is_empty() || name.contains(&b'/') {
+                continue;
+            }
+            let is_dir = match rfs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => Some(FileType::from_raw_mode(st.st_mode) == FileType::Directory),
+                Err(Errno::NOENT) => continue,
+                Err(_) => None,
+            };
+            let mut path = Vec::with_capacity(rel.len() + 1 + name.len());
+            if !rel.is_empty() {
+                path.extend_from_slice(rel);
+                path.push(b'/');
+            }
+            let name_at = path.len();
+            path.extend_from_slice(name);
+            named.push(Named {
+                path,
+                name_at,
+                is_dir,
+            });
+        }
+        let walk = self.walk(make, false);
+        let mut sink = make();
+        for n in walk.filter(&mut sink, fd.as_fd(), named) {
+            if let Some(ev) = walk.visit(fd.as_fd(), n) {
+                sink(ev);
+            }
+        }
         Ok(())
     }
 
@@ -237,7 +287,8 @@ impl Scanner {
         S: FnMut(ScanEvent) + Send,
         M: Fn() -> S + Sync,
     {
-        self.part(rel, make, false)
+        let parent = rel.parent().map(|p| RelPath::unchecked(p.to_vec()));
+        self.entries(parent.as_ref(), &[rel.file_name()], make)
     }
 
     fn part<S, M>(&self, rel: &RelPath, make: &M, deep: bool) -> Result<(), ScanError>

@@ -546,6 +546,7 @@ async fn session_inner(
             report.halted(&h.to_string());
             return Ok(End::Halted(h.to_string()));
         }
+        let t_refresh = Instant::now();
         let refreshed = st.tree.refresh();
         note_refresh(st, report, &refreshed);
         if let Some(h) = st.tree.halted(st.synced.len()) {
@@ -553,6 +554,13 @@ async fn session_inner(
             return Ok(End::Halted(h.to_string()));
         }
         let changes = st.tree.take_changes();
+        crate::trace!(
+            "watch",
+            "refreshed in {:?} (full rescan: {}): {} changed paths",
+            t_refresh.elapsed(),
+            refreshed.full_rescan,
+            changes.scope.len()
+        );
         let resend = std::mem::take(&mut st.resend);
         if changes.is_empty() && resend.is_empty() {
             st.settle_waiters(false);
@@ -562,6 +570,14 @@ async fn session_inner(
         let view = |ix: &Index| ix.restricted(scope.iter().map(|(p, d)| (p, *d)));
         let (old, new) = (view(&st.synced), view(st.tree.index()));
         let cs = index::diff(&old, &new, nonce(st.started), &changes.touched);
+        crate::trace!(
+            "watch",
+            "diffed in {:?}: {} upserts, {} removes, {} renames",
+            t_refresh.elapsed(),
+            cs.upserts.len(),
+            cs.removes.len(),
+            cs.renamed.len()
+        );
         let upserted: Vec<RelPath> = cs.upserts.iter().map(|e| e.path.clone()).collect();
         let mut scopes = cs.removes.clone();
         scopes.extend(resend.iter().cloned());

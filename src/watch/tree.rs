@@ -474,9 +474,7 @@ impl Tree {
                 self.rescan_dir(&d, &mut out);
             }
             let paths = std::mem::take(&mut self.dirty_paths);
-            for p in paths {
-                self.restat(&p, &mut out);
-            }
+            self.restat_all(paths, &mut out);
         }
         self.dirty_dirs.clear();
         self.dirty_paths.clear();
@@ -603,6 +601,41 @@ impl Tree {
         self.index.remove_subtree(p);
     }
 
+    /// `lstat`s paths again, a directory's at a time.
+    fn restat_all(&mut self, paths: BTreeSet<RelPath>, out: &mut Refreshed) {
+        let mut by_dir: BTreeMap<Vec<u8>, Vec<RelPath>> = BTreeMap::new();
+        for p in paths {
+            by_dir
+                .entry(p.parent().unwrap_or(b"").to_vec())
+                .or_default()
+                .push(p);
+        }
+        for (d, ps) in by_dir {
+            let dir = (!d.is_empty()).then(|| RelPath::unchecked(d));
+            let c = Collect::default();
+            let names: Vec<&[u8]> = ps.iter().map(|p| p.file_name()).collect();
+            if let Err(e) = self
+                .scanner
+                .entries(dir.as_ref(), &names, &self.collecting(&c, false))
+            {
+                out.warnings.push((
+                    dir.map(|d| d.to_string()).unwrap_or_default(),
+                    e.to_string(),
+                ));
+                continue;
+            }
+            let (found, clean) = c.take(out);
+            let mut found: BTreeMap<RelPath, (crate::engine::Entry, Ino)> = found
+                .into_iter()
+                .map(|(e, ino)| (e.path.clone(), (e, ino)))
+                .collect();
+            for p in ps {
+                let f = found.remove(&p);
+                self.restatted(&p, f, clean, out);
+            }
+        }
+    }
+
     /// `lstat`s one path again.
     fn restat(&mut self, p: &RelPath, out: &mut Refreshed) {
         let c = Collect::default();
@@ -611,7 +644,18 @@ impl Tree {
             return;
         }
         let (mut found, clean) = c.take(out);
-        match found.pop() {
+        self.restatted(p, found.pop(), clean, out);
+    }
+
+    /// Takes in what an `lstat` of `p` found (`None`: nothing, or excluded).
+    fn restatted(
+        &mut self,
+        p: &RelPath,
+        found: Option<(crate::engine::Entry, Ino)>,
+        clean: bool,
+        out: &mut Refreshed,
+    ) {
+        match found {
             Some((e, ino)) => {
                 // Only entries whose parent is known: a new one is its parent listing's job.
                 let parent_known = p.parent().is_none_or(|d| {
