@@ -865,3 +865,28 @@ fn completions_and_verbose_tracing() {
     assert!(err.contains("[recv] all 1 entries planned"), "{err}");
     assert!(!err.contains('\u{1b}'), "no colours into a pipe: {err}");
 }
+
+#[test]
+fn a_push_waits_for_another_session_writing_into_the_same_directory() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    make_tree(&src, 77, &spec());
+    fs::create_dir(&dst).unwrap();
+    // Another session's lock on the destination (as a helper finishing what its vanished
+    // client sent holds it), let go after a while.
+    let held = fs::File::open(&dst).unwrap();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        drop(held);
+    });
+    let out = devsync(&[OsStr::new("push"), src.as_os_str(), dst.as_os_str()]);
+    release.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("another devsync session is writing here; waiting"),
+        "{err}"
+    );
+    assert_same_tree(&src, &dst);
+}

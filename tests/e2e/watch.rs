@@ -768,3 +768,51 @@ fn ctrl_c_finishes_the_generation_under_way_and_leaves_nothing_half_written() {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
     }
 }
+
+#[test]
+fn a_push_into_a_watched_directory_is_refused_not_mixed_in() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, other, dst) = (
+        td.path().join("src"),
+        td.path().join("other"),
+        td.path().join("dst"),
+    );
+    write(&src.join("a.txt"), b"from the watched tree");
+    write(&other.join("a.txt"), b"from another tree");
+    let env = vec![(
+        "DEVSYNC_STATE_DIR".to_string(),
+        td.path().join("state").display().to_string(),
+    )];
+    let w = Watch::start(&src, s(&dst), &[], &env);
+    converge(&src, &dst, &nothing, LIMIT, &w);
+    let out = Command::new(BIN)
+        .args(["push", "--delete", s(&other), s(&dst)])
+        .env("DEVSYNC_LOCK_WAIT_MS", "300")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another devsync session (pid ") && err.contains("is syncing into"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(dst.join("a.txt")).unwrap(),
+        b"from the watched tree"
+    );
+    // The watch goes on; once it is stopped, the push goes through.
+    write(&src.join("b.txt"), b"still watched");
+    converge(&src, &dst, &nothing, LIMIT, &w);
+    assert_eq!(w.interrupt(), 0);
+    let out = Command::new(BIN)
+        .args(["push", "--delete", s(&other), s(&dst)])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_entries(&other, &dst);
+}

@@ -123,6 +123,40 @@ impl Dest {
         Ok(dest)
     }
 
+    /// Takes this session's lock on the root (`flock` on the open directory, so nothing is
+    /// written into the tree for it): one receiving session per destination at a time, so a
+    /// helper still finishing what its vanished client had sent never writes next to a rerun.
+    /// `false` if another session holds it. Filesystems without `flock` (some network mounts)
+    /// are not locked rather than refused.
+    pub fn try_lock_root(&self) -> Result<bool> {
+        match rfs::flock(&*self.root, rfs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(true),
+            Err(Errno::WOULDBLOCK) => Ok(false),
+            Err(Errno::NOLCK | Errno::OPNOTSUPP | Errno::INVAL | Errno::BADF) => Ok(true),
+            Err(e) => Err(DestError::io(
+                self.root_path.display(),
+                "locking destination",
+                e,
+            )),
+        }
+    }
+
+    /// The process holding the root's lock, as `/proc/locks` names it (Linux).
+    pub fn root_lock_holder(&self) -> Option<u32> {
+        let st = rfs::fstat(&*self.root).ok()?;
+        let (major, minor) = (rfs::major(st.st_dev), rfs::minor(st.st_dev));
+        let want = format!("{major:02x}:{minor:02x}:{}", st.st_ino);
+        let locks = std::fs::read_to_string("/proc/locks").ok()?;
+        locks.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->" in front.
+            match f.as_slice() {
+                [_, "FLOCK", _, _, pid, dev, ..] if *dev == want => pid.parse().ok(),
+                _ => None,
+            }
+        })
+    }
+
     /// Creates the destination root and its missing parents.
     pub fn create_root(root: &Path) -> Result<()> {
         std::fs::create_dir_all(root)

@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use memmap2::Mmap;
@@ -314,6 +315,48 @@ fn open<'a>(cur: &'a mut Option<Current>, out: &Out) -> Result<&'a mut Current, 
     }
 }
 
+/// How long a receiver waits for another session writing into the same root to end: long
+/// enough for a helper whose client vanished to notice (`DEVSYNC_LOCK_WAIT_MS` in tests).
+fn lock_wait() -> Duration {
+    let ms = std::env::var("DEVSYNC_LOCK_WAIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    Duration::from_millis(ms)
+}
+
+/// Takes the destination's lock, waiting a bounded time for a session that holds it.
+async fn lock_root(dest: &Dest, obs: &dyn Observer) -> Result<(), SessionError> {
+    let (started, wait) = (Instant::now(), lock_wait());
+    let mut told = false;
+    while !dest.try_lock_root()? {
+        if started.elapsed() >= wait {
+            let who = dest
+                .root_lock_holder()
+                .map(|pid| format!(" (pid {pid})"))
+                .unwrap_or_default();
+            return Err(SessionError::Local(format!(
+                "{}: another devsync session{who} is syncing into this directory (a `devsync \
+                 watch`, or a push or pull still running); stop it, or wait for it to end, and \
+                 retry",
+                dest.root_path().display()
+            )));
+        }
+        if !told {
+            told = true;
+            obs.event(Event::Warning {
+                path: dest.root_path().display().to_string(),
+                message: format!(
+                    "another devsync session is writing here; waiting up to {} s for it to end",
+                    wait.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Runs the receiver for a session's generations until the sender says goodbye; returns the
 /// totals of all of them.
 pub async fn run<R: AsyncRead + Unpin>(
@@ -332,6 +375,9 @@ pub async fn run<R: AsyncRead + Unpin>(
             Some(Arc::new(Dest::open(&root)?))
         }
     };
+    if let (Some(d), false) = (&dest, opts.dry_run) {
+        lock_root(d, &*obs).await?;
+    }
     // Keep the root writable for us while we fill it; its final mode comes at the end.
     if let (Some(d), false) = (&dest, opts.dry_run) {
         let meta = d.root_meta()?;
