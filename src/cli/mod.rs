@@ -2,7 +2,10 @@
 
 mod helper;
 pub(crate) mod output;
+mod proxy;
 mod serve;
+mod ssh;
+mod ssh_config;
 mod sync;
 mod watch;
 
@@ -69,6 +72,13 @@ enum Cmd {
     Watch(watch::WatchArgs),
     /// Wait until every change made in DIR so far is on the remote (DIR is being watched)
     Flush(watch::FlushArgs),
+    /// A shell on a devbox or SSH host, or a command run there (exit status is its own);
+    /// --config-only prints an OpenSSH config block for the devbox
+    #[command(after_help = ssh::SSH_HELP)]
+    Ssh(ssh::SshArgs),
+    /// Relay stdin/stdout to a devbox through its TLS gateway (an OpenSSH ProxyCommand; see
+    /// `devsync ssh --config-only`)
+    Proxy(proxy::ProxyArgs),
     /// Run the embedded endpoint: TLS gateway, SSH server and devbox key API in one process
     Serve(serve::ServeArgs),
     /// Serve the sync protocol on stdin/stdout (started by devsync itself, locally or over SSH)
@@ -304,6 +314,8 @@ pub fn run() -> Result<u8, Failure> {
         Cmd::Pull(a) => sync::run(a, sync::Direction::Pull),
         Cmd::Watch(a) => watch::run(a),
         Cmd::Flush(a) => watch::flush(a),
+        Cmd::Ssh(a) => ssh::run(a),
+        Cmd::Proxy(a) => proxy::run(a),
         Cmd::Serve(a) => {
             crate::trace::init(false);
             serve::run(a)
@@ -380,6 +392,31 @@ pub(crate) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .worker_threads(2)
         .enable_all()
         .build()
+}
+
+/// Our stdin, read on a thread of its own (a blocking read must not hold up the runtime's
+/// shutdown): chunks as they come, whatever their size; the channel closes at EOF.
+pub(crate) fn stdin_chunks() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+    use std::io::Read;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    let chunk = buf.get(..n).unwrap_or_default().to_vec();
+                    if tx.blocking_send(chunk).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    });
+    rx
 }
 
 /// Raises the soft open-files limit to the hard limit (deep trees keep directories open).

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod gateway;
 pub mod process;
+pub mod pty;
 pub mod sftp;
 pub mod sshd;
 pub mod state;

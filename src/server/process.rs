@@ -44,6 +44,13 @@ const PASSED_ON: &[&str] = &[
 
 /// A command for `who`: environment, working directory, user and process group set.
 pub fn command(program: &std::path::Path, who: &Identity) -> Command {
+    let mut cmd = base_command(program, who);
+    cmd.process_group(0);
+    cmd
+}
+
+/// [`command`] without the process group (a command on a terminal makes its own session).
+pub fn base_command(program: &std::path::Path, who: &Identity) -> Command {
     let mut cmd = Command::new(program);
     cmd.env_clear()
         .env("HOME", &who.home)
@@ -58,7 +65,6 @@ pub fn command(program: &std::path::Path, who: &Identity) -> Command {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
         .kill_on_drop(true);
     for var in PASSED_ON {
         if let Some(v) = std::env::var_os(var) {
@@ -178,7 +184,7 @@ pub async fn run(
     }
 }
 
-async fn report(
+pub(super) async fn report(
     handle: &Handle,
     write: &russh::ChannelWriteHalf<Msg>,
     id: russh::ChannelId,
@@ -204,7 +210,7 @@ async fn report(
 /// Ends `child` and everything left in its process group: SIGTERM, then, after
 /// [`TERM_GRACE`], SIGKILL to whatever is still there (its leader may be gone, its children
 /// not, and some ignore TERM).
-async fn terminate(group: Option<u32>, uid: u32, child: &mut Child) {
+pub(super) async fn terminate(group: Option<u32>, uid: u32, child: &mut Child) {
     use rustix::process::Signal;
     signal_members(group, uid, Signal::TERM);
     let _ = tokio::time::timeout(TERM_GRACE, child.wait()).await; // exited or not: KILL next
@@ -244,7 +250,7 @@ fn signal_members(group: Option<u32>, uid: u32, sig: rustix::process::Signal) {
 }
 
 /// Delivers a signal the client asked for to the command's group.
-fn signal_group(group: Option<u32>, sig: &Sig) {
+pub(super) fn signal_group(group: Option<u32>, sig: &Sig) {
     use rustix::process::Signal;
     let s = match sig {
         Sig::HUP => Signal::HUP,

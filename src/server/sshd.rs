@@ -1,7 +1,9 @@
 //! The built-in SSH server of `devsync serve`: public-key authentication against the devbox's
 //! own key only (failures are logged), `exec` (runs `sh -c` with the channel as
-//! stdin/stdout/stderr and reports the exit status) and the `sftp` subsystem, both run by
-//! [`process`] in the devbox's home as the devbox's user.
+//! stdin/stdout/stderr and reports the exit status), `shell` (the user's login shell), the
+//! `sftp` subsystem, all run by [`process`] in the devbox's home as the devbox's user, and
+//! `pty-req`: then the shell or command runs on a terminal ([`pty`]), resized by
+//! `window-change`. Signals from the client go to the command's process group.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -16,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::log;
 use super::process::{self, Identity};
+use super::pty::{self, PtyRequest};
 use super::state::Devbox;
 
 /// Server settings: the same throughput tuning as the client side.
@@ -74,6 +77,7 @@ pub async fn serve<S>(
         runner,
         peer,
         channels: HashMap::new(),
+        ptys: HashMap::new(),
         authenticated: authenticated.clone(),
     };
     let label = format!("{peer} {}", devbox.id);
@@ -110,10 +114,63 @@ struct Handler {
     runner: Runner,
     peer: SocketAddr,
     channels: HashMap<ChannelId, Channel<Msg>>,
+    /// Terminals asked for, by channel, until the shell or command starts.
+    ptys: HashMap<ChannelId, PtyRequest>,
     authenticated: Arc<tokio::sync::Notify>,
 }
 
 impl Handler {
+    /// Starts `command` (`None`: the login shell) on channel `id`: on a terminal if one was
+    /// asked for.
+    fn start(
+        &mut self,
+        id: ChannelId,
+        command: Option<&str>,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let Some(channel) = self.channels.remove(&id) else {
+            return session.channel_failure(id);
+        };
+        session.channel_success(id)?;
+        let who = self.runner.who.clone();
+        match self.ptys.remove(&id) {
+            Some(req) => {
+                let cmd = pty::command(&who, command, &req.term);
+                tokio::spawn(pty::run(
+                    channel,
+                    session.handle(),
+                    cmd,
+                    req,
+                    who,
+                    self.label(),
+                ));
+            }
+            None => {
+                let cmd = match command {
+                    Some(line) => {
+                        let mut c = process::command(std::path::Path::new("/bin/sh"), &who);
+                        c.arg("-c").arg(line);
+                        c
+                    }
+                    None => {
+                        let shell = pty::login_shell(&who.user);
+                        let mut c = process::command(&shell, &who);
+                        c.arg("-l");
+                        c
+                    }
+                };
+                tokio::spawn(process::run(
+                    channel,
+                    session.handle(),
+                    cmd,
+                    who,
+                    self.label(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn accepts(&self, user: &str, key: &russh::keys::PublicKey) -> bool {
         user == self.devbox.user && key.key_data() == self.devbox.public_key.key_data()
     }
@@ -186,23 +243,57 @@ impl server::Handler for Handler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(channel) = self.channels.remove(&id) else {
-            return session.channel_failure(id);
-        };
         let command = String::from_utf8_lossy(data).into_owned();
         log(&format!("{}: exec {command}", self.label()));
-        session.channel_success(id)?;
-        let mut cmd = process::command(std::path::Path::new("/bin/sh"), &self.runner.who);
-        cmd.arg("-c").arg(&command);
-        let who = self.runner.who.clone();
-        tokio::spawn(process::run(
-            channel,
-            session.handle(),
-            cmd,
-            who,
-            self.label(),
-        ));
-        Ok(())
+        self.start(id, Some(&command), session)
+    }
+
+    async fn shell_request(
+        &mut self,
+        id: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        log(&format!("{}: shell", self.label()));
+        self.start(id, None, session)
+    }
+
+    #[allow(clippy::too_many_arguments)] // russh's signature
+    async fn pty_request(
+        &mut self,
+        id: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if !self.channels.contains_key(&id) {
+            return session.channel_failure(id);
+        }
+        // Terminal names travel into the command's environment: keep them plain.
+        let term = if !term.is_empty()
+            && term.len() <= 64
+            && term
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+        {
+            term.to_string()
+        } else {
+            "xterm".to_string()
+        };
+        self.ptys.insert(
+            id,
+            PtyRequest {
+                term,
+                cols,
+                rows,
+                pix_width,
+                pix_height,
+            },
+        );
+        session.channel_success(id)
     }
 
     async fn subsystem_request(

@@ -334,6 +334,12 @@ impl Connection {
         })
     }
 
+    /// A new session channel, for a shell or a command whose input and output the caller
+    /// drives itself.
+    pub async fn session_channel(&self) -> Result<russh::Channel<client::Msg>, russh::Error> {
+        self.handle.channel_open_session().await
+    }
+
     /// Opens an SFTP session on a new channel of this connection.
     pub async fn sftp(&self) -> Result<russh_sftp::client::SftpSession, SftpError> {
         let channel = self

@@ -9,4 +9,5 @@ mod reliability;
 mod remote;
 mod serve;
 mod session;
+mod shell;
 mod watch;
