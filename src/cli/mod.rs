@@ -1,5 +1,6 @@
 //! Command line: clap definitions (syntax only) turned into jobs; one file per command.
 
+mod cp;
 mod helper;
 pub(crate) mod output;
 mod proxy;
@@ -72,6 +73,10 @@ enum Cmd {
     Watch(watch::WatchArgs),
     /// Wait until every change made in DIR so far is on the remote (DIR is being watched)
     Flush(watch::FlushArgs),
+    /// Copy files (directories with -r) between here and remotes, or between two remotes,
+    /// scp-style; only differences travel
+    #[command(after_help = format!("{TARGETS}\n\n{}", cp::CP_HELP))]
+    Cp(cp::CpArgs),
     /// A shell on a devbox or SSH host, or a command run there (exit status is its own);
     /// --config-only prints an OpenSSH config block for the devbox
     #[command(after_help = ssh::SSH_HELP)]
@@ -314,6 +319,7 @@ pub fn run() -> Result<u8, Failure> {
         Cmd::Pull(a) => sync::run(a, sync::Direction::Pull),
         Cmd::Watch(a) => watch::run(a),
         Cmd::Flush(a) => watch::flush(a),
+        Cmd::Cp(a) => cp::run(a),
         Cmd::Ssh(a) => ssh::run(a),
         Cmd::Proxy(a) => proxy::run(a),
         Cmd::Serve(a) => {

@@ -60,6 +60,7 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
         checksum: a.checksum,
         fsync: a.fsync,
         filters: a.filters.options(),
+        copy: None,
     };
     // Bad patterns are a usage error: report them before connecting anywhere.
     if let Err(e) = opts.filters.walker(Path::new(".")) {
@@ -121,7 +122,7 @@ fn check_local_root(root: &Path, dir: Direction) -> anyhow::Result<()> {
     }
 }
 
-async fn run_remote(
+pub(super) async fn run_remote(
     remote: Target,
     mut job: Job,
     ropts: &RemoteOptions,

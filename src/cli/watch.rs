@@ -96,6 +96,7 @@ fn run_inner(a: WatchArgs) -> anyhow::Result<Result<u8, super::Failure>> {
         checksum: a.checksum,
         fsync: a.fsync,
         filters: a.filters.options(),
+        copy: None,
     };
     if let Err(e) = opts.filters.walker(Path::new(".")) {
         bail!("{e}");

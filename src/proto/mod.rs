@@ -12,10 +12,10 @@ mod list;
 pub mod msg;
 
 pub use frame::{FrameReader, FrameWriter, MAX_FRAME};
-pub use msg::{Event, FileId, Msg, Role, Stamp, Stats, SyncOptions, WholeItem};
+pub use msg::{CopySpec, Event, FileId, Msg, Role, Stamp, Stats, SyncOptions, WholeItem};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {

@@ -71,6 +71,23 @@ pub struct SyncOptions {
     /// Flush each file (and its directory entry) to disk before moving on.
     pub fsync: bool,
     pub filters: FilterOptions,
+    /// `devsync cp`: what is sent and where it goes, instead of a tree mirror.
+    pub copy: Option<CopySpec>,
+}
+
+/// What `devsync cp` asks of the two ends. The sender's root is the sources' directory; the
+/// receiver's root is the destination as the user wrote it, and the receiver decides from
+/// what is there (as cp and scp do): an existing directory receives the sources by name;
+/// otherwise the one source is made under the destination's own name.
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopySpec {
+    /// Names in the sender's root to send; nothing else of the root is listed, and not its
+    /// own attributes.
+    pub names: Vec<RelPath>,
+    /// Directories among them are sent with everything in them (`-r`); without it a
+    /// directory is refused.
+    pub recursive: bool,
 }
 
 /// Something the user should hear about, produced by either peer and shown by the client.
@@ -380,6 +397,17 @@ impl Msg {
                         .any(|p| p.is_empty() || p.len() > MAX_PATTERN_LEN)
                 {
                     return Err(invalid("bad exclude patterns"));
+                }
+                if let Some(c) = &opts.copy {
+                    if c.names.len() > MAX_BATCH || c.names.is_empty() {
+                        return Err(invalid("bad copy request"));
+                    }
+                    for n in &c.names {
+                        n.check().map_err(|e| invalid(e.to_string()))?;
+                        if n.depth() != 0 {
+                            return Err(invalid(format!("{n}: not a name")));
+                        }
+                    }
                 }
             }
             Msg::Fatal { message } => check_text(message)?,

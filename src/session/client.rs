@@ -47,7 +47,7 @@ pub fn prepare(job: &Job) -> Result<Prepared, SessionError> {
                 &job.opts,
                 job.obs.clone(),
             )?;
-            let generation = s.start(sender::Plan::whole(&job.opts, false))?;
+            let generation = s.start(super::copy::plan(&job.opts, &job.local_root, false)?)?;
             Some((s, generation))
         }
         Role::Receiver => None,
@@ -73,7 +73,7 @@ where
 
 /// Answers the helper's greeting, tells it what to do (it plays the role other than `role`)
 /// and waits for it to agree.
-async fn hello<R, W>(
+pub(super) async fn hello<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     role: Role,

@@ -79,7 +79,14 @@ where
         }
         None => return Err(SessionError::Eof),
     };
-    if let Err(message) = check_helper_root(role, &root, opts.dry_run) {
+    // A copy's receiver decides where it lands once the session runs.
+    let copy_receiver = role == Role::Receiver && opts.copy.is_some();
+    let checked = if copy_receiver {
+        Ok(())
+    } else {
+        check_helper_root(role, &root, opts.dry_run)
+    };
+    if let Err(message) = checked {
         return refuse(&mut writer, message).await;
     }
     writer
@@ -93,11 +100,26 @@ where
     writer.flush().await?;
     let (out, writer_task) = conn::spawn_writer(writer);
     let obs: Arc<dyn Observer> = Arc::new(Forward(out.clone()));
+    let tell = out.clone();
     let result = match role {
         Role::Sender => sender::run(&mut reader, out, root, opts, obs).await,
         Role::Receiver => receiver::run(&mut reader, out, root, opts, obs).await,
     };
-    result?;
+    // Our own failure (a missing source, a destination that cannot take the copy) is the
+    // client's to show: it may not have been told yet.
+    if let Err(e @ (SessionError::Local(_) | SessionError::Dest(_) | SessionError::Scan(_))) =
+        &result
+    {
+        let _ = tell.send(Msg::Fatal {
+            message: e.to_string(),
+        }); // the client may be gone
+    }
+    drop(tell);
+    if result.is_err() {
+        // Let what was queued (that Fatal) go out before this process ends.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer_task).await;
+        return result.map(|_| ());
+    }
     writer_task
         .await
         .map_err(|e| SessionError::Local(format!("writer task: {e}")))??;

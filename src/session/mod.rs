@@ -8,10 +8,12 @@
 
 pub mod client;
 pub mod conn;
+pub mod copy;
 #[cfg(test)]
 mod fuzz;
 pub mod helper;
 pub mod receiver;
+pub mod relay;
 pub mod sender;
 
 use std::sync::{Arc, OnceLock};

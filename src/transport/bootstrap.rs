@@ -357,7 +357,14 @@ async fn put(
         }
     }
     let fin = format!("{dir}/devsync");
-    let tmp = format!("{dir}/.devsync.upload.{}", std::process::id());
+    // Unique per upload: two sessions of one client (a copy between two places on one box)
+    // may be installing at the same time, and neither may exec the other's half-written file.
+    static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = format!(
+        "{dir}/.devsync.upload.{}.{}",
+        std::process::id(),
+        UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let mut remote = sftp
         .create(tmp.clone())
         .await

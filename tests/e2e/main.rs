@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `devsync` binary and the real session code, on loopback only.
 
 mod common;
+mod cp;
 mod faults;
 mod local;
 mod openssh;

@@ -366,6 +366,16 @@ pub async fn run<R: AsyncRead + Unpin>(
     opts: SyncOptions,
     obs: Arc<dyn Observer>,
 ) -> Result<Stats, SessionError> {
+    // A copy lands where cp would put it: into an existing directory, or under a new name.
+    let (root, rename) = match &opts.copy {
+        Some(spec) => {
+            let l = super::copy::landing(&root, spec)?;
+            (l.root, l.rename)
+        }
+        None => (root, None),
+    };
+    // Copied files go into a directory whose own attributes are not the copy's business.
+    let keep_root = opts.copy.is_some();
     let dest = match root.is_dir() {
         true => Some(Arc::new(Dest::open(&root)?)),
         // Only a dry run gets here without a root: it has nothing to compare against.
@@ -379,7 +389,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         lock_root(d, &*obs).await?;
     }
     // Keep the root writable for us while we fill it; its final mode comes at the end.
-    if let (Some(d), false) = (&dest, opts.dry_run) {
+    if let (Some(d), false, false) = (&dest, opts.dry_run, keep_root) {
         let meta = d.root_meta()?;
         if meta.mode & 0o700 != 0o700 {
             d.set_root_meta(Some(meta.mode | 0o700), None)?;
@@ -471,6 +481,22 @@ pub async fn run<R: AsyncRead + Unpin>(
                     .ok()
                     .and_then(|n| c.listed.checked_add(n))
                     .ok_or_else(|| violation("file ids overflow"))?;
+                let entries = match &rename {
+                    Some((from, to)) => entries
+                        .into_iter()
+                        .map(|mut e| {
+                            if let Some(p) =
+                                super::copy::renamed(&e.path, &(from.clone(), to.clone()))
+                            {
+                                e.path = p;
+                            }
+                            e
+                        })
+                        .collect(),
+                    None => entries,
+                };
+                // A copy compares content even where size and mtime match, as cp would copy.
+                let changed = changed || session.opts.copy.is_some();
                 let _ = c
                     .plan_tx
                     .send(PlanItem::Entries(first_id, entries, changed)); // planner gone: it reported why

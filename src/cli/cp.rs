@@ -1,0 +1,359 @@
+//! `devsync cp SRC... DST`: scp-like copies in every direction (local and remote, and between
+//! two remotes through this client), each a session of the sync engine restricted to the
+//! named files: a delta against an existing destination file, BLAKE3 verification, atomic
+//! replace, mode and mtime kept. Sources are grouped by directory; each group is one session.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use super::output::{Reporter, summary_detail, summary_json, summary_line};
+use super::{RemoteArgs, exit};
+use crate::engine::RelPath;
+use crate::engine::filter::FilterOptions;
+use crate::proto::{CopySpec, Role, SyncOptions};
+use crate::session::client::{Job, Outcome};
+use crate::session::relay;
+use crate::target::Target;
+use crate::transport::remote::{self, Notice};
+use crate::transport::ssh;
+
+pub const CP_HELP: &str = "\
+Examples:
+  devsync cp build.log dbx_abc:/tmp/            a file into a directory on a devbox
+  devsync cp dbx_abc:~/out/report.html .        and back
+  devsync cp -r assets box:/srv/app/            a directory (only what differs travels)
+  devsync cp dbx_a:~/data.db dbx_b:~/           devbox to devbox, through this machine
+
+A file copied onto an existing file sends only the difference. Modes and modification
+times are kept; files are verified (BLAKE3) and replaced atomically, so a failed copy leaves
+the old file as it was. A destination that is an existing directory receives the sources by
+name; otherwise the one source takes the destination's name. A ':' before any '/' makes a
+path remote: write ./a:b for a local file named a:b. Symbolic links are copied as links.
+Exit status: 0 ok, 1 error, 23 some files failed.";
+
+#[derive(Args, Debug)]
+pub struct CpArgs {
+    /// Files (directories with -r) to copy, then where to copy them (targets as for push)
+    #[arg(value_name = "SRC... DST", num_args = 2.., required = true)]
+    paths: Vec<String>,
+    /// Copy directories and everything in them
+    #[arg(short = 'r', long)]
+    recursive: bool,
+    /// Compare file contents (BLAKE3) instead of size and modification time
+    #[arg(short = 'c', long)]
+    checksum: bool,
+    /// Flush every written file to disk before it replaces the old one
+    #[arg(long)]
+    fsync: bool,
+    /// Print one line per change, rsync --itemize-changes style
+    #[arg(short = 'i', long = "itemize", visible_alias = "itemize-changes")]
+    itemize: bool,
+    /// Show a progress bar (default: on when stderr is a terminal)
+    #[arg(long, overrides_with = "no_progress")]
+    progress: bool,
+    /// Never show a progress bar
+    #[arg(long)]
+    no_progress: bool,
+    /// Print a machine-readable JSON summary on stdout instead of text
+    #[arg(long)]
+    json: bool,
+    /// Print only errors
+    #[arg(short, long)]
+    quiet: bool,
+    /// The summary's full detail, and timed milestones of both ends on stderr
+    #[arg(short, long)]
+    verbose: bool,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+pub fn run(a: CpArgs) -> Result<u8, super::Failure> {
+    super::raise_fd_limit();
+    crate::trace::init(a.verbose);
+    run_inner(&a).map_err(|error| super::Failure {
+        error,
+        code: exit::FATAL,
+        json: a.json,
+    })
+}
+
+/// One session's worth of sources: a directory on one side and names in it.
+#[derive(Debug)]
+struct Group {
+    dir: String,
+    names: Vec<RelPath>,
+}
+
+/// Where a path is: this machine, or a remote (its target without the path, as a key).
+fn side(t: &Target) -> Option<String> {
+    match t {
+        Target::Local(_) => None,
+        Target::Devbox { id, user, .. } => Some(format!("{}@{id}", user.as_deref().unwrap_or(""))),
+        Target::Ssh {
+            user, host, port, ..
+        } => Some(format!("{}@{host}:{port:?}", user.as_deref().unwrap_or(""))),
+    }
+}
+
+fn path_of(t: &Target) -> String {
+    match t {
+        Target::Local(p) => p.display().to_string(),
+        Target::Devbox { path, .. } | Target::Ssh { path, .. } => path.clone(),
+    }
+}
+
+fn with_path(t: &Target, path: String) -> Target {
+    match t.clone() {
+        Target::Local(_) => Target::Local(PathBuf::from(path)),
+        Target::Devbox { id, user, .. } => Target::Devbox { id, user, path },
+        Target::Ssh {
+            user, host, port, ..
+        } => Target::Ssh {
+            user,
+            host,
+            port,
+            path,
+        },
+    }
+}
+
+/// `dir/name` of a source as written: its directory and its name (never `.`, `..` or `/`).
+fn split_source(written: &str, path: &str) -> anyhow::Result<(String, RelPath)> {
+    let trimmed = path.trim_end_matches('/');
+    let (dir, name) = match trimmed.rsplit_once('/') {
+        Some(("", name)) => ("/".to_string(), name),
+        Some((dir, name)) => (dir.to_string(), name),
+        None => (".".to_string(), trimmed),
+    };
+    if matches!(name, "" | "." | ".." | "~") {
+        bail!("{written}: name a file or directory to copy (not {path:?})");
+    }
+    let name =
+        RelPath::new(name.as_bytes().to_vec()).map_err(|e| anyhow::anyhow!("{written}: {e}"))?;
+    Ok((dir, name))
+}
+
+/// A local source must exist, and be a directory only with `-r`: said before connecting.
+fn check_local_source(p: &Path, recursive: bool) -> anyhow::Result<()> {
+    let md = std::fs::symlink_metadata(p).with_context(|| format!("{}", p.display()))?;
+    if md.is_dir() && !recursive {
+        bail!("{} is a directory (copy directories with -r)", p.display());
+    }
+    Ok(())
+}
+
+fn run_inner(a: &CpArgs) -> anyhow::Result<u8> {
+    let started = Instant::now();
+    let (dst_written, srcs_written) = a
+        .paths
+        .split_last()
+        .context("give at least one source and a destination")?;
+    let dst = Target::parse(dst_written)?;
+    let mut srcs = Vec::new();
+    for s in srcs_written {
+        srcs.push((s.as_str(), Target::parse(s)?));
+    }
+    let src_side = side(&srcs[0].1);
+    if let Some((w, _)) = srcs.iter().find(|(_, t)| side(t) != src_side) {
+        bail!(
+            "{w}: every source must be on the same machine as {} (copy from each in its own command)",
+            srcs_written[0]
+        );
+    }
+    // Sources grouped by directory, in the order given.
+    let mut groups: Vec<Group> = Vec::new();
+    for (w, t) in &srcs {
+        if let Target::Local(p) = t {
+            check_local_source(p, a.recursive)?;
+        }
+        let (dir, name) = split_source(w, &path_of(t))?;
+        match groups.iter_mut().find(|g| g.dir == dir) {
+            Some(g) if g.names.contains(&name) => {}
+            Some(g) => g.names.push(name),
+            None => groups.push(Group {
+                dir,
+                names: vec![name],
+            }),
+        }
+    }
+    let several = srcs.len() > 1;
+    let mut dst_root = path_of(&dst);
+    // Several sources need a directory to go into: a trailing '/' makes the receiver insist.
+    if several && !dst_root.ends_with('/') {
+        dst_root.push('/');
+    }
+    let progress =
+        !a.no_progress && (a.progress || (std::io::stderr().is_terminal() && !a.quiet && !a.json));
+    let reporter = Arc::new(Reporter::new(
+        src_side.is_none(),
+        a.itemize,
+        a.quiet,
+        a.json,
+        progress,
+    ));
+    let ropts = a.remote.options();
+    let rt = super::runtime()?;
+    let mut total: Option<Outcome> = None;
+    for g in &groups {
+        let opts = SyncOptions {
+            checksum: a.checksum,
+            fsync: a.fsync,
+            // A copy takes what it is given: no ignore files, no VCS exclusion.
+            filters: FilterOptions {
+                gitignore: false,
+                exclude_vcs: false,
+                excludes: Vec::new(),
+            },
+            copy: Some(CopySpec {
+                names: g.names.clone(),
+                recursive: a.recursive,
+            }),
+            ..SyncOptions::default()
+        };
+        let src = with_path(&srcs[0].1, g.dir.clone());
+        let o = rt.block_on(one(&src, &dst, &dst_root, opts, &ropts, reporter.clone()));
+        reporter.finish_bar();
+        let o = o?;
+        total = Some(match total {
+            None => o,
+            Some(mut t) => {
+                t.stats.add(&o.stats);
+                t.bytes_sent += o.bytes_sent;
+                t.bytes_received += o.bytes_received;
+                t
+            }
+        });
+    }
+    let outcome = total.context("nothing to copy")?;
+    let code = if outcome.stats.errors > 0 || !reporter.errors().is_empty() {
+        exit::PARTIAL
+    } else {
+        exit::OK
+    };
+    let elapsed = started.elapsed();
+    if a.json {
+        println!("{}", summary_json(&outcome, elapsed, &reporter, code));
+    } else if !a.quiet {
+        println!("{}", summary_line(&outcome, elapsed, false));
+        if a.verbose {
+            for line in summary_detail(&outcome) {
+                println!("  {line}");
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// One group's session: `src` names the sources' directory, `dst_root` the destination.
+async fn one(
+    src: &Target,
+    dst: &Target,
+    dst_root: &str,
+    opts: SyncOptions,
+    ropts: &remote::RemoteOptions,
+    reporter: Arc<Reporter>,
+) -> anyhow::Result<Outcome> {
+    match (src, dst) {
+        // From here (to a local directory through a local helper, or to a remote).
+        (Target::Local(dir), _) => {
+            let job = Job {
+                role: Role::Sender,
+                local_root: dir.clone(),
+                remote_root: Vec::new(),
+                opts,
+                obs: reporter.clone(),
+            };
+            super::sync::run_remote(with_path(dst, dst_root.to_string()), job, ropts, reporter)
+                .await
+        }
+        // To here: this process receives.
+        (_, Target::Local(_)) => {
+            let local_root =
+                std::path::absolute(dst_root).with_context(|| format!("resolving {dst_root}"))?;
+            let job = Job {
+                role: Role::Receiver,
+                local_root,
+                remote_root: Vec::new(),
+                opts,
+                obs: reporter.clone(),
+            };
+            super::sync::run_remote(src.clone(), job, ropts, reporter).await
+        }
+        // Remote to remote: two helpers, frames passed between them.
+        _ => {
+            let notice: Notice = {
+                let r = reporter.clone();
+                Arc::new(move |m: String| r.notice(&m))
+            };
+            let dst = with_path(dst, dst_root.to_string());
+            let (from, to) = tokio::try_join!(
+                remote::open(src, ropts, notice.clone()),
+                remote::open(&dst, ropts, notice),
+            )?;
+            let (mut st_from, mut st_to) = (from.helper.status.clone(), to.helper.status.clone());
+            let result = relay::copy(
+                relay::End {
+                    reader: from.helper.reader,
+                    writer: from.helper.writer,
+                    root: from.root.clone(),
+                },
+                relay::End {
+                    reader: to.helper.reader,
+                    writer: to.helper.writer,
+                    root: to.root.clone(),
+                },
+                &opts,
+                reporter,
+            )
+            .await;
+            let result = match result {
+                Ok(o) => Ok(o),
+                Err(e) => {
+                    let limit = Duration::from_secs(2);
+                    let said: Vec<String> = [
+                        ssh::wait_exit(&mut st_from, limit).await.stderr_text(),
+                        ssh::wait_exit(&mut st_to, limit).await.stderr_text(),
+                    ]
+                    .into_iter()
+                    .filter(|s| !s.is_empty() && !s.contains(&e.to_string()))
+                    .collect();
+                    match said.is_empty() {
+                        true => Err(e.into()),
+                        false => Err(anyhow::anyhow!(
+                            "{e}\nremote helper said: {}",
+                            said.join("; ")
+                        )),
+                    }
+                }
+            };
+            from.conn.close().await;
+            to.conn.close().await;
+            result
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_split_into_directory_and_name() {
+        let n = |s: &str| RelPath::new(s.as_bytes().to_vec()).unwrap();
+        assert_eq!(split_source("a", "a").unwrap(), (".".into(), n("a")));
+        assert_eq!(
+            split_source("x", "/tmp/a/").unwrap(),
+            ("/tmp".into(), n("a"))
+        );
+        assert_eq!(split_source("x", "/a").unwrap(), ("/".into(), n("a")));
+        assert_eq!(split_source("x", "~/d/f").unwrap(), ("~/d".into(), n("f")));
+        for bad in [".", "..", "/", "~", "a/.."] {
+            assert!(split_source(bad, bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! `devsync cp` at both ends of a session: what the sender lists (the named files of its
+//! root, nothing else, and not the root's own attributes) and where the receiver puts them
+//! (decided by the receiver from what is there, as cp and scp decide). Everything else is the
+//! ordinary sync: deltas against an existing destination file, verification, atomic replace.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::SessionError;
+use super::sender::{List, Plan};
+use crate::engine::scan::{ScanEvent, ScanOptions, Scanner};
+use crate::engine::{Entry, RelPath};
+use crate::proto::SyncOptions;
+use crate::proto::msg::CopySpec;
+
+/// The sender's one generation for `opts`: a copy's named files, or the whole tree.
+pub fn plan(opts: &SyncOptions, root: &Path, keep_index: bool) -> Result<Plan, SessionError> {
+    let Some(spec) = &opts.copy else {
+        return Ok(Plan::whole(opts, keep_index));
+    };
+    Ok(Plan {
+        list: List::Given {
+            entries: named_entries(root, spec, opts)?,
+            root: None,
+        },
+        stash: Vec::new(),
+        place: Vec::new(),
+        scopes: Vec::new(),
+        scope_root: false,
+        replace_dirs: false,
+    })
+}
+
+/// The entries for a copy's names, each checked to be something cp copies.
+fn named_entries(
+    root: &Path,
+    spec: &CopySpec,
+    opts: &SyncOptions,
+) -> Result<Vec<(Entry, bool)>, SessionError> {
+    for name in &spec.names {
+        let path = root.join(name.as_os_str());
+        match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SessionError::Local(format!(
+                    "{}: no such file or directory",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(SessionError::Local(format!("{}: {e}", path.display()))),
+            Ok(md) if md.is_dir() && !spec.recursive => {
+                return Err(SessionError::Local(format!(
+                    "{} is a directory (copy directories with -r)",
+                    path.display()
+                )));
+            }
+            Ok(md) if md.is_dir() => {}
+            Ok(md) if !md.is_file() && !md.file_type().is_symlink() => {
+                return Err(SessionError::Local(format!(
+                    "{}: not a regular file",
+                    path.display()
+                )));
+            }
+            Ok(_) => {}
+        }
+    }
+    let scanner = Scanner::new(
+        root,
+        &ScanOptions {
+            filters: opts.filters.clone(),
+            checksum: opts.checksum,
+            threads: 1,
+            report_ours: false,
+        },
+    )?;
+    let found = Mutex::new(Vec::new());
+    let problems = Mutex::new(Vec::new());
+    let make = || {
+        let (found, problems) = (&found, &problems);
+        move |ev| match ev {
+            ScanEvent::Entry(e, _) => super::lock(found).push((e, false)),
+            ScanEvent::Skipped { path, reason }
+            | ScanEvent::Error {
+                path,
+                message: reason,
+            } => super::lock(problems).push(format!("{path}: {reason}")),
+            ScanEvent::Ours { .. } => {}
+        }
+    };
+    for name in &spec.names {
+        if spec.recursive {
+            scanner.subtree(name, &make)?;
+        } else {
+            scanner.entry(name, &make)?;
+        }
+    }
+    let problems = problems.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = problems.first() {
+        return Err(SessionError::Local(p.clone()));
+    }
+    let mut found = found.into_inner().unwrap_or_else(|p| p.into_inner());
+    // Parents before children: a path sorts after every prefix of it.
+    found.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+    found.dedup_by(|a, b| a.0.path == b.0.path);
+    if let Some(name) = spec
+        .names
+        .iter()
+        .find(|n| found.binary_search_by(|e| e.0.path.cmp(n)).is_err())
+    {
+        return Err(SessionError::Local(format!(
+            "{}: vanished, or excluded by a filter",
+            root.join(name.as_os_str()).display()
+        )));
+    }
+    Ok(found)
+}
+
+/// Where a copy lands: the receiver's root and, when the one source takes the destination's
+/// own name, that renaming (listed name → name made; for a directory, of everything in it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Landing {
+    pub root: PathBuf,
+    pub rename: Option<(RelPath, RelPath)>,
+}
+
+/// Decides where a copy lands at `dest` (the destination as written, `~` resolved), from what
+/// is there now. Nothing is created here; errors say what to do.
+pub fn landing(dest: &Path, spec: &CopySpec) -> Result<Landing, SessionError> {
+    let err = |m: String| Err(SessionError::Local(m));
+    let trimmed = dest.as_os_str().as_encoded_bytes();
+    let trimmed = trimmed
+        .strip_suffix(b"/")
+        .filter(|t| !t.is_empty())
+        .unwrap_or(trimmed);
+    let shown_path = PathBuf::from(std::ffi::OsStr::from_bytes(trimmed));
+    let shown = shown_path.display();
+    let wants_dir = dest.as_os_str().as_encoded_bytes().ends_with(b"/");
+    let _ = &spec.recursive; // a directory onto a file is the receiver's per-entry decision
+    let meta = std::fs::metadata(dest);
+    let is_dir = meta.as_ref().is_ok_and(|m| m.is_dir());
+    let exists = match &meta {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        // `file/`: there is something, and it is not a directory.
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => true,
+        Err(e) => return err(format!("{shown}: {e}")),
+    };
+    // The parent a new name is made in, and that name.
+    let made_in = || -> Result<(PathBuf, RelPath), SessionError> {
+        let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
+            return Err(SessionError::Local(format!("{shown}: not a file name")));
+        };
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        if !parent.is_dir() {
+            return Err(SessionError::Local(format!(
+                "{}: no such directory",
+                parent.display()
+            )));
+        }
+        let name = RelPath::new(name.as_encoded_bytes().to_vec())
+            .map_err(|e| SessionError::Local(format!("{shown}: {e}")))?;
+        Ok((parent.to_path_buf(), name))
+    };
+    if is_dir {
+        return Ok(Landing {
+            root: dest.to_path_buf(),
+            rename: None,
+        });
+    }
+    match spec.names.as_slice() {
+        [one] if !wants_dir => {
+            let (root, name) = made_in()?;
+            let rename = (one != &name).then(|| (one.clone(), name));
+            Ok(Landing { root, rename })
+        }
+        [_] => err(format!("{shown}: no such directory")),
+        _ if exists => err(format!(
+            "{shown} is not a directory: copying several files needs a directory to copy into"
+        )),
+        _ => err(format!(
+            "{shown}: no such directory (copying several files needs an existing directory)"
+        )),
+    }
+}
+
+/// `path` with its first component renamed by `rename`, if it is that name or under it.
+pub fn renamed(path: &RelPath, rename: &(RelPath, RelPath)) -> Option<RelPath> {
+    let (from, to) = rename;
+    let rest = path.as_bytes().strip_prefix(from.as_bytes())?;
+    if !rest.is_empty() && !rest.starts_with(b"/") {
+        return None;
+    }
+    let mut p = to.as_bytes().to_vec();
+    p.extend_from_slice(rest);
+    RelPath::new(p).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(ns: &[&str]) -> CopySpec {
+        CopySpec {
+            names: ns
+                .iter()
+                .map(|n| RelPath::new(n.as_bytes().to_vec()).unwrap())
+                .collect(),
+            recursive: false,
+        }
+    }
+
+    fn rel(s: &str) -> RelPath {
+        RelPath::new(s.as_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn copies_land_where_cp_would_put_them() {
+        let td = tempfile::tempdir().unwrap();
+        let d = td.path();
+        std::fs::create_dir(d.join("dir")).unwrap();
+        std::fs::write(d.join("file"), b"x").unwrap();
+        // Into an existing directory, by name.
+        let l = landing(&d.join("dir"), &names(&["a", "b"])).unwrap();
+        assert_eq!(
+            l,
+            Landing {
+                root: d.join("dir"),
+                rename: None
+            }
+        );
+        // One file under a new name, or over an existing file.
+        let l = landing(&d.join("new"), &names(&["a"])).unwrap();
+        assert_eq!(l.root, d);
+        assert_eq!(l.rename, Some((rel("a"), rel("new"))));
+        let l = landing(&d.join("file"), &names(&["file"])).unwrap();
+        assert_eq!((l.root.as_path(), l.rename), (d, None));
+        // Several files need a directory.
+        for dest in ["file", "missing"] {
+            let e = landing(&d.join(dest), &names(&["a", "b"])).unwrap_err();
+            assert!(e.to_string().contains("several files"), "{e}");
+        }
+        // A trailing slash means a directory.
+        let mut slash = d.join("missing").into_os_string();
+        slash.push("/");
+        assert!(landing(Path::new(&slash), &names(&["a"])).is_err());
+        // A missing parent is an error, not created.
+        let e = landing(&d.join("no/such"), &names(&["a"])).unwrap_err();
+        assert!(e.to_string().contains("no such directory"), "{e}");
+    }
+
+    #[test]
+    fn a_renamed_source_renames_everything_under_it() {
+        let r = (rel("src"), rel("new"));
+        assert_eq!(renamed(&rel("src"), &r), Some(rel("new")));
+        assert_eq!(renamed(&rel("src/a/b"), &r), Some(rel("new/a/b")));
+        assert_eq!(renamed(&rel("srcx"), &r), None);
+        assert_eq!(renamed(&rel("other"), &r), None);
+    }
+}

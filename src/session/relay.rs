@@ -1,0 +1,90 @@
+//! A copy between two remotes (`devsync cp a:x b:y`, like `scp -3`): two helpers, one sending
+//! and one receiving, and the client in the middle passing whole frames between them. The
+//! client plays neither role: each helper's peer is the other helper, so deltas, verification
+//! and atomic replace are exactly a push's. Events (itemized changes, warnings, errors) stop
+//! here and are shown; the receiver's `Done` is read on the way for the totals.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::client::{Outcome, hello};
+use super::{Observer, SessionError};
+use crate::proto::{FrameReader, FrameWriter, Msg, Role, Stats, SyncOptions};
+
+/// One end: a helper's stdout (its greeting already read) and stdin, and the root it is
+/// told to use.
+pub struct End<R, W> {
+    pub reader: FrameReader<R>,
+    pub writer: W,
+    pub root: Vec<u8>,
+}
+
+/// Runs a copy from `from`'s helper (the sender) to `to`'s (the receiver).
+pub async fn copy<R1, W1, R2, W2>(
+    from: End<R1, W1>,
+    to: End<R2, W2>,
+    opts: &SyncOptions,
+    obs: Arc<dyn Observer>,
+) -> Result<Outcome, SessionError>
+where
+    R1: AsyncRead + Unpin + Send,
+    W1: AsyncWrite + Unpin + Send + 'static,
+    R2: AsyncRead + Unpin + Send,
+    W2: AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut ra, mut wa) = (from.reader, FrameWriter::new(from.writer));
+    let (mut rb, mut wb) = (to.reader, FrameWriter::new(to.writer));
+    // We "receive" from the first (it sends) and "send" to the second (it receives).
+    hello(&mut ra, &mut wa, Role::Receiver, &from.root, opts).await?;
+    hello(&mut rb, &mut wb, Role::Sender, &to.root, opts).await?;
+    crate::trace!("relay", "both helpers ready");
+    let (a_to_b, b_to_a) = tokio::join!(forward(ra, wb, obs.clone()), forward(rb, wa, obs.clone()));
+    let (_, fatal_a, from_a) = a_to_b?;
+    let (done, fatal_b, from_b) = b_to_a?;
+    if let Some(m) = fatal_a.or(fatal_b) {
+        return Err(SessionError::Remote(m));
+    }
+    let stats = done.ok_or(SessionError::Eof)?;
+    Ok(Outcome {
+        stats,
+        // As a push counts them: what went towards the destination, and what came back.
+        bytes_sent: from_a,
+        bytes_received: from_b,
+    })
+}
+
+/// Passes frames from `r` to `w` until `r` ends, then ends `w`: what the receiver said it did
+/// (`Done`), a fatal message that went by, and the bytes read.
+async fn forward<R, W>(
+    mut r: FrameReader<R>,
+    mut w: FrameWriter<W>,
+    obs: Arc<dyn Observer>,
+) -> Result<(Option<Stats>, Option<String>, u64), SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let mut done: Option<Stats> = None;
+    let mut fatal: Option<String> = None;
+    while let Some((msg, payload)) = r.next().await? {
+        match &msg {
+            Msg::Event(ev) => {
+                obs.event(ev.clone());
+                continue;
+            }
+            Msg::Done { stats, .. } => done = Some(stats.clone()),
+            Msg::Fatal { message } => fatal = Some(message.clone()),
+            _ => {}
+        }
+        w.write(&msg, &payload).await?;
+        // Frames that are already here go out together.
+        if r.raw().buffer().is_empty() {
+            w.flush().await?;
+        }
+    }
+    w.flush().await?;
+    // Its end is the other's end of input (a helper that went away, or one that is done).
+    let _ = w.shutdown().await; // the other may be gone already
+    Ok((done, fatal, r.bytes_read()))
+}
