@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# End-to-end comparison of devsync with cp -a and rsync on local directories.
-# Usage: benches/compare.sh [local|remote|all]   (data in $BENCH_DIR, default /tmp/devsync-bench; RUNS=3)
+# End-to-end comparisons.
+#   benches/compare.sh [local|remote|all]  devsync vs cp -a and rsync (local, and over SSH+TLS)
+#   benches/compare.sh cp                  devsync cp vs scp through an openssl ProxyCommand
+# Data in $BENCH_DIR (default /tmp/devsync-bench); RUNS=5 / ROUNDS=5 rounds, tools alternating.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
+if [ "${1:-}" = cp ]; then
+  exec python3 benches/cp.py
+fi
 exec python3 benches/compare.py "$@"

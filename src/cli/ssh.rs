@@ -275,13 +275,25 @@ async fn session(a: &SshArgs, target: &Target) -> anyhow::Result<u8> {
                 interrupts += 1;
                 if interrupts > 1 {
                     drop(raw);
-                    eprintln!("devsync: interrupted twice; leaving the remote command to itself");
+                    eprintln!("devsync: interrupted twice; closing the session");
+                    conn.close().await;
                     return Ok(130);
                 }
                 let _ = write.signal(Sig::INT).await;
             },
-            _ = term.recv() => { let _ = write.signal(Sig::TERM).await; break; },
-            _ = hup.recv() => { let _ = write.signal(Sig::HUP).await; break; },
+            // We are asked to end: pass it on, and end as a process ended by it does.
+            _ = term.recv() => {
+                let _ = write.signal(Sig::TERM).await;
+                drop(raw);
+                conn.close().await;
+                return Ok(signal_status(&Sig::TERM));
+            },
+            _ = hup.recv() => {
+                let _ = write.signal(Sig::HUP).await;
+                drop(raw);
+                conn.close().await;
+                return Ok(signal_status(&Sig::HUP));
+            },
         }
     }
     drop(raw);

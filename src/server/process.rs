@@ -56,7 +56,7 @@ pub fn base_command(program: &std::path::Path, who: &Identity) -> Command {
         .env("HOME", &who.home)
         .env("USER", &who.user)
         .env("LOGNAME", &who.user)
-        .env("SHELL", "/bin/sh")
+        .env("SHELL", super::pty::login_shell(&who.user))
         .env(
             "PATH",
             std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
@@ -222,8 +222,20 @@ pub(super) async fn terminate(group: Option<u32>, uid: u32, child: &mut Child) {
 /// (never to "the group" by id: a group whose members are all gone may have had its id
 /// reused by someone else's process).
 fn signal_members(group: Option<u32>, uid: u32, sig: rustix::process::Signal) {
+    signal_matching(group, 2, uid, sig)
+}
+
+/// [`signal_members`] for a session (a terminal's shell made one): its jobs are process
+/// groups of their own.
+pub(super) fn signal_session(session: Option<u32>, uid: u32, sig: rustix::process::Signal) {
+    signal_matching(session, 3, uid, sig)
+}
+
+/// Sends `sig` to each process of `uid` whose `/proc/<pid>/stat` field `field` (counted after
+/// the command name: 2 the process group, 3 the session) is `id`.
+fn signal_matching(id: Option<u32>, field: usize, uid: u32, sig: rustix::process::Signal) {
     use std::os::unix::fs::MetadataExt;
-    let Some(group) = group else { return };
+    let Some(group) = id else { return };
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -237,7 +249,7 @@ fn signal_members(group: Option<u32>, uid: u32, sig: rustix::process::Signal) {
             .and_then(|st| {
                 // `pid (comm) state ppid pgrp …`; comm may hold spaces and parentheses.
                 st.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<u32>().ok())
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(field)?.parse::<u32>().ok())
             })
             == Some(group);
         if owned

@@ -49,9 +49,12 @@ fn winsize(cols: u32, rows: u32, px: u32, py: u32) -> Winsize {
     }
 }
 
-/// How long output still in the terminal is read after the command exited (a background
-/// process that keeps the terminal open does not hold the session forever).
+/// After the command exited, output still coming is read until it pauses this long (a
+/// background process that keeps the terminal open does not hold the session forever).
 const DRAIN: Duration = Duration::from_millis(500);
+
+/// How long the processes of a terminal that was hung up get to end before being killed.
+const HANGUP_GRACE: Duration = Duration::from_millis(500);
 
 /// The user's login shell from `/etc/passwd` (`/bin/sh` if none is named).
 pub fn login_shell(user: &str) -> std::path::PathBuf {
@@ -170,25 +173,33 @@ pub async fn run(
     };
     drop(cmd); // the command's copies of the terminal's other end
     drop(slave);
-    // The session's leader: its id is the process group's.
+    // The session's leader: its id is the process group's and the session's.
     let group = child.id();
+    // Non-blocking (shared by every copy of the master): the pumps poll with a timeout, so
+    // they notice the end of the session even if the terminal never becomes ready again.
+    if let Err(e) = rustix::fs::fcntl_setfl(&master, rustix::fs::OFlags::NONBLOCK) {
+        return fail(e.into()).await;
+    }
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(16);
-    let (in_tx, in_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    // Bounded: input waits in the SSH channel (and its window) while the terminal is full.
+    let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(16);
     let (reader, writer) = match (master.try_clone(), master.try_clone()) {
         (Ok(r), Ok(w)) => (std::fs::File::from(r), std::fs::File::from(w)),
         (Err(e), _) | (_, Err(e)) => return fail(e).await,
     };
-    // Blocking reads and writes of the terminal on threads of their own: a terminal's master
-    // cannot be registered with the reactor portably, and these are interactive rates.
     let stop = Arc::new(AtomicBool::new(false));
-    let stop_out = stop.clone();
+    let (stop_out, stop_in) = (stop.clone(), stop.clone());
+    // Blocking reads and writes of the terminal on threads of their own: these are
+    // interactive rates, and a terminal's master is not a socket.
     std::thread::spawn(move || pump_out(reader, out_tx, stop_out));
-    std::thread::spawn(move || pump_in(writer, in_rx));
+    std::thread::spawn(move || pump_in(writer, in_rx, stop_in));
     let mut out = write.make_writer();
     let mut exited = None;
+    // After the command exits, output still arriving is read until it pauses this long.
     let mut drain_until: Option<tokio::time::Instant> = None;
     let mut channel_gone = false;
     let mut output_done = false;
+    let mut pending: Option<Vec<u8>> = None;
     loop {
         let drain = async {
             match drain_until {
@@ -197,11 +208,15 @@ pub async fn run(
             }
         };
         tokio::select! {
+            biased;
             chunk = out_rx.recv(), if !output_done => match chunk {
                 Some(b) => {
                     if tokio::io::AsyncWriteExt::write_all(&mut out, &b).await.is_err() {
                         channel_gone = true;
                         break;
+                    }
+                    if exited.is_some() {
+                        drain_until = Some(tokio::time::Instant::now() + DRAIN);
                     }
                 }
                 None => {
@@ -211,10 +226,12 @@ pub async fn run(
                     }
                 }
             },
-            msg = read.wait(), if !channel_gone => match msg {
-                Some(ChannelMsg::Data { data }) => {
-                    let _ = in_tx.send(data.to_vec()); // the terminal is gone: output ends too
-                }
+            permit = in_tx.reserve(), if pending.is_some() => match permit {
+                Ok(p) => p.send(pending.take().unwrap_or_default()),
+                Err(_) => pending = None, // the terminal is gone: its output ends too
+            },
+            msg = read.wait(), if !channel_gone && pending.is_none() => match msg {
+                Some(ChannelMsg::Data { data }) => pending = Some(data.to_vec()),
                 Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
                     let _ = rustix::termios::tcsetwinsize(
                         &master,
@@ -240,20 +257,26 @@ pub async fn run(
             () = drain => break,
         }
     }
-    drop(in_tx);
+    // The terminal closes: every copy of the master goes (the pumps see `stop` within their
+    // poll interval), and what still holds the terminal gets a hangup, as from OpenSSH.
+    stop.store(true, Ordering::Release);
+    drop((in_tx, out_rx, master));
     match (channel_gone, exited) {
         (false, Some(status)) => process::report(&handle, &write, id, status).await,
-        _ => {
-            log(&format!(
-                "{label}: channel closed; stopping its terminal session"
-            ));
-            process::terminate(group, uid, &mut child).await;
+        (_, exited) => {
+            log(&format!("{label}: channel closed; hanging up its terminal"));
+            if exited.is_none() {
+                // The hangup first (a shell passes it on to its jobs), then TERM and KILL.
+                let _ = tokio::time::timeout(HANGUP_GRACE, child.wait()).await;
+                process::terminate(group, uid, &mut child).await;
+            }
         }
     }
-    // Whatever still holds the terminal gets a hangup when its master closes.
-    stop.store(true, Ordering::Release);
-    drop(out_rx);
-    drop(master);
+    // The kernel hangs up only the terminal's foreground group; background jobs of the
+    // session (`make &`) get theirs too, as an interactive shell gives them on exit. What
+    // ignores it on purpose (`nohup`) stays, as it would with OpenSSH.
+    tokio::time::sleep(HANGUP_GRACE).await;
+    process::signal_session(group, uid, rustix::process::Signal::HUP);
 }
 
 /// Terminal output to the channel, until the terminal is closed (EIO once no process has it
@@ -261,22 +284,8 @@ pub async fn run(
 /// thread's copy of the master must close too, so what still holds the terminal gets its
 /// hangup).
 fn pump_out(mut master: std::fs::File, tx: mpsc::Sender<Vec<u8>>, stop: Arc<AtomicBool>) {
-    use rustix::event::{PollFd, PollFlags, Timespec};
     let mut buf = vec![0u8; 16 << 10];
-    loop {
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
-        let mut fds = [PollFd::new(&master, PollFlags::IN)];
-        let tick = Timespec {
-            tv_sec: 0,
-            tv_nsec: 100_000_000,
-        };
-        match rustix::event::poll(&mut fds, Some(&tick)) {
-            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
-            Ok(_) => {}
-            Err(_) => return,
-        }
+    while wait_ready(&master, rustix::event::PollFlags::IN, &stop) {
         match master.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
@@ -287,17 +296,54 @@ fn pump_out(mut master: std::fs::File, tx: mpsc::Sender<Vec<u8>>, stop: Arc<Atom
                     return;
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) => {}
             Err(_) => return, // EIO: every process on the terminal has closed it
         }
     }
 }
 
-/// Channel input to the terminal, until the channel side is done.
-fn pump_in(mut master: std::fs::File, rx: std::sync::mpsc::Receiver<Vec<u8>>) {
-    for data in rx {
-        if master.write_all(&data).is_err() {
-            return;
+/// Channel input to the terminal, until the channel side is done or the session is over.
+fn pump_in(mut master: std::fs::File, mut rx: mpsc::Receiver<Vec<u8>>, stop: Arc<AtomicBool>) {
+    while let Some(data) = rx.blocking_recv() {
+        let mut rest = data.as_slice();
+        while !rest.is_empty() {
+            if !wait_ready(&master, rustix::event::PollFlags::OUT, &stop) {
+                return;
+            }
+            match master.write(rest) {
+                Ok(n) => rest = rest.get(n..).unwrap_or_default(),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Waits until `fd` is ready for `what`; `false` once the session is over (or on an error).
+fn wait_ready(fd: &std::fs::File, what: rustix::event::PollFlags, stop: &AtomicBool) -> bool {
+    use rustix::event::{PollFd, Timespec};
+    let tick = Timespec {
+        tv_sec: 0,
+        tv_nsec: 100_000_000,
+    };
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut fds = [PollFd::new(fd, what)];
+        match rustix::event::poll(&mut fds, Some(&tick)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            // Readable, writable, or hung up (the read or write says which).
+            Ok(_) => return true,
+            Err(_) => return false,
         }
     }
 }

@@ -47,7 +47,8 @@ pub fn prepare(job: &Job) -> Result<Prepared, SessionError> {
                 &job.opts,
                 job.obs.clone(),
             )?;
-            let generation = s.start(super::copy::plan(&job.opts, &job.local_root, false)?)?;
+            let plan = super::copy::plan(&job.opts, &job.local_root, false, &*job.obs)?;
+            let generation = s.start(plan)?;
             Some((s, generation))
         }
         Role::Receiver => None,

@@ -7,21 +7,26 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::SessionError;
 use super::sender::{List, Plan};
+use super::{Observer, SessionError};
 use crate::engine::scan::{ScanEvent, ScanOptions, Scanner};
 use crate::engine::{Entry, RelPath};
-use crate::proto::SyncOptions;
 use crate::proto::msg::CopySpec;
+use crate::proto::{Event, Msg, SyncOptions};
 
 /// The sender's one generation for `opts`: a copy's named files, or the whole tree.
-pub fn plan(opts: &SyncOptions, root: &Path, keep_index: bool) -> Result<Plan, SessionError> {
+pub fn plan(
+    opts: &SyncOptions,
+    root: &Path,
+    keep_index: bool,
+    obs: &dyn Observer,
+) -> Result<Plan, SessionError> {
     let Some(spec) = &opts.copy else {
         return Ok(Plan::whole(opts, keep_index));
     };
     Ok(Plan {
         list: List::Given {
-            entries: named_entries(root, spec, opts)?,
+            entries: named_entries(root, spec, opts, obs)?,
             root: None,
         },
         stash: Vec::new(),
@@ -37,6 +42,7 @@ fn named_entries(
     root: &Path,
     spec: &CopySpec,
     opts: &SyncOptions,
+    obs: &dyn Observer,
 ) -> Result<Vec<(Entry, bool)>, SessionError> {
     for name in &spec.names {
         let path = root.join(name.as_os_str());
@@ -74,16 +80,17 @@ fn named_entries(
         },
     )?;
     let found = Mutex::new(Vec::new());
-    let problems = Mutex::new(Vec::new());
+    // Inside a directory copied with -r, what cannot be copied (a socket, an unreadable
+    // directory) is reported and the rest copied, as cp does (exit 23).
     let make = || {
-        let (found, problems) = (&found, &problems);
+        let found = &found;
         move |ev| match ev {
             ScanEvent::Entry(e, _) => super::lock(found).push((e, false)),
-            ScanEvent::Skipped { path, reason }
-            | ScanEvent::Error {
+            ScanEvent::Skipped { path, reason } => obs.event(Event::Warning {
                 path,
                 message: reason,
-            } => super::lock(problems).push(format!("{path}: {reason}")),
+            }),
+            ScanEvent::Error { path, message } => obs.event(Event::Error { path, message }),
             ScanEvent::Ours { .. } => {}
         }
     };
@@ -93,10 +100,6 @@ fn named_entries(
         } else {
             scanner.entry(name, &make)?;
         }
-    }
-    let problems = problems.into_inner().unwrap_or_else(|p| p.into_inner());
-    if let Some(p) = problems.first() {
-        return Err(SessionError::Local(p.clone()));
     }
     let mut found = found.into_inner().unwrap_or_else(|p| p.into_inner());
     // Parents before children: a path sorts after every prefix of it.
@@ -127,6 +130,16 @@ pub struct Landing {
 /// is there now. Nothing is created here; errors say what to do.
 pub fn landing(dest: &Path, spec: &CopySpec) -> Result<Landing, SessionError> {
     let err = |m: String| Err(SessionError::Local(m));
+    // A symlink to a file is written through, as cp does: the file it names is replaced.
+    let through;
+    let dest = match (std::fs::symlink_metadata(dest), std::fs::metadata(dest)) {
+        (Ok(l), Ok(m)) if l.file_type().is_symlink() && m.is_file() => {
+            through = std::fs::canonicalize(dest)
+                .map_err(|e| SessionError::Local(format!("{}: {e}", dest.display())))?;
+            through.as_path()
+        }
+        _ => dest,
+    };
     let trimmed = dest.as_os_str().as_encoded_bytes();
     let trimmed = trimmed
         .strip_suffix(b"/")
@@ -135,7 +148,6 @@ pub fn landing(dest: &Path, spec: &CopySpec) -> Result<Landing, SessionError> {
     let shown_path = PathBuf::from(std::ffi::OsStr::from_bytes(trimmed));
     let shown = shown_path.display();
     let wants_dir = dest.as_os_str().as_encoded_bytes().ends_with(b"/");
-    let _ = &spec.recursive; // a directory onto a file is the receiver's per-entry decision
     let meta = std::fs::metadata(dest);
     let is_dir = meta.as_ref().is_ok_and(|m| m.is_dir());
     let exists = match &meta {
@@ -184,6 +196,61 @@ pub fn landing(dest: &Path, spec: &CopySpec) -> Result<Landing, SessionError> {
         _ => err(format!(
             "{shown}: no such directory (copying several files needs an existing directory)"
         )),
+    }
+}
+
+/// A directory copied onto something that is not one is refused, as cp refuses it (the sync
+/// would replace the file).
+pub fn check_arrival(root: &Path, e: &Entry) -> Result<(), String> {
+    if e.path.depth() != 0 || !matches!(e.kind, crate::engine::EntryKind::Dir) {
+        return Ok(());
+    }
+    let at = root.join(e.path.as_os_str());
+    match std::fs::symlink_metadata(&at) {
+        Ok(md) if !md.is_dir() => Err(format!(
+            "{}: cannot overwrite a non-directory with a directory",
+            at.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What a copy's receiver accepts from its sender (which may be a remote it does not trust:
+/// a copy's landing root is often a home directory). One generation, of the named entries
+/// only (and what is under them with `-r`); no renames, scopes, replaced directories or root
+/// attributes.
+pub fn check_peer(spec: &CopySpec, msg: &Msg, generations: u64) -> Result<(), String> {
+    match msg {
+        Msg::GenStart { replace_dirs, .. } if *replace_dirs || generations > 0 => {
+            Err("a copy is one generation, without replacing directories".into())
+        }
+        Msg::Stash { .. } | Msg::Place { .. } | Msg::Scope { .. } => {
+            Err("renames and scopes are not part of a copy".into())
+        }
+        Msg::EndOfList { root: Some(_), .. } => {
+            Err("a copy does not set the destination directory's attributes".into())
+        }
+        Msg::Entries { entries, .. } => {
+            for e in entries {
+                let top = e
+                    .path
+                    .as_bytes()
+                    .split(|&b| b == b'/')
+                    .next()
+                    .unwrap_or_default();
+                if !spec.names.iter().any(|n| n.as_bytes() == top) {
+                    return Err(format!("{}: not one of the files asked for", e.path));
+                }
+                if !spec.recursive && e.path.depth() != 0 {
+                    return Err(format!(
+                        "{}: a copy without -r has no subdirectories",
+                        e.path
+                    ));
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -259,5 +326,117 @@ mod tests {
         assert_eq!(renamed(&rel("src/a/b"), &r), Some(rel("new/a/b")));
         assert_eq!(renamed(&rel("srcx"), &r), None);
         assert_eq!(renamed(&rel("other"), &r), None);
+    }
+
+    fn file(path: &str) -> Entry {
+        Entry {
+            path: rel(path),
+            kind: crate::engine::EntryKind::File {
+                size: 1,
+                digest: None,
+            },
+            mode: 0o644,
+            mtime: crate::engine::Mtime { sec: 1, nsec: 0 },
+        }
+    }
+
+    fn entries(paths: &[&str]) -> Msg {
+        Msg::Entries {
+            first_id: 0,
+            entries: paths.iter().map(|p| file(p)).collect(),
+            changed: false,
+        }
+    }
+
+    #[test]
+    fn a_copy_accepts_only_what_was_asked_for() {
+        let spec = names(&["report.html", "src"]);
+        let start = |replace_dirs| Msg::GenStart {
+            generation: 0,
+            whole: false,
+            replace_dirs,
+        };
+        assert!(check_peer(&spec, &start(false), 0).is_ok());
+        assert!(
+            check_peer(&spec, &start(false), 1).is_err(),
+            "a second generation"
+        );
+        assert!(check_peer(&spec, &start(true), 0).is_err());
+        assert!(check_peer(&spec, &entries(&["report.html", "src"]), 1).is_ok());
+        for bad in [".ssh/authorized_keys", ".bashrc", "report.htmlx", "src/a"] {
+            assert!(check_peer(&spec, &entries(&[bad]), 1).is_err(), "{bad}");
+        }
+        let recursive = CopySpec {
+            recursive: true,
+            ..spec.clone()
+        };
+        assert!(check_peer(&recursive, &entries(&["src/a/b"]), 1).is_ok());
+        assert!(check_peer(&recursive, &entries(&["other/a"]), 1).is_err());
+        for msg in [
+            Msg::Scope {
+                root: false,
+                paths: vec![rel("Documents")],
+            },
+            Msg::Stash { moves: vec![] },
+            Msg::Place { moves: vec![] },
+            Msg::EndOfList {
+                count: 0,
+                scan_errors: 0,
+                root: Some(crate::proto::Stamp {
+                    mode: 0o755,
+                    mtime: crate::engine::Mtime { sec: 1, nsec: 0 },
+                }),
+            },
+        ] {
+            assert!(check_peer(&spec, &msg, 1).is_err(), "{msg:?}");
+        }
+    }
+
+    /// The real receiver, in copy mode, against a sender listing a file it was not asked for:
+    /// a protocol violation, and nothing written.
+    #[test]
+    fn a_hostile_sender_cannot_write_beside_the_copy() {
+        use crate::proto::{FrameReader, FrameWriter};
+        use std::sync::Arc;
+        let td = tempfile::tempdir().unwrap();
+        let root = td.path().to_path_buf();
+        let opts = SyncOptions {
+            copy: Some(names(&["report.html"])),
+            ..SyncOptions::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(async {
+            let (ours, theirs) = tokio::io::duplex(1 << 20);
+            let (their_r, their_w) = tokio::io::split(theirs);
+            let (_our_r, our_w) = tokio::io::split(ours);
+            let (out, pending) = crate::session::conn::channel();
+            let _writer = pending.start(FrameWriter::new(their_w));
+            let mut w = FrameWriter::new(our_w);
+            let start = Msg::GenStart {
+                generation: 0,
+                whole: false,
+                replace_dirs: false,
+            };
+            w.write(&start, &[]).await.unwrap();
+            w.write(&entries(&[".bashrc"]), &[]).await.unwrap();
+            w.flush().await.unwrap();
+            let mut reader = FrameReader::new(their_r);
+            crate::session::receiver::run(
+                &mut reader,
+                out,
+                root.join("r.html"),
+                opts,
+                Arc::new(crate::session::Silent),
+            )
+            .await
+        });
+        assert!(
+            matches!(r, Err(SessionError::Violation(ref m)) if m.contains(".bashrc")),
+            "{r:?}"
+        );
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
     }
 }

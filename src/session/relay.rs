@@ -40,51 +40,70 @@ where
     hello(&mut rb, &mut wb, Role::Sender, &to.root, opts).await?;
     crate::trace!("relay", "both helpers ready");
     let (a_to_b, b_to_a) = tokio::join!(forward(ra, wb, obs.clone()), forward(rb, wa, obs.clone()));
-    let (_, fatal_a, from_a) = a_to_b?;
-    let (done, fatal_b, from_b) = b_to_a?;
-    if let Some(m) = fatal_a.or(fatal_b) {
+    // What a helper said when it gave up explains more than the other side's broken pipe.
+    if let Some(m) = a_to_b.fatal.or(b_to_a.fatal) {
         return Err(SessionError::Remote(m));
     }
-    let stats = done.ok_or(SessionError::Eof)?;
+    a_to_b.result?;
+    b_to_a.result?;
+    let stats = b_to_a.done.ok_or(SessionError::Eof)?;
     Ok(Outcome {
-        stats,
         // As a push counts them: what went towards the destination, and what came back.
-        bytes_sent: from_a,
-        bytes_received: from_b,
+        stats,
+        bytes_sent: a_to_b.bytes,
+        bytes_received: b_to_a.bytes,
     })
 }
 
-/// Passes frames from `r` to `w` until `r` ends, then ends `w`: what the receiver said it did
-/// (`Done`), a fatal message that went by, and the bytes read.
+/// How one direction ended.
+struct Forwarded {
+    result: Result<(), SessionError>,
+    /// The receiver's report (`Done`), if it went by.
+    done: Option<Stats>,
+    /// A fatal message that went by.
+    fatal: Option<String>,
+    bytes: u64,
+}
+
+/// Passes frames from `r` to `w` until `r` ends or fails, then ends `w` either way (so the
+/// other helper hears of it at once instead of at its keepalive limit).
 async fn forward<R, W>(
     mut r: FrameReader<R>,
     mut w: FrameWriter<W>,
     obs: Arc<dyn Observer>,
-) -> Result<(Option<Stats>, Option<String>, u64), SessionError>
+) -> Forwarded
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
     let mut done: Option<Stats> = None;
     let mut fatal: Option<String> = None;
-    while let Some((msg, payload)) = r.next().await? {
-        match &msg {
-            Msg::Event(ev) => {
-                obs.event(ev.clone());
-                continue;
+    let result = async {
+        while let Some((msg, payload)) = r.next().await? {
+            match &msg {
+                Msg::Event(ev) => {
+                    obs.event(ev.clone());
+                    continue;
+                }
+                Msg::Done { stats, .. } => done = Some(stats.clone()),
+                Msg::Fatal { message } => fatal = Some(message.clone()),
+                _ => {}
             }
-            Msg::Done { stats, .. } => done = Some(stats.clone()),
-            Msg::Fatal { message } => fatal = Some(message.clone()),
-            _ => {}
+            w.write(&msg, &payload).await?;
+            // Frames that are already here go out together.
+            if r.raw().buffer().is_empty() {
+                w.flush().await?;
+            }
         }
-        w.write(&msg, &payload).await?;
-        // Frames that are already here go out together.
-        if r.raw().buffer().is_empty() {
-            w.flush().await?;
-        }
+        w.flush().await?;
+        Ok::<_, SessionError>(())
     }
-    w.flush().await?;
-    // Its end is the other's end of input (a helper that went away, or one that is done).
+    .await;
     let _ = w.shutdown().await; // the other may be gone already
-    Ok((done, fatal, r.bytes_read()))
+    Forwarded {
+        result,
+        done,
+        fatal,
+        bytes: r.bytes_read(),
+    }
 }

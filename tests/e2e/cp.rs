@@ -328,3 +328,122 @@ fn cp_locally_and_without_permission() {
     assert!(err.contains("Permission denied"), "{err}");
     assert!(!d.join("out/b").exists());
 }
+
+#[test]
+fn cp_path_rules_and_a_user_at_a_devbox() {
+    let ep = endpoint(&["dbx_rules"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let d = td.path();
+    // `./a:b` is a local file named `a:b`, not host `./a`.
+    fs::write(d.join("a:b"), b"colon").unwrap();
+    fs::create_dir(d.join("there")).unwrap();
+    let mut c = ep.cmd();
+    c.current_dir(d);
+    let (code, _, err) = cp(
+        c,
+        &["./a:b", &format!("user@dbx_rules:{}", s(&d.join("there")))],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(fs::read(d.join("there/a:b")).unwrap(), b"colon");
+    // A wrong user is refused by the devbox, with the stage named.
+    let (code, v, err) = cp(
+        ep.cmd(),
+        &[s(&d.join("a:b")), &format!("nobody@dbx_rules:{}", s(d))],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(v["stage"], "auth", "{v}");
+}
+
+#[test]
+fn cp_onto_a_full_disk_fails_clearly_and_keeps_the_old_file() {
+    let td = tempfile::tempdir().unwrap();
+    let small = td.path().join("small");
+    fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "devsync-cp-test"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !require(mounted, "root, to mount a small tmpfs") {
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&small);
+    fs::write(small.join("big"), b"the old copy").unwrap();
+    let big = td.path().join("big");
+    fs::write(&big, random_bytes(6 << 20, 3)).unwrap();
+    let ep = endpoint(&["dbx_full"], None, "user", KeyFormat::Pkcs8);
+    let (code, _, err) = cp(ep.cmd(), &[s(&big), &format!("dbx_full:{}", s(&small))]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("no space left"), "{err}");
+    assert_eq!(fs::read(small.join("big")).unwrap(), b"the old copy");
+    assert!(own_files(&small).is_empty(), "{:?}", own_files(&small));
+}
+
+#[test]
+fn cp_sources_from_two_directories_links_and_a_directory_onto_a_file() {
+    let ep = endpoint(&["dbx_more"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let d = td.path();
+    for p in ["one/a", "two/b", "tree/f"] {
+        fs::create_dir_all(d.join(p).parent().unwrap()).unwrap();
+        fs::write(d.join(p), p.as_bytes()).unwrap();
+    }
+    fs::create_dir(d.join("into")).unwrap();
+    let r = |p: &str| format!("dbx_more:{}", s(&d.join(p)));
+    // Two source directories: two sessions, one destination directory.
+    let (code, v, err) = cp(
+        ep.cmd(),
+        &[s(&d.join("one/a")), s(&d.join("two/b")), &r("into")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(num(&v, "created"), 2, "{v}");
+    assert_eq!(fs::read(d.join("into/a")).unwrap(), b"one/a");
+    assert_eq!(fs::read(d.join("into/b")).unwrap(), b"two/b");
+    // A destination that is a symlink to a file is written through, as cp does.
+    fs::write(d.join("target"), b"old").unwrap();
+    std::os::unix::fs::symlink("target", d.join("link")).unwrap();
+    let (code, _, err) = cp(ep.cmd(), &[s(&d.join("one/a")), &r("link")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        fs::symlink_metadata(d.join("link"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(fs::read(d.join("target")).unwrap(), b"one/a");
+    // A directory onto a file is refused, the file kept.
+    fs::write(d.join("notes"), b"keep me").unwrap();
+    let (code, _, err) = cp(ep.cmd(), &["-r", s(&d.join("tree")), &r("notes")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot overwrite a non-directory with a directory"),
+        "{err}"
+    );
+    assert_eq!(fs::read(d.join("notes")).unwrap(), b"keep me");
+    fs::create_dir(d.join("holder")).unwrap();
+    fs::write(d.join("holder/tree"), b"a file named tree").unwrap();
+    let (code, _, err) = cp(ep.cmd(), &["-r", s(&d.join("tree")), &r("holder")]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        fs::read(d.join("holder/tree")).unwrap(),
+        b"a file named tree"
+    );
+    // Two copies into one directory at once: both land (copies take no lock on it).
+    let (c1, c2) = (ep.cmd(), ep.cmd());
+    let (a, b, into) = (d.join("one/a"), d.join("two/b"), d.join("into2"));
+    fs::create_dir(&into).unwrap();
+    let into_r = format!("dbx_more:{}", s(&into));
+    let (x, y) = std::thread::scope(|sc| {
+        let h1 = sc.spawn(|| cp(c1, &[s(&a), &into_r]));
+        let h2 = sc.spawn(|| cp(c2, &[s(&b), &into_r]));
+        (h1.join().unwrap(), h2.join().unwrap())
+    });
+    assert_eq!((x.0, y.0), (0, 0), "{} {}", x.2, y.2);
+    assert!(into.join("a").exists() && into.join("b").exists());
+}

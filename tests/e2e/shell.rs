@@ -457,10 +457,16 @@ fn an_interactive_shell_on_a_terminal_resizes_and_returns_its_status() {
     }
     let ep = endpoint(&["dbx_tty"], None, "user", KeyFormat::Pkcs8);
     let c = ep.cmd();
+    // The tmux server has its own environment: set and unset exactly what `ep.cmd()` does.
     let env: Vec<String> = c
         .get_envs()
-        .filter_map(|(k, v)| Some(format!("{}={}", k.to_str()?, v?.to_str()?)))
+        .filter_map(|(k, v)| match v {
+            Some(v) => Some(format!("{}={}", k.to_str()?, v.to_str()?)),
+            None => Some(format!("-u {}", k.to_str()?)),
+        })
         .collect();
+    let mut env = env;
+    env.sort_by_key(|e| !e.starts_with("-u ")); // env's options before its assignments
     let td = tempfile::tempdir().unwrap();
     let status = td.path().join("status");
     let name = format!("devsync-tty-{}", std::process::id());
@@ -473,8 +479,8 @@ fn an_interactive_shell_on_a_terminal_resizes_and_returns_its_status() {
             s(&status)
         ),
     );
-    t.keys("echo $((6*7)); tty");
-    let screen = t.wait_for("42");
+    t.keys("echo M$((6*7)); tty");
+    let screen = t.wait_for("M42");
     assert!(screen.contains("/dev/pts/"), "{screen}");
     t.keys("stty size");
     t.wait_for("30 100");
@@ -526,4 +532,51 @@ fn openssh_ssh_t_gets_a_terminal_from_serve() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(std::fs::read_to_string(&status).unwrap().trim(), "4");
+}
+
+/// A client that vanishes ends its terminal session on `devsync serve`: the shell and its
+/// background jobs (in process groups of their own) are hung up.
+#[test]
+fn a_vanished_client_hangs_up_its_terminal_session() {
+    let ep = endpoint(&["dbx_hup"], None, "user", KeyFormat::Pkcs8);
+    let mut c = ep.cmd();
+    c.args([
+        "ssh",
+        "-t",
+        "dbx_hup",
+        "--",
+        "set -m; sleep 1000 & echo PID=$!; wait",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let t0 = Instant::now();
+    let pid = loop {
+        let mut b = [0u8; 256];
+        let n = stdout.read(&mut b).unwrap();
+        assert!(n > 0 && t0.elapsed() < Duration::from_secs(20), "{seen:?}");
+        seen.extend_from_slice(&b[..n]);
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some(rest) = text.split("PID=").nth(1)
+            && let Some(end) = rest.find(['\r', '\n'])
+        {
+            break rest[..end].trim().parse::<u32>().unwrap();
+        }
+    };
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    child.kill().unwrap(); // ours
+    child.wait().unwrap();
+    let t0 = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the background job {pid} outlived its terminal"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -385,7 +385,9 @@ pub async fn run<R: AsyncRead + Unpin>(
             Some(Arc::new(Dest::open(&root)?))
         }
     };
-    if let (Some(d), false) = (&dest, opts.dry_run) {
+    // One session at a time per destination tree; copies (into /tmp, into a home) only
+    // replace the files they name, atomically, and do not shut others out.
+    if let (Some(d), false, None) = (&dest, opts.dry_run, &opts.copy) {
         lock_root(d, &*obs).await?;
     }
     // Keep the root writable for us while we fill it; its final mode comes at the end.
@@ -410,8 +412,15 @@ pub async fn run<R: AsyncRead + Unpin>(
     let mut last_generation: Option<u64> = None;
     let violation = |what: &str| super::Fatal::violation(&session.out, what.to_string());
 
+    let mut generations = 0u64;
     loop {
         let (msg, payload) = super::next_frame(reader, &session.fatal, &session.out).await?;
+        if let Some(spec) = &session.opts.copy {
+            super::copy::check_peer(spec, &msg, generations).map_err(|e| violation(&e))?;
+        }
+        if matches!(msg, Msg::GenStart { .. }) {
+            generations += 1;
+        }
         match msg {
             Msg::GenStart {
                 generation,
@@ -495,6 +504,14 @@ pub async fn run<R: AsyncRead + Unpin>(
                         .collect(),
                     None => entries,
                 };
+                if session.opts.copy.is_some() {
+                    for e in &entries {
+                        super::copy::check_arrival(&session.root, e).map_err(|m| {
+                            let _ = session.out.send(Msg::Fatal { message: m.clone() });
+                            SessionError::Local(m)
+                        })?;
+                    }
+                }
                 // A copy compares content even where size and mtime match, as cp would copy.
                 let changed = changed || session.opts.copy.is_some();
                 let _ = c

@@ -352,7 +352,7 @@ pub async fn run<R: AsyncRead + Unpin>(
     opts: SyncOptions,
     obs: Arc<dyn Observer>,
 ) -> Result<Stats, SessionError> {
-    let plan = super::copy::plan(&opts, &root, false)?;
+    let plan = super::copy::plan(&opts, &root, false, &*obs)?;
     let sender = Sender::new(out, root, &opts, obs)?;
     let generation = sender.start(plan)?;
     finish(reader, &sender, &generation).await
