@@ -60,6 +60,8 @@ pub async fn serve(socket: &Path, tx: mpsc::UnboundedSender<Request>) -> anyhow:
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, say: not a reason to spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
             let tx = tx.clone();

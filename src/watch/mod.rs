@@ -377,6 +377,16 @@ impl State {
         }
     }
 
+    /// The pending events came to nothing: waiters for the next generation wait for none.
+    fn nothing_to_send(&mut self) {
+        let next = self.started + 1;
+        for w in &mut self.waiters {
+            if w.need == Some(next) {
+                w.need = Some(self.finished);
+            }
+        }
+    }
+
     /// Markers that arrived: what each waiter needs; answers those already satisfied.
     fn settle_waiters(&mut self, in_flight: bool) {
         let seen = self.tree.take_markers();
@@ -453,6 +463,11 @@ async fn session_inner(
     let t0 = Instant::now();
     let refreshed = st.tree.refresh();
     note_refresh(st, report, &refreshed);
+    // What happened while disconnected may be the root emptied: never a catch-up that wipes.
+    if let Some(h) = st.tree.halted(st.synced.len()) {
+        report.halted(&h.to_string());
+        return Ok(End::Halted(h.to_string()));
+    }
     let changes = st.tree.take_changes();
     let snapshot = st.tree.index().clone();
     let (plan, shown) = if !st.initial_done {
@@ -563,6 +578,9 @@ async fn session_inner(
         );
         let resend = std::mem::take(&mut st.resend);
         if changes.is_empty() && resend.is_empty() {
+            // The events were about nothing that takes part (an ignored log file): flushes
+            // that waited for this batch need no generation.
+            st.nothing_to_send();
             st.settle_waiters(false);
             continue;
         }
@@ -583,6 +601,7 @@ async fn session_inner(
         scopes.extend(resend.iter().cloned());
         scopes.sort();
         scopes.dedup();
+        let gen_scopes = scopes.clone();
         report.syncing(upserted.len() + cs.removes.len() + cs.renamed.len());
         let entries: Vec<(Entry, bool)> = cs
             .upserts
@@ -606,8 +625,9 @@ async fn session_inner(
         let done = match run_generation(c, st, plan).await {
             Ok(d) => d,
             Err(e) => {
-                st.in_doubt.extend(scope.iter().map(|(p, _)| p.clone()));
-                st.in_doubt.extend(resend);
+                // What this generation was to remove or resend (not every directory whose
+                // listing changed: a scope there would delete the remote's own files).
+                st.in_doubt.extend(gen_scopes);
                 st.tree.restore(changes);
                 return Err(e);
             }
@@ -669,9 +689,15 @@ fn note_refresh(st: &mut State, report: &Report, r: &tree::Refreshed) {
 /// (a few times at most).
 fn take_unsynced(st: &mut State, report: &Report, done: &GenDone) {
     if done.overflow {
-        // Too many to list: everything is compared again.
-        st.synced = Index::new();
-        st.tree.resend(&[]);
+        // Too many to list: everything is compared again. What the remote was told to
+        // remove stays removed (the synced index is kept), so deletions keep working.
+        let all: Vec<RelPath> = st
+            .tree
+            .index()
+            .iter()
+            .map(|i| i.entry.path.clone())
+            .collect();
+        st.tree.resend(&all);
         st.resend.clear();
         return;
     }

@@ -372,6 +372,17 @@ impl Tree {
             };
             let rel = rel.as_os_str().as_bytes();
             self.mark_time();
+            // A watched directory removed or renamed away has lost its watch (the kernel's,
+            // or notify's record of it): forget it, so that whatever directory is at that
+            // path next (even one reusing the inode number) is watched again.
+            if matches!(
+                ev.kind,
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From))
+            ) {
+                lock(&self.watches)
+                    .watched
+                    .retain(|d| !is_at_or_under(d, rel));
+            }
             if rel.is_empty() {
                 // The root itself: its attributes, or it went away (looked at by `halted`).
                 self.root_changed = true;
@@ -555,6 +566,7 @@ impl Tree {
 
     /// Compares one entry as it is now with the index.
     fn take_in(&mut self, p: RelPath, e: crate::engine::Entry, ino: Ino, out: &mut Refreshed) {
+        let is_dir_now = e.is_dir();
         match self.index.get(&p) {
             Some(old)
                 if old.ino == ino
@@ -564,6 +576,11 @@ impl Tree {
                 if old.entry != e {
                     self.index.insert(e, ino);
                     self.changed(&p, false);
+                }
+                if is_dir_now {
+                    // The same directory, or a new one on a reused inode number: watched
+                    // (a no-op if its watch is still there).
+                    self.watch(p.as_bytes());
                 }
             }
             Some(_) => {
@@ -716,8 +733,24 @@ impl Tree {
             })
             .cloned()
             .collect();
+        let moved = !gone_dirs.is_empty();
         for d in gone_dirs {
             self.unwatch_subtree(&d);
+        }
+        if moved {
+            // A directory that moved keeps its inotify watch under its new path, and the
+            // unwatch of its old path just removed it: watch every directory again (adding
+            // a watch that exists is cheap and changes nothing).
+            let dirs: Vec<Vec<u8>> = self
+                .index
+                .iter()
+                .filter(|i| i.entry.is_dir())
+                .map(|i| i.entry.path.as_bytes().to_vec())
+                .collect();
+            for d in dirs {
+                lock(&self.watches).watched.remove(&d);
+                self.watch(&d);
+            }
         }
         for (p, deep) in changed_between(&old, &self.index) {
             // An entry that left the index but is still there is excluded now: not a deletion.

@@ -816,3 +816,97 @@ fn a_push_into_a_watched_directory_is_refused_not_mixed_in() {
     );
     assert_same_entries(&other, &dst);
 }
+
+#[test]
+fn a_directory_recreated_or_moved_back_is_still_watched() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    write(&src.join("gen/a"), b"a");
+    write(&src.join("d/keep"), b"k");
+    let w = Watch::start(&src, s(&dst), &[], &state_env(td.path()));
+    converge(&src, &dst, &nothing, LIMIT, &w);
+    // `rm -rf gen && mkdir gen`, as build tools do: the new directory often gets the old
+    // one's inode number back.
+    for i in 0..5 {
+        std::fs::remove_dir_all(src.join("gen")).unwrap();
+        std::fs::create_dir(src.join("gen")).unwrap();
+        w.flush();
+        write(&src.join(format!("gen/f{i}")), b"made in the new directory");
+        w.flush_and_check(&dst, &nothing);
+    }
+    // Moved away and back: still watched under its name.
+    std::fs::rename(src.join("d"), src.join("x")).unwrap();
+    std::fs::rename(src.join("x"), src.join("d")).unwrap();
+    w.flush();
+    write(&src.join("d/after"), b"written after the moves");
+    w.flush_and_check(&dst, &nothing);
+    assert_eq!(w.interrupt(), 0);
+}
+
+#[test]
+fn a_flush_after_writes_to_ignored_files_returns_at_once() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    write(&src.join(".gitignore"), b"*.log\n");
+    write(&src.join("kept"), b"k");
+    let w = Watch::start(&src, s(&dst), &[], &state_env(td.path()));
+    converge(&src, &dst, &nothing, LIMIT, &w);
+    for i in 0..5 {
+        write(&src.join("server.log"), format!("line {i}\n").as_bytes());
+        let mut c = Command::new(BIN);
+        c.args(["flush", s(&src), "--timeout", "10"]);
+        for (k, v) in &state_env(td.path()) {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "flush {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(!dst.join("server.log").exists());
+    assert_eq!(w.interrupt(), 0);
+}
+
+#[test]
+fn a_root_emptied_while_disconnected_halts_instead_of_wiping_the_remote() {
+    let td = tempfile::tempdir().unwrap();
+    let home = td.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let state = td.path().join("serve-state");
+    let mut serve = ServeProc::start(&state, "dbx_empty");
+    let src = td.path().join("src");
+    for i in 0..20 {
+        write(&src.join(format!("f{i}")), b"precious");
+    }
+    let remote = state.join("homes/dbx_empty/proj");
+    let mut c = Command::new("true");
+    serve.env(&mut c, &home);
+    let env: Vec<(String, String)> = c
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
+        .collect();
+    let mut w = Watch::start(&src, "dbx_empty:proj", &[], &env);
+    converge(&src, &remote, &nothing, LIMIT, &w);
+    let (gw, api) = (serve.gateway, serve.api);
+    kill(serve.child.id());
+    let _ = serve.child.wait();
+    w.wait_event("reconnecting", LIMIT);
+    for i in 0..20 {
+        std::fs::remove_file(src.join(format!("f{i}"))).unwrap();
+    }
+    let serve2 = ServeProc::start_on(&state, "dbx_empty", gw, api);
+    let v = w.wait_event("halted", LIMIT);
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("lost all its entries"),
+        "{v}"
+    );
+    assert_eq!(w.wait_exit(LIMIT), 26, "{}", w.diag());
+    assert_eq!(std::fs::read_dir(&remote).unwrap().count(), 20);
+    drop(serve2);
+}
