@@ -28,6 +28,7 @@ pub fn plan(
         list: List::Given {
             entries: named_entries(root, spec, opts, obs)?,
             root: None,
+            read_errors: 0,
         },
         stash: Vec::new(),
         place: Vec::new(),

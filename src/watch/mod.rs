@@ -218,6 +218,8 @@ struct State {
     resends: HashMap<RelPath, u32>,
     /// Paths an interrupted generation was changing (their remote state is unknown).
     in_doubt: Vec<RelPath>,
+    /// Warnings from reading the tree already shown (not repeated at every re-read).
+    warned: HashSet<(String, String)>,
     /// Whether the remote ever had the initial sync.
     initial_done: bool,
     stop_after_generation: bool,
@@ -266,6 +268,7 @@ pub async fn run(cfg: Config, report: Arc<Report>) -> anyhow::Result<End> {
         resend: Vec::new(),
         resends: HashMap::new(),
         in_doubt: Vec::new(),
+        warned: HashSet::new(),
         initial_done: false,
         stop_after_generation: false,
         next_recheck: tokio::time::Instant::now() + tree::UNWATCHED_RESCAN,
@@ -471,7 +474,10 @@ async fn session_inner(
     let changes = st.tree.take_changes();
     let snapshot = st.tree.index().clone();
     let (plan, shown) = if !st.initial_done {
-        (initial_plan(cfg, &snapshot), Vec::new())
+        (
+            initial_plan(cfg, &snapshot, st.tree.unreadable()),
+            Vec::new(),
+        )
     } else {
         catch_up_plan(cfg, st, &snapshot, &changes)
     };
@@ -615,6 +621,8 @@ async fn session_inner(
             list: List::Given {
                 entries,
                 root: sender::root_stamp(st.tree.root()),
+                // Removes here come from what events named; a read error never makes one.
+                read_errors: 0,
             },
             stash: cs.stash,
             place: cs.place,
@@ -676,8 +684,16 @@ async fn coalesce(cfg: &Config, st: &mut State) {
 }
 
 fn note_refresh(st: &mut State, report: &Report, r: &tree::Refreshed) {
+    // A directory that cannot be read is read again every few seconds: say so once (until
+    // it can be read, or something else is said about it).
+    let now: HashSet<(String, String)> = r.warnings.iter().cloned().collect();
     for (path, message) in &r.warnings {
-        report.warning(path, message);
+        if !st.warned.contains(&(path.clone(), message.clone())) {
+            report.warning(path, message);
+        }
+    }
+    if !r.warnings.is_empty() || r.full_rescan {
+        st.warned = now;
     }
     // Newly excluded: the remote keeps its copies, and we forget we sent them.
     for p in &r.excluded_now {
@@ -755,11 +771,12 @@ fn nonce(generation: u64) -> u64 {
 }
 
 /// The initial sync: everything, with push semantics.
-fn initial_plan(cfg: &Config, local: &Index) -> Plan {
+fn initial_plan(cfg: &Config, local: &Index, unreadable: bool) -> Plan {
     Plan {
         list: List::Given {
             entries: local.iter().map(|i| (i.entry.clone(), false)).collect(),
             root: sender::root_stamp(&cfg.local_root),
+            read_errors: u32::from(unreadable),
         },
         stash: Vec::new(),
         place: Vec::new(),
@@ -777,6 +794,7 @@ fn catch_up_plan(
     local: &Index,
     changes: &tree::Changes,
 ) -> (Plan, Vec<(RelPath, RelPath)>) {
+    let unreadable = st.tree.unreadable();
     let cs = index::diff(&st.synced, local, nonce(st.started), &changes.touched);
     let mut scopes = cs.removes.clone();
     scopes.extend(st.in_doubt.iter().cloned());
@@ -791,6 +809,7 @@ fn catch_up_plan(
                 .map(|i| (i.entry.clone(), changes.touched.contains(&i.entry.path)))
                 .collect(),
             root: sender::root_stamp(&cfg.local_root),
+            read_errors: u32::from(unreadable),
         },
         stash: cs.stash,
         place: cs.place,

@@ -110,6 +110,8 @@ pub struct Tree {
     since: Option<Instant>,
     /// Markers seen, in order.
     markers: Vec<u64>,
+    /// The last whole read of the tree met directories it could not read.
+    unreadable: bool,
 }
 
 /// What one scan found: entries with their inodes, things worth a warning, and whether any
@@ -216,6 +218,7 @@ impl Tree {
             root_changed: false,
             since: None,
             markers: Vec::new(),
+            unreadable: false,
         };
         {
             let mut w = lock(&t.watches);
@@ -226,7 +229,8 @@ impl Tree {
         t.watch(b"");
         let c = Collect::default();
         t.scanner.all(&t.collecting(&c, true))?;
-        let (found, _) = c.take(&mut Refreshed::default());
+        let (found, clean) = c.take(&mut Refreshed::default());
+        t.unreadable = !clean;
         for (e, ino) in found {
             t.index.insert(e, ino);
         }
@@ -235,6 +239,12 @@ impl Tree {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether the last whole read of the tree could not read all of it: a list of the whole
+    /// tree is then not the truth about what is gone.
+    pub fn unreadable(&self) -> bool {
+        self.unreadable
     }
 
     pub fn index(&self) -> &Index {
@@ -702,6 +712,7 @@ impl Tree {
             return;
         }
         let (found, clean) = c.take(out);
+        self.unreadable = !clean;
         let mut now = Index::new();
         for (e, ino) in found {
             now.insert(e, ino);

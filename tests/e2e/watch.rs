@@ -910,3 +910,105 @@ fn a_root_emptied_while_disconnected_halts_instead_of_wiping_the_remote() {
     assert_eq!(std::fs::read_dir(&remote).unwrap().count(), 20);
     drop(serve2);
 }
+
+/// `watch --delete` with a directory it cannot read: its remote copy is kept (as `push
+/// --delete` keeps it), not taken for deleted.
+#[test]
+fn an_unreadable_directory_is_not_taken_for_deleted() {
+    use std::os::unix::fs::PermissionsExt;
+    if !rustix::process::geteuid().is_root() {
+        return; // root reads everything; the check runs as nobody
+    }
+    let runuser = Path::new("/usr/sbin/runuser").exists() || Path::new("/sbin/runuser").exists();
+    if !require(runuser, "runuser (util-linux), to run as nobody") {
+        return;
+    }
+    let td = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
+    let d = td.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (src, dst, state) = (d.join("src"), d.join("dst"), d.join("state"));
+    write(&src.join("open/a"), b"a");
+    write(&src.join("secret/kept"), b"remote copy");
+    write(&dst.join("open/a"), b"a");
+    write(&dst.join("secret/kept"), b"remote copy");
+    std::fs::create_dir(&state).unwrap();
+    let bin = d.join("devsync");
+    std::fs::copy(BIN, &bin).unwrap();
+    let chown = |p: &Path| {
+        let ok = Command::new("chown")
+            .args(["-R", "nobody"])
+            .arg(p)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    for p in [&src, &dst, &state] {
+        chown(p);
+    }
+    // Owned by root and closed: nobody cannot list it.
+    let ok = Command::new("chown")
+        .args(["root", s(&src.join("secret"))])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    std::fs::set_permissions(src.join("secret"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut child = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(&bin)
+        .args(["watch", "--json", "--delete", s(&src), s(&dst)])
+        .env("DEVSYNC_STATE_DIR", &state)
+        .env("HOME", d)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let t0 = Instant::now();
+    loop {
+        let line = lines
+            .next()
+            .expect("watch ended before it was ready")
+            .unwrap();
+        if line.contains("\"ready\"") {
+            break;
+        }
+        assert!(t0.elapsed() < LIMIT, "never ready");
+    }
+    // Ctrl-C to the watch itself (runuser does not pass SIGINT on).
+    for pid in descendants(child.id()) {
+        if std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.windows(5).any(|w| w == b"watch"))
+        {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid as i32).unwrap(),
+                rustix::process::Signal::INT,
+            ); // ours; it may be ending
+        }
+    }
+    let mut child = child;
+    assert_eq!(wait_bounded_code(&mut child), Some(0));
+    assert_eq!(
+        std::fs::read(dst.join("secret/kept")).unwrap(),
+        b"remote copy",
+        "the remote copy of an unreadable directory was deleted"
+    );
+}
+
+/// Waits at most [`LIMIT`] for `child`; kills it (ours) if it is still there.
+fn wait_bounded_code(child: &mut std::process::Child) -> Option<i32> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        if t0.elapsed() > LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("did not end within {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

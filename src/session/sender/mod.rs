@@ -171,10 +171,12 @@ pub enum List {
     /// (with inodes) when the generation is done.
     Scan { keep_index: bool },
     /// These entries (parents before children; `true`: seen changing), and the root's own
-    /// attributes.
+    /// attributes. `read_errors`: parts of the tree could not be read, so the receiver must
+    /// not take what is missing from the list for deleted.
     Given {
         entries: Vec<(Entry, bool)>,
         root: Option<Stamp>,
+        read_errors: u32,
     },
 }
 
@@ -310,7 +312,11 @@ impl Sender {
                     .spawn(move || scan_ctx.stream_list(&scan_opts))
                     .map_err(|e| SessionError::Local(format!("starting scanner: {e}")))?;
             }
-            List::Given { entries, root } => {
+            List::Given {
+                entries,
+                root,
+                read_errors,
+            } => {
                 {
                     let mut batch = ListBatch {
                         ctx: &ctx,
@@ -329,7 +335,7 @@ impl Sender {
                 let count = ctx.entries.read().unwrap_or_else(|p| p.into_inner()).len();
                 out.send(Msg::EndOfList {
                     count,
-                    scan_errors: 0,
+                    scan_errors: read_errors,
                     root,
                 })?;
             }
