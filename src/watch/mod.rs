@@ -220,6 +220,8 @@ struct State {
     in_doubt: Vec<RelPath>,
     /// Warnings from reading the tree already shown (not repeated at every re-read).
     warned: HashSet<(String, String)>,
+    /// Entries lost by recent batches, for [`mass_deletion`].
+    losses: std::collections::VecDeque<(Instant, usize)>,
     /// Whether the remote ever had the initial sync.
     initial_done: bool,
     stop_after_generation: bool,
@@ -269,6 +271,7 @@ pub async fn run(cfg: Config, report: Arc<Report>) -> anyhow::Result<End> {
         resends: HashMap::new(),
         in_doubt: Vec::new(),
         warned: HashSet::new(),
+        losses: Default::default(),
         initial_done: false,
         stop_after_generation: false,
         next_recheck: tokio::time::Instant::now() + tree::UNWATCHED_RESCAN,
@@ -574,6 +577,17 @@ async fn session_inner(
             report.halted(&h.to_string());
             return Ok(End::Halted(h.to_string()));
         }
+        if mass_deletion(st) {
+            // Most of the tree is going away (`rm -rf` of the root takes a while on a big
+            // tree): nothing of it goes out until it holds still, and then the halts judge.
+            settle(st).await;
+            let refreshed = st.tree.refresh();
+            note_refresh(st, report, &refreshed);
+            if let Some(h) = st.tree.halted(st.synced.len()) {
+                report.halted(&h.to_string());
+                return Ok(End::Halted(h.to_string()));
+            }
+        }
         let changes = st.tree.take_changes();
         crate::trace!(
             "watch",
@@ -661,6 +675,50 @@ async fn session_inner(
 
 /// Waits for a batch of events to end: `quiet` without another, at most `max_wait` in all;
 /// a flush marker ends it at once.
+/// Whether this batch loses many entries, or half of what the remote has: maybe the start
+/// of a root being deleted or emptied, which `rm -rf` does over many batches on a big tree.
+/// Such a batch waits for the deletions to pause (then the halts judge); a wanted deletion
+/// of that size (`rm -rf node_modules`) is only that much later.
+fn mass_deletion(st: &mut State) -> bool {
+    let (had, have) = (st.synced.len(), st.tree.index().len());
+    let lost = had.saturating_sub(have);
+    // Losses of the last few seconds count together: `rm -rf` paces itself over batches.
+    let now = Instant::now();
+    st.losses
+        .retain(|(t, _)| now.duration_since(*t) < MASS_WINDOW);
+    let recent: usize = st.losses.iter().map(|(_, n)| n).sum();
+    if lost > 0 {
+        st.losses.push_back((now, lost));
+    }
+    lost > 0 && (recent + lost >= MASS_MIN || (had >= MASS_MIN && have * 2 <= had))
+}
+
+/// How far back the losses of earlier batches count.
+const MASS_WINDOW: Duration = Duration::from_secs(5);
+
+/// Entries one batch may lose without waiting for the deletions to pause.
+const MASS_MIN: usize = 100;
+/// How long events must pause for a mass deletion to count as over, and how long it is
+/// waited for at most.
+const MASS_QUIET: Duration = Duration::from_secs(1);
+const MASS_LIMIT: Duration = Duration::from_secs(15);
+
+/// Takes in events until they pause for [`MASS_QUIET`] (at most [`MASS_LIMIT`]).
+async fn settle(st: &mut State) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let left = MASS_LIMIT.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return;
+        }
+        tokio::select! {
+            Some(ev) = st.events.recv() => st.tree.note(ev),
+            Some(f) = st.flushes.recv() => st.add_waiter(f),
+            () = tokio::time::sleep(MASS_QUIET.min(left)) => return,
+        }
+    }
+}
+
 async fn coalesce(cfg: &Config, st: &mut State) {
     let start = tokio::time::Instant::now();
     loop {

@@ -744,8 +744,11 @@ fn ctrl_c_finishes_the_generation_under_way_and_leaves_nothing_half_written() {
     write(&src.join("small"), b"s");
     let w = Watch::start(&src, s(&dst), &[], &state_env(td.path()));
     let big = random_bytes(256 << 20, 7);
+    // Written beside the tree and renamed in: the watch sees one complete file (a file still
+    // being written is sent again once it holds still, which is another test's business).
+    write(&td.path().join("big.bin"), &big);
     let before = io_bytes(w.child.id()).unwrap();
-    write(&src.join("big.bin"), &big);
+    std::fs::rename(td.path().join("big.bin"), src.join("big.bin")).unwrap();
     // Interrupt once the transfer is under way (the watch has read 16 MiB of it).
     let t0 = Instant::now();
     while io_bytes(w.child.id()).unwrap() < before + (16 << 20) {
@@ -1011,4 +1014,43 @@ fn wait_bounded_code(child: &mut std::process::Child) -> Option<i32> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `rm -rf` of a big watched root takes a while: the deletions seen before the root itself
+/// goes must not reach the remote (beyond the first hundred entries).
+#[test]
+fn a_root_deleted_slowly_halts_before_any_of_it_is_deleted_remotely() {
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    for d in 0..30 {
+        for f in 0..40 {
+            write(&src.join(format!("d{d}/f{f}")), b"x");
+        }
+    }
+    let mut w = Watch::start(&src, s(&dst), &[], &state_env(td.path()));
+    converge(&src, &dst, &nothing, LIMIT, &w);
+    // What `rm -rf src` does, at a pace that spans many batches (2 ms per file).
+    for d in 0..30 {
+        for f in 0..40 {
+            std::fs::remove_file(src.join(format!("d{d}/f{f}"))).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::fs::remove_dir(src.join(format!("d{d}"))).unwrap();
+    }
+    std::fs::remove_dir(&src).unwrap();
+    let v = w.wait_event("halted", LIMIT);
+    assert!(v["reason"].as_str().unwrap().contains("deleted"), "{v}");
+    assert_eq!(w.wait_exit(LIMIT), 26, "{}", w.diag());
+    let left = walkdir::WalkDir::new(&dst)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .count();
+    // Up to 100 entries may go before the deletions count as a mass deletion (then nothing
+    // more goes until they pause, and the halt comes).
+    assert!(
+        left >= 1100,
+        "the remote lost {} files before the halt",
+        1200 - left
+    );
 }
