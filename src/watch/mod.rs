@@ -198,6 +198,8 @@ impl Stop {
 struct Waiter {
     marker: u64,
     need: Option<u64>,
+    /// The watch's error count when the flush was asked for.
+    errors_at: u64,
     reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
 }
 
@@ -220,6 +222,8 @@ struct State {
     in_doubt: Vec<RelPath>,
     /// Warnings from reading the tree already shown (not repeated at every re-read).
     warned: HashSet<(String, String)>,
+    /// Where errors are counted (a flush says if some came up while it waited).
+    report: Arc<Report>,
     /// Entries lost by recent batches, for [`mass_deletion`].
     losses: std::collections::VecDeque<(Instant, usize)>,
     /// Whether the remote ever had the initial sync.
@@ -278,6 +282,7 @@ pub async fn run(cfg: Config, report: Arc<Report>) -> anyhow::Result<End> {
         events: ev_rx,
         flushes: flush_rx,
         stop: Stop::new()?,
+        report: report.clone(),
     };
     // The first connection must work: a wrong target or credentials are not retried.
     let mut conn = Some(first?);
@@ -375,6 +380,7 @@ impl State {
             Ok(()) => self.waiters.push(Waiter {
                 marker: n,
                 need: None,
+                errors_at: self.report.errors(),
                 reply: req.reply,
             }),
             Err(e) => {
@@ -422,8 +428,18 @@ impl State {
             .drain(..)
             .partition(|w| w.need.is_some_and(|n| n <= finished) && !busy);
         self.waiters = wait;
+        let errors = self.report.errors();
         for w in ready {
-            let _ = w.reply.send(Ok(finished));
+            // A flush is a promise that what was saved is there: not if some of it failed.
+            let answer = match errors.saturating_sub(w.errors_at) {
+                0 => Ok(finished),
+                n => Err(format!(
+                    "{n} error{} while syncing since this flush was asked for (the watch's \
+                     output names them); everything else is on the remote",
+                    if n == 1 { "" } else { "s" }
+                )),
+            };
+            let _ = w.reply.send(answer); // the asker may be gone
         }
     }
 

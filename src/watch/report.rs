@@ -29,6 +29,7 @@ pub struct Report {
     /// Draw the status line (stderr is a terminal).
     status: bool,
     line: Mutex<Line>,
+    errors: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -71,6 +72,7 @@ impl Report {
             quiet,
             status: status && !json && !quiet,
             line: Mutex::new(Line::default()),
+            errors: Default::default(),
         }
     }
 
@@ -272,7 +274,14 @@ impl Report {
         }
     }
 
+    /// Errors reported so far.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn error(&self, path: &str, message: &str) {
+        self.errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.json {
             self.json_line(json!({"event": "error", "path": path, "message": message}));
         } else {
