@@ -3,7 +3,6 @@
 //! named files: a delta against an existing destination file, BLAKE3 verification, atomic
 //! replace, mode and mtime kept. Sources are grouped by directory; each group is one session.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 
-use super::output::{Reporter, summary_detail, summary_json, summary_line};
-use super::{RemoteArgs, exit};
+use super::output::Reporter;
+use super::{OutputArgs, RemoteArgs, exit};
 use crate::engine::RelPath;
 use crate::engine::filter::FilterOptions;
 use crate::proto::{CopySpec, Role, SyncOptions};
@@ -50,35 +49,19 @@ pub struct CpArgs {
     /// Flush every written file to disk before it replaces the old one
     #[arg(long)]
     fsync: bool,
-    /// Print one line per change, rsync --itemize-changes style
-    #[arg(short = 'i', long = "itemize", visible_alias = "itemize-changes")]
-    itemize: bool,
-    /// Show a progress bar (default: on when stderr is a terminal)
-    #[arg(long, overrides_with = "no_progress")]
-    progress: bool,
-    /// Never show a progress bar
-    #[arg(long)]
-    no_progress: bool,
-    /// Print a machine-readable JSON summary on stdout instead of text
-    #[arg(long)]
-    json: bool,
-    /// Print only errors
-    #[arg(short, long)]
-    quiet: bool,
-    /// The summary's full detail, and timed milestones of both ends on stderr
-    #[arg(short, long)]
-    verbose: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     #[command(flatten)]
     remote: RemoteArgs,
 }
 
 pub fn run(a: CpArgs) -> Result<u8, super::Failure> {
     super::raise_fd_limit();
-    crate::trace::init(a.verbose);
+    crate::trace::init(a.output.verbose);
     run_inner(&a).map_err(|error| super::Failure {
         error,
         code: exit::FATAL,
-        json: a.json,
+        json: a.output.json,
     })
 }
 
@@ -187,15 +170,7 @@ fn run_inner(a: &CpArgs) -> anyhow::Result<u8> {
     if several && !dst_root.ends_with('/') {
         dst_root.push('/');
     }
-    let progress =
-        !a.no_progress && (a.progress || (std::io::stderr().is_terminal() && !a.quiet && !a.json));
-    let reporter = Arc::new(Reporter::new(
-        src_side.is_none(),
-        a.itemize,
-        a.quiet,
-        a.json,
-        progress,
-    ));
+    let reporter = a.output.reporter(src_side.is_none());
     let ropts = a.remote.options();
     let rt = super::runtime()?;
     let mut total: Option<Outcome> = None;
@@ -230,22 +205,9 @@ fn run_inner(a: &CpArgs) -> anyhow::Result<u8> {
         });
     }
     let outcome = total.context("nothing to copy")?;
-    let code = if outcome.stats.errors > 0 || !reporter.errors().is_empty() {
-        exit::PARTIAL
-    } else {
-        exit::OK
-    };
-    let elapsed = started.elapsed();
-    if a.json {
-        println!("{}", summary_json(&outcome, elapsed, &reporter, code));
-    } else if !a.quiet {
-        println!("{}", summary_line(&outcome, elapsed, false));
-        if a.verbose {
-            for line in summary_detail(&outcome) {
-                println!("  {line}");
-            }
-        }
-    }
+    let code = OutputArgs::exit_code(&outcome, &reporter);
+    a.output
+        .summary(&outcome, started.elapsed(), &reporter, code, false);
     Ok(code)
 }
 

@@ -117,9 +117,6 @@ pub struct SyncArgs {
     /// Show what would change; change nothing
     #[arg(short = 'n', long)]
     dry_run: bool,
-    /// Print one line per change, rsync --itemize-changes style
-    #[arg(short = 'i', long = "itemize", visible_alias = "itemize-changes")]
-    itemize: bool,
     /// Compare file contents (BLAKE3) instead of size and modification time
     #[arg(short = 'c', long)]
     checksum: bool,
@@ -129,6 +126,18 @@ pub struct SyncArgs {
     fsync: bool,
     #[command(flatten)]
     filters: FilterArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+/// What push, pull and cp print.
+#[derive(Args, Debug, Clone)]
+pub struct OutputArgs {
+    /// Print one line per change, rsync --itemize-changes style
+    #[arg(short = 'i', long = "itemize", visible_alias = "itemize-changes")]
+    itemize: bool,
     /// Show a progress bar (default: on when stderr is a terminal)
     #[arg(long, overrides_with = "no_progress")]
     progress: bool,
@@ -145,8 +154,54 @@ pub struct SyncArgs {
     /// (as DEVSYNC_TRACE=1 does)
     #[arg(short, long)]
     verbose: bool,
-    #[command(flatten)]
-    remote: RemoteArgs,
+}
+
+impl OutputArgs {
+    /// The reporter these flags ask for (`sending`: this side sends).
+    pub fn reporter(&self, sending: bool) -> std::sync::Arc<output::Reporter> {
+        use std::io::IsTerminal;
+        let progress = !self.no_progress
+            && (self.progress || (std::io::stderr().is_terminal() && !self.quiet && !self.json));
+        std::sync::Arc::new(output::Reporter::new(
+            sending,
+            self.itemize,
+            self.quiet,
+            self.json,
+            progress,
+        ))
+    }
+
+    /// The exit status of a finished sync or copy.
+    pub fn exit_code(outcome: &crate::session::client::Outcome, r: &output::Reporter) -> u8 {
+        if outcome.stats.delete_refused {
+            exit::DELETE_REFUSED
+        } else if outcome.stats.errors > 0 || !r.errors().is_empty() {
+            exit::PARTIAL
+        } else {
+            exit::OK
+        }
+    }
+
+    /// Prints the summary: JSON, one line (and the detail with `-v`), or nothing with `-q`.
+    pub fn summary(
+        &self,
+        outcome: &crate::session::client::Outcome,
+        elapsed: std::time::Duration,
+        r: &output::Reporter,
+        code: u8,
+        dry_run: bool,
+    ) {
+        if self.json {
+            println!("{}", output::summary_json(outcome, elapsed, r, code));
+        } else if !self.quiet {
+            println!("{}", output::summary_line(outcome, elapsed, dry_run));
+            if self.verbose {
+                for line in output::summary_detail(outcome) {
+                    println!("  {line}");
+                }
+            }
+        }
+    }
 }
 
 /// Which paths take part (push, pull and watch).

@@ -1,14 +1,13 @@
 //! `devsync push` and `devsync pull`: resolve both sides, start the helper, run the session,
 //! report.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::output::{Reporter, summary_detail, summary_json, summary_line};
+use super::output::Reporter;
 use super::{SyncArgs, exit};
 use crate::engine::scan::check_root;
 use crate::proto::{Role, SyncOptions};
@@ -26,11 +25,11 @@ pub enum Direction {
 
 pub fn run(a: SyncArgs, dir: Direction) -> Result<u8, super::Failure> {
     super::raise_fd_limit();
-    crate::trace::init(a.verbose);
+    crate::trace::init(a.output.verbose);
     run_inner(&a, dir).map_err(|error| super::Failure {
         error,
         code: exit::FATAL,
-        json: a.json,
+        json: a.output.json,
     })
 }
 
@@ -66,15 +65,7 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
     if let Err(e) = opts.filters.walker(Path::new(".")) {
         bail!("{e}");
     }
-    let progress =
-        !a.no_progress && (a.progress || (std::io::stderr().is_terminal() && !a.quiet && !a.json));
-    let reporter = Arc::new(Reporter::new(
-        role == Role::Sender,
-        a.itemize,
-        a.quiet,
-        a.json,
-        progress,
-    ));
+    let reporter = a.output.reporter(role == Role::Sender);
     let job = Job {
         role,
         local_root,
@@ -88,23 +79,9 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
     reporter.finish_bar();
     let outcome = outcome?;
     let elapsed = started.elapsed();
-    let code = if outcome.stats.delete_refused {
-        exit::DELETE_REFUSED
-    } else if outcome.stats.errors > 0 || !reporter.errors().is_empty() {
-        exit::PARTIAL
-    } else {
-        exit::OK
-    };
-    if a.json {
-        println!("{}", summary_json(&outcome, elapsed, &reporter, code));
-    } else if !a.quiet {
-        println!("{}", summary_line(&outcome, elapsed, a.dry_run));
-        if a.verbose {
-            for line in summary_detail(&outcome) {
-                println!("  {line}");
-            }
-        }
-    }
+    let code = super::OutputArgs::exit_code(&outcome, &reporter);
+    a.output
+        .summary(&outcome, elapsed, &reporter, code, a.dry_run);
     Ok(code)
 }
 

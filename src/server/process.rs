@@ -28,6 +28,27 @@ pub struct Identity {
     pub home: PathBuf,
 }
 
+impl Identity {
+    /// The uid the command's processes have: only processes of that uid are ever signalled.
+    pub fn uid(&self) -> u32 {
+        self.ids
+            .map_or_else(|| rustix::process::geteuid().as_raw(), |(u, _)| u)
+    }
+}
+
+/// Tells the client its command could not be started (`why` on stderr, exit status 127, as
+/// a shell says it), and closes the channel.
+pub(super) async fn not_started(write: &russh::ChannelWriteHalf<Msg>, why: &str) {
+    let mut err = write.make_writer_ext(Some(1));
+    let _ = err
+        .write_all(format!("devsync serve: {why}").as_bytes())
+        .await;
+    let _ = err.flush().await;
+    let _ = write.exit_status(127).await;
+    let _ = write.eof().await;
+    let _ = write.close().await; // the client may be gone: nobody to tell
+}
+
 /// How long a process whose channel went away gets between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
 
@@ -87,24 +108,11 @@ pub async fn run(
     label: String,
 ) {
     let id = channel.id();
-    // The uid the command's processes have: only processes of that uid are ever signalled.
-    let uid = who
-        .ids
-        .map_or_else(|| rustix::process::geteuid().as_raw(), |(u, _)| u);
+    let uid = who.uid();
     let (mut read, write) = channel.split();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => {
-            let mut err = write.make_writer_ext(Some(1));
-            let _ = err
-                .write_all(format!("devsync serve: cannot start the command: {e}\n").as_bytes())
-                .await;
-            let _ = err.flush().await;
-            let _ = write.exit_status(127).await;
-            let _ = write.eof().await;
-            let _ = write.close().await; // the client may be gone: nobody to tell
-            return;
-        }
+        Err(e) => return not_started(&write, &format!("cannot start the command: {e}\n")).await,
     };
     let group = child.id();
     // Set once the command's leader is reaped: its pid (the group's id) may then be reused,

@@ -130,23 +130,13 @@ pub async fn run(
     label: String,
 ) {
     let id = channel.id();
-    let uid = who
-        .ids
-        .map_or_else(|| rustix::process::geteuid().as_raw(), |(u, _)| u);
+    let uid = who.uid();
     let (mut read, write) = channel.split();
     let fail = |e: std::io::Error| {
         let write = &write;
         async move {
-            let mut err = write.make_writer_ext(Some(1));
-            let _ = tokio::io::AsyncWriteExt::write_all(
-                &mut err,
-                format!("devsync serve: cannot start the command on a terminal: {e}\r\n")
-                    .as_bytes(),
-            )
-            .await;
-            let _ = write.exit_status(127).await;
-            let _ = write.eof().await;
-            let _ = write.close().await; // the client may be gone: nobody to tell
+            let why = format!("cannot start the command on a terminal: {e}\r\n");
+            process::not_started(write, &why).await
         }
     };
     let (master, slave) = match open_pty(&req, who.ids) {

@@ -478,17 +478,10 @@ async fn session_inner(
 ) -> anyhow::Result<End> {
     let reconnected = st.initial_done;
     // Catch up: the initial sync, or what changed while disconnected.
-    if let Some(h) = st.tree.halted(st.synced.len()) {
-        report.halted(&h.to_string());
-        return Ok(End::Halted(h.to_string()));
-    }
     let t0 = Instant::now();
-    let refreshed = st.tree.refresh();
-    note_refresh(st, report, &refreshed);
     // What happened while disconnected may be the root emptied: never a catch-up that wipes.
-    if let Some(h) = st.tree.halted(st.synced.len()) {
-        report.halted(&h.to_string());
-        return Ok(End::Halted(h.to_string()));
+    if let Err(end) = refresh(st, report) {
+        return Ok(end);
     }
     let changes = st.tree.take_changes();
     let snapshot = st.tree.index().clone();
@@ -582,26 +575,17 @@ async fn session_inner(
                 continue;
             }
         }
-        if let Some(h) = st.tree.halted(st.synced.len()) {
-            report.halted(&h.to_string());
-            return Ok(End::Halted(h.to_string()));
-        }
         let t_refresh = Instant::now();
-        let refreshed = st.tree.refresh();
-        note_refresh(st, report, &refreshed);
-        if let Some(h) = st.tree.halted(st.synced.len()) {
-            report.halted(&h.to_string());
-            return Ok(End::Halted(h.to_string()));
-        }
+        let refreshed = match refresh(st, report) {
+            Ok(r) => r,
+            Err(end) => return Ok(end),
+        };
         if mass_deletion(st) {
             // Most of the tree is going away (`rm -rf` of the root takes a while on a big
             // tree): nothing of it goes out until it holds still, and then the halts judge.
             settle(st).await;
-            let refreshed = st.tree.refresh();
-            note_refresh(st, report, &refreshed);
-            if let Some(h) = st.tree.halted(st.synced.len()) {
-                report.halted(&h.to_string());
-                return Ok(End::Halted(h.to_string()));
+            if let Err(end) = refresh(st, report) {
+                return Ok(end);
             }
         }
         let changes = st.tree.take_changes();
@@ -691,6 +675,26 @@ async fn session_inner(
 
 /// Waits for a batch of events to end: `quiet` without another, at most `max_wait` in all;
 /// a flush marker ends it at once.
+/// Reads again what the events named, judging the halts before and after: how the tree
+/// was refreshed, or how the watch ends.
+fn refresh(st: &mut State, report: &Report) -> Result<tree::Refreshed, End> {
+    let halt = |st: &State| {
+        st.tree.halted(st.synced.len()).map(|h| {
+            report.halted(&h.to_string());
+            End::Halted(h.to_string())
+        })
+    };
+    if let Some(end) = halt(st) {
+        return Err(end);
+    }
+    let refreshed = st.tree.refresh();
+    note_refresh(st, report, &refreshed);
+    match halt(st) {
+        Some(end) => Err(end),
+        None => Ok(refreshed),
+    }
+}
+
 /// Whether this batch loses many entries, or half of what the remote has: maybe the start
 /// of a root being deleted or emptied, which `rm -rf` does over many batches on a big tree.
 /// Such a batch waits for the deletions to pause (then the halts judge); a wanted deletion

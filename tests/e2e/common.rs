@@ -428,3 +428,25 @@ impl Drop for ServeProc {
         let _ = self.child.wait();
     }
 }
+
+/// A small tmpfs mounted at a directory (a disk that fills up), unmounted when dropped.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts one of `size` (e.g. `4m`) at the existing directory `at`; `None` if that is not
+    /// allowed here (it needs root).
+    pub fn mount(at: &Path, size: &str, name: &str) -> Option<Tmpfs> {
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), name])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status(); // ours
+    }
+}

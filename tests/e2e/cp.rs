@@ -359,21 +359,10 @@ fn cp_onto_a_full_disk_fails_clearly_and_keeps_the_old_file() {
     let td = tempfile::tempdir().unwrap();
     let small = td.path().join("small");
     fs::create_dir(&small).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "devsync-cp-test"])
-        .arg(&small)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !require(mounted, "root, to mount a small tmpfs") {
+    let guard = Tmpfs::mount(&small, "4m", "devsync-cp-test");
+    if !require(guard.is_some(), "root, to mount a small tmpfs") {
         return;
     }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(&small);
     fs::write(small.join("big"), b"the old copy").unwrap();
     let big = td.path().join("big");
     fs::write(&big, random_bytes(6 << 20, 3)).unwrap();

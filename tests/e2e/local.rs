@@ -511,27 +511,10 @@ fn no_space_is_a_clear_error() {
     let td = tempfile::tempdir().unwrap();
     let small = td.path().join("small");
     fs::create_dir(&small).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=4m",
-            "devsync-test",
-            small.to_str().unwrap(),
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !require(mounted, "root, to mount a small tmpfs") {
+    let guard = Tmpfs::mount(&small, "4m", "devsync-test");
+    if !require(guard.is_some(), "root, to mount a small tmpfs") {
         return;
     }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(&small);
     let src = td.path().join("src");
     fs::create_dir(&src).unwrap();
     fs::write(src.join("fits"), random_bytes(1 << 20, 1)).unwrap();

@@ -33,6 +33,22 @@ fn keygen(path: &Path) {
     assert!(ok, "ssh-keygen failed");
 }
 
+/// Lets devbox `id` of endpoint `ep` log in to `sshd` (an upstream behind `serve --upstream`).
+pub fn authorize_devbox(sshd: &Sshd, ep: &crate::remote::Endpoint, id: &str) {
+    let devbox_pub = ep
+        .running
+        .state
+        .devbox(id)
+        .unwrap()
+        .public_key
+        .to_openssh()
+        .unwrap();
+    let auth = sshd.dir.path().join("authorized_keys");
+    let mut keys = std::fs::read_to_string(&auth).unwrap();
+    keys.push_str(&format!("{devbox_pub}\n"));
+    std::fs::write(&auth, keys).unwrap();
+}
+
 pub fn sshd() -> Option<Sshd> {
     let ok = Path::new(SSHD).exists() && rustix::process::geteuid().is_root();
     if !require(
@@ -263,18 +279,7 @@ fn devbox_over_tls_to_an_upstream_openssh() {
         KeyFormat::Pkcs8,
     );
     // The upstream sshd must accept the devbox key.
-    let devbox_pub = ep
-        .running
-        .state
-        .devbox("dbx_up")
-        .unwrap()
-        .public_key
-        .to_openssh()
-        .unwrap();
-    let auth = sshd.dir.path().join("authorized_keys");
-    let mut keys = std::fs::read_to_string(&auth).unwrap();
-    keys.push_str(&format!("{devbox_pub}\n"));
-    std::fs::write(&auth, keys).unwrap();
+    authorize_devbox(&sshd, &ep, "dbx_up");
     let td = tempfile::tempdir().unwrap();
     let (src, remote, back) = (
         td.path().join("src"),

@@ -254,18 +254,7 @@ fn openssh_client_tools_reach_upstream_openssh_through_the_proxy() {
         "root",
         KeyFormat::Pkcs8,
     );
-    let devbox_pub = ep
-        .running
-        .state
-        .devbox("dbx_cfgup")
-        .unwrap()
-        .public_key
-        .to_openssh()
-        .unwrap();
-    let auth = sshd.dir.path().join("authorized_keys");
-    let mut keys = std::fs::read_to_string(&auth).unwrap();
-    keys.push_str(&format!("{devbox_pub}\n"));
-    std::fs::write(&auth, keys).unwrap();
+    crate::openssh::authorize_devbox(&sshd, &ep, "dbx_cfgup");
     openssh_tools_work_with_the_block(&ep, "dbx_cfgup");
 }
 

@@ -553,12 +553,7 @@ fn watch_through_serve_survives_a_killed_helper_and_a_restarted_server() {
         },
     );
     let remote = state.join("homes/dbx_watch/proj");
-    let mut c = Command::new("true");
-    serve.env(&mut c, &home);
-    let env: Vec<(String, String)> = c
-        .get_envs()
-        .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
-        .collect();
+    let env = serve_env(&serve, &home);
     let w = Watch::start(&src, "dbx_watch:proj", &[], &env);
     converge(&src, &remote, &nothing, LIMIT, &w);
     exercise(&w, &src, &remote);
@@ -695,6 +690,15 @@ fn directories_beyond_the_watch_limit_are_read_again_instead() {
     }
     converge(&src, &dst, &nothing, Duration::from_secs(20), &w);
     assert_eq!(w.interrupt(), 0);
+}
+
+/// The variables a watch through `serve` needs (its API, gateway and CA), as a list.
+fn serve_env(serve: &ServeProc, home: &Path) -> Vec<(String, String)> {
+    let mut c = Command::new("true");
+    serve.env(&mut c, home);
+    c.get_envs()
+        .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
+        .collect()
 }
 
 /// The `devsync helper` processes under `pid`.
@@ -885,12 +889,7 @@ fn a_root_emptied_while_disconnected_halts_instead_of_wiping_the_remote() {
         write(&src.join(format!("f{i}")), b"precious");
     }
     let remote = state.join("homes/dbx_empty/proj");
-    let mut c = Command::new("true");
-    serve.env(&mut c, &home);
-    let env: Vec<(String, String)> = c
-        .get_envs()
-        .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
-        .collect();
+    let env = serve_env(&serve, &home);
     let mut w = Watch::start(&src, "dbx_empty:proj", &[], &env);
     converge(&src, &remote, &nothing, LIMIT, &w);
     let (gw, api) = (serve.gateway, serve.api);

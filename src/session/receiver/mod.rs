@@ -491,12 +491,10 @@ pub async fn run<R: AsyncRead + Unpin>(
                     .and_then(|n| c.listed.checked_add(n))
                     .ok_or_else(|| violation("file ids overflow"))?;
                 let entries = match &rename {
-                    Some((from, to)) => entries
+                    Some(r) => entries
                         .into_iter()
                         .map(|mut e| {
-                            if let Some(p) =
-                                super::copy::renamed(&e.path, &(from.clone(), to.clone()))
-                            {
+                            if let Some(p) = super::copy::renamed(&e.path, r) {
                                 e.path = p;
                             }
                             e
