@@ -38,7 +38,7 @@ Exit status: 0 ok, 1 error, 23 some files failed.";
 #[derive(Args, Debug)]
 pub struct CpArgs {
     /// Files (directories with -r) to copy, then where to copy them (targets as for push)
-    #[arg(value_name = "SRC... DST", num_args = 2.., required = true)]
+    #[arg(value_name = "PATH", num_args = 2.., required = true)]
     paths: Vec<String>,
     /// Copy directories and everything in them
     #[arg(short = 'r', long)]
