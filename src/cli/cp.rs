@@ -188,6 +188,11 @@ fn run_inner(a: &CpArgs) -> anyhow::Result<u8> {
                 names: g.names.clone(),
                 recursive: a.recursive,
             }),
+            compress: a.remote.compress(if matches!(dst, Target::Local(_)) {
+                &srcs[0].1
+            } else {
+                &dst
+            }),
             ..SyncOptions::default()
         };
         let src = with_path(&srcs[0].1, g.dir.clone());
@@ -200,6 +205,8 @@ fn run_inner(a: &CpArgs) -> anyhow::Result<u8> {
                 t.stats.add(&o.stats);
                 t.bytes_sent += o.bytes_sent;
                 t.bytes_received += o.bytes_received;
+                t.raw_sent += o.raw_sent;
+                t.raw_received += o.raw_received;
                 t
             }
         });

@@ -257,9 +257,23 @@ pub struct RemoteArgs {
     /// Seconds to wait for a connection, handshake or authentication
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     timeout: u64,
+    /// Compress data on the wire with zstd: auto (only while the link is slower than the
+    /// compressor, at the level that moves data fastest), off, or a fixed level 1-19. Data that
+    /// does not compress always goes as it is. Local targets never compress
+    #[arg(long, value_name = "auto|off|LEVEL", default_value = "auto")]
+    compress: crate::proto::Compress,
 }
 
 impl RemoteArgs {
+    /// `--compress`, for a session with `target` (a local one never compresses: a pipe is
+    /// faster than any compressor).
+    pub fn compress(&self, target: &crate::target::Target) -> crate::proto::Compress {
+        match target {
+            crate::target::Target::Local(_) => crate::proto::Compress::Off,
+            _ => self.compress,
+        }
+    }
+
     pub fn options(&self) -> crate::transport::remote::RemoteOptions {
         use crate::transport::bootstrap::BootstrapOptions;
         use crate::transport::remote::RemoteOptions;

@@ -278,6 +278,26 @@ pub fn speedup(o: &Outcome) -> Option<f64> {
     (moved > 0 && s.total_size >= 64 << 10 && wire > 0).then(|| s.total_size as f64 / wire as f64)
 }
 
+/// Bytes before compression over bytes on the wire, both ways; `None` if nothing was
+/// compressed.
+pub fn compression(o: &Outcome) -> Option<f64> {
+    let wire = o.bytes_sent + o.bytes_received;
+    let raw = o.raw_sent + o.raw_received;
+    (raw > wire && wire > 0).then(|| raw as f64 / wire as f64)
+}
+
+/// `12.3 MiB on the wire`, with what it was before compression if it was compressed.
+fn on_the_wire(o: &Outcome) -> String {
+    let wire = HumanBytes(o.bytes_sent + o.bytes_received);
+    match compression(o) {
+        Some(x) => format!(
+            "{wire} on the wire ({} before compression, {x:.1}×)",
+            HumanBytes(o.raw_sent + o.raw_received)
+        ),
+        None => format!("{wire} on the wire"),
+    }
+}
+
 /// `1,234,567`.
 pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
@@ -305,12 +325,12 @@ pub fn summary_line(o: &Outcome, elapsed: Duration, dry_run: bool) -> String {
     let s = &o.stats;
     let entries = s.files + s.dirs + s.symlinks;
     let changed = s.created + s.updated + s.metadata_only;
-    let wire = HumanBytes(o.bytes_sent + o.bytes_received);
+    let wire = on_the_wire(o);
     let secs = elapsed.as_secs_f64();
     let prefix = if dry_run { "(dry run) would have " } else { "" };
     if changed == 0 && s.deleted == 0 {
         return format!(
-            "{}up to date: {} checked, {wire} on the wire, {secs:.2}s",
+            "{}up to date: {} checked, {wire}, {secs:.2}s",
             if dry_run { "(dry run) " } else { "" },
             plural(entries, "entry")
         );
@@ -335,7 +355,7 @@ pub fn summary_line(o: &Outcome, elapsed: Duration, dry_run: bool) -> String {
     if s.deleted > 0 {
         line.push_str(&format!(", deleted {}", thousands(s.deleted)));
     }
-    line.push_str(&format!("; {wire} on the wire, {secs:.2}s"));
+    line.push_str(&format!("; {wire}, {secs:.2}s"));
     line
 }
 
@@ -361,6 +381,13 @@ pub fn summary_detail(o: &Outcome) -> Vec<String> {
             HumanBytes(o.bytes_received)
         ),
     ];
+    if let Some(x) = compression(o) {
+        lines.push(format!(
+            "before compression: {} sent, {} received ({x:.1}×)",
+            HumanBytes(o.raw_sent),
+            HumanBytes(o.raw_received)
+        ));
+    }
     if let Some(x) = speedup(o) {
         lines.push(format!(
             "speedup: {x:.1}× (source size over bytes on the wire)"
@@ -411,6 +438,9 @@ pub fn summary_json(
         "verify_retries": s.verify_retries,
         "bytes_sent": o.bytes_sent,
         "bytes_received": o.bytes_received,
+        "bytes_sent_uncompressed": o.raw_sent,
+        "bytes_received_uncompressed": o.raw_received,
+        "compression_ratio": compression(o),
         "restarts": s.restarts,
         "speedup": speedup(o),
         "elapsed_seconds": elapsed.as_secs_f64(),
@@ -438,6 +468,8 @@ mod tests {
             stats,
             bytes_sent: 984_000,
             bytes_received: 1_200,
+            raw_sent: 984_000,
+            raw_received: 1_200,
         }
     }
 

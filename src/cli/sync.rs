@@ -60,6 +60,7 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
         fsync: a.fsync,
         filters: a.filters.options(),
         copy: None,
+        compress: a.remote.compress(&remote),
     };
     // Bad patterns are a usage error: report them before connecting anywhere.
     if let Err(e) = opts.filters.walker(Path::new(".")) {

@@ -97,6 +97,7 @@ fn run_inner(a: WatchArgs) -> anyhow::Result<Result<u8, super::Failure>> {
         fsync: a.fsync,
         filters: a.filters.options(),
         copy: None,
+        compress: a.remote.compress(&target),
     };
     if let Err(e) = opts.filters.walker(Path::new(".")) {
         bail!("{e}");

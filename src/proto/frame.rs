@@ -18,6 +18,7 @@ use tokio::io::{
 };
 
 use super::ProtoError;
+use super::compress::{COMPRESSED, Compress, GROUP, MIN_BODY, Packer, Traffic, Unpacker};
 use super::msg::Msg;
 
 /// Largest frame accepted: one 4 MiB chunk as a worst-case (all literal) delta, plus headroom.
@@ -78,6 +79,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 pub struct FrameReader<R> {
     inner: BufReader<Counted<R>>,
     bytes: u64,
+    /// Frame bytes before decompression.
+    raw_bytes: u64,
+    /// Frames unpacked from a compressed frame and not yet returned.
+    unpacked: Bytes,
+    unpacker: Unpacker,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -85,6 +91,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             inner: BufReader::with_capacity(256 << 10, Counted::new(r)),
             bytes: 0,
+            raw_bytes: 0,
+            unpacked: Bytes::new(),
+            unpacker: Unpacker::default(),
         }
     }
 
@@ -98,6 +107,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.bytes
     }
 
+    /// Bytes consumed, on the wire and as they were before compression.
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            wire: self.bytes,
+            raw: self.raw_bytes,
+        }
+    }
+
     pub(crate) fn buffered(&mut self) -> &mut BufReader<Counted<R>> {
         &mut self.inner
     }
@@ -109,12 +126,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     pub(crate) fn count(&mut self, n: u64) {
         self.bytes += n;
+        self.raw_bytes += n;
     }
 
     /// Waits until bytes (or the end of the stream) are there to read. Cancel-safe: what
     /// arrives stays buffered for [`FrameReader::next`].
     pub async fn readable(&mut self) -> std::io::Result<()> {
         use tokio::io::AsyncBufRead;
+        if !self.unpacked.is_empty() {
+            return Ok(());
+        }
         std::future::poll_fn(|cx| {
             std::pin::Pin::new(&mut self.inner)
                 .poll_fill_buf(cx)
@@ -125,6 +146,53 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Next message and its payload; `Ok(None)` on a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<(Msg, Bytes)>, ProtoError> {
+        loop {
+            if !self.unpacked.is_empty() {
+                return self.next_unpacked().map(Some);
+            }
+            let Some((len, mut frame)) = self.next_body().await? else {
+                return Ok(None);
+            };
+            if len & COMPRESSED == 0 {
+                self.raw_bytes += 4 + u64::from(len);
+                return decode(&mut frame).map(Some);
+            }
+            self.unpacked = self.unpacker.unpack(&frame)?;
+        }
+    }
+
+    /// The next frame held in what a compressed frame unpacked to.
+    fn next_unpacked(&mut self) -> Result<(Msg, Bytes), ProtoError> {
+        let cut = || ProtoError::Malformed("a compressed frame ends inside a frame".into());
+        let len = self
+            .unpacked
+            .get(..4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(cut)?;
+        if len & COMPRESSED != 0 {
+            return Err(ProtoError::Malformed(
+                "a compressed frame holds another compressed frame".into(),
+            ));
+        }
+        if !(4..=MAX_FRAME).contains(&len) {
+            return Err(ProtoError::Malformed(format!(
+                "{len}-byte frame inside a compressed frame"
+            )));
+        }
+        let end = 4 + len as usize;
+        if end > self.unpacked.len() {
+            self.unpacked = Bytes::new();
+            return Err(cut());
+        }
+        let mut frame = self.unpacked.slice(4..end);
+        self.unpacked = self.unpacked.slice(end..);
+        self.raw_bytes += end as u64;
+        decode(&mut frame)
+    }
+
+    /// Reads one frame's length word and body from the stream.
+    async fn next_body(&mut self) -> Result<Option<(u32, Bytes)>, ProtoError> {
         let mut len = [0u8; 4];
         let mut got = 0;
         while got < 4 {
@@ -141,7 +209,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             got += n;
         }
-        let len = u32::from_be_bytes(len);
+        let word = u32::from_be_bytes(len);
+        let len = word & !COMPRESSED;
         if len > MAX_FRAME {
             return Err(ProtoError::Oversized { len: len.into() });
         }
@@ -161,8 +230,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
         }
         self.bytes += 4 + u64::from(len);
-        let mut frame = buf.freeze();
-        decode(&mut frame).map(Some)
+        Ok(Some((word, buf.freeze())))
     }
 }
 
@@ -220,6 +288,12 @@ pub struct FrameWriter<W> {
     inner: BufWriter<Counted<W>>,
     header: Vec<u8>,
     bytes: u64,
+    /// Frame bytes before compression.
+    raw_bytes: u64,
+    /// Set once both ends agreed to compress.
+    pack: Option<Box<Packer>>,
+    /// A frame assembled whole, to be compressed.
+    scratch: Vec<u8>,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -228,11 +302,27 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             inner: BufWriter::with_capacity(256 << 10, Counted::new(w)),
             header: Vec::with_capacity(256),
             bytes: 0,
+            raw_bytes: 0,
+            pack: None,
+            scratch: Vec::new(),
         }
+    }
+
+    /// Compresses what follows as `mode` says (once the peer agreed to decompress it).
+    pub fn compress(&mut self, mode: Compress) {
+        self.pack = Packer::new(mode).map(Box::new);
     }
 
     pub fn bytes_written(&self) -> u64 {
         self.bytes
+    }
+
+    /// Bytes written, on the wire and as they were before compression.
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            wire: self.bytes,
+            raw: self.raw_bytes,
+        }
     }
 
     /// Bytes that reached the stream so far (not only queued in our buffer).
@@ -244,6 +334,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn write_raw(&mut self, b: &[u8]) -> Result<(), ProtoError> {
         self.inner.write_all(b).await?;
         self.bytes += b.len() as u64;
+        self.raw_bytes += b.len() as u64;
         Ok(())
     }
 
@@ -257,24 +348,112 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         if total > MAX_FRAME as usize {
             return Err(ProtoError::Oversized { len: total as u64 });
         }
-        self.inner.write_all(&(total as u32).to_be_bytes()).await?;
-        self.inner
-            .write_all(&(self.header.len() as u32).to_be_bytes())
-            .await?;
+        let lens = [
+            (total as u32).to_be_bytes(),
+            (self.header.len() as u32).to_be_bytes(),
+        ];
+        if self
+            .pack
+            .as_ref()
+            .is_some_and(|p| p.level() > 0 && total + 4 >= MIN_BODY)
+        {
+            // Compressed as one piece: assemble the frame first.
+            let mut frame = std::mem::take(&mut self.scratch);
+            frame.clear();
+            frame.extend_from_slice(lens.as_flattened());
+            frame.extend_from_slice(&self.header);
+            frame.extend_from_slice(payload);
+            let r = self.write_frames(&frame).await;
+            self.scratch = frame;
+            return r;
+        }
+        let started = std::time::Instant::now();
+        self.inner.write_all(lens.as_flattened()).await?;
         self.inner.write_all(&self.header).await?;
         self.inner.write_all(payload).await?;
+        if let Some(p) = self.pack.as_mut() {
+            p.pass(4 + total);
+            p.blocked(started.elapsed());
+        }
         self.bytes += 4 + total as u64;
+        self.raw_bytes += 4 + total as u64;
+        Ok(())
+    }
+
+    /// Writes whole encoded frames ([`encode`]'s output, one after another), compressed in
+    /// groups of about [`GROUP`] bytes when compression is on and pays.
+    pub async fn write_frames(&mut self, frames: &[u8]) -> Result<(), ProtoError> {
+        let mut rest = frames;
+        while !rest.is_empty() {
+            let (group, after) = rest.split_at(group_end(rest));
+            rest = after;
+            let Self {
+                inner,
+                pack,
+                bytes,
+                raw_bytes,
+                ..
+            } = self;
+            *raw_bytes += group.len() as u64;
+            match pack.as_mut() {
+                None => {
+                    inner.write_all(group).await?;
+                    *bytes += group.len() as u64;
+                }
+                Some(p) => match p.pack(group) {
+                    Some(z) => {
+                        let word = z.len() as u32 | COMPRESSED;
+                        let waited = std::time::Instant::now();
+                        inner.write_all(&word.to_be_bytes()).await?;
+                        inner.write_all(z).await?;
+                        *bytes += 4 + z.len() as u64;
+                        p.blocked(waited.elapsed());
+                    }
+                    None => {
+                        let waited = std::time::Instant::now();
+                        inner.write_all(group).await?;
+                        *bytes += group.len() as u64;
+                        p.blocked(waited.elapsed());
+                    }
+                },
+            }
+        }
         Ok(())
     }
 
     pub async fn flush(&mut self) -> Result<(), ProtoError> {
-        Ok(self.inner.flush().await?)
+        let started = std::time::Instant::now();
+        self.inner.flush().await?;
+        if let Some(p) = self.pack.as_mut() {
+            p.blocked(started.elapsed());
+        }
+        Ok(())
     }
 
     pub async fn shutdown(&mut self) -> Result<(), ProtoError> {
         self.inner.flush().await?;
         Ok(self.inner.shutdown().await?)
     }
+}
+
+/// Where the first group of `frames` ends: whole frames up to about [`GROUP`] bytes (a single
+/// bigger frame is a group of its own). Bytes that do not parse as frames end the group there.
+fn group_end(frames: &[u8]) -> usize {
+    let mut end = 0;
+    while end < frames.len() {
+        let len = frames
+            .get(end..end + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(|b| u32::from_be_bytes(b) as usize);
+        let Some(next) = len.map(|l| end + 4 + l).filter(|n| *n <= frames.len()) else {
+            return frames.len();
+        };
+        if end > 0 && next > GROUP {
+            break;
+        }
+        end = next;
+    }
+    end.max(1).min(frames.len())
 }
 
 #[cfg(test)]
@@ -415,5 +594,212 @@ mod tests {
             let junk: Vec<u8> = (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
             let _ = rt.block_on(read_all(&junk));
         }
+    }
+
+    /// Writes `frames` (message, payload) through a writer compressing at `mode`, half of them
+    /// as list frames ([`FrameWriter::write_frames`]), and reads them back.
+    fn through(mode: Compress, frames: &[(Msg, Vec<u8>)]) -> (Vec<(Msg, Bytes)>, Traffic, Traffic) {
+        rt().block_on(async {
+            let mut wire = Vec::new();
+            let mut w = FrameWriter::new(&mut wire);
+            w.compress(mode);
+            let mut list = Vec::new();
+            for (i, (m, p)) in frames.iter().enumerate() {
+                if i % 2 == 0 {
+                    w.write(m, p).await.unwrap();
+                } else {
+                    list.clear();
+                    encode(m, p, &mut list).unwrap();
+                    w.write_frames(&list).await.unwrap();
+                }
+            }
+            w.flush().await.unwrap();
+            let sent = w.traffic();
+            drop(w);
+            let mut r = FrameReader::new(&wire[..]);
+            let mut got = Vec::new();
+            while let Some(f) = r.next().await.unwrap() {
+                got.push(f);
+            }
+            (got, sent, r.traffic())
+        })
+    }
+
+    fn text(n: usize) -> Vec<u8> {
+        b"pub fn sync(&mut self) -> Result<(), Error> { self.flush() }\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(n)
+            .collect()
+    }
+
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        use rand::{RngCore, SeedableRng};
+        let mut v = vec![0u8; n];
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut v);
+        v
+    }
+
+    #[test]
+    fn compressed_frames_round_trip_for_every_kind_that_carries_data() {
+        use crate::engine::delta::SigParams;
+        let stamp = crate::proto::Stamp {
+            mode: 0o644,
+            mtime: crate::engine::Mtime { sec: 1, nsec: 0 },
+        };
+        let params = SigParams::for_len(100);
+        let frames = vec![
+            (Msg::Data { id: 1, chunk: 0 }, text(3 << 20)),
+            (Msg::Data { id: 2, chunk: 0 }, noise(1 << 20, 1)),
+            (Msg::Data { id: 3, chunk: 0 }, Vec::new()),
+            (
+                Msg::WholeFiles {
+                    files: vec![crate::proto::WholeItem {
+                        id: 4,
+                        len: 20_000,
+                        digest: Default::default(),
+                        stamp,
+                    }],
+                },
+                text(20_000),
+            ),
+            (
+                Msg::Delta {
+                    id: 5,
+                    chunk: 0,
+                    window_start: 0,
+                    window_len: 1,
+                    len: 9000,
+                },
+                text(9000),
+            ),
+            (
+                Msg::Signature {
+                    id: 6,
+                    base_len: 100,
+                    params,
+                    cvs: vec![Default::default()],
+                },
+                noise(4096, 2),
+            ),
+            (Msg::SigPart { id: 7, chunk: 0 }, noise(70_000, 3)),
+            (
+                Msg::NeedWhole {
+                    ids: (0..5000).collect(),
+                },
+                Vec::new(),
+            ),
+            (Msg::Ping, Vec::new()),
+            (Msg::Data { id: 8, chunk: 1 }, text(700)),
+        ];
+        for mode in [Compress::Auto, Compress::Level(1), Compress::Level(19)] {
+            let (got, sent, read) = through(mode, &frames);
+            assert_eq!(got.len(), frames.len(), "{mode:?}");
+            for ((m, p), (gm, gp)) in frames.iter().zip(&got) {
+                assert_eq!(m, gm);
+                assert_eq!(&p[..], &gp[..], "{m:?}");
+            }
+            assert_eq!(sent, read, "{mode:?}: both ends count the same");
+            assert!(sent.wire < sent.raw / 2, "{mode:?}: {sent:?}");
+        }
+        // Noise alone goes raw (apart from a trial), and counts the same both ways.
+        let noisy = vec![(Msg::Data { id: 1, chunk: 0 }, noise(4 << 20, 9)); 2];
+        let (got, sent, _) = through(Compress::Level(3), &noisy);
+        assert_eq!(got.len(), 2);
+        assert_eq!(sent.wire, sent.raw);
+    }
+
+    #[test]
+    fn corrupt_compressed_frames_are_errors_not_panics() {
+        let (wire, _) = rt().block_on(async {
+            let mut wire = Vec::new();
+            let mut w = FrameWriter::new(&mut wire);
+            w.compress(Compress::Level(3));
+            w.write(&Msg::Data { id: 1, chunk: 0 }, &text(50_000))
+                .await
+                .unwrap();
+            w.flush().await.unwrap();
+            let t = w.traffic();
+            drop(w);
+            (wire, t)
+        });
+        assert_ne!(
+            u32::from_be_bytes(wire[..4].try_into().unwrap()) & COMPRESSED,
+            0
+        );
+        // Every single-byte corruption of the compressed body, and every cut.
+        for i in (4..wire.len()).step_by(7) {
+            let mut bad = wire.clone();
+            bad[i] ^= 0x5a;
+            let got = rt().block_on(read_all(&bad));
+            let last = got.last().unwrap();
+            // Either zstd's checksum catches it or the unpacked frames do not parse; what
+            // happens to decode cleanly must still be the same message.
+            if let Ok(Some((m, _))) = &got[0] {
+                assert!(matches!(m, Msg::Data { .. }), "{i}: {got:?}");
+            } else {
+                assert!(last.is_err(), "{i}: {got:?}");
+            }
+        }
+        for cut in 1..wire.len() {
+            let got = rt().block_on(read_all(&wire[..cut]));
+            assert!(got.last().unwrap().is_err(), "cut {cut}");
+        }
+        // Hand-made containers: one that nests, one that ends inside a frame, one that is empty.
+        let packed = |inner: &[u8]| {
+            let z = zstd::bulk::compress(inner, 1).unwrap();
+            let mut v = (z.len() as u32 | COMPRESSED).to_be_bytes().to_vec();
+            v.extend_from_slice(&z);
+            v
+        };
+        let mut one = Vec::new();
+        encode(&Msg::Bye, &[], &mut one).unwrap();
+        let nested = packed(&packed(&one));
+        let cut = packed(&one[..one.len() - 1]);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (nested, "another compressed"),
+            (cut, "ends inside a frame"),
+            (packed(b""), "unpacks to 0"),
+        ];
+        for (bytes, want) in cases {
+            let got = rt().block_on(read_all(&bytes));
+            assert!(
+                got.iter()
+                    .any(|g| g.as_ref().is_err_and(|e| e.contains(want))),
+                "{want}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn random_messages_round_trip_compressed() {
+        use arbitrary::{Arbitrary, Unstructured};
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut frames = Vec::new();
+        while frames.len() < 300 {
+            let bytes: Vec<u8> = (0..rng.random_range(16..512))
+                .map(|_| rng.random())
+                .collect();
+            let Ok(m) = Msg::arbitrary(&mut Unstructured::new(&bytes)) else {
+                continue;
+            };
+            let payload = if rng.random_bool(0.5) {
+                text(rng.random_range(0..5000))
+            } else {
+                Vec::new()
+            };
+            if m.validate(payload.len()).is_ok() {
+                frames.push((m, payload));
+            }
+        }
+        let (got, sent, read) = through(Compress::Level(2), &frames);
+        assert_eq!(got.len(), frames.len());
+        for ((m, p), (gm, gp)) in frames.iter().zip(&got) {
+            assert_eq!(m, gm);
+            assert_eq!(&p[..], &gp[..]);
+        }
+        assert_eq!(sent, read);
     }
 }

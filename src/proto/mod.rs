@@ -6,16 +6,18 @@
 //! message is validated, and decoding never panics.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+pub mod compress;
 pub mod frame;
 pub mod handshake;
 mod list;
 pub mod msg;
 
+pub use compress::{Compress, Traffic};
 pub use frame::{FrameReader, FrameWriter, MAX_FRAME};
 pub use msg::{CopySpec, Event, FileId, Msg, Role, Stamp, Stats, SyncOptions, WholeItem};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {

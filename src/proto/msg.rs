@@ -73,6 +73,9 @@ pub struct SyncOptions {
     pub filters: FilterOptions,
     /// `devsync cp`: what is sent and where it goes, instead of a tree mirror.
     pub copy: Option<CopySpec>,
+    /// How the client wants frames compressed, both ways (`--compress`); `Off`: the client
+    /// neither compresses nor accepts compressed frames.
+    pub compress: super::Compress,
 }
 
 /// What `devsync cp` asks of the two ends. The sender's root is the sources' directory; the
@@ -176,8 +179,9 @@ pub enum Msg {
         root: Vec<u8>,
         opts: SyncOptions,
     },
-    /// Helper → client: ready.
-    HelloOk { version: u32 },
+    /// Helper → client: ready. `compress`: the helper compresses what it sends from here on
+    /// and takes compressed frames (only if the client asked for it).
+    HelloOk { version: u32, compress: bool },
     /// Either way: the session cannot continue; the text says why.
     Fatal { message: String },
 
@@ -390,6 +394,7 @@ impl Msg {
                 {
                     return Err(invalid("bad root path"));
                 }
+                opts.compress.validate()?;
                 let f = &opts.filters;
                 if f.excludes.len() > MAX_EXCLUDES
                     || f.excludes

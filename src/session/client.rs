@@ -7,7 +7,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Observer, SessionError, conn, receiver, sender};
 use crate::proto::{
-    FrameReader, FrameWriter, Msg, PROTOCOL_VERSION, Role, Stats, SyncOptions, handshake,
+    Compress, FrameReader, FrameWriter, Msg, PROTOCOL_VERSION, Role, Stats, SyncOptions, handshake,
 };
 
 /// One sync, as the client sees it.
@@ -24,9 +24,12 @@ pub struct Job {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub stats: Stats,
-    /// Protocol bytes written to and read from the helper.
+    /// Protocol bytes written to and read from the helper (on the wire).
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// The same before compression.
+    pub raw_sent: u64,
+    pub raw_received: u64,
 }
 
 /// Work that can begin before the helper is reachable: for a push, scanning the source and
@@ -73,7 +76,7 @@ where
 }
 
 /// Answers the helper's greeting, tells it what to do (it plays the role other than `role`)
-/// and waits for it to agree.
+/// and waits for it to agree; from then on `writer` compresses if both ends agreed to.
 pub(super) async fn hello<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
@@ -110,8 +113,18 @@ where
             ))
         })?;
     match answer? {
-        Some((Msg::HelloOk { version }, _)) if version == PROTOCOL_VERSION => Ok(()),
-        Some((Msg::HelloOk { version }, _)) => Err(SessionError::Remote(format!(
+        Some((Msg::HelloOk { version, compress }, _)) if version == PROTOCOL_VERSION => {
+            if compress && opts.compress != Compress::Off {
+                writer.compress(opts.compress);
+            }
+            crate::trace!(
+                "client",
+                "compression {}",
+                if compress { "on" } else { "off" }
+            );
+            Ok(())
+        }
+        Some((Msg::HelloOk { version, .. }, _)) => Err(SessionError::Remote(format!(
             "helper answered with protocol version {version}"
         ))),
         Some((Msg::Fatal { message }, _)) => Err(SessionError::Remote(message)),
@@ -126,7 +139,7 @@ where
 pub struct Live<R> {
     pub reader: FrameReader<R>,
     pub sender: sender::Sender,
-    writer: tokio::task::JoinHandle<Result<u64, crate::proto::ProtoError>>,
+    writer: tokio::task::JoinHandle<Result<crate::proto::Traffic, crate::proto::ProtoError>>,
 }
 
 /// Opens a [`Live`] session on a stream whose helper greeting was already read.
@@ -253,15 +266,17 @@ where
         }
         _ => receiver::run(&mut reader, out, job.local_root, job.opts, job.obs).await,
     };
-    let bytes_received = reader.bytes_read();
+    let received = reader.traffic();
     crate::trace!("client", "session over");
     let stats = result?;
-    let bytes_sent = writer_task
+    let sent = writer_task
         .await
         .map_err(|e| SessionError::Local(format!("writer task: {e}")))??;
     Ok(Outcome {
         stats,
-        bytes_sent,
-        bytes_received,
+        bytes_sent: sent.wire,
+        bytes_received: received.wire,
+        raw_sent: sent.raw,
+        raw_received: received.raw,
     })
 }

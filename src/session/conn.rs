@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
 use super::lock;
-use crate::proto::{FrameReader, FrameWriter, Msg, ProtoError};
+use crate::proto::{FrameReader, FrameWriter, Msg, ProtoError, Traffic};
 
 /// Longest the list waits in the writer's hands for more frames to share a flush.
 pub const LAZY_FLUSH: std::time::Duration = std::time::Duration::from_millis(2);
@@ -263,7 +263,9 @@ pub fn channel_with(keep: Keepalive) -> (Out, Pending) {
 }
 
 /// Starts the writer task at once (see [`Pending::start`]).
-pub fn spawn_writer<W>(w: FrameWriter<W>) -> (Out, tokio::task::JoinHandle<Result<u64, ProtoError>>)
+pub fn spawn_writer<W>(
+    w: FrameWriter<W>,
+) -> (Out, tokio::task::JoinHandle<Result<Traffic, ProtoError>>)
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -290,7 +292,7 @@ impl ListTaker {
     ) -> Result<(), ProtoError> {
         std::mem::swap(&mut *lock(&self.shared), &mut self.spare);
         if !self.spare.is_empty() {
-            w.write_raw(&self.spare).await?;
+            w.write_frames(&self.spare).await?;
             self.spare.clear();
         }
         Ok(())
@@ -299,8 +301,11 @@ impl ListTaker {
 
 impl Pending {
     /// Starts the writer task. It ends (flushing and shutting the stream down) when every
-    /// [`Out`] is dropped, and returns the number of bytes written.
-    pub fn start<W>(self, mut w: FrameWriter<W>) -> tokio::task::JoinHandle<Result<u64, ProtoError>>
+    /// [`Out`] is dropped, and returns the bytes written (on the wire and before compression).
+    pub fn start<W>(
+        self,
+        mut w: FrameWriter<W>,
+    ) -> tokio::task::JoinHandle<Result<Traffic, ProtoError>>
     where
         W: AsyncWrite + Unpin + Send + 'static,
     {
@@ -319,7 +324,7 @@ impl Pending {
         let dead = keep.dead;
         let stalled = "nothing written or read";
         tokio::spawn(async move {
-            let r: Result<u64, ProtoError> = async {
+            let r: Result<Traffic, ProtoError> = async {
                 // Set while list frames wait: when they must go out.
                 let mut deadline: Option<tokio::time::Instant> = None;
                 loop {
@@ -374,7 +379,7 @@ impl Pending {
                 }
                 unless_dead(dead, &moving, stalled, list.write(&mut w)).await?;
                 unless_dead(dead, &moving, stalled, w.shutdown()).await?;
-                Ok(w.bytes_written())
+                Ok(w.traffic())
             }
             .await;
             if let Err(e) = &r {

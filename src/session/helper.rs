@@ -11,7 +11,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::conn::Out;
 use super::{Observer, SessionError, conn, receiver, sender};
 use crate::engine::scan::check_root;
-use crate::proto::{Event, FrameReader, FrameWriter, Msg, PROTOCOL_VERSION, Role, handshake};
+use crate::proto::{
+    Compress, Event, FrameReader, FrameWriter, Msg, PROTOCOL_VERSION, Role, handshake,
+};
 
 /// Sends the helper's events to the client.
 struct Forward(Out);
@@ -38,6 +40,18 @@ pub fn resolve_root(root: &[u8]) -> PathBuf {
 }
 
 pub async fn serve<R, W>(r: R, w: W) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    // DEVSYNC_COMPRESS=off in the helper's environment declines compression, as a helper
+    // without it would.
+    let compress = std::env::var("DEVSYNC_COMPRESS").map_or(true, |v| v != "off");
+    serve_with(r, w, compress).await
+}
+
+/// [`serve`], compressing (if the client asks) only when `compress` allows it.
+pub async fn serve_with<R, W>(r: R, w: W, compress: bool) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -89,15 +103,20 @@ where
     if let Err(message) = checked {
         return refuse(&mut writer, message).await;
     }
+    let compress = compress && opts.compress != Compress::Off;
     writer
         .write(
             &Msg::HelloOk {
                 version: PROTOCOL_VERSION,
+                compress,
             },
             &[],
         )
         .await?;
     writer.flush().await?;
+    if compress {
+        writer.compress(opts.compress);
+    }
     let (out, writer_task) = conn::spawn_writer(writer);
     let obs: Arc<dyn Observer> = Arc::new(Forward(out.clone()));
     let tell = out.clone();

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::client::{Outcome, hello};
 use super::{Observer, SessionError};
-use crate::proto::{FrameReader, FrameWriter, Msg, Role, Stats, SyncOptions};
+use crate::proto::{FrameReader, FrameWriter, Msg, Role, Stats, SyncOptions, Traffic};
 
 /// One end: a helper's stdout (its greeting already read) and stdin, and the root it is
 /// told to use.
@@ -50,8 +50,10 @@ where
     Ok(Outcome {
         // As a push counts them: what went towards the destination, and what came back.
         stats,
-        bytes_sent: a_to_b.bytes,
-        bytes_received: b_to_a.bytes,
+        bytes_sent: a_to_b.traffic.wire,
+        bytes_received: b_to_a.traffic.wire,
+        raw_sent: a_to_b.traffic.raw,
+        raw_received: b_to_a.traffic.raw,
     })
 }
 
@@ -62,7 +64,8 @@ struct Forwarded {
     done: Option<Stats>,
     /// A fatal message that went by.
     fatal: Option<String>,
-    bytes: u64,
+    /// What was read from the sending helper.
+    traffic: Traffic,
 }
 
 /// Passes frames from `r` to `w` until `r` ends or fails, then ends `w` either way (so the
@@ -104,6 +107,6 @@ where
         result,
         done,
         fatal,
-        bytes: r.bytes_read(),
+        traffic: r.traffic(),
     }
 }

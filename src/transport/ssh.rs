@@ -36,6 +36,9 @@ pub fn client_config() -> Arc<client::Config> {
     Arc::new(client::Config {
         preferred: Preferred {
             cipher: Cow::Borrowed(CIPHERS),
+            // Sessions compress their own frames (adaptively, with zstd): zlib under them
+            // would only spend CPU twice.
+            compression: Cow::Borrowed(&[russh::compression::NONE]),
             ..Preferred::DEFAULT
         },
         // The client ignores window adjustments it is asked for (russh #770): only this counts.

@@ -69,6 +69,7 @@ async fn pull_from_fake(
         hw.write_all(&frame(
             &Msg::HelloOk {
                 version: PROTOCOL_VERSION,
+                compress: false,
             },
             &[],
         ))

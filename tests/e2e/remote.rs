@@ -225,6 +225,65 @@ fn devbox_push_pull_with_bootstrap_then_reuse() {
 }
 
 #[test]
+fn compression_through_the_gateway_is_reported_and_can_be_turned_off() {
+    let ep = endpoint(&["dbx_zip"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..200 {
+        let body: String = (0..150)
+            .map(|l| format!("export function f{l}(x) {{ return x * {i} + {l}; }}\n"))
+            .collect();
+        std::fs::write(src.join(format!("m{i}.js")), body).unwrap();
+    }
+    std::fs::write(src.join("photo.jpg"), random_bytes(2 << 20, 4)).unwrap();
+    let remote = td.path().join("remote");
+    let dst = format!("dbx_zip:{}", s(&remote));
+    let (code, v, err) = ep.run(&["push", "--json", "--compress=3", s(&src), &dst], |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&src, &remote);
+    let (wire, raw) = (num(&v, "bytes_sent"), num(&v, "bytes_sent_uncompressed"));
+    // The text shrinks many times over; the random "photo" goes as it is.
+    assert!(raw > wire + (1 << 20), "{v}");
+    assert!(wire > 2 << 20, "{v}");
+    assert!(v["compression_ratio"].as_f64().unwrap() > 1.5, "{v}");
+    // Off: nothing is compressed, the text summary says nothing about it.
+    let remote2 = td.path().join("remote2");
+    let dst2 = format!("dbx_zip:{}", s(&remote2));
+    let (code, v, err) = ep.run(
+        &["push", "--json", "--compress=off", s(&src), &dst2],
+        |_| {},
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&src, &remote2);
+    assert_eq!(
+        num(&v, "bytes_sent"),
+        num(&v, "bytes_sent_uncompressed"),
+        "{v}"
+    );
+    assert!(v["compression_ratio"].is_null(), "{v}");
+    // The text summary names both figures when it compressed.
+    let back = td.path().join("back");
+    let out = ep
+        .cmd()
+        .args(["pull", "--compress=19", &dst, s(&back)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("before compression"), "{text}");
+    assert_same_tree(&src, &td.path().join("back"));
+    // A setting that is not one is a usage error before anything connects.
+    let (code, _, err) = ep.run(&["push", "--compress=fast", s(&src), &dst], |_| {});
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("auto, off or a zstd level"), "{err}");
+}
+
+#[test]
 fn devbox_key_formats_and_refetch_of_a_refused_cached_key() {
     let ep = endpoint(&["dbx_fmt"], None, "user", KeyFormat::OpenSsh);
     let td = tempfile::tempdir().unwrap();

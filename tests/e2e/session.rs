@@ -66,12 +66,24 @@ async fn session(
     opts: SyncOptions,
     cut: usize,
 ) -> Result<Outcome, SessionError> {
+    session_with(role, local, remote, opts, cut, true).await
+}
+
+/// [`session`] with a helper that may decline compression.
+async fn session_with(
+    role: Role,
+    local: &Path,
+    remote: &Path,
+    opts: SyncOptions,
+    cut: usize,
+    helper_compresses: bool,
+) -> Result<Outcome, SessionError> {
     let (a, b) = tokio::io::duplex(256 << 10);
     let (hr, hw) = tokio::io::split(CutAfter {
         inner: b,
         left: cut,
     });
-    let helper = tokio::spawn(async move { helper::serve(hr, hw).await });
+    let helper = tokio::spawn(async move { helper::serve_with(hr, hw, helper_compresses).await });
     let (cr, cw) = tokio::io::split(a);
     let job = Job {
         role,
@@ -134,6 +146,122 @@ fn push_and_pull_in_memory() {
         o.bytes_received > o.stats.total_size,
         "pull carried the data"
     );
+}
+
+/// A tree that compresses well (source-like text), with one file that does not.
+fn text_tree(root: &Path, seed: u64) {
+    std::fs::create_dir_all(root.join("src")).unwrap();
+    for i in 0..120u64 {
+        let body: String = (0..200)
+            .map(|l| format!("    let value_{l} = compute({i}, {seed}, \"line {l}\");\n"))
+            .collect();
+        std::fs::write(root.join(format!("src/m{i}.rs")), body).unwrap();
+    }
+    std::fs::write(root.join("blob.bin"), random_bytes(600_000, 1)).unwrap();
+    // Big enough for a delta: every 100th line depends on the seed.
+    let log: String = (0..40_000u64)
+        .map(|l| {
+            format!(
+                "{l:08} request served in {} ms\n",
+                if l % 100 == 0 { seed } else { l % 7 }
+            )
+        })
+        .collect();
+    std::fs::write(root.join("big.log"), log).unwrap();
+}
+
+#[test]
+fn compression_is_negotiated_both_ways_and_counted() {
+    use devsync::proto::Compress;
+    let rt = rt();
+    let td = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        td.path().join("a"),
+        td.path().join("b"),
+        td.path().join("c"),
+    );
+    text_tree(&a, 1);
+    let opts = |compress| SyncOptions {
+        compress,
+        ..SyncOptions::default()
+    };
+    // Push compressed: the sender's data shrinks; what arrives is exact.
+    let o = rt
+        .block_on(session(
+            Role::Sender,
+            &a,
+            &b,
+            opts(Compress::Level(3)),
+            usize::MAX,
+        ))
+        .unwrap();
+    assert_same_tree(&a, &b);
+    assert!(o.raw_sent > 3 * o.bytes_sent / 2, "{o:?}");
+    // Edit every text file: delta literals are compressed too.
+    text_tree(&a, 2);
+    let o = rt
+        .block_on(session(
+            Role::Sender,
+            &a,
+            &b,
+            opts(Compress::Level(3)),
+            usize::MAX,
+        ))
+        .unwrap();
+    assert_same_tree(&a, &b);
+    assert!(
+        o.stats.matched_bytes > 0 && o.raw_sent > o.bytes_sent * 3,
+        "{o:?}"
+    );
+    // Pull compressed: the helper compresses what it sends.
+    let o = rt
+        .block_on(session(
+            Role::Receiver,
+            &c,
+            &b,
+            opts(Compress::Level(3)),
+            usize::MAX,
+        ))
+        .unwrap();
+    assert_same_tree(&b, &c);
+    assert!(o.raw_received > 2 * o.bytes_received, "{o:?}");
+    // A client that does not offer it, and a helper that declines: all raw, all exact.
+    for (mode, helper_ok) in [(Compress::Off, true), (Compress::Level(3), false)] {
+        let d = td.path().join(format!("d{helper_ok}"));
+        let o = rt
+            .block_on(session_with(
+                Role::Receiver,
+                &d,
+                &b,
+                opts(mode),
+                usize::MAX,
+                helper_ok,
+            ))
+            .unwrap();
+        assert_same_tree(&b, &d);
+        assert_eq!(
+            (o.raw_sent, o.raw_received),
+            (o.bytes_sent, o.bytes_received),
+            "{mode:?}"
+        );
+        let e = td.path().join(format!("e{helper_ok}"));
+        let o = rt
+            .block_on(session_with(
+                Role::Sender,
+                &a,
+                &e,
+                opts(mode),
+                usize::MAX,
+                helper_ok,
+            ))
+            .unwrap();
+        assert_same_tree(&a, &e);
+        assert_eq!(
+            (o.raw_sent, o.raw_received),
+            (o.bytes_sent, o.bytes_received),
+            "{mode:?}"
+        );
+    }
 }
 
 /// Every file at a final path is complete: the old version or the new one, never a mix.
@@ -286,6 +414,7 @@ fn failed_verification_falls_back_to_whole_file() {
             hw.write_all(&enc(
                 &Msg::HelloOk {
                     version: PROTOCOL_VERSION,
+                    compress: false,
                 },
                 &[],
             ))

@@ -1,0 +1,528 @@
+//! Frame compression: the wire form of a compressed frame, which bytes are worth compressing,
+//! and the controller that picks the zstd level from what the link actually drains (as
+//! `zstd --adapt` does). Must not: do I/O (the frame writer does it and reports how long it was
+//! blocked), or trust compressed input (decompression is bounded before it allocates).
+//!
+//! A compressed frame is `u32 BE (len | COMPRESSED) | zstd frame of len bytes`; it unpacks to
+//! one or more whole ordinary frames (length prefixes included), so a batch of small list
+//! frames shares one zstd frame. Compressed frames never nest.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{MAX_FRAME, ProtoError};
+
+/// Set in a frame's length word: the frame is compressed.
+pub const COMPRESSED: u32 = 1 << 31;
+/// Most bytes a compressed frame may unpack to: one frame of the largest size, with its prefix.
+pub const MAX_UNPACKED: usize = MAX_FRAME as usize + 4;
+/// Frames (or groups of list frames) smaller than this go raw: zstd's frame overhead and the
+/// call cost eat what little there is to gain.
+pub const MIN_BODY: usize = 512;
+/// List frames are grouped into compressed frames of about this many bytes.
+pub const GROUP: usize = 1 << 20;
+/// A big frame is trial-compressed on its first bytes; already-compressed data (images,
+/// archives, pack files) fails the trial and goes raw without paying for the rest.
+const TRIAL: usize = 64 << 10;
+/// A writer idle for longer than this was waiting for work: the window starts again.
+const IDLE: Duration = Duration::from_millis(200);
+/// Compressed output larger than this share of the input is not worth the receiver's time.
+const WORTH: f64 = 0.97;
+
+/// What the user asked for (`--compress`).
+#[cfg_attr(test, derive(arbitrary::Arbitrary))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compress {
+    /// Never compress (and do not offer to).
+    Off,
+    /// Compress when the link is slower than the compressor, at the level that drains fastest.
+    #[default]
+    Auto,
+    /// Always this zstd level (1..=19), still skipping data that does not compress.
+    Level(u8),
+}
+
+impl std::str::FromStr for Compress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Compress::Auto),
+            "off" | "0" | "no" | "none" => Ok(Compress::Off),
+            n => match n.parse::<u8>() {
+                Ok(l @ 1..=19) => Ok(Compress::Level(l)),
+                _ => Err(format!(
+                    "`{s}` is not a compression setting: use auto, off or a zstd level from 1 to 19"
+                )),
+            },
+        }
+    }
+}
+
+impl Compress {
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        match self {
+            Compress::Level(l) if !(1..=19).contains(l) => {
+                Err(ProtoError::Invalid(format!("zstd level {l} out of range")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Levels the controller moves between; 0 is "send raw".
+const LADDER: [i32; 5] = [0, 1, 3, 6, 9];
+
+/// What one stretch of writing cost, as the frame writer saw it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Window {
+    /// Frame bytes before compression.
+    pub raw: u64,
+    /// Time spent compressing (trials included).
+    pub compress: Duration,
+    /// Time spent waiting for the stream to take bytes.
+    pub blocked: Duration,
+    /// Wall time the window covers.
+    pub wall: Duration,
+}
+
+impl Window {
+    /// Raw bytes per second: what the writer delivers at this level.
+    fn goodput(&self) -> f64 {
+        self.raw as f64 / self.wall.as_secs_f64().max(1e-6)
+    }
+    fn share(&self, d: Duration) -> f64 {
+        d.as_secs_f64() / self.wall.as_secs_f64().max(1e-6)
+    }
+    /// Whether there is enough of it to judge by.
+    fn judgeable(&self) -> bool {
+        (self.wall >= Duration::from_millis(50) && self.raw >= 256 << 10) || self.raw >= 8 << 20
+    }
+}
+
+/// Picks the level, window after window. Compression pays only where the drain (link or peer)
+/// is slower than the compressor: then the writer is blocked most of the time, and a level that
+/// shrinks the data delivers more raw bytes per second. Where the writer is rarely blocked, or a
+/// level does not deliver clearly more than raw did (the peer's disk, not the link, is the
+/// limit; the data does not compress), raw wins and costs no CPU. Raw is measured again now and
+/// then, since links and data change.
+#[derive(Debug, Clone)]
+pub struct Adaptive {
+    step: usize,
+    /// Goodput last measured at each step.
+    seen: [Option<f64>; LADDER.len()],
+    /// Windows to stay raw before trying compression again (after it did not pay).
+    hold: u32,
+    backoff: u32,
+    /// Windows judged since raw was last measured.
+    since_raw: u32,
+    /// Where to go back to after measuring raw.
+    resume: usize,
+}
+
+impl Default for Adaptive {
+    fn default() -> Self {
+        // Start at the cheapest level: on a slow link the first megabytes matter, and on a fast
+        // one the first window (a few milliseconds) switches it off.
+        Adaptive {
+            step: 1,
+            seen: [None; LADDER.len()],
+            hold: 0,
+            backoff: 1,
+            since_raw: 0,
+            resume: 1,
+        }
+    }
+}
+
+impl Adaptive {
+    pub fn level(&self) -> i32 {
+        LADDER.get(self.step).copied().unwrap_or(0)
+    }
+
+    fn seen(&self, step: usize) -> Option<f64> {
+        self.seen.get(step).copied().flatten()
+    }
+
+    /// Takes the measurements of one window and returns the level for the next.
+    pub fn judge(&mut self, w: &Window) -> i32 {
+        let g = w.goodput();
+        if let Some(s) = self.seen.get_mut(self.step) {
+            *s = Some(s.map_or(g, |old| (old + g) / 2.0));
+        }
+        let blocked = w.share(w.blocked);
+        let compressing = w.share(w.compress);
+        if self.step == 0 {
+            self.since_raw = 0;
+            if self.hold > 0 {
+                self.hold -= 1;
+            } else if blocked >= 0.5 {
+                // The drain is the limit: see whether shrinking the data helps.
+                self.step = self.resume;
+            }
+            return self.level();
+        }
+        self.since_raw += 1;
+        match self.seen(0) {
+            None => {
+                // Nothing to compare with yet: measure raw once.
+                self.resume = self.step;
+                self.step = 0;
+            }
+            Some(r) if g < r * 1.15 => {
+                // No clear gain over raw: stop paying for it, and wait longer each time.
+                self.step = 0;
+                self.resume = 1;
+                self.backoff = (self.backoff * 2).min(64);
+                self.hold = self.backoff;
+            }
+            Some(_) if self.since_raw >= 64 => {
+                self.resume = self.step;
+                self.step = 0;
+            }
+            Some(_) => {
+                self.backoff = 1;
+                let up_worse = self.seen(self.step + 1).is_some_and(|u| u < g * 1.03);
+                let below = self.step - 1;
+                let below_as_good = below > 0 && self.seen(below).is_some_and(|b| g < b * 1.03);
+                if blocked > 0.6 && compressing < 0.25 && self.step + 1 < LADDER.len() && !up_worse
+                {
+                    self.step += 1;
+                } else if (compressing > 0.5 || below_as_good) && below > 0 {
+                    // The compressor is the limit, or this level buys nothing over the one
+                    // below: step down.
+                    self.step = below;
+                }
+            }
+        }
+        self.level()
+    }
+}
+
+/// Byte counts of one direction, before and after compression.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Bytes on the wire.
+    pub wire: u64,
+    /// The same frames uncompressed.
+    pub raw: u64,
+}
+
+/// The writer's side: compresses frame bodies when the mode and the controller say so.
+pub struct Packer {
+    mode: Compress,
+    ctl: Adaptive,
+    cctx: zstd::bulk::Compressor<'static>,
+    level: i32,
+    window: Window,
+    /// When the window began, and when the writer last did anything.
+    start: Instant,
+    last: Instant,
+    out: Vec<u8>,
+    /// Raw bytes that went out compressed, and what they became.
+    pub packed_in: u64,
+    pub packed_out: u64,
+}
+
+impl Packer {
+    /// `None` for [`Compress::Off`] (or if zstd cannot allocate a context).
+    pub fn new(mode: Compress) -> Option<Packer> {
+        let ctl = Adaptive::default();
+        let level = match mode {
+            Compress::Off => return None,
+            Compress::Auto => ctl.level(),
+            Compress::Level(l) => i32::from(l),
+        };
+        let cctx = zstd::bulk::Compressor::new(level.max(1)).ok()?;
+        Some(Packer {
+            mode,
+            ctl,
+            cctx,
+            level,
+            window: Window::default(),
+            start: Instant::now(),
+            last: Instant::now(),
+            out: Vec::new(),
+            packed_in: 0,
+            packed_out: 0,
+        })
+    }
+
+    /// The level in use (0: raw).
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    /// Starts a new window if the writer sat idle (waiting for work is no measure of the
+    /// link); returns the time now.
+    fn tick(&mut self, busy: Duration) -> Instant {
+        let now = Instant::now();
+        let began = now.checked_sub(busy).unwrap_or(now);
+        if began.saturating_duration_since(self.last) > IDLE {
+            self.window = Window::default();
+            self.start = began;
+        }
+        self.last = now;
+        now
+    }
+
+    /// Counts frame bytes that went out raw without being offered to [`Packer::pack`].
+    pub fn pass(&mut self, n: usize) {
+        self.tick(Duration::ZERO);
+        self.window.raw += n as u64;
+    }
+
+    /// Compresses `frames` (whole frames, prefixes included) if that is worth it now: the
+    /// compressed bytes, or `None` to send them raw.
+    pub fn pack(&mut self, frames: &[u8]) -> Option<&[u8]> {
+        let started = self.tick(Duration::ZERO);
+        self.window.raw += frames.len() as u64;
+        if self.level == 0 || frames.len() < MIN_BODY || frames.len() > MAX_UNPACKED {
+            return None;
+        }
+        let kept = self.compress(frames);
+        self.last = Instant::now();
+        self.window.compress += self.last - started;
+        if kept {
+            self.packed_in += frames.len() as u64;
+            self.packed_out += self.out.len() as u64;
+            Some(&self.out)
+        } else {
+            None
+        }
+    }
+
+    fn compress(&mut self, frames: &[u8]) -> bool {
+        if frames.len() > TRIAL * 4 {
+            let head = frames.get(..TRIAL).unwrap_or(frames);
+            if !self.squeeze(head) {
+                return false;
+            }
+        }
+        self.squeeze(frames)
+    }
+
+    /// Compresses `data` into `out`; whether the result is worth sending.
+    fn squeeze(&mut self, data: &[u8]) -> bool {
+        self.out.clear();
+        self.out
+            .reserve(zstd::zstd_safe::compress_bound(data.len()));
+        match self.cctx.compress_to_buffer(data, &mut self.out) {
+            Ok(n) => (n as f64) < data.len() as f64 * WORTH,
+            Err(_) => false,
+        }
+    }
+
+    /// The writer waited `d` for the stream; once a window has enough in it, the level for
+    /// what follows is decided.
+    pub fn blocked(&mut self, d: Duration) {
+        let now = self.tick(d);
+        self.window.blocked += d;
+        self.window.wall = now - self.start;
+        if self.mode != Compress::Auto || !self.window.judgeable() {
+            return;
+        }
+        let w = std::mem::take(&mut self.window);
+        self.start = now;
+        let level = self.ctl.judge(&w);
+        if level != self.level {
+            crate::trace!(
+                "compress",
+                "level {} -> {level} ({:.1} MB/s raw, {:.0}% blocked, {:.0}% compressing)",
+                self.level,
+                w.goodput() / 1e6,
+                w.share(w.blocked) * 100.0,
+                w.share(w.compress) * 100.0
+            );
+            if level > 0 && self.cctx.set_compression_level(level).is_err() {
+                return;
+            }
+            self.level = level;
+        }
+    }
+}
+
+/// The reader's side.
+#[derive(Default)]
+pub struct Unpacker {
+    dctx: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl Unpacker {
+    /// Unpacks one compressed frame's body: the whole frames it holds.
+    pub fn unpack(&mut self, data: &[u8]) -> Result<Bytes, ProtoError> {
+        let corrupt = |e: std::io::Error| {
+            ProtoError::Malformed(format!("compressed frame does not decompress: {e}"))
+        };
+        if self.dctx.is_none() {
+            self.dctx = Some(zstd::bulk::Decompressor::new().map_err(corrupt)?);
+        }
+        let Some(d) = self.dctx.as_mut() else {
+            return Err(ProtoError::Malformed("no decompressor".into()));
+        };
+        // The frame header states the size; more than one frame's worth is refused before
+        // anything is allocated for it.
+        match zstd::zstd_safe::get_frame_content_size(data) {
+            Ok(Some(n)) if n as usize <= MAX_UNPACKED && n > 0 => {}
+            Ok(Some(n)) => {
+                return Err(ProtoError::Malformed(format!(
+                    "compressed frame unpacks to {n} bytes; the limit is {MAX_UNPACKED}"
+                )));
+            }
+            _ => {
+                return Err(ProtoError::Malformed(
+                    "compressed frame does not state its size".into(),
+                ));
+            }
+        }
+        let v = d.decompress(data, MAX_UNPACKED).map_err(corrupt)?;
+        Ok(Bytes::from(v))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Simulates a pipeline for 4 MB: a producer at 500 MB/s, the writer compressing at
+    /// `level`, and a drain that takes `link` wire bytes/s or `peer` raw bytes/s, whichever is
+    /// slower; the slowest stage sets the pace, and the writer is blocked when that is the drain.
+    fn window(level: i32, link: f64, peer: f64, ratio: f64) -> Window {
+        let raw = 4_000_000.0;
+        let (speed, r) = match level {
+            0 => (f64::INFINITY, 1.0),
+            1 => (400e6, ratio),
+            3 => (250e6, ratio * 0.9),
+            6 => (100e6, ratio * 0.82),
+            _ => (60e6, ratio * 0.78),
+        };
+        let produce = raw / 500e6;
+        let compress = raw / speed;
+        let drain = (raw * r / link).max(raw / peer);
+        let wall = produce.max(compress).max(drain);
+        let blocked = if drain >= wall { drain - compress } else { 0.0 };
+        Window {
+            raw: raw as u64,
+            compress: Duration::from_secs_f64(compress),
+            blocked: Duration::from_secs_f64(blocked),
+            wall: Duration::from_secs_f64(wall),
+        }
+    }
+
+    fn settle(link: f64, peer: f64, ratio: f64) -> Vec<i32> {
+        let mut c = Adaptive::default();
+        (0..40)
+            .map(|_| {
+                let w = window(c.level(), link, peer, ratio);
+                c.judge(&w)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_slow_link_climbs_to_a_high_level_and_stays() {
+        // 20 Mbit/s, source code (ratio 0.25).
+        let levels = settle(2.5e6, 1e9, 0.25);
+        let tail = &levels[20..];
+        assert!(tail.iter().all(|l| *l >= 6), "{levels:?}");
+    }
+
+    #[test]
+    fn a_fast_link_switches_compression_off() {
+        // Loopback: 2 GB/s drain, faster than any level compresses.
+        let levels = settle(2e9, 2e9, 0.25);
+        assert!(levels[2..].iter().all(|l| *l == 0), "{levels:?}");
+    }
+
+    #[test]
+    fn a_slow_peer_disk_is_not_mistaken_for_a_slow_link() {
+        // Fast link, but the receiver takes only 150 MB/s of raw data: shrinking the data
+        // cannot help, so the controller must end up raw most of the time.
+        let levels = settle(2e9, 150e6, 0.25);
+        let raw = levels[10..].iter().filter(|l| **l == 0).count();
+        assert!(raw >= 25, "{levels:?}");
+    }
+
+    #[test]
+    fn incompressible_data_on_a_slow_link_goes_raw() {
+        let levels = settle(2.5e6, 1e9, 0.99);
+        let raw = levels[10..].iter().filter(|l| **l == 0).count();
+        assert!(raw >= 25, "{levels:?}");
+    }
+
+    #[test]
+    fn a_medium_link_uses_compression() {
+        // 100 Mbit/s: 12.5 MB/s, well below level 1-6 speeds.
+        let levels = settle(12.5e6, 1e9, 0.25);
+        assert!(levels[20..].iter().all(|l| *l >= 3), "{levels:?}");
+    }
+
+    #[test]
+    fn windows_need_enough_in_them() {
+        let w = Window {
+            raw: 1000,
+            compress: ms(1),
+            blocked: ms(100),
+            wall: ms(200),
+        };
+        assert!(!w.judgeable());
+        assert!(
+            Window {
+                raw: 9 << 20,
+                ..Window::default()
+            }
+            .judgeable()
+        );
+    }
+
+    #[test]
+    fn parse_settings() {
+        assert_eq!("auto".parse(), Ok(Compress::Auto));
+        assert_eq!("off".parse(), Ok(Compress::Off));
+        assert_eq!("3".parse(), Ok(Compress::Level(3)));
+        assert!("20".parse::<Compress>().is_err());
+        assert!(
+            "fast"
+                .parse::<Compress>()
+                .unwrap_err()
+                .contains("auto, off")
+        );
+    }
+
+    #[test]
+    fn packer_skips_what_does_not_compress_and_unpacks_what_it_packed() {
+        use rand::{RngCore, SeedableRng};
+        let mut p = Packer::new(Compress::Level(3)).unwrap();
+        let mut noise = vec![0u8; 1 << 20];
+        rand_chacha::ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut noise);
+        assert!(p.pack(&noise).is_none());
+        assert!(p.pack(b"short").is_none());
+        let text = b"fn main() { println!(\"hello\"); }\n".repeat(4000);
+        let packed = p.pack(&text).unwrap().to_vec();
+        assert!(packed.len() < text.len() / 10);
+        let back = Unpacker::default().unpack(&packed).unwrap();
+        assert_eq!(&back[..], &text[..]);
+    }
+
+    #[test]
+    fn corrupt_or_oversized_input_is_an_error() {
+        let mut u = Unpacker::default();
+        assert!(u.unpack(b"").is_err());
+        assert!(u.unpack(b"not zstd at all").is_err());
+        let big = vec![b'a'; MAX_UNPACKED + 1];
+        let packed = zstd::bulk::compress(&big, 1).unwrap();
+        let e = u.unpack(&packed).unwrap_err().to_string();
+        assert!(e.contains("limit"), "{e}");
+        let mut good = zstd::bulk::compress(&b"x".repeat(4096), 1).unwrap();
+        let last = good.len() - 3;
+        good[last] ^= 0xff;
+        good.truncate(good.len() - 1);
+        assert!(u.unpack(&good).is_err());
+    }
+}
