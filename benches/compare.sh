@@ -2,11 +2,16 @@
 # End-to-end comparisons.
 #   benches/compare.sh [local|remote|all]  devsync vs cp -a and rsync (local, and over SSH+TLS)
 #   benches/compare.sh cp                  devsync cp vs scp through an openssl ProxyCommand
+#   benches/compare.sh shaped              devsync push vs rsync -az/-a over a tc-shaped link
+#                                          (own netns; RATES="20mbit 100mbit", ROUNDS=3)
 # Data in $BENCH_DIR (default /tmp/devsync-bench); RUNS=5 / ROUNDS=5 rounds, tools alternating.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 if [ "${1:-}" = cp ]; then
   exec python3 benches/cp.py
+fi
+if [ "${1:-}" = shaped ]; then
+  exec python3 benches/shaped.py
 fi
 exec python3 benches/compare.py "$@"

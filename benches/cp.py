@@ -46,25 +46,10 @@ def main():
         print('generating 1 GiB file and an edited copy...', flush=True)
         sh([sys.executable, f'{here}/gen_tree.py', 'big', big, big_edit])
     env = watch.Env()
-    R = env.R
-    stunnel = None
     try:
         # The official CLI's path: ssh/scp -> openssl s_client -> TLS (stunnel) -> sshd.
-        sh(f'ssh-keygen -q -t ed25519 -N "" -f {R}/client')
-        with open(f'{R}/authorized_keys', 'a') as f:
-            f.write(open(f'{R}/client.pub').read())
-        sh(f'openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 '
-           f'-subj /CN=ssh.bench.local -keyout {R}/tls.key -out {R}/tls.crt')
-        open(f'{R}/stunnel.conf', 'w').write(
-            f'foreground = yes\npid =\n[ssh]\naccept = 127.0.0.1:22443\nconnect = 127.0.0.1:22122\n'
-            f'cert = {R}/tls.crt\nkey = {R}/tls.key\n')
-        stunnel = subprocess.Popen(['stunnel4', f'{R}/stunnel.conf'], stderr=subprocess.DEVNULL)
-        open(f'{R}/ssh_config', 'w').write(
-            f'Host benchbox\n  User {watch.USER}\n  IdentityFile {R}/client\n'
-            '  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n'
-            '  ProxyCommand openssl s_client -quiet -servername %h -connect 127.0.0.1:22443\n')
-        time.sleep(0.5)
-        scp = ['scp', '-q', '-F', f'{R}/ssh_config']
+        ssh_config = env.official_cli()
+        scp = ['scp', '-q', '-F', ssh_config]
         remote = env.remote['openssh']  # owned by the bench user: scp and devsync write here
         local = f'{DATA}/cp-local'
         shutil.rmtree(local, ignore_errors=True)
@@ -155,9 +140,6 @@ def main():
         for r in results:
             print('| ' + ' | '.join(r) + ' |')
     finally:
-        if stunnel:
-            stunnel.terminate()
-            stunnel.wait(timeout=10)
         env.close()
         for d in (env.remote['openssh'], env.remote['serve'], f'{DATA}/cp-local'):
             shutil.rmtree(os.path.join(d, '.trash'), ignore_errors=True)

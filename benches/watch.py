@@ -138,6 +138,28 @@ class Env:
     def target(self, name, sub):
         return f'dbx_{name}:{self.remote[name]}/{sub}'
 
+    def official_cli(self):
+        """The official devbox CLI's path to the same sshd: ssh -> `openssl s_client`
+        ProxyCommand -> TLS terminator (stunnel, stopped by close()) -> sshd, with its own
+        client key. Returns an ssh_config whose `Host benchbox` goes that way."""
+        R = self.R
+        sh(f'ssh-keygen -q -t ed25519 -N "" -f {R}/client')
+        with open(f'{R}/authorized_keys', 'a') as f:
+            f.write(open(f'{R}/client.pub').read())
+        sh(f'openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 '
+           f'-subj /CN=ssh.bench.local -keyout {R}/tls.key -out {R}/tls.crt')
+        open(f'{R}/stunnel.conf', 'w').write(
+            f'foreground = yes\npid =\n[ssh]\naccept = 127.0.0.1:22443\nconnect = 127.0.0.1:22122\n'
+            f'cert = {R}/tls.crt\nkey = {R}/tls.key\n')
+        self.procs.append(subprocess.Popen(['stunnel4', f'{R}/stunnel.conf'],
+                                           stderr=subprocess.DEVNULL))
+        open(f'{R}/ssh_config', 'w').write(
+            f'Host benchbox\n  User {USER}\n  IdentityFile {R}/client\n'
+            '  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n'
+            '  ProxyCommand openssl s_client -quiet -servername %h -connect 127.0.0.1:22443\n')
+        time.sleep(0.5)
+        return f'{R}/ssh_config'
+
     def close(self):
         for p in self.procs:
             p.terminate()

@@ -450,3 +450,58 @@ impl Drop for Tmpfs {
         let _ = std::process::Command::new("umount").arg(&self.0).status(); // ours
     }
 }
+
+/// A filesystem of `kind` (`xfs` with reflinks, `btrfs`) in an image file, loop-mounted,
+/// unmounted and deleted when dropped.
+pub struct LoopFs {
+    dir: tempfile::TempDir,
+}
+
+impl LoopFs {
+    /// `None` if it cannot be made here (it needs root, `mkfs.<kind>` and loop devices).
+    pub fn new(kind: &str, size: &str) -> Option<LoopFs> {
+        let dir = tempfile::tempdir().ok()?;
+        let img = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).ok()?;
+        let ok = |c: &mut std::process::Command| {
+            c.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let mkfs_args: &[&str] = match kind {
+            "xfs" => &["-q", "-f", "-m", "reflink=1"],
+            _ => &["-q", "-f"],
+        };
+        let made = ok(std::process::Command::new("truncate")
+            .args(["-s", size])
+            .arg(&img))
+            && ok(std::process::Command::new(format!("mkfs.{kind}"))
+                .args(mkfs_args)
+                .arg(&img))
+            && ok(std::process::Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt));
+        made.then_some(LoopFs { dir })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    /// Bytes in use on it.
+    pub fn used(&self) -> u64 {
+        let s = rustix::fs::statvfs(self.path()).unwrap();
+        (s.f_blocks - s.f_bfree) * s.f_frsize
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.path())
+            .status(); // ours
+    }
+}

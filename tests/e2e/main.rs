@@ -6,6 +6,7 @@ mod faults;
 mod local;
 mod openssh;
 mod protocol;
+mod reflink;
 mod reliability;
 mod remote;
 mod serve;

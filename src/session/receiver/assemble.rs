@@ -177,11 +177,52 @@ impl Ctx {
         // start.
         let writing = AtomicBool::new(len != base_len || partial.is_some());
         let resumed_bytes = AtomicU64::new(0);
+        // On a filesystem with reflinks the new file starts as a clone of our copy (one
+        // ioctl, no data written): chunks that match are already in place, and only the ones
+        // that differ are written. Decided at the first chunk that would be written.
+        let cloned = std::sync::OnceLock::<bool>::new();
+        let clone_base = || -> bool {
+            *cloned.get_or_init(|| {
+                let Some(b) = base.as_ref().filter(|_| partial.is_none() && !sparse) else {
+                    return false;
+                };
+                if self.no_reflink.load(Ordering::Relaxed) {
+                    return false;
+                }
+                let Ok(t) = self.temp_file(inc) else {
+                    return false;
+                };
+                match rustix::fs::ioctl_ficlone(t.file(), &b.file) {
+                    Ok(()) => {
+                        crate::trace!("recv", "{}: cloned our copy (reflink)", inc.path);
+                        lock(&inc.st).cloned = true;
+                        true
+                    }
+                    Err(e) => {
+                        crate::trace!("recv", "no reflinks here ({e}): writing copies");
+                        self.no_reflink.store(true, Ordering::Relaxed);
+                        false
+                    }
+                }
+            })
+        };
         // Our copy is a live mapping that another process could rewrite in place, so a chunk
         // is never hashed from it and then written from it again: it streams through a small
         // private buffer that is hashed and written piece by piece. Returns the chunk's
         // chaining value; it is recorded (the chunk counts as written) only if it is `want`.
         let stream = |k: u64, data: &[u8], want: Option<&Cv>| -> Result<Option<Cv>, FileError> {
+            if same_span(k) && clone_base() {
+                // Already in the clone: only its hash is needed (taken of our copy; the clone
+                // is checked against changes to it before the file is committed).
+                let cv = match want {
+                    Some(w) if *w == hash::chunk_cv(k, data) => *w,
+                    Some(_) => return Ok(None),
+                    None => hash::chunk_cv(k, data),
+                };
+                lock(&inc.st).chunks.insert(k, (data.len(), cv));
+                self.obs.progressed(data.len() as u64);
+                return Ok(Some(cv));
+            }
             let t = self.temp_file(inc)?;
             let cv = hash::stream_cv(k, data, |off, piece| {
                 let at = k * CHUNK + off as u64;
@@ -288,12 +329,25 @@ impl Ctx {
         // Chunks that matched before we knew a new file was needed: streamed in now, hashed
         // again (the digest covers the bytes written; if our copy changed meanwhile,
         // verification fails and the file is sent whole).
-        pass.par_iter()
-            .filter(|c| c.1 && !c.2)
-            .try_for_each(|&(k, _, _)| {
-                let data = base.as_ref().and_then(|b| b.chunk(k)).unwrap_or_default();
-                stream(k, data, None).map(drop)
-            })?;
+        if clone_base() {
+            // Those matched the sender's hashes already and sit in the clone.
+            for &(k, _, _) in pass.iter().filter(|c| c.1 && !c.2) {
+                let (Some(cv), Some(data)) =
+                    (cvs.get(k as usize), base.as_ref().and_then(|b| b.chunk(k)))
+                else {
+                    continue;
+                };
+                lock(&inc.st).chunks.insert(k, (data.len(), *cv));
+                self.obs.progressed(data.len() as u64);
+            }
+        } else {
+            pass.par_iter()
+                .filter(|c| c.1 && !c.2)
+                .try_for_each(|&(k, _, _)| {
+                    let data = base.as_ref().and_then(|b| b.chunk(k)).unwrap_or_default();
+                    stream(k, data, None).map(drop)
+                })?;
+        }
         lock(&self.stats).matched_bytes += pass
             .iter()
             .filter(|c| c.1)
@@ -520,7 +574,7 @@ impl Ctx {
     /// The sender ended the attempt and no work is pending: verify and commit, retry, start
     /// over, or report.
     pub(super) fn finalize(self: &Arc<Self>, id: FileId, inc: &Arc<Incoming>) {
-        let (end, chunks, error, was_delta) = {
+        let (end, chunks, error, was_delta, clone_of) = {
             let mut st = lock(&inc.st);
             if st.completed {
                 return;
@@ -530,6 +584,7 @@ impl Ctx {
                 std::mem::take(&mut st.chunks),
                 st.error.take(),
                 st.asked == Some(Ask::Delta),
+                st.base.clone().filter(|_| st.cloned),
             )
         };
         let (len, digest, stamp) = match end {
@@ -567,6 +622,12 @@ impl Ctx {
                 None => hash::file_digest(t.file(), len).map_err(FileError::ReadBack)?,
             };
             if got != digest {
+                return Err(FileError::Verify);
+            }
+            // The clone holds our copy's blocks as they were when cloned, the hashes what we
+            // read of it: if it was written to in between, they may differ.
+            if clone_of.is_some_and(|b| !b.unchanged()) {
+                crate::trace!("recv", "{}: our copy changed while cloned", inc.path);
                 return Err(FileError::Verify);
             }
             Ok(())
@@ -776,6 +837,7 @@ impl Assembly {
         self.phase = Phase::Plain;
         self.sparse = false;
         self.chunks.clear();
+        self.cloned = false;
         self.end = None;
         self.error = None;
     }
@@ -809,7 +871,9 @@ fn write_chunk(t: &TempFile, data: &[u8], at: u64, sparse: bool) -> io::Result<(
 /// Our copy of `path`, mapped for reading.
 fn open_base(d: &Dest, path: &RelPath) -> io::Result<Arc<Base>> {
     let f = d.open_file(path).map_err(io::Error::other)?;
-    let len = f.metadata()?.len();
+    let st = rustix::fs::fstat(&f)?;
+    let len = st.st_size as u64;
+    let ctime = (st.st_ctime as i64, st.st_ctime_nsec as u64);
     // SAFETY: the map is read-only and private to this process. If another process
     // truncates the file while we read it the kernel raises SIGBUS, as for any reader
     // of a mapped file; that risk is accepted for the receiver's own old copy, which
@@ -819,5 +883,10 @@ fn open_base(d: &Dest, path: &RelPath) -> io::Result<Arc<Base>> {
     } else {
         None
     };
-    Ok(Arc::new(Base { map, len }))
+    Ok(Arc::new(Base {
+        map,
+        len,
+        file: f,
+        ctime,
+    }))
 }

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -47,9 +47,22 @@ const MAX_RESTARTS: u32 = 8;
 struct Base {
     map: Option<Mmap>,
     len: u64,
+    /// Open for cloning its blocks into the new file (reflink filesystems).
+    file: std::fs::File,
+    /// Its change time when opened: a clone is only as good as the hashes taken of the same
+    /// bytes, so a copy that changed meanwhile is not trusted (see [`Base::unchanged`]).
+    ctime: (i64, u64),
 }
 
 impl Base {
+    /// Whether our copy is still as it was when opened (no write changed its ctime).
+    fn unchanged(&self) -> bool {
+        rustix::fs::fstat(&self.file).is_ok_and(|s| {
+            (s.st_ctime as i64, s.st_ctime_nsec as u64) == self.ctime
+                && s.st_size as u64 == self.len
+        })
+    }
+
     fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or_default()
     }
@@ -130,6 +143,8 @@ struct Assembly {
     phase: Phase,
     /// The sender's file has holes: no space reserved, zeros left as holes.
     sparse: bool,
+    /// `temp` began as a reflink clone of `base`: chunks that match stay as they are.
+    cloned: bool,
     /// Written chunks: index → (length, chaining value).
     chunks: HashMap<u64, (usize, Cv)>,
     /// Work handed to the pool for this file and not finished yet.
@@ -189,6 +204,9 @@ struct Ctx {
     unsynced: Mutex<Vec<RelPath>>,
     fatal: Arc<super::Fatal>,
     done: Mutex<Option<Stats>>,
+    /// A reflink clone failed here once (ext4, tmpfs, another filesystem per file): do not
+    /// try again this session.
+    no_reflink: AtomicBool,
 }
 
 /// The receiver's own scan for `--delete`, running while transfers happen: its entries, and
@@ -268,6 +286,7 @@ impl Session {
             unsynced: Mutex::new(Vec::new()),
             fatal: self.fatal.clone(),
             done: Mutex::new(None),
+            no_reflink: AtomicBool::new(std::env::var_os("DEVSYNC_NO_REFLINK").is_some()),
         });
         let (plan_tx, plan_rx) = mpsc::channel::<PlanItem>();
         let planner_ctx = ctx.clone();

@@ -1,0 +1,80 @@
+//! Big-file deltas on filesystems with reflinks (XFS, btrfs): the new file starts as a clone
+//! of the old copy, so only the changed chunks are written; elsewhere (ext4) everything is
+//! written. Checked by the space the new file takes, next to a hard link that keeps the old
+//! version alive: a clone shares all but the changed blocks.
+
+use crate::common::*;
+
+const CHUNK: usize = 4 << 20;
+
+fn edited(data: &mut [u8]) {
+    for at in [CHUNK + 100, 7 * CHUNK + 5] {
+        data[at..at + 4096].fill(0xa5);
+    }
+}
+
+/// Pushes a 40 MiB file with two small edits onto its old copy in `fs`; returns the bytes the
+/// new file took.
+fn push_edit(fs: &LoopFs, env: &[(&str, &str)]) -> u64 {
+    let root = fs.path();
+    let (src, dst, keep) = (root.join("src"), root.join("dst"), root.join("keep"));
+    for d in [&src, &dst, &keep] {
+        let _ = std::fs::remove_dir_all(d);
+        std::fs::create_dir(d).unwrap();
+    }
+    let mut data = random_bytes(10 * CHUNK, 3);
+    std::fs::write(dst.join("big"), &data).unwrap();
+    std::fs::hard_link(dst.join("big"), keep.join("old")).unwrap();
+    edited(&mut data);
+    std::fs::write(src.join("big"), &data).unwrap();
+    sync();
+    let before = fs.used();
+    let mut c = std::process::Command::new(BIN);
+    c.args(["push", "--json"]).arg(&src).arg(&dst);
+    c.envs(env.iter().copied());
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(num(&v, "literal_bytes") < 1 << 20, "{v}");
+    assert_eq!(std::fs::read(dst.join("big")).unwrap(), data);
+    assert_ne!(
+        std::fs::read(keep.join("old")).unwrap(),
+        data,
+        "the old copy was untouched"
+    );
+    sync();
+    fs.used() - before
+}
+
+fn sync() {
+    rustix::fs::sync();
+}
+
+fn check(kind: &str) {
+    let Some(fs) = LoopFs::new(kind, "400m") else {
+        require(false, &format!("a loop-mounted {kind} (root, mkfs.{kind})"));
+        return;
+    };
+    let cloned = push_edit(&fs, &[]);
+    let written = push_edit(&fs, &[("DEVSYNC_NO_REFLINK", "1")]);
+    // Two changed chunks (8 MiB) and metadata against the whole 40 MiB.
+    assert!(cloned < 12 << 20, "{kind}: the clone took {cloned} bytes");
+    assert!(
+        written > 36 << 20,
+        "{kind}: a written copy took only {written} bytes"
+    );
+}
+
+#[test]
+fn xfs_deltas_clone_the_old_copy_and_write_only_what_changed() {
+    check("xfs");
+}
+
+#[test]
+fn btrfs_deltas_clone_the_old_copy_and_write_only_what_changed() {
+    check("btrfs");
+}
