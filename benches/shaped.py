@@ -2,12 +2,16 @@
 """devsync push against rsync over a rate-limited link: where compression and round trips
 matter, as they do between a laptop and a hosted devbox.
 
-Everything runs inside a network namespace of its own (`devsync-shaped`), whose loopback is
-shaped with `tc tbf` to each rate in RATES: sshd, the stunnel TLS terminator, both `devsync
-serve` gateways and their key APIs all listen on its 127.0.0.1, so every byte any tool moves
-crosses the shaped link. The link rate is measured in the namespace (one TCP stream of
-20 MB) and printed before the cases. tbf shapes the loopback's one queue, so both
-directions share the rate; there is no added delay.
+Everything runs inside a network namespace of its own (`devsync-shaped`): sshd, the stunnel
+TLS terminator, both `devsync serve` gateways and their key APIs all listen on its
+127.0.0.1. Its loopback is shaped with `tc` to each rate in RATES, but only the hop a laptop
+would cross: traffic to and from the ports clients connect to (stunnel, the gateways, the
+APIs) goes through a `tbf` per direction (a full-duplex link; htb sorts the packets); the
+gateways' own hop to sshd
+stays at loopback speed, as it is inside the datacenter. Shaping all of loopback would make
+the OpenSSH paths (client -> gateway -> sshd) cross the slow link twice. Both rates are
+measured in the namespace (one TCP stream of 20 MB) and printed before the cases. No delay
+is added: this is bandwidth, not latency.
 
 Data: a source tree of >= 110 MB of real crate sources (sorted crate directories of
 ~/.cargo/registry/src, copied once into $BENCH_DIR/shaped-src), which gzip -6 packs ~4-6x.
@@ -51,6 +55,9 @@ NS = 'devsync-shaped'
 SRC = f'{DATA}/shaped-src'
 TRASH = f'{DATA}/shaped-trash'
 TREE_BYTES = 110 << 20
+PROBE = 28999  # the port the link rate is measured on
+# What a client connects to: stunnel, the two devsync gateways, their key APIs (watch.Env).
+CLIENT_PORTS = (22443, 28543, 28544, 28180, 28181, PROBE)
 EDITS = 20
 RUN_TIMEOUT = 3600  # seconds; a hung run fails the bench instead of stalling it
 
@@ -142,10 +149,27 @@ def edit(src, files, k):
 
 # ---- link -------------------------------------------------------------------------------
 
-def link_rate(nbytes=20 << 20):
-    """Mbit/s of payload one TCP stream gets over this namespace's loopback."""
+def shape(rate):
+    """Client-facing ports through a tbf per direction; everything else unshaped.
+    (htb only sorts packets into the two tbfs: its classes are far faster than any rate
+    here, and what no filter claims goes straight out. This kernel has no prio qdisc.)"""
+    tc = ['tc', '-n', NS]
+    sh(tc + ['qdisc', 'replace', 'dev', 'lo', 'root', 'handle', '1:', 'htb', 'default', '0'])
+    for band in (1, 2):  # 1: to the servers, 2: back to the clients
+        sh(tc + ['class', 'add', 'dev', 'lo', 'parent', '1:', 'classid', f'1:{band}', 'htb',
+                 'rate', '10gbit', 'quantum', '200000'])
+        sh(tc + ['qdisc', 'add', 'dev', 'lo', 'parent', f'1:{band}', 'handle', f'{band}0:',
+                 'tbf', 'rate', rate, 'burst', '32kb', 'latency', '400ms'])
+    for port in CLIENT_PORTS:
+        for direction, band in (('dport', 1), ('sport', 2)):
+            sh(tc + ['filter', 'add', 'dev', 'lo', 'parent', '1:', 'protocol', 'ip', 'prio', '1',
+                     'u32', 'match', 'ip', direction, str(port), '0xffff', 'flowid', f'1:{band}'])
+
+
+def link_rate(port=0, nbytes=20 << 20):
+    """Mbit/s of payload one TCP stream gets over this namespace's loopback to `port`."""
     srv = socket.socket()
-    srv.bind(('127.0.0.1', 0))
+    srv.bind(('127.0.0.1', port))
     srv.listen(1)
     done = [0, 0.0]
 
@@ -217,9 +241,10 @@ def run(cmd, e):
 # ---- one rate, inside the namespace -----------------------------------------------------
 
 def inner(rate):
-    mbit = link_rate()
-    print(f'[{rate}] link rate measured in {NS}: {mbit:.1f} Mbit/s (one TCP stream, 20 MB)',
-          flush=True)
+    mbit = link_rate(PROBE)
+    fast = link_rate()
+    print(f'[{rate}] link rate measured in {NS}: {mbit:.1f} Mbit/s on the shaped ports, '
+          f'{fast:.0f} Mbit/s unshaped (gateway -> sshd); one TCP stream, 20 MB', flush=True)
     env = watch.Env()
     try:
         ssh_config = env.official_cli()
@@ -266,7 +291,8 @@ def inner(rate):
                     comp = '–'
                 rows.append(dict(rate=rate, case=case, tool=tool, median=m, min=min(ts),
                                  max=max(ts), vs=m / ref, wire=st['sent'], comp=comp, stats=st))
-        result = dict(rate=rate, measured_mbit=mbit, rounds=ROUNDS, rows=rows)
+        result = dict(rate=rate, measured_mbit=mbit, unshaped_mbit=fast, rounds=ROUNDS,
+                      rows=rows)
         json.dump(result, open(f'{DATA}/shaped-{rate}.json', 'w'), indent=1)
         print_table(result)
     finally:
@@ -274,7 +300,8 @@ def inner(rate):
 
 
 def print_table(r):
-    print(f'\nrate {r["rate"]}: link measured at {r["measured_mbit"]:.1f} Mbit/s; '
+    print(f'\nrate {r["rate"]}: link measured at {r["measured_mbit"]:.1f} Mbit/s '
+          f'(unshaped hop {r["unshaped_mbit"]:.0f} Mbit/s); '
           f'{r["rounds"]} rounds', flush=True)
     print('| rate | case | tool | median s | min–max | vs rsync -az | wire MB | compression |')
     print('|---|---|---|---|---|---|---|---|')
@@ -310,8 +337,7 @@ def main():
             sh(['ip', 'netns', 'add', NS])
             try:
                 sh(['ip', '-n', NS, 'link', 'set', 'lo', 'mtu', '1500', 'up'])
-                sh(['tc', '-n', NS, 'qdisc', 'replace', 'dev', 'lo', 'root', 'tbf', 'rate', rate,
-                    'burst', '32kb', 'latency', '400ms'])
+                shape(rate)
                 subprocess.run(['ip', 'netns', 'exec', NS, sys.executable,
                                 os.path.abspath(__file__), '--inner', rate], check=True)
                 results.append(json.load(open(f'{DATA}/shaped-{rate}.json')))

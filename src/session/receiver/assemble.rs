@@ -873,7 +873,7 @@ fn open_base(d: &Dest, path: &RelPath) -> io::Result<Arc<Base>> {
     let f = d.open_file(path).map_err(io::Error::other)?;
     let st = rustix::fs::fstat(&f)?;
     let len = st.st_size as u64;
-    let ctime = (st.st_ctime as i64, st.st_ctime_nsec as u64);
+    let ctime = ctime_of(&st);
     // SAFETY: the map is read-only and private to this process. If another process
     // truncates the file while we read it the kernel raises SIGBUS, as for any reader
     // of a mapped file; that risk is accepted for the receiver's own old copy, which

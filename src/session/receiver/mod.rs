@@ -54,13 +54,17 @@ struct Base {
     ctime: (i64, u64),
 }
 
+/// A stat's change time (the field types differ between platforms).
+#[allow(clippy::unnecessary_cast)]
+fn ctime_of(s: &rustix::fs::Stat) -> (i64, u64) {
+    (s.st_ctime as i64, s.st_ctime_nsec as u64)
+}
+
 impl Base {
     /// Whether our copy is still as it was when opened (no write changed its ctime).
     fn unchanged(&self) -> bool {
-        rustix::fs::fstat(&self.file).is_ok_and(|s| {
-            (s.st_ctime as i64, s.st_ctime_nsec as u64) == self.ctime
-                && s.st_size as u64 == self.len
-        })
+        rustix::fs::fstat(&self.file)
+            .is_ok_and(|s| ctime_of(&s) == self.ctime && s.st_size as u64 == self.len)
     }
 
     fn bytes(&self) -> &[u8] {
