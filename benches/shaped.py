@@ -7,9 +7,9 @@ TLS terminator, both `devsync serve` gateways and their key APIs all listen on i
 127.0.0.1. Its loopback is shaped with `tc` to each rate in RATES, but only the hop a laptop
 would cross: traffic to and from the ports clients connect to (stunnel, the gateways, the
 APIs) goes through a `tbf` per direction (a full-duplex link; htb sorts the packets); the
-gateways' own hop to sshd
-stays at loopback speed, as it is inside the datacenter. Shaping all of loopback would make
-the OpenSSH paths (client -> gateway -> sshd) cross the slow link twice. Both rates are
+gateways' own hop to sshd stays at loopback speed, as it is inside the datacenter. Shaping
+all of loopback would make the OpenSSH paths (client -> gateway -> sshd) cross the slow link
+twice. Both rates are
 measured in the namespace (one TCP stream of 20 MB) and printed before the cases. No delay
 is added: this is bandwidth, not latency.
 
@@ -37,6 +37,8 @@ Usage: benches/compare.sh shaped   (or python3 benches/shaped.py; needs root, op
        stunnel4, rsync, iproute2)
   RATES="20mbit 100mbit"  tc rates, one run each;  ROUNDS=3;  BENCH_DIR=/tmp/devsync-bench
   CRATES_SRC=~/.cargo/registry/src  where the source tree is taken from.
+  Each run's stderr goes to $BENCH_DIR/shaped-RATE.log (with DEVSYNC_TRACE=1: devsync's
+  timed milestones), the numbers to $BENCH_DIR/shaped-RATE.json.
 """
 import glob, hashlib, json, os, random, re, shutil, socket, statistics, subprocess, sys
 import threading, time
@@ -157,7 +159,7 @@ def shape(rate):
     sh(tc + ['qdisc', 'replace', 'dev', 'lo', 'root', 'handle', '1:', 'htb', 'default', '0'])
     for band in (1, 2):  # 1: to the servers, 2: back to the clients
         sh(tc + ['class', 'add', 'dev', 'lo', 'parent', '1:', 'classid', f'1:{band}', 'htb',
-                 'rate', '10gbit', 'quantum', '200000'])
+                 'rate', '10gbit', 'burst', '1mb', 'cburst', '1mb', 'quantum', '200000'])
         sh(tc + ['qdisc', 'add', 'dev', 'lo', 'parent', f'1:{band}', 'handle', f'{band}0:',
                  'tbf', 'rate', rate, 'burst', '32kb', 'latency', '400ms'])
     for port in CLIENT_PORTS:
@@ -228,11 +230,13 @@ def tools(env, ssh_config):
     ]
 
 
-def run(cmd, e):
+def run(cmd, e, log):
+    """Seconds and stdout of one run; its stderr goes to `log` (DEVSYNC_TRACE=1 fills it)."""
     sh('sync')
     t = time.perf_counter()
     p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     dt = time.perf_counter() - t
+    log.write(f'=== {dt:.2f} s: {" ".join(cmd)}\n{p.stderr}')
     if p.returncode != 0:
         raise SystemExit(f'{" ".join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}')
     return dt, p.stdout
@@ -246,6 +250,7 @@ def inner(rate):
     print(f'[{rate}] link rate measured in {NS}: {mbit:.1f} Mbit/s on the shaped ports, '
           f'{fast:.0f} Mbit/s unshaped (gateway -> sshd); one TCP stream, 20 MB', flush=True)
     env = watch.Env()
+    log = open(f'{DATA}/shaped-{rate}.log', 'w')
     try:
         ssh_config = env.official_cli()
         src = f'{DATA}/shaped-work'  # the edits go to a copy; shaped-src stays as built
@@ -260,7 +265,7 @@ def inner(rate):
         os.makedirs(warm, exist_ok=True)
         open(f'{warm}/warm', 'w').write('x')
         for tool, cmd, _dest, e, _parse in jobs:
-            run(cmd(warm, f'warm-{slug[tool]}'), e)
+            run(cmd(warm, f'warm-{slug[tool]}'), e, log)
         rows = []
         for case in ('initial', 'edit', 'no change'):
             times = [[] for _ in jobs]
@@ -271,7 +276,7 @@ def inner(rate):
                 for i, (tool, cmd, dest, e, parse) in enumerate(jobs):
                     if case == 'initial':
                         rm(dest(slug[tool]))
-                    dt, out = run(cmd(src, slug[tool]), e)
+                    dt, out = run(cmd(src, slug[tool]), e, log)
                     times[i].append(dt)
                     stats[i] = parse(out)
                     print(f'[{rate}] {case:9} round {k + 1}/{ROUNDS} {tool:18} {dt:7.2f} s  '
@@ -297,6 +302,7 @@ def inner(rate):
         print_table(result)
     finally:
         env.close()
+        log.close()
 
 
 def print_table(r):

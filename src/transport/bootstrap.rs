@@ -4,9 +4,11 @@
 //! `~/.cache/devsync`; `<build>` is this binary's version plus a hash of its bytes, so a client
 //! and its helper are always the same build). One exec runs the helper if it is there;
 //! otherwise it reports the platform (`uname -sm`) and home directory on stderr and exits 111.
-//! The client then checks the platform, uploads itself (or `--helper-binary`) over SFTP to a
-//! temporary name, makes it executable, renames it into place and tries once more. Nothing
-//! needs to be preinstalled remotely besides `sh` and an SFTP server.
+//! The client then checks the platform, uploads itself (or `--helper-binary`) to a temporary
+//! name, makes it executable, renames it into place and tries once more. The upload is
+//! gzip-compressed through `gzip -dc` where the remote has gzip (nearly everywhere), and goes
+//! over SFTP as it is otherwise. Nothing needs to be preinstalled remotely besides `sh` and
+//! gzip or an SFTP server.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -163,10 +165,7 @@ fn check_dir(dir: &str) -> Result<(), TransportError> {
 /// The remote start script, as one exec command (single-quoted for the login shell, POSIX sh
 /// inside, so it works whatever the user's shell is).
 fn start_script(dir: &str) -> String {
-    let d = match dir.strip_prefix("~/") {
-        Some(rest) => format!("\"$HOME/{rest}/{}\"", build_id()),
-        None => format!("\"{dir}/{}\"", build_id()),
-    };
+    let d = build_dir(dir);
     // A client that traces has its helper trace too (its stderr comes back to the client).
     let env = if crate::trace::enabled() {
         "DEVSYNC_TRACE=1 "
@@ -175,7 +174,28 @@ fn start_script(dir: &str) -> String {
     };
     format!(
         "sh -c 'h={d}/devsync; if [ -x \"$h\" ]; then {env}exec \"$h\" helper; fi; \
-         echo \"{MARKER} $(uname -s) $(uname -m) $HOME\" >&2; exit {NEED_HELPER}'"
+         if command -v gzip >/dev/null 2>&1; then z=gz; else z=raw; fi; \
+         echo \"{MARKER} $(uname -s) $(uname -m) $z $HOME\" >&2; exit {NEED_HELPER}'"
+    )
+}
+
+/// This build's directory under `dir`, as a double-quoted shell word (`~/` is `$HOME/`).
+fn build_dir(dir: &str) -> String {
+    match dir.strip_prefix("~/") {
+        Some(rest) => format!("\"$HOME/{rest}/{}\"", build_id()),
+        None => format!("\"{dir}/{}\"", build_id()),
+    }
+}
+
+/// The exec that installs a gzip-compressed helper read from stdin: unpacked to a unique
+/// temporary name (gzip checks its CRC), made executable and renamed into place; nothing is
+/// left behind if any step fails.
+fn gunzip_script(dir: &str, tag: &str) -> String {
+    let d = build_dir(dir);
+    format!(
+        "sh -c 'set -e; d={d}; mkdir -p \"$d\"; t=\"$d/.devsync.upload.{tag}.$$\"; \
+         trap \"rm -f \\\"$t\\\"\" EXIT; gzip -dc > \"$t\"; chmod 755 \"$t\"; \
+         mv -f \"$t\" \"$d/devsync\"; trap - EXIT'"
     )
 }
 
@@ -184,6 +204,8 @@ fn start_script(dir: &str) -> String {
 struct Need {
     os: String,
     arch: String,
+    /// The remote has `gzip`.
+    gzip: bool,
     home: String,
 }
 
@@ -191,8 +213,14 @@ fn parse_need(stderr: &str) -> Option<Need> {
     let line = stderr.lines().find_map(|l| l.trim().strip_prefix(MARKER))?;
     let mut it = line.split_whitespace();
     let (os, arch) = (it.next()?.to_string(), it.next()?.to_string());
+    let gzip = it.next()? == "gz";
     let home = it.collect::<Vec<_>>().join(" ");
-    Some(Need { os, arch, home })
+    Some(Need {
+        os,
+        arch,
+        gzip,
+        home,
+    })
 }
 
 /// `uname -s`/`uname -m` of the machine this binary was built for.
@@ -329,10 +357,58 @@ async fn upload(
         conn.label()
     ));
     crate::trace!("client", "uploading the helper to {dir}");
+    if need.gzip {
+        return upload_gz(conn, &local, &opts.remote_dir).await;
+    }
     let sftp = conn.sftp().await?;
     let r = put(&sftp, &local, &dir).await;
     let _ = sftp.close().await; // the upload's outcome is what matters
     r
+}
+
+/// Uploads `local` gzip-compressed into an exec of [`gunzip_script`].
+async fn upload_gz(conn: &Connection, local: &Path, remote_dir: &str) -> Result<(), HelperError> {
+    let local_err = |source| HelperError::Local {
+        path: local.display().to_string(),
+        source,
+    };
+    let cache = crate::target::credentials::state_dir().ok();
+    let path = local.to_path_buf();
+    let packed =
+        tokio::task::spawn_blocking(move || super::packed::gzipped(&path, cache.as_deref()))
+            .await
+            .map_err(|e| local_err(std::io::Error::other(e)))?
+            .map_err(local_err)?;
+    crate::trace!("client", "helper compressed to {} bytes", packed.len());
+    static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tag = format!(
+        "{}.{}",
+        std::process::id(),
+        UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut exec = conn
+        .exec(&gunzip_script(remote_dir, &tag))
+        .await
+        .map_err(HelperError::Exec)?;
+    let copy_err = |source| HelperError::Copy {
+        path: format!("{remote_dir}/{}", build_id()),
+        source,
+    };
+    let sent = async {
+        exec.writer.write_all(&packed).await?;
+        exec.writer.shutdown().await
+    }
+    .await;
+    let st = wait_exit(&mut exec.status, Duration::from_secs(60)).await;
+    if st.code == Some(0) {
+        return Ok(());
+    }
+    sent.map_err(copy_err)?;
+    Err(HelperError::Failed(format!(
+        "installing the helper failed (exit {}): {}",
+        st.code.map_or("unknown".into(), |c| c.to_string()),
+        st.stderr_text()
+    )))
 }
 
 async fn put(
@@ -445,18 +521,17 @@ mod tests {
     #[test]
     fn marker_parsing() {
         assert_eq!(
-            parse_need("motd\nDEVSYNC-NEED-HELPER Linux x86_64 /home/u\n"),
+            parse_need("motd\nDEVSYNC-NEED-HELPER Linux x86_64 gz /home/u\n"),
             Some(Need {
                 os: "Linux".into(),
                 arch: "x86_64".into(),
+                gzip: true,
                 home: "/home/u".into()
             })
         );
         assert_eq!(
-            parse_need("DEVSYNC-NEED-HELPER Darwin arm64 /Users/a b")
-                .unwrap()
-                .home,
-            "/Users/a b"
+            parse_need("DEVSYNC-NEED-HELPER Darwin arm64 raw /Users/a b").map(|n| (n.gzip, n.home)),
+            Some((false, "/Users/a b".to_string()))
         );
         assert_eq!(parse_need("sh: 1: exec: not found"), None);
     }
@@ -467,12 +542,14 @@ mod tests {
         assert!(same_platform(&Need {
             os,
             arch,
+            gzip: true,
             home: String::new()
         }));
         assert!(
             !same_platform(&Need {
                 os: "Darwin".into(),
                 arch: "arm64".into(),
+                gzip: true,
                 home: String::new()
             }) || cfg!(all(target_os = "macos", target_arch = "aarch64"))
         );
@@ -483,6 +560,7 @@ mod tests {
         let mac = Need {
             os: "Darwin".into(),
             arch: "arm64".into(),
+            gzip: true,
             home: "/Users/x".into(),
         };
         if !same_platform(&mac) {
@@ -498,12 +576,45 @@ mod tests {
         let here = Need {
             os,
             arch,
+            gzip: true,
             home: String::new(),
         };
         assert_eq!(
             choose_binary(&here, None).unwrap(),
             std::env::current_exe().unwrap()
         );
+    }
+
+    #[test]
+    fn the_gunzip_install_script_installs_atomically_or_not_at_all() {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let td = tempfile::tempdir().unwrap();
+        let dir = td.path().join("helpers");
+        let run = |input: &[u8]| {
+            // As a login shell runs an exec's command.
+            let mut c = std::process::Command::new("bash")
+                .arg("-c")
+                .arg(gunzip_script(dir.to_str().unwrap(), "t"))
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            c.stdin.take().unwrap().write_all(input).unwrap();
+            c.wait().unwrap().success()
+        };
+        let installed = dir.join(build_id()).join("devsync");
+        // Corrupt input: nothing is installed and nothing is left behind.
+        assert!(!run(b"\x1f\x8bnot really gzip"));
+        assert!(!installed.exists());
+        let leftovers = std::fs::read_dir(dir.join(build_id())).unwrap().count();
+        assert_eq!(leftovers, 0);
+        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(b"#!/bin/sh\necho hi\n").unwrap();
+        assert!(run(&z.finish().unwrap()));
+        assert_eq!(std::fs::read(&installed).unwrap(), b"#!/bin/sh\necho hi\n");
+        let mode = std::fs::metadata(&installed).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod bootstrap;
 pub mod devbox_api;
 pub mod local;
+mod packed;
 pub mod remote;
 pub mod ssh;
 pub mod tls;

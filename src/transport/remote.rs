@@ -111,16 +111,39 @@ async fn connect_devbox(
         Some(c) => (c, true),
         None => (fetch(&api, id).await?, false),
     };
-    devbox_api::wait_running(
+    // The status call and the TLS + SSH handshakes go at the same time (a round trip saved
+    // on every connection): a running box is the common case. If the box had to be waited
+    // for and the early attempt failed (or is still trying), it is made again once it runs.
+    let polls = std::sync::atomic::AtomicU32::new(0);
+    let status = devbox_api::wait_running(
         id,
-        || api.status(id),
+        || {
+            polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            api.status(id)
+        },
         opts.poll_every,
         opts.poll_limit,
         &**notice,
-    )
-    .await?;
+    );
+    let early = devbox_ssh(&api, id, user, &creds, opts, notice);
+    tokio::pin!(status, early);
+    let mut early_done = None;
+    let running = loop {
+        tokio::select! {
+            r = &mut status => break r,
+            r = &mut early, if early_done.is_none() => early_done = Some(r),
+        }
+    };
+    running?;
     crate::trace!("client", "devbox running");
-    match devbox_ssh(&api, id, user, &creds, opts, notice).await {
+    let waited = polls.load(std::sync::atomic::Ordering::Relaxed) > 1;
+    let first = match early_done {
+        Some(Ok(c)) => Ok(c),
+        _ if waited => devbox_ssh(&api, id, user, &creds, opts, notice).await,
+        Some(Err(e)) => Err(e),
+        None => early.await,
+    };
+    match first {
         Err(TransportError::Auth { .. }) if from_cache => {
             notice(format!(
                 "the cached key for {id} was refused; fetching a fresh one"
