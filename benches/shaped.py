@@ -9,9 +9,9 @@ would cross: traffic to and from the ports clients connect to (stunnel, the gate
 APIs) goes through a `tbf` per direction (a full-duplex link; htb sorts the packets); the
 gateways' own hop to sshd stays at loopback speed, as it is inside the datacenter. Shaping
 all of loopback would make the OpenSSH paths (client -> gateway -> sshd) cross the slow link
-twice. Both rates are
-measured in the namespace (one TCP stream of 20 MB) and printed before the cases. No delay
-is added: this is bandwidth, not latency.
+twice. Both rates are measured in the namespace (one TCP stream of 20 MB) and printed before
+the cases. No delay is added: this is bandwidth, not latency. devsync runs from a copy of
+the binary taken at the start, so a cargo build meanwhile changes nothing.
 
 Data: a source tree of >= 110 MB of real crate sources (sorted crate directories of
 ~/.cargo/registry/src, copied once into $BENCH_DIR/shaped-src), which gzip -6 packs ~4-6x.
@@ -36,6 +36,7 @@ and, for rsync -az, literal data / bytes sent (~: its file list is not compresse
 Usage: benches/compare.sh shaped   (or python3 benches/shaped.py; needs root, openssh-server,
        stunnel4, rsync, iproute2)
   RATES="20mbit 100mbit"  tc rates, one run each;  ROUNDS=3;  BENCH_DIR=/tmp/devsync-bench
+  TOOLS="OpenSSH,rsync -a"  only these tools (substrings of their names; rsync -az always)
   CRATES_SRC=~/.cargo/registry/src  where the source tree is taken from.
   Each run's stderr goes to $BENCH_DIR/shaped-RATE.log (with DEVSYNC_TRACE=1: devsync's
   timed milestones), the numbers to $BENCH_DIR/shaped-RATE.json.
@@ -45,6 +46,7 @@ import threading, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # no benches/__pycache__ in the working tree
 import watch  # noqa: E402  (its Env: sshd, the bench user, two devsync gateways)
 
 DEVSYNC = watch.DEVSYNC
@@ -216,11 +218,17 @@ def tools(env, ssh_config):
     home = env.remote['openssh']
     rsync_e = ['-e', f'ssh -F {ssh_config}']
     push = [DEVSYNC, 'push', '--json', '--no-gitignore']
-    return [
+    # Cold: every push makes its own connection; kept: the connection a previous push left
+    # (--keep-connection, the default) is reused.
+    cold = lambda e: dict(e, DEVSYNC_KEEP_CONNECTION='0')
+    kept = lambda e: dict(e, DEVSYNC_KEEP_CONNECTION='600')
+    every = [
         ('devsync (OpenSSH)', lambda src, sub: push + [src, env.target('openssh', sub)],
-         lambda sub: f'{home}/{sub}', env.env['openssh'], devsync_stats),
+         lambda sub: f'{home}/{sub}', cold(env.env['openssh']), devsync_stats),
+        ('devsync (OpenSSH, kept)', lambda src, sub: push + [src, env.target('openssh', sub + '-k')],
+         lambda sub: f'{home}/{sub}-k', kept(env.env['openssh']), devsync_stats),
         ('devsync (serve)', lambda src, sub: push + [src, env.target('serve', sub)],
-         lambda sub: f'{env.remote["serve"]}/{sub}', env.env['serve'], devsync_stats),
+         lambda sub: f'{env.remote["serve"]}/{sub}', cold(env.env['serve']), devsync_stats),
         ('rsync -az', lambda src, sub: ['rsync', '-az', '--stats'] + rsync_e
          + [f'{src}/', f'benchbox:{home}/{sub}/'],
          lambda sub: f'{home}/{sub}', None, rsync_stats),
@@ -228,6 +236,10 @@ def tools(env, ssh_config):
          + [f'{src}/', f'benchbox:{home}/{sub}/'],
          lambda sub: f'{home}/{sub}', None, rsync_stats),
     ]
+    # TOOLS="OpenSSH,rsync -az": only the tools whose names contain one of these (rsync -az,
+    # the reference, always runs).
+    want = [t.strip() for t in os.environ.get('TOOLS', '').split(',') if t.strip()]
+    return [j for j in every if not want or j[0] == 'rsync -az' or any(w in j[0] for w in want)]
 
 
 def run(cmd, e, log):
@@ -237,6 +249,8 @@ def run(cmd, e, log):
     p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     dt = time.perf_counter() - t
     log.write(f'=== {dt:.2f} s: {" ".join(cmd)}\n{p.stderr}')
+    if 'installing the devsync helper' in p.stderr:
+        print(f'  (this run uploaded the helper: {" ".join(cmd)})', flush=True)
     if p.returncode != 0:
         raise SystemExit(f'{" ".join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}')
     return dt, p.stdout
@@ -330,6 +344,15 @@ def main():
     if os.geteuid() != 0:
         raise SystemExit('needs root (a network namespace, sshd, a bench user)')
     os.makedirs(DATA, exist_ok=True)
+    # A snapshot of the binary: a cargo build during the run would otherwise swap it between
+    # runs (and every new build is a new helper to upload, inside a timed push).
+    snap = f'{DATA}/shaped-devsync'
+    shutil.copy2(DEVSYNC, snap)
+    os.environ['DEVSYNC'] = snap
+    with open(snap, 'rb') as f:
+        digest = hashlib.file_digest(f, 'sha256').hexdigest()[:12]
+    print(f'devsync: {DEVSYNC} (built {time.ctime(os.stat(DEVSYNC).st_mtime)}, sha256 '
+          f'{digest}), run as {snap}', flush=True)
     st = build_source()
     print(f'source tree {SRC}: {st["files"]} files in {st["crates"]} crates, '
           f'{st["bytes"] / 1e6:.1f} MB; tar {st["tar"] / 1e6:.1f} MB, gzip -6 '

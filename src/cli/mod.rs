@@ -92,6 +92,9 @@ enum Cmd {
     /// Serve SFTP on stdin/stdout rooted at DIR (run by `devsync serve` for each devbox)
     #[command(hide = true)]
     SftpServer { dir: std::path::PathBuf },
+    /// Keep a connection open for the next session (started by devsync itself)
+    #[command(hide = true, name = "__keep")]
+    Keep(KeepArgs),
     /// Print a shell completion script (e.g. `devsync completions bash > /etc/bash_completion.d/devsync`)
     Completions {
         #[arg(value_enum)]
@@ -262,6 +265,16 @@ pub struct RemoteArgs {
     /// does not compress always goes as it is. Local targets never compress
     #[arg(long, value_name = "auto|off|LEVEL", default_value = "auto")]
     compress: crate::proto::Compress,
+    /// Keep the connection (and a started helper) open in the background for this many idle
+    /// seconds after a push, pull or cp to a remote, so the next one to the same target starts
+    /// at once; 0 keeps nothing
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 300,
+        env = "DEVSYNC_KEEP_CONNECTION"
+    )]
+    keep_connection: u64,
 }
 
 impl RemoteArgs {
@@ -302,8 +315,49 @@ impl RemoteArgs {
             // For scripts and tests that do not want to wait 3 s between status checks.
             poll_every: ms("DEVSYNC_POLL_INTERVAL_MS").unwrap_or(d.poll_every),
             poll_limit: d.poll_limit,
+            keep: Duration::from_secs(self.keep_connection),
+            keep_args: self.to_args(),
         }
     }
+
+    /// These options as command-line flags (for the keeper process, which makes the same
+    /// connection).
+    fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = Vec::new();
+        for i in &self.identity {
+            v.push("--identity".into());
+            v.push(i.into());
+        }
+        if self.strict_host_keys {
+            v.push("--strict-host-keys".into());
+        }
+        if let Some(ca) = &self.tls_ca {
+            v.push("--tls-ca".into());
+            v.push(ca.into());
+        }
+        if self.insecure_tls {
+            v.push("--insecure-tls".into());
+        }
+        if let Some(b) = &self.helper_binary {
+            v.push("--helper-binary".into());
+            v.push(b.into());
+        }
+        v.push(format!("--remote-dir={}", self.remote_dir).into());
+        v.push(format!("--timeout={}", self.timeout).into());
+        v
+    }
+}
+
+/// `devsync __keep`: the background process that keeps a connection for the next session.
+#[derive(Args, Debug, Clone)]
+pub struct KeepArgs {
+    /// Seconds without a session before it exits
+    #[arg(long)]
+    idle: u64,
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// The endpoint (a target whose path is ignored)
+    target: String,
 }
 
 /// A command that failed: the error to print (once, by `main`) and the exit status.
@@ -398,6 +452,16 @@ pub fn run() -> Result<u8, Failure> {
         Cmd::Helper => {
             crate::trace::init(false);
             helper::run()
+        }
+        Cmd::Keep(a) => {
+            crate::trace::init(false);
+            let target = crate::target::Target::parse(&a.target)?;
+            let opts = a.remote.options();
+            let idle = std::time::Duration::from_secs(a.idle.max(1));
+            runtime()?.block_on(crate::transport::keep::keeper(
+                &a.target, &target, opts, idle,
+            ))?;
+            Ok(exit::OK)
         }
         Cmd::SftpServer { dir } => {
             runtime()?.block_on(crate::server::sftp::serve_stdio(dir));

@@ -13,6 +13,7 @@ use crate::engine::scan::check_root;
 use crate::proto::{Role, SyncOptions};
 use crate::session::client::{self, Job, Outcome};
 use crate::target::Target;
+use crate::transport::keep;
 use crate::transport::local::{self, LocalHelper};
 use crate::transport::remote::{self, Notice, RemoteOptions};
 use crate::transport::ssh;
@@ -86,6 +87,14 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
     Ok(code)
 }
 
+/// The remote root of `target` as the user wrote it.
+fn remote_path(target: &Target) -> Vec<u8> {
+    match target {
+        Target::Local(p) => p.as_os_str().as_encoded_bytes().to_vec(),
+        Target::Devbox { path, .. } | Target::Ssh { path, .. } => path.clone().into_bytes(),
+    }
+}
+
 fn check_local_root(root: &Path, dir: Direction) -> anyhow::Result<()> {
     match dir {
         Direction::Push => check_root(root).context("source"),
@@ -132,6 +141,20 @@ pub(super) async fn run_remote(
             let notice: Notice = Arc::new(move |m: String| reporter.notice(&m));
             // Scan while connecting: the handshakes and the walk overlap.
             let prepared = client::prepare(&job)?;
+            let endpoint = keep::endpoint(&target).filter(|_| !ropts.keep.is_zero());
+            if let Some(ep) = &endpoint {
+                let fp = keep::fingerprint(ep, &target, ropts);
+                match keep::attach(ep, &fp).await {
+                    Ok((helper, pid)) => {
+                        crate::trace!("client", "reusing the kept connection (keeper pid {pid})");
+                        job.remote_root = remote_path(&target);
+                        return Ok(
+                            client::run_ready(helper.reader, helper.writer, job, prepared).await?,
+                        );
+                    }
+                    Err(why) => crate::trace!("client", "not reusing a connection: {why}"),
+                }
+            }
             let remote = remote::open(&target, ropts, notice).await?;
             job.remote_root = remote.root.clone();
             let mut status = remote.helper.status.clone();
@@ -140,6 +163,9 @@ pub(super) async fn run_remote(
             match result {
                 Ok(o) => {
                     remote.conn.close().await;
+                    if let Some(ep) = &endpoint {
+                        keep::spawn(ep, ropts.keep_args.clone(), ropts.keep);
+                    }
                     Ok(o)
                 }
                 Err(e) => {

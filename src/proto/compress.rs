@@ -3,9 +3,12 @@
 //! `zstd --adapt` does). Must not: do I/O (the frame writer does it and reports how long it was
 //! blocked), or trust compressed input (decompression is bounded before it allocates).
 //!
-//! A compressed frame is `u32 BE (len | COMPRESSED) | zstd frame of len bytes`; it unpacks to
-//! one or more whole ordinary frames (length prefixes included), so a batch of small list
-//! frames shares one zstd frame. Compressed frames never nest.
+//! A compressed frame is `u32 BE (len | COMPRESSED) | len bytes of one zstd stream`: each
+//! direction of a connection is one zstd stream, flushed at the end of every compressed
+//! frame, so what was sent before (other files of the tree) helps compress what follows, as
+//! with `rsync -z`. A compressed frame unpacks to one or more whole ordinary frames (length
+//! prefixes included), so a batch of small list frames is compressed together. Compressed
+//! frames never nest. A level change ends the zstd frame and starts another.
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +29,13 @@ pub const GROUP: usize = 1 << 20;
 /// A big frame is trial-compressed on its first bytes; already-compressed data (images,
 /// archives, pack files) fails the trial and goes raw without paying for the rest.
 const TRIAL: usize = 64 << 10;
+/// After a change of level, what was buffered before it (SSH window, socket buffers, a
+/// router's queue) drains first: windows count once this much went out, or this long passed.
+const SETTLE_BYTES: u64 = 2 << 20;
+const SETTLE_TIME: Duration = Duration::from_millis(700);
+/// Wire bytes per second below which a saturated drain is taken for a network link (200
+/// Mbit/s), not a slow disk on the other side.
+const SLOW_DRAIN: f64 = 25e6;
 /// A writer idle for longer than this was waiting for work: the window starts again.
 const IDLE: Duration = Duration::from_millis(200);
 /// Compressed output larger than this share of the input is not worth the receiver's time.
@@ -85,6 +95,8 @@ pub struct Window {
     pub blocked: Duration,
     /// Wall time the window covers.
     pub wall: Duration,
+    /// Bytes put on the stream.
+    pub wire: u64,
 }
 
 impl Window {
@@ -102,21 +114,23 @@ impl Window {
 }
 
 /// Picks the level, window after window. Compression pays only where the drain (link or peer)
-/// is slower than the compressor: then the writer is blocked most of the time, and a level that
-/// shrinks the data delivers more raw bytes per second. Where the writer is rarely blocked, or a
-/// level does not deliver clearly more than raw did (the peer's disk, not the link, is the
-/// limit; the data does not compress), raw wins and costs no CPU. Raw is measured again now and
-/// then, since links and data change.
+/// is slower than the compressor: then the writer is blocked most of the time ("saturated"),
+/// and a level that shrinks the data delivers more raw bytes per second. Where raw data does
+/// not saturate the drain, or a level does not deliver clearly more than saturated raw did
+/// (the peer's disk, not the link, is the limit; the data does not compress), raw wins and
+/// costs no CPU. Only saturated windows are compared (a window that filled buffers says
+/// nothing about the drain), and the writer lets buffered data drain after a change before a
+/// window counts ([`Packer`] does that).
 #[derive(Debug, Clone)]
 pub struct Adaptive {
     step: usize,
-    /// Goodput last measured at each step.
+    /// Goodput last measured at each step in a saturated window.
     seen: [Option<f64>; LADDER.len()],
     /// Windows to stay raw before trying compression again (after it did not pay).
     hold: u32,
     backoff: u32,
-    /// Windows judged since raw was last measured.
-    since_raw: u32,
+    /// Saturated raw windows in a row.
+    raw_saturated: u32,
     /// Where to go back to after measuring raw.
     resume: usize,
 }
@@ -124,13 +138,13 @@ pub struct Adaptive {
 impl Default for Adaptive {
     fn default() -> Self {
         // Start at the cheapest level: on a slow link the first megabytes matter, and on a fast
-        // one the first window (a few milliseconds) switches it off.
+        // one the first windows (milliseconds) switch it off.
         Adaptive {
             step: 1,
             seen: [None; LADDER.len()],
             hold: 0,
             backoff: 1,
-            since_raw: 0,
+            raw_saturated: 0,
             resume: 1,
         }
     }
@@ -148,23 +162,43 @@ impl Adaptive {
     /// Takes the measurements of one window and returns the level for the next.
     pub fn judge(&mut self, w: &Window) -> i32 {
         let g = w.goodput();
-        if let Some(s) = self.seen.get_mut(self.step) {
-            *s = Some(s.map_or(g, |old| (old + g) / 2.0));
-        }
         let blocked = w.share(w.blocked);
         let compressing = w.share(w.compress);
+        let saturated = blocked >= 0.5;
+        if saturated && let Some(s) = self.seen.get_mut(self.step) {
+            *s = Some(g);
+        }
         if self.step == 0 {
-            self.since_raw = 0;
+            if !saturated {
+                // Raw keeps up: nothing to gain.
+                self.raw_saturated = 0;
+                return 0;
+            }
+            self.raw_saturated += 1;
             if self.hold > 0 {
                 self.hold -= 1;
-            } else if blocked >= 0.5 {
+            } else if self.raw_saturated >= 2 {
                 // The drain is the limit: see whether shrinking the data helps.
                 self.step = self.resume;
             }
             return self.level();
         }
-        self.since_raw += 1;
+        if !saturated {
+            // The drain is not what limits (the compressor or the data source is): a cheaper
+            // level, down to raw, costs less for the same.
+            self.step -= 1;
+            self.resume = self.step.max(1);
+            return self.level();
+        }
         match self.seen(0) {
+            None if w.wire as f64 / w.wall.as_secs_f64().max(1e-6) < SLOW_DRAIN => {
+                // A drain this slow is a network link (a disk takes more): raw would move
+                // what the link moves. Taken as measured, which spares a slow link seconds
+                // of raw data.
+                if let Some(s) = self.seen.first_mut() {
+                    *s = Some(w.wire as f64 / w.wall.as_secs_f64().max(1e-6));
+                }
+            }
             None => {
                 // Nothing to compare with yet: measure raw once.
                 self.resume = self.step;
@@ -177,11 +211,7 @@ impl Adaptive {
                 self.backoff = (self.backoff * 2).min(64);
                 self.hold = self.backoff;
             }
-            Some(_) if self.since_raw >= 64 => {
-                self.resume = self.step;
-                self.step = 0;
-            }
-            Some(_) => {
+            _ => {
                 self.backoff = 1;
                 let up_worse = self.seen(self.step + 1).is_some_and(|u| u < g * 1.03);
                 let below = self.step - 1;
@@ -213,12 +243,20 @@ pub struct Traffic {
 pub struct Packer {
     mode: Compress,
     ctl: Adaptive,
-    cctx: zstd::bulk::Compressor<'static>,
+    /// The stream (history across frames) and a one-shot context for trials.
+    cctx: zstd::zstd_safe::CCtx<'static>,
+    trial: zstd::bulk::Compressor<'static>,
     level: i32,
+    /// The level changed since the current zstd frame began: end it first.
+    restart: bool,
     window: Window,
     /// When the window began, and when the writer last did anything.
     start: Instant,
     last: Instant,
+    /// Since the last change of level: wire bytes written and when it was. Until the data
+    /// buffered before the change has drained, windows say nothing about the new level.
+    changed_wire: u64,
+    changed_at: Instant,
     out: Vec<u8>,
     /// Raw bytes that went out compressed, and what they became.
     pub packed_in: u64,
@@ -234,15 +272,22 @@ impl Packer {
             Compress::Auto => ctl.level(),
             Compress::Level(l) => i32::from(l),
         };
-        let cctx = zstd::bulk::Compressor::new(level.max(1)).ok()?;
+        let mut cctx = zstd::zstd_safe::CCtx::try_create()?;
+        cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level.max(1)))
+            .ok()?;
+        let trial = zstd::bulk::Compressor::new(1).ok()?;
         Some(Packer {
             mode,
             ctl,
             cctx,
+            trial,
             level,
+            restart: false,
             window: Window::default(),
             start: Instant::now(),
             last: Instant::now(),
+            changed_wire: 0,
+            changed_at: Instant::now(),
             out: Vec::new(),
             packed_in: 0,
             packed_out: 0,
@@ -293,38 +338,87 @@ impl Packer {
         }
     }
 
+    /// Compresses `frames` into `out` through the stream, unless a quick trial (level 1, on
+    /// at most the first [`TRIAL`] bytes) says they do not compress. Once data went into the
+    /// stream it must be sent compressed: the peer's history has to match ours.
     fn compress(&mut self, frames: &[u8]) -> bool {
-        if frames.len() > TRIAL * 4 {
-            let head = frames.get(..TRIAL).unwrap_or(frames);
-            if !self.squeeze(head) {
-                return false;
-            }
-        }
-        self.squeeze(frames)
-    }
-
-    /// Compresses `data` into `out`; whether the result is worth sending.
-    fn squeeze(&mut self, data: &[u8]) -> bool {
+        use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective as EndDirective;
+        use zstd::zstd_safe::{CParameter, InBuffer, OutBuffer};
+        let head = frames.get(..TRIAL).unwrap_or(frames);
         self.out.clear();
         self.out
-            .reserve(zstd::zstd_safe::compress_bound(data.len()));
-        match self.cctx.compress_to_buffer(data, &mut self.out) {
-            Ok(n) => (n as f64) < data.len() as f64 * WORTH,
-            Err(_) => false,
+            .reserve(zstd::zstd_safe::compress_bound(head.len()));
+        match self.trial.compress_to_buffer(head, &mut self.out) {
+            Ok(n) if (n as f64) < head.len() as f64 * WORTH => {}
+            _ => return false,
+        }
+        self.out.clear();
+        self.out
+            .reserve(zstd::zstd_safe::compress_bound(frames.len()) + 64);
+        if self.restart {
+            // End the current zstd frame (its epilogue leads this compressed frame), then
+            // the new level applies to the next.
+            loop {
+                let mut input = InBuffer::around(&[]);
+                let at = self.out.len();
+                let mut output = OutBuffer::around_pos(&mut self.out, at);
+                match self
+                    .cctx
+                    .compress_stream2(&mut output, &mut input, EndDirective::ZSTD_e_end)
+                {
+                    Ok(0) => break,
+                    Ok(_) => self.out.reserve(1 << 10),
+                    Err(_) => return false,
+                }
+            }
+            if self
+                .cctx
+                .set_parameter(CParameter::CompressionLevel(self.level.max(1)))
+                .is_err()
+            {
+                return false;
+            }
+            self.restart = false;
+        }
+        let mut input = InBuffer::around(frames);
+        loop {
+            let at = self.out.len();
+            let mut output = OutBuffer::around_pos(&mut self.out, at);
+            match self
+                .cctx
+                .compress_stream2(&mut output, &mut input, EndDirective::ZSTD_e_flush)
+            {
+                Ok(0) if input.pos() == frames.len() => return true,
+                Ok(_) => {
+                    let more = frames.len() - input.pos() + (1 << 12);
+                    self.out.reserve(more);
+                }
+                // The stream is in an unknown state: nothing more can be compressed on it.
+                Err(_) => {
+                    self.mode = Compress::Off;
+                    self.level = 0;
+                    return false;
+                }
+            }
         }
     }
 
-    /// The writer waited `d` for the stream; once a window has enough in it, the level for
-    /// what follows is decided.
-    pub fn blocked(&mut self, d: Duration) {
+    /// The writer put `wire` bytes on the stream and waited `d` for it; once a window has
+    /// enough in it, the level for what follows is decided.
+    pub fn wrote(&mut self, wire: usize, d: Duration) {
         let now = self.tick(d);
         self.window.blocked += d;
+        self.window.wire += wire as u64;
         self.window.wall = now - self.start;
+        self.changed_wire += wire as u64;
         if self.mode != Compress::Auto || !self.window.judgeable() {
             return;
         }
         let w = std::mem::take(&mut self.window);
         self.start = now;
+        if self.changed_wire < SETTLE_BYTES && now - self.changed_at < SETTLE_TIME {
+            return;
+        }
         let level = self.ctl.judge(&w);
         if level != self.level {
             crate::trace!(
@@ -335,49 +429,75 @@ impl Packer {
                 w.share(w.blocked) * 100.0,
                 w.share(w.compress) * 100.0
             );
-            if level > 0 && self.cctx.set_compression_level(level).is_err() {
-                return;
-            }
+            self.restart |= level > 0;
             self.level = level;
+            self.changed_wire = 0;
+            self.changed_at = now;
         }
     }
 }
 
-/// The reader's side.
+/// The reader's side: one zstd stream, as the writer's.
 #[derive(Default)]
 pub struct Unpacker {
-    dctx: Option<zstd::bulk::Decompressor<'static>>,
+    dctx: Option<zstd::zstd_safe::DCtx<'static>>,
 }
 
+/// Largest zstd window a peer may make us keep (2^24: 16 MiB); bigger ones are refused.
+const WINDOW_LOG_MAX: u32 = 24;
+
 impl Unpacker {
-    /// Unpacks one compressed frame's body: the whole frames it holds.
+    /// Unpacks one compressed frame's body: the whole frames it holds, at most
+    /// [`MAX_UNPACKED`] bytes.
     pub fn unpack(&mut self, data: &[u8]) -> Result<Bytes, ProtoError> {
-        let corrupt = |e: std::io::Error| {
-            ProtoError::Malformed(format!("compressed frame does not decompress: {e}"))
+        use zstd::zstd_safe::{DParameter, InBuffer, OutBuffer};
+        let corrupt = |what: String| {
+            ProtoError::Malformed(format!("compressed frame does not decompress: {what}"))
         };
         if self.dctx.is_none() {
-            self.dctx = Some(zstd::bulk::Decompressor::new().map_err(corrupt)?);
+            let mut d = zstd::zstd_safe::DCtx::try_create()
+                .ok_or_else(|| corrupt("no memory for a decompressor".into()))?;
+            d.set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX))
+                .map_err(|c| corrupt(zstd::zstd_safe::get_error_name(c).into()))?;
+            self.dctx = Some(d);
         }
         let Some(d) = self.dctx.as_mut() else {
-            return Err(ProtoError::Malformed("no decompressor".into()));
+            return Err(corrupt("no decompressor".into()));
         };
-        // The frame header states the size; more than one frame's worth is refused before
-        // anything is allocated for it.
-        match zstd::zstd_safe::get_frame_content_size(data) {
-            Ok(Some(n)) if n as usize <= MAX_UNPACKED && n > 0 => {}
-            Ok(Some(n)) => {
+        let mut out: Vec<u8> = Vec::with_capacity((data.len() * 8).clamp(4096, MAX_UNPACKED));
+        let mut input = InBuffer::around(data);
+        loop {
+            let at = out.len();
+            let mut output = OutBuffer::around_pos(&mut out, at);
+            let r = d.decompress_stream(&mut output, &mut input);
+            let full = output.pos() == output.capacity();
+            if let Err(c) = r {
+                // A broken stream cannot be resumed: the connection is done for.
+                self.dctx = None;
+                return Err(corrupt(zstd::zstd_safe::get_error_name(c).into()));
+            }
+            if input.pos() == data.len() && !full {
+                break;
+            }
+            if out.len() >= MAX_UNPACKED {
+                self.dctx = None;
                 return Err(ProtoError::Malformed(format!(
-                    "compressed frame unpacks to {n} bytes; the limit is {MAX_UNPACKED}"
+                    "compressed frame unpacks to more than {MAX_UNPACKED} bytes"
                 )));
             }
-            _ => {
-                return Err(ProtoError::Malformed(
-                    "compressed frame does not state its size".into(),
-                ));
-            }
+            let room = (out.capacity() * 2).min(MAX_UNPACKED + 1) - out.len();
+            out.reserve(room.max(1));
         }
-        let v = d.decompress(data, MAX_UNPACKED).map_err(corrupt)?;
-        Ok(Bytes::from(v))
+        if out.len() > MAX_UNPACKED {
+            self.dctx = None;
+            return Err(ProtoError::Malformed(format!(
+                "compressed frame unpacks to more than {MAX_UNPACKED} bytes"
+            )));
+        }
+        if out.is_empty() {
+            return Err(corrupt("it holds nothing".into()));
+        }
+        Ok(Bytes::from(out))
     }
 }
 
@@ -412,6 +532,7 @@ mod tests {
             compress: Duration::from_secs_f64(compress),
             blocked: Duration::from_secs_f64(blocked),
             wall: Duration::from_secs_f64(wall),
+            wire: (raw * r) as u64,
         }
     }
 
@@ -470,6 +591,7 @@ mod tests {
             compress: ms(1),
             blocked: ms(100),
             wall: ms(200),
+            wire: 1000,
         };
         assert!(!w.judgeable());
         assert!(
@@ -514,15 +636,17 @@ mod tests {
     fn corrupt_or_oversized_input_is_an_error() {
         let mut u = Unpacker::default();
         assert!(u.unpack(b"").is_err());
-        assert!(u.unpack(b"not zstd at all").is_err());
+        assert!(Unpacker::default().unpack(b"not zstd at all").is_err());
         let big = vec![b'a'; MAX_UNPACKED + 1];
         let packed = zstd::bulk::compress(&big, 1).unwrap();
-        let e = u.unpack(&packed).unwrap_err().to_string();
-        assert!(e.contains("limit"), "{e}");
+        match Unpacker::default().unpack(&packed) {
+            Err(e) => assert!(e.to_string().contains("more than"), "{e}"),
+            Ok(b) => panic!("{} bytes unpacked", b.len()),
+        }
         let mut good = zstd::bulk::compress(&b"x".repeat(4096), 1).unwrap();
         let last = good.len() - 3;
         good[last] ^= 0xff;
         good.truncate(good.len() - 1);
-        assert!(u.unpack(&good).is_err());
+        assert!(Unpacker::default().unpack(&good).map(|b| b.len()).ok() != Some(4096));
     }
 }

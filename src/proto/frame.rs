@@ -367,13 +367,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             self.scratch = frame;
             return r;
         }
+        // Counted before it blocks: the wait is the stream's, not the writer's idleness.
+        if let Some(p) = self.pack.as_mut() {
+            p.pass(4 + total);
+        }
         let started = std::time::Instant::now();
         self.inner.write_all(lens.as_flattened()).await?;
         self.inner.write_all(&self.header).await?;
         self.inner.write_all(payload).await?;
         if let Some(p) = self.pack.as_mut() {
-            p.pass(4 + total);
-            p.blocked(started.elapsed());
+            p.wrote(4 + total, started.elapsed());
         }
         self.bytes += 4 + total as u64;
         self.raw_bytes += 4 + total as u64;
@@ -406,14 +409,15 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                         let waited = std::time::Instant::now();
                         inner.write_all(&word.to_be_bytes()).await?;
                         inner.write_all(z).await?;
-                        *bytes += 4 + z.len() as u64;
-                        p.blocked(waited.elapsed());
+                        let n = 4 + z.len();
+                        *bytes += n as u64;
+                        p.wrote(n, waited.elapsed());
                     }
                     None => {
                         let waited = std::time::Instant::now();
                         inner.write_all(group).await?;
                         *bytes += group.len() as u64;
-                        p.blocked(waited.elapsed());
+                        p.wrote(group.len(), waited.elapsed());
                     }
                 },
             }
@@ -425,7 +429,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         let started = std::time::Instant::now();
         self.inner.flush().await?;
         if let Some(p) = self.pack.as_mut() {
-            p.blocked(started.elapsed());
+            p.wrote(0, started.elapsed());
         }
         Ok(())
     }
@@ -760,7 +764,7 @@ mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (nested, "another compressed"),
             (cut, "ends inside a frame"),
-            (packed(b""), "unpacks to 0"),
+            (packed(b""), "holds nothing"),
         ];
         for (bytes, want) in cases {
             let got = rt().block_on(read_all(&bytes));

@@ -5,6 +5,7 @@
 
 pub mod bootstrap;
 pub mod devbox_api;
+pub mod keep;
 pub mod local;
 mod packed;
 pub mod remote;

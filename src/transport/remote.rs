@@ -29,6 +29,10 @@ pub struct RemoteOptions {
     /// Devbox status polling: interval and limit.
     pub poll_every: Duration,
     pub poll_limit: Duration,
+    /// How long a kept connection waits for the next session (`--keep-connection`; zero:
+    /// none is kept), and the flags that make these options again in the keeper process.
+    pub keep: Duration,
+    pub keep_args: Vec<std::ffi::OsString>,
 }
 
 impl Default for RemoteOptions {
@@ -41,6 +45,8 @@ impl Default for RemoteOptions {
             timeout: Duration::from_secs(30),
             poll_every: Duration::from_secs(3),
             poll_limit: Duration::from_secs(180),
+            keep: Duration::ZERO,
+            keep_args: Vec::new(),
         }
     }
 }

@@ -359,6 +359,11 @@ impl Connection {
             .map_err(SftpError::Refused)
     }
 
+    /// Whether the connection has ended (the peer went away or the link failed).
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
     pub async fn close(&self) {
         // Best effort: the peer may already be gone, which is what closing wants anyway.
         let _ = self

@@ -218,8 +218,17 @@ fn pathdiff(file: &Path, dir: &Path) -> PathBuf {
 }
 
 /// Runs the binary with `args`, returns its output.
+/// `devsync`, as tests run it: no connection is kept in the background after a session (a
+/// keeper would outlive the test's server and change what later runs see); the tests of
+/// kept connections turn it on.
+pub fn bin() -> Command {
+    let mut c = Command::new(BIN);
+    c.env("DEVSYNC_KEEP_CONNECTION", "0");
+    c
+}
+
 pub fn devsync(args: &[&OsStr]) -> Output {
-    Command::new(BIN).args(args).output().expect("run devsync")
+    bin().args(args).output().expect("run devsync")
 }
 
 /// Runs a sync with `--json`, asserting the exit status; returns the parsed summary.

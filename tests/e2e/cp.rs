@@ -139,7 +139,7 @@ fn cp_both_ways_through_openssh() {
     let td = tempfile::tempdir().unwrap();
     let helpers = td.path().join("helpers");
     let cmd = || {
-        let mut c = Command::new(BIN);
+        let mut c = crate::common::bin();
         c.env("HOME", home.path())
             .env_remove("SSH_AUTH_SOCK")
             .env("DEVSYNC_REMOTE_DIR", &helpers);
@@ -308,7 +308,7 @@ fn cp_locally_and_without_permission() {
     fs::set_permissions(d.join("a"), fs::Permissions::from_mode(0o644)).unwrap();
     fs::create_dir(d.join("out")).unwrap();
     // Local to local (through a local helper, as every other direction).
-    let (code, _, err) = cp(Command::new(BIN), &[s(&d.join("a")), s(&d.join("out"))]);
+    let (code, _, err) = cp(crate::common::bin(), &[s(&d.join("a")), s(&d.join("out"))]);
     assert_eq!(code, 0, "{err}");
     same_file(&d.join("a"), &d.join("out/a"));
     if !rustix::process::geteuid().is_root() {

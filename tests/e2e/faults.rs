@@ -314,7 +314,7 @@ fn killed_local_syncs_never_mix_versions_and_rerun_clean() {
     let td = tempfile::tempdir().unwrap();
     let v = versions(td.path(), 8001);
     let sync = |pull: bool, dst: &Path| {
-        let mut c = Command::new(BIN);
+        let mut c = crate::common::bin();
         if pull {
             c.args(["pull", s(&v.b), s(dst)]);
         } else {
@@ -350,7 +350,7 @@ fn killed_devbox_syncs_through_serve_never_mix_versions_and_rerun_clean() {
     let serve = Mutex::new(ServeProc::start(&state, "dbx_f"));
     let helpers = state.join("homes/dbx_f/.cache/devsync");
     let sync = |pull: bool, dst: &Path| {
-        let mut c = Command::new(BIN);
+        let mut c = crate::common::bin();
         serve.lock().unwrap().env(&mut c, &home);
         if pull {
             c.args(["pull", &format!("dbx_f:{}", s(&v.b)), s(dst)]);
@@ -395,7 +395,7 @@ fn killed_syncs_over_openssh_never_mix_versions_and_rerun_clean() {
     let port = sshd.addr.port();
     let sync = |pull: bool, dst: &Path| {
         let remote = |p: &Path| format!("root@127.0.0.1:{port}:{}", s(p));
-        let mut c = Command::new(BIN);
+        let mut c = crate::common::bin();
         c.env("HOME", &home).env_remove("SSH_AUTH_SOCK");
         if pull {
             c.args(["pull", &remote(&v.b), s(dst)]);

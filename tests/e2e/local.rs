@@ -551,7 +551,7 @@ fn empty_environment_variables_count_as_unset() {
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("f"), b"x").unwrap();
     let run = || {
-        std::process::Command::new(BIN)
+        crate::common::bin()
             .args([OsStr::new("push"), OsStr::new("-q")])
             .args([src.as_os_str(), dst.as_os_str()])
             .env("DEVSYNC_TLS_CA", "")
@@ -682,7 +682,7 @@ fn mistyped_flags_are_not_paths() {
     fs::create_dir(&src).unwrap();
     fs::write(src.join("f"), b"x").unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(BIN)
+        let out = crate::common::bin()
             .args(args)
             .current_dir(td.path())
             .output()
@@ -724,7 +724,7 @@ fn failures_create_nothing_and_speak_json() {
     let td = tempfile::tempdir().unwrap();
     let fresh = td.path().join("fresh/dest");
     let json = |args: &[&str], env: &[(&str, &str)]| {
-        let mut c = std::process::Command::new(BIN);
+        let mut c = crate::common::bin();
         c.args(args).env_remove("RUNLOOP_API_KEY");
         for (k, v) in env {
             c.env(k, v);

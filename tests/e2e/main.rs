@@ -3,6 +3,7 @@
 mod common;
 mod cp;
 mod faults;
+mod keep;
 mod local;
 mod openssh;
 mod protocol;

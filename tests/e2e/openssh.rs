@@ -114,7 +114,7 @@ pub fn sshd() -> Option<Sshd> {
 }
 
 fn run(home: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN)
+    let out = crate::common::bin()
         .args(args)
         .env("HOME", home)
         .env_remove("SSH_AUTH_SOCK")
@@ -343,7 +343,7 @@ fn ssh_agent_keys_are_used() {
     let (src, remote) = (td.path().join("src"), td.path().join("remote"));
     std::fs::create_dir(&src).unwrap();
     std::fs::write(src.join("hello"), b"signed by the agent").unwrap();
-    let out = Command::new(BIN)
+    let out = crate::common::bin()
         .args([
             "push",
             s(&src),

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 
 use devsync::engine::{Entry, EntryKind, Mtime, RelPath};
@@ -13,7 +13,7 @@ use devsync::session::client::{self, Job, Outcome};
 use devsync::session::{SessionError, Silent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{BIN, rt};
+use crate::common::rt;
 
 /// An entry whose path skips validation (as a hostile peer would send it).
 fn raw_entry(path: &[u8], kind: EntryKind) -> Entry {
@@ -364,7 +364,7 @@ fn helper_process_survives_garbage() {
         ),
     ];
     for (input, want) in cases {
-        let mut child = Command::new(BIN)
+        let mut child = crate::common::bin()
             .arg("helper")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -29,7 +29,7 @@ fn push_edit(fs: &LoopFs, env: &[(&str, &str)]) -> u64 {
     std::fs::write(src.join("big"), &data).unwrap();
     sync();
     let before = fs.used();
-    let mut c = std::process::Command::new(BIN);
+    let mut c = crate::common::bin();
     c.args(["push", "--json"]).arg(&src).arg(&dst);
     c.envs(env.iter().copied());
     let out = c.output().unwrap();

@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -247,7 +247,7 @@ fn an_interrupted_big_upload_resumes_from_its_partial() {
     fs::write(src.join("big.img"), random_bytes(size, 77)).unwrap();
     let mut killed = false;
     for attempt in 0..5 {
-        let child = Command::new(BIN)
+        let child = crate::common::bin()
             .args([OsStr::new("push"), src.as_os_str(), dst.as_os_str()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -124,7 +124,7 @@ impl Endpoint {
     }
 
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = crate::common::bin();
         c.env("HOME", self.home.path())
             .env(
                 "RUNLOOP_BASE_URL",
@@ -568,7 +568,7 @@ fn api_over_tls_is_verified_like_the_gateway() {
 #[test]
 fn serve_refuses_a_plain_http_api_off_loopback() {
     let state = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
+    let out = crate::common::bin()
         .args([
             "serve",
             "--listen",

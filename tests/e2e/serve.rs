@@ -144,7 +144,7 @@ fn devbox_sessions_cannot_reach_other_devboxes_or_the_state() {
 #[test]
 fn serve_refuses_two_devboxes_that_would_share_a_user() {
     let state = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
+    let out = crate::common::bin()
         .args([
             "serve",
             "--no-isolation",
@@ -202,7 +202,7 @@ fn state_is_private_whatever_the_umask_and_tokens_are_never_empty() {
     }
     let token = std::fs::read_to_string(dir.join("token")).unwrap();
     assert_eq!(token.trim().len(), 48, "24 random bytes: {token}");
-    let out = Command::new(BIN)
+    let out = crate::common::bin()
         .args(["serve", "--print-env", "--token", "", "--state", s(&dir)])
         .output()
         .unwrap();
@@ -444,7 +444,7 @@ fn failed_logins_are_logged() {
     let src = td.path().join("src");
     std::fs::create_dir(&src).unwrap();
     std::fs::write(src.join("f"), b"x").unwrap();
-    let mut c = Command::new(BIN);
+    let mut c = crate::common::bin();
     serve.env(&mut c, &home);
     let target = format!("mallory@dbx_log:{}", td.path().join("r").display());
     let out = c.args(["push", s(&src), &target]).output().unwrap();

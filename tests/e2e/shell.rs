@@ -129,7 +129,7 @@ fn ssh_commands_through_openssh() {
     let home = tempfile::tempdir().unwrap();
     let key = sshd.client_key.clone();
     let cmd = || {
-        let mut c = Command::new(BIN);
+        let mut c = crate::common::bin();
         c.env("HOME", home.path()).env_remove("SSH_AUTH_SOCK");
         c
     };
@@ -260,7 +260,7 @@ fn openssh_client_tools_reach_upstream_openssh_through_the_proxy() {
 
 #[test]
 fn config_only_is_for_devboxes_and_refuses_a_plain_host() {
-    let out = Command::new(BIN)
+    let out = crate::common::bin()
         .args(["ssh", "me@example.invalid", "--config-only"])
         .output()
         .unwrap();
@@ -308,7 +308,7 @@ fn tls_echo(dir: &Path, name: &str) -> std::net::SocketAddr {
 fn the_proxy_relays_16k_writes_whole_and_half_closes() {
     let td = tempfile::tempdir().unwrap();
     let addr = tls_echo(td.path(), "gw.devsync.test");
-    let mut child = Command::new(BIN)
+    let mut child = crate::common::bin()
         .args(["proxy", "--gateway", &format!("localhost:{}", addr.port())])
         .arg("--tls-ca")
         .arg(td.path().join("ca.pem"))
@@ -349,7 +349,7 @@ fn the_proxy_relays_16k_writes_whole_and_half_closes() {
 fn the_proxy_refuses_an_untrusted_gateway() {
     let td = tempfile::tempdir().unwrap();
     let addr = tls_echo(td.path(), "gw.devsync.test");
-    let out = Command::new(BIN)
+    let out = crate::common::bin()
         .args(["proxy", "--gateway", &format!("localhost:{}", addr.port())])
         .arg("gw.devsync.test")
         .env_remove("DEVSYNC_TLS_CA")

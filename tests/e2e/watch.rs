@@ -31,7 +31,7 @@ pub struct Watch {
 impl Watch {
     /// Starts `devsync watch --json SRC DST extra…` with `env`, waits for its `ready` event.
     pub fn start(src: &Path, dst: &str, extra: &[&str], env: &[(String, String)]) -> Watch {
-        let mut c = Command::new(BIN);
+        let mut c = crate::common::bin();
         c.args(["watch", "--json", s(src), dst])
             .args(extra)
             .stdin(Stdio::null())
@@ -107,7 +107,7 @@ impl Watch {
     }
 
     pub fn flush_result(&self) -> (i32, String) {
-        let mut c = Command::new(BIN);
+        let mut c = crate::common::bin();
         c.args(["flush", s(&self.src), "--timeout", "60"]);
         for (k, v) in &self.env {
             c.env(k, v);
@@ -487,7 +487,7 @@ fn watch_halts_instead_of_mirroring_an_emptied_or_deleted_root() {
 #[test]
 fn flush_without_a_watch_fails_at_once_with_the_fix() {
     let td = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
+    let out = crate::common::bin()
         .args(["flush", s(td.path())])
         .env("DEVSYNC_STATE_DIR", td.path().join("state"))
         .output()
@@ -505,7 +505,7 @@ fn a_local_destination_inside_the_watched_tree_is_refused() {
     let td = tempfile::tempdir().unwrap();
     let src = td.path().join("src");
     std::fs::create_dir(&src).unwrap();
-    let out = Command::new(BIN)
+    let out = crate::common::bin()
         .args(["watch", s(&src), s(&src.join("mirror"))])
         .env("DEVSYNC_STATE_DIR", td.path().join("state"))
         .output()
@@ -792,7 +792,7 @@ fn a_push_into_a_watched_directory_is_refused_not_mixed_in() {
     )];
     let w = Watch::start(&src, s(&dst), &[], &env);
     converge(&src, &dst, &nothing, LIMIT, &w);
-    let out = Command::new(BIN)
+    let out = crate::common::bin()
         .args(["push", "--delete", s(&other), s(&dst)])
         .env("DEVSYNC_LOCK_WAIT_MS", "300")
         .output()
@@ -811,7 +811,7 @@ fn a_push_into_a_watched_directory_is_refused_not_mixed_in() {
     write(&src.join("b.txt"), b"still watched");
     converge(&src, &dst, &nothing, LIMIT, &w);
     assert_eq!(w.interrupt(), 0);
-    let out = Command::new(BIN)
+    let out = crate::common::bin()
         .args(["push", "--delete", s(&other), s(&dst)])
         .output()
         .unwrap();
@@ -860,7 +860,7 @@ fn a_flush_after_writes_to_ignored_files_returns_at_once() {
     converge(&src, &dst, &nothing, LIMIT, &w);
     for i in 0..5 {
         write(&src.join("server.log"), format!("line {i}\n").as_bytes());
-        let mut c = Command::new(BIN);
+        let mut c = crate::common::bin();
         c.args(["flush", s(&src), "--timeout", "10"]);
         for (k, v) in &state_env(td.path()) {
             c.env(k, v);

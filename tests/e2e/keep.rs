@@ -1,0 +1,202 @@
+//! Kept connections: after a push, a keeper holds the connection and a started helper; the
+//! next push to the same target reuses it; a killed keeper, another build's keeper and another
+//! user's socket all fall back to a fresh connection, visibly only in the trace.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use devsync::server::KeyFormat;
+
+use crate::common::*;
+use crate::remote::{Endpoint, endpoint};
+
+fn kept_dir(ep: &Endpoint) -> PathBuf {
+    ep.home.path().join(".local/state/devsync/kept")
+}
+
+/// Runs a traced push with connections kept; returns (exit code, stderr).
+fn push(ep: &Endpoint, src: &Path, dst: &str) -> (i32, String) {
+    let (code, _, err) = ep.run(&["push", src.to_str().unwrap(), dst], |c| {
+        c.env("DEVSYNC_KEEP_CONNECTION", "60")
+            .env("DEVSYNC_TRACE", "1");
+    });
+    (code, err)
+}
+
+/// The running keeper's pid, once its socket is up (bounded wait).
+fn keeper_pid(ep: &Endpoint) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = std::fs::read_dir(kept_dir(ep)).ok().and_then(|d| {
+            let mut pid = None;
+            let mut sock = false;
+            for e in d.filter_map(Result::ok) {
+                let n = e.file_name().to_string_lossy().to_string();
+                sock |= n.ends_with(".sock");
+                if n.ends_with(".pid") {
+                    pid = std::fs::read_to_string(e.path()).ok()?.trim().parse().ok();
+                }
+            }
+            pid.filter(|_| sock)
+        });
+        if let Some(p) = found {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no keeper came up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn kill(pid: u32) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL); // ours
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Kill(u32);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        kill(self.0);
+    }
+}
+
+#[test]
+fn a_kept_connection_is_reused_and_falls_back_when_it_cannot_be() {
+    let ep = endpoint(&["dbx_keep"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a"), "one").unwrap();
+    let remote = td.path().join("remote");
+    let dst = format!("dbx_keep:{}", remote.display());
+    // First push: fresh, and leaves a keeper behind.
+    let (code, err) = push(&ep, &src, &dst);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("keeping the connection"), "{err}");
+    let pid = keeper_pid(&ep);
+    let _guard = Kill(pid);
+    // The socket and its directory are private.
+    let dir = kept_dir(&ep);
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&dir), 0o700);
+    let sock = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .unwrap();
+    assert_eq!(mode(&sock), 0o600);
+    // Second and third pushes go through it (the keeper starts a helper for each).
+    for body in ["two", "three"] {
+        std::fs::write(src.join("a"), body).unwrap();
+        let (code, err) = push(&ep, &src, &dst);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            err.contains(&format!("reusing the kept connection (keeper pid {pid})")),
+            "{err}"
+        );
+        assert!(!err.contains("TLS up"), "no handshake when reusing: {err}");
+        assert_same_tree(&src, &remote);
+    }
+    // Another user cannot use it: the keeper checks the peer, even if the socket were open.
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Only the test's own home and what is under it (never /tmp itself).
+    for d in [".", ".local", ".local/state", ".local/state/devsync"] {
+        let d = ep.home.path().join(d);
+        std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let probe = format!(
+        "import socket\ns=socket.socket(socket.AF_UNIX); s.connect('{}')\ntry:\n  \
+         s.sendall(b'DEVSYNC-KEEP 1 x y\\n'); print(repr(s.recv(100)))\n\
+         except (ConnectionResetError, BrokenPipeError):\n  print(repr(b''))",
+        sock.display()
+    );
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--", "python3", "-c", &probe])
+        .output()
+        .unwrap();
+    if require(
+        out.status.success() || !out.stderr.is_empty(),
+        "runuser and python3",
+    ) {
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "b''",
+            "{out:?}"
+        );
+    }
+    // And a client that finds the socket open to others does not use it.
+    std::fs::write(src.join("a"), "four").unwrap();
+    let (code, err) = push(&ep, &src, &dst);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("not reusing a connection") && err.contains("open to other users"),
+        "{err}"
+    );
+    assert_same_tree(&src, &remote);
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // A killed keeper: a fresh connection, and a new keeper.
+    kill(pid);
+    std::fs::write(src.join("a"), "five").unwrap();
+    let (code, err) = push(&ep, &src, &dst);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("not reusing a connection: the keeper is gone"),
+        "{err}"
+    );
+    assert_same_tree(&src, &remote);
+    let pid2 = keeper_pid_other_than(&ep, pid);
+    let _guard2 = Kill(pid2);
+    // Another build's keeper: it says so, the client connects afresh.
+    kill(pid2);
+    let sock_path = sock.clone();
+    let _ = std::fs::remove_file(&sock_path);
+    let fake = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
+    std::fs::set_permissions(
+        &sock_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (s, _) = fake.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+        (&s).write_all(b"ERR the kept connection is from devsync 0.0.1-old\n")
+            .unwrap();
+        line
+    });
+    std::fs::write(src.join("a"), "six").unwrap();
+    let (code, err) = push(&ep, &src, &dst);
+    let asked = server.join().unwrap();
+    assert!(asked.starts_with("DEVSYNC-KEEP 1 "), "{asked}");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("not reusing a connection: the kept connection is from devsync 0.0.1-old"),
+        "{err}"
+    );
+    assert_same_tree(&src, &remote);
+    // The new keeper goes with the endpoint (its connection closes), or now.
+    let _guard3 = Kill(keeper_pid_other_than(&ep, pid2));
+}
+
+fn keeper_pid_other_than(ep: &Endpoint, old: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let p = keeper_pid(ep);
+        if p != old && Path::new(&format!("/proc/{p}")).exists() {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no new keeper");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
