@@ -90,13 +90,6 @@ pub fn host_target(s: &str) -> anyhow::Result<Target> {
     }
 }
 
-fn remote_path(t: &Target) -> &str {
-    match t {
-        Target::Devbox { path, .. } | Target::Ssh { path, .. } => path,
-        Target::Local(_) => "",
-    }
-}
-
 /// `cd DIR && ` for a command to start in the target's directory (`~/x` stays relative to
 /// the remote home).
 fn cd_prefix(path: &str) -> String {
@@ -184,7 +177,7 @@ async fn session(a: &SshArgs, target: &Target) -> anyhow::Result<u8> {
     let interactive = a.command.is_empty();
     let stdin_tty = std::io::stdin().is_terminal();
     let want_tty = a.tty || (!a.no_tty && interactive && stdin_tty);
-    let cd = cd_prefix(remote_path(target));
+    let cd = cd_prefix(target.remote_path());
     let (mut read, write) = channel.split();
     if want_tty {
         let term = std::env::var("TERM")

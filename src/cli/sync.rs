@@ -87,14 +87,6 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
     Ok(code)
 }
 
-/// The remote root of `target` as the user wrote it.
-fn remote_path(target: &Target) -> Vec<u8> {
-    match target {
-        Target::Local(p) => p.as_os_str().as_encoded_bytes().to_vec(),
-        Target::Devbox { path, .. } | Target::Ssh { path, .. } => path.clone().into_bytes(),
-    }
-}
-
 fn check_local_root(root: &Path, dir: Direction) -> anyhow::Result<()> {
     match dir {
         Direction::Push => check_root(root).context("source"),
@@ -143,11 +135,10 @@ pub(super) async fn run_remote(
             let prepared = client::prepare(&job)?;
             let endpoint = keep::endpoint(&target).filter(|_| !ropts.keep.is_zero());
             if let Some(ep) = &endpoint {
-                let fp = keep::fingerprint(ep, &target, ropts);
-                match keep::attach(ep, &fp).await {
+                match keep::attach(ep, &target, ropts).await {
                     Ok((helper, pid)) => {
                         crate::trace!("client", "reusing the kept connection (keeper pid {pid})");
-                        job.remote_root = remote_path(&target);
+                        job.remote_root = target.remote_path().as_bytes().to_vec();
                         return Ok(
                             client::run_ready(helper.reader, helper.writer, job, prepared).await?,
                         );

@@ -54,6 +54,9 @@ pub enum Compress {
     Level(u8),
 }
 
+/// The zstd levels a user may fix.
+const LEVELS: std::ops::RangeInclusive<u8> = 1..=19;
+
 impl std::str::FromStr for Compress {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -61,7 +64,7 @@ impl std::str::FromStr for Compress {
             "auto" => Ok(Compress::Auto),
             "off" | "0" | "no" | "none" => Ok(Compress::Off),
             n => match n.parse::<u8>() {
-                Ok(l @ 1..=19) => Ok(Compress::Level(l)),
+                Ok(l) if LEVELS.contains(&l) => Ok(Compress::Level(l)),
                 _ => Err(format!(
                     "`{s}` is not a compression setting: use auto, off or a zstd level from 1 to 19"
                 )),
@@ -73,7 +76,7 @@ impl std::str::FromStr for Compress {
 impl Compress {
     pub fn validate(&self) -> Result<(), ProtoError> {
         match self {
-            Compress::Level(l) if !(1..=19).contains(l) => {
+            Compress::Level(l) if !LEVELS.contains(l) => {
                 Err(ProtoError::Invalid(format!("zstd level {l} out of range")))
             }
             _ => Ok(()),
@@ -258,9 +261,6 @@ pub struct Packer {
     changed_wire: u64,
     changed_at: Instant,
     out: Vec<u8>,
-    /// Raw bytes that went out compressed, and what they became.
-    pub packed_in: u64,
-    pub packed_out: u64,
 }
 
 impl Packer {
@@ -289,8 +289,6 @@ impl Packer {
             changed_wire: 0,
             changed_at: Instant::now(),
             out: Vec::new(),
-            packed_in: 0,
-            packed_out: 0,
         })
     }
 
@@ -329,13 +327,7 @@ impl Packer {
         let kept = self.compress(frames);
         self.last = Instant::now();
         self.window.compress += self.last - started;
-        if kept {
-            self.packed_in += frames.len() as u64;
-            self.packed_out += self.out.len() as u64;
-            Some(&self.out)
-        } else {
-            None
-        }
+        if kept { Some(&self.out) } else { None }
     }
 
     /// Compresses `frames` into `out` through the stream, unless a quick trial (level 1, on

@@ -102,11 +102,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.inner.get_ref().moved.clone()
     }
 
-    /// Bytes consumed from the stream so far.
-    pub fn bytes_read(&self) -> u64 {
-        self.bytes
-    }
-
     /// Bytes consumed, on the wire and as they were before compression.
     pub fn traffic(&self) -> Traffic {
         Traffic {
@@ -311,10 +306,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Compresses what follows as `mode` says (once the peer agreed to decompress it).
     pub fn compress(&mut self, mode: Compress) {
         self.pack = Packer::new(mode).map(Box::new);
-    }
-
-    pub fn bytes_written(&self) -> u64 {
-        self.bytes
     }
 
     /// Bytes written, on the wire and as they were before compression.

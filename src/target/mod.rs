@@ -35,6 +35,15 @@ impl Target {
         matches!(self, Target::Local(_))
     }
 
+    /// A remote target's path as the user wrote it (empty: the remote home); `""` for a
+    /// local one.
+    pub fn remote_path(&self) -> &str {
+        match self {
+            Target::Devbox { path, .. } | Target::Ssh { path, .. } => path,
+            Target::Local(_) => "",
+        }
+    }
+
     /// Parses scp-style syntax: a `:` before any `/` makes it remote; `./a:b` and `/a:b` are
     /// local paths.
     pub fn parse(s: &str) -> Result<Target, TargetError> {

@@ -366,6 +366,18 @@ async fn upload(
     r
 }
 
+/// A name part unique to one upload (`pid.n`) for its temporary file: two sessions of one
+/// client (a copy between two places on one box) may be installing at the same time, and
+/// neither may exec the other's half-written file.
+fn upload_tag() -> String {
+    static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{}.{}",
+        std::process::id(),
+        UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 /// Uploads `local` gzip-compressed into an exec of [`gunzip_script`].
 async fn upload_gz(conn: &Connection, local: &Path, remote_dir: &str) -> Result<(), HelperError> {
     let local_err = |source| HelperError::Local {
@@ -380,14 +392,8 @@ async fn upload_gz(conn: &Connection, local: &Path, remote_dir: &str) -> Result<
             .map_err(|e| local_err(std::io::Error::other(e)))?
             .map_err(local_err)?;
     crate::trace!("client", "helper compressed to {} bytes", packed.len());
-    static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let tag = format!(
-        "{}.{}",
-        std::process::id(),
-        UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
     let mut exec = conn
-        .exec(&gunzip_script(remote_dir, &tag))
+        .exec(&gunzip_script(remote_dir, &upload_tag()))
         .await
         .map_err(HelperError::Exec)?;
     let copy_err = |source| HelperError::Copy {
@@ -433,14 +439,7 @@ async fn put(
         }
     }
     let fin = format!("{dir}/devsync");
-    // Unique per upload: two sessions of one client (a copy between two places on one box)
-    // may be installing at the same time, and neither may exec the other's half-written file.
-    static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let tmp = format!(
-        "{dir}/.devsync.upload.{}.{}",
-        std::process::id(),
-        UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
+    let tmp = format!("{dir}/.devsync.upload.{}", upload_tag());
     let mut remote = sftp
         .create(tmp.clone())
         .await

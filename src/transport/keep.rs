@@ -72,6 +72,14 @@ fn dir() -> Result<PathBuf, TransportError> {
         .map_err(|e| TransportError::Config(e.to_string()))
 }
 
+/// Makes the keepers' directory, private to this user.
+fn make_dir() -> Result<PathBuf, TransportError> {
+    let d = dir()?;
+    std::fs::create_dir_all(&d).map_err(|e| TransportError::Config(e.to_string()))?;
+    let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700));
+    Ok(d)
+}
+
 pub fn place(endpoint: &str) -> Result<Place, TransportError> {
     let d = dir()?;
     let key = &blake3::hash(endpoint.as_bytes()).to_hex()[..16];
@@ -136,9 +144,14 @@ fn private(p: &Path, want_dir: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Client side: the kept helper for `endpoint`, if a keeper has one for us. `Err` says why
-/// not (worth a trace line; the caller connects afresh).
-pub async fn attach(endpoint: &str, fingerprint: &str) -> Result<(Started, u32), String> {
+/// Client side: the kept helper for `endpoint` (of `target`, reached with `opts`), if a
+/// keeper has one for us. `Err` says why not (worth a trace line; the caller connects
+/// afresh).
+pub async fn attach(
+    endpoint: &str,
+    target: &Target,
+    opts: &RemoteOptions,
+) -> Result<(Started, u32), String> {
     let place = place(endpoint).map_err(|e| e.to_string())?;
     if !place.socket.exists() {
         return Err("no kept connection".into());
@@ -150,7 +163,12 @@ pub async fn attach(endpoint: &str, fingerprint: &str) -> Result<(Started, u32),
         .map_err(|_| "the keeper does not accept".to_string())?
         .map_err(|e| format!("the keeper is gone ({e})"))?;
     let (r, mut w) = stream.into_split();
-    let ask = format!("{REQUEST} {} {fingerprint}\n", build_id());
+    // Only now that there is a keeper to ask are the credential files read.
+    let ask = format!(
+        "{REQUEST} {} {}\n",
+        build_id(),
+        fingerprint(endpoint, target, opts)
+    );
     w.write_all(ask.as_bytes())
         .await
         .map_err(|e| format!("the keeper is gone ({e})"))?;
@@ -201,10 +219,7 @@ pub fn spawn(endpoint: &str, args: Vec<OsString>, idle: Duration) {
     let Ok(place) = place(endpoint) else {
         return;
     };
-    if let Some(d) = place.socket.parent() {
-        let _ = std::fs::create_dir_all(d);
-        let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
-    }
+    let _ = make_dir(); // best effort: the keeper makes it again, or says why not
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
@@ -256,13 +271,7 @@ pub async fn keeper(
     idle: Duration,
 ) -> Result<(), TransportError> {
     let place = place(endpoint)?;
-    let dir = place
-        .socket
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    std::fs::create_dir_all(&dir).map_err(|e| TransportError::Config(e.to_string()))?;
-    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    make_dir()?;
     // One keeper per endpoint: the lock is held for its life.
     let lock =
         std::fs::File::create(&place.lock).map_err(|e| TransportError::Config(e.to_string()))?;
@@ -357,20 +366,14 @@ struct Spare {
 
 impl Spare {
     fn new(k: Arc<Keeper>) -> Spare {
-        let s = Spare {
+        let first = Spare::start(k.clone());
+        Spare {
             k,
-            next: Arc::new(tokio::sync::Mutex::new(None)),
-        };
-        let first = s.start();
-        // Nobody else has it yet.
-        if let Ok(mut g) = s.next.try_lock() {
-            *g = Some(first);
+            next: Arc::new(tokio::sync::Mutex::new(Some(first))),
         }
-        s
     }
 
-    fn start(&self) -> Starting {
-        let k = self.k.clone();
+    fn start(k: Arc<Keeper>) -> Starting {
         tokio::spawn(async move {
             let quiet: Arc<dyn Fn(String) + Send + Sync> = Arc::new(|m: String| eprintln!("{m}"));
             bootstrap::start(&k.conn, &k.opts.bootstrap, quiet)
@@ -391,7 +394,7 @@ impl Spare {
                 Some(h) => h.await.map_err(|e| e.to_string()).and_then(|r| r),
                 None => Err("no helper".into()),
             };
-            *g = Some(self.start());
+            *g = Some(Spare::start(self.k.clone()));
             match ready {
                 Ok(h) if !gone(&h) => return Ok(h),
                 Ok(_) => continue,

@@ -181,86 +181,56 @@ fn compression_is_negotiated_both_ways_and_counted() {
         td.path().join("c"),
     );
     text_tree(&a, 1);
-    let opts = |compress| SyncOptions {
-        compress,
-        ..SyncOptions::default()
+    // One session, in memory, the client playing `role`, compressing as `mode` asks (the
+    // helper agreeing if `helper_ok`); the tree arrives exact.
+    let run = |role: Role, local: &Path, remote: &Path, mode: Compress, helper_ok: bool| {
+        let opts = SyncOptions {
+            compress: mode,
+            ..SyncOptions::default()
+        };
+        let o = rt
+            .block_on(session_with(
+                role,
+                local,
+                remote,
+                opts,
+                usize::MAX,
+                helper_ok,
+            ))
+            .unwrap();
+        match role {
+            Role::Sender => assert_same_tree(local, remote),
+            Role::Receiver => assert_same_tree(remote, local),
+        }
+        o
     };
-    // Push compressed: the sender's data shrinks; what arrives is exact.
-    let o = rt
-        .block_on(session(
-            Role::Sender,
-            &a,
-            &b,
-            opts(Compress::Level(3)),
-            usize::MAX,
-        ))
-        .unwrap();
-    assert_same_tree(&a, &b);
+    // Push compressed: the sender's data shrinks.
+    let o = run(Role::Sender, &a, &b, Compress::Level(3), true);
     assert!(o.raw_sent > 3 * o.bytes_sent / 2, "{o:?}");
     // Edit every text file: delta literals are compressed too.
     text_tree(&a, 2);
-    let o = rt
-        .block_on(session(
-            Role::Sender,
-            &a,
-            &b,
-            opts(Compress::Level(3)),
-            usize::MAX,
-        ))
-        .unwrap();
-    assert_same_tree(&a, &b);
+    let o = run(Role::Sender, &a, &b, Compress::Level(3), true);
     assert!(
         o.stats.matched_bytes > 0 && o.raw_sent > o.bytes_sent * 3,
         "{o:?}"
     );
     // Pull compressed: the helper compresses what it sends.
-    let o = rt
-        .block_on(session(
-            Role::Receiver,
-            &c,
-            &b,
-            opts(Compress::Level(3)),
-            usize::MAX,
-        ))
-        .unwrap();
-    assert_same_tree(&b, &c);
+    let o = run(Role::Receiver, &c, &b, Compress::Level(3), true);
     assert!(o.raw_received > 2 * o.bytes_received, "{o:?}");
     // A client that does not offer it, and a helper that declines: all raw, all exact.
     for (mode, helper_ok) in [(Compress::Off, true), (Compress::Level(3), false)] {
         let d = td.path().join(format!("d{helper_ok}"));
-        let o = rt
-            .block_on(session_with(
-                Role::Receiver,
-                &d,
-                &b,
-                opts(mode),
-                usize::MAX,
-                helper_ok,
-            ))
-            .unwrap();
-        assert_same_tree(&b, &d);
-        assert_eq!(
-            (o.raw_sent, o.raw_received),
-            (o.bytes_sent, o.bytes_received),
-            "{mode:?}"
-        );
         let e = td.path().join(format!("e{helper_ok}"));
-        let o = rt
-            .block_on(session_with(
-                Role::Sender,
-                &a,
-                &e,
-                opts(mode),
-                usize::MAX,
-                helper_ok,
-            ))
-            .unwrap();
-        assert_same_tree(&a, &e);
-        assert_eq!(
-            (o.raw_sent, o.raw_received),
-            (o.bytes_sent, o.bytes_received),
-            "{mode:?}"
-        );
+        for o in [
+            run(Role::Receiver, &d, &b, mode, helper_ok),
+            run(Role::Sender, &a, &e, mode, helper_ok),
+        ] {
+            assert_eq!(
+                (o.raw_sent, o.raw_received),
+                (o.bytes_sent, o.bytes_received),
+                "{mode:?}"
+            );
+        }
     }
 }
 

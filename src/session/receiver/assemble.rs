@@ -206,6 +206,11 @@ impl Ctx {
                 }
             })
         };
+        // Chunk `k` (`n` bytes, chaining value `cv`) is in the new file.
+        let record = |k: u64, n: usize, cv: Cv| {
+            lock(&inc.st).chunks.insert(k, (n, cv));
+            self.obs.progressed(n as u64);
+        };
         // Our copy is a live mapping that another process could rewrite in place, so a chunk
         // is never hashed from it and then written from it again: it streams through a small
         // private buffer that is hashed and written piece by piece. Returns the chunk's
@@ -219,8 +224,7 @@ impl Ctx {
                     Some(_) => return Ok(None),
                     None => hash::chunk_cv(k, data),
                 };
-                lock(&inc.st).chunks.insert(k, (data.len(), cv));
-                self.obs.progressed(data.len() as u64);
+                record(k, data.len(), cv);
                 return Ok(Some(cv));
             }
             let t = self.temp_file(inc)?;
@@ -243,8 +247,7 @@ impl Ctx {
                 // Overwritten later by the delta for this chunk.
                 return Ok(None);
             }
-            lock(&inc.st).chunks.insert(k, (data.len(), cv));
-            self.obs.progressed(data.len() as u64);
+            record(k, data.len(), cv);
             Ok(Some(cv))
         };
         // A chunk an interrupted transfer already wrote, if it is the one wanted.
@@ -260,9 +263,8 @@ impl Ctx {
             if hash::chunk_cv(k, &buf) != *want {
                 return Ok(false);
             }
-            lock(&inc.st).chunks.insert(k, (n, *want));
+            record(k, n, *want);
             resumed_bytes.fetch_add(n as u64, Ordering::Relaxed);
-            self.obs.progressed(n as u64);
             Ok(true)
         };
         let visit = |k: u64| -> Result<ChunkPass, FileError> {
@@ -337,8 +339,7 @@ impl Ctx {
                 else {
                     continue;
                 };
-                lock(&inc.st).chunks.insert(k, (data.len(), *cv));
-                self.obs.progressed(data.len() as u64);
+                record(k, data.len(), *cv);
             }
         } else {
             pass.par_iter()
