@@ -125,7 +125,9 @@ def local_bench(tree, big, big_edit):
     if HAVE_RSYNC:
         row('no-change resync (tree)', 'rsync -a', res[1][0], res[0][0], rsync_bytes(res[1][1]))
     rm(d)
+    big_delta_local(big, big_edit)
 
+def big_delta_local(big, big_edit):
     # 3. 1 GiB file with three 4 KiB edits; destination has the original.
     src, dst = f'{DATA}/bigsrc', f'{DATA}/bigdst'
     shutil.rmtree(src, ignore_errors=True); os.makedirs(src)
@@ -135,16 +137,20 @@ def local_bench(tree, big, big_edit):
         sh(['cp', big, f'{dst}/big.bin'])
         st = os.stat(f'{src}/big.bin')
         os.utime(f'{dst}/big.bin', ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
-    jobs = [([DEVSYNC, 'push', '--json', src, dst], restore, None)]
+    jobs = [([DEVSYNC, 'push', '--json', src, dst], restore, None),
+            ([DEVSYNC, 'push', '--json', '--inplace', src, dst], restore, None)]
     if HAVE_RSYNC:
         jobs.append((['rsync', '-a', '--no-whole-file', '--stats', src + '/', dst + '/'], restore, None))
+        jobs.append((['rsync', '-a', '--no-whole-file', '--inplace', '--stats', src + '/', dst + '/'], restore, None))
         jobs.append((['rsync', '-a', '--stats', src + '/', dst + '/'], restore, None))
     res = interleaved(jobs)
     ds_d = res[0][0]
     row('1 GiB, three 4 KiB edits', 'devsync push', ds_d, None, ds_bytes(res[0][1]))
+    row('1 GiB, three 4 KiB edits', 'devsync push --inplace', res[1][0], ds_d, ds_bytes(res[1][1]))
     if HAVE_RSYNC:
-        row('1 GiB, three 4 KiB edits', 'rsync -a --no-whole-file', res[1][0], ds_d, rsync_bytes(res[1][1]))
-        row('1 GiB, three 4 KiB edits', 'rsync -a (whole-file)', res[2][0], ds_d, rsync_bytes(res[2][1]))
+        row('1 GiB, three 4 KiB edits', 'rsync -a --no-whole-file', res[2][0], ds_d, rsync_bytes(res[2][1]))
+        row('1 GiB, three 4 KiB edits', 'rsync -a --no-whole-file --inplace', res[3][0], res[1][0], rsync_bytes(res[3][1]))
+        row('1 GiB, three 4 KiB edits', 'rsync -a (whole-file)', res[4][0], ds_d, rsync_bytes(res[4][1]))
     shutil.rmtree(src, ignore_errors=True); shutil.rmtree(dst, ignore_errors=True)
 
 def remote_bench(tree, big, big_edit):
@@ -235,6 +241,8 @@ def main():
     tree, big, big_edit = prepare_data()
     if which in ('all', 'local'):
         local_bench(tree, big, big_edit)
+    if which == 'big':
+        big_delta_local(big, big_edit)
     if which in ('all', 'remote'):
         remote_bench(tree, big, big_edit)
     shutil.rmtree(TRASH, ignore_errors=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end comparisons.
 #   benches/compare.sh [local|remote|all]  devsync vs cp -a and rsync (local, and over SSH+TLS)
+#   benches/compare.sh big                 1 GiB three-edit delta only, local (with --inplace)
 #   benches/compare.sh cp                  devsync cp vs scp through an openssl ProxyCommand
 #   benches/compare.sh shaped              devsync push vs rsync -az/-a over a tc-shaped link
 #                                          (own netns; RATES="20mbit 100mbit", ROUNDS=3)

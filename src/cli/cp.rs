@@ -49,6 +49,12 @@ pub struct CpArgs {
     /// Flush every written file to disk before it replaces the old one
     #[arg(long)]
     fsync: bool,
+    /// Update changed files with an old copy of over 8 MiB by writing the changed ranges into
+    /// that file, after the new content is verified, instead of replacing it: costs the change,
+    /// not the file, where the filesystem has no reflinks. Not atomic: while it writes, readers
+    /// see old and new mixed, and other hard links to the file change too (as rsync --inplace)
+    #[arg(long)]
+    inplace: bool,
     #[command(flatten)]
     output: OutputArgs,
     #[command(flatten)]
@@ -178,6 +184,7 @@ fn run_inner(a: &CpArgs) -> anyhow::Result<u8> {
         let opts = SyncOptions {
             checksum: a.checksum,
             fsync: a.fsync,
+            inplace: a.inplace,
             // A copy takes what it is given: no ignore files, no VCS exclusion.
             filters: FilterOptions {
                 gitignore: false,

@@ -127,6 +127,12 @@ pub struct SyncArgs {
     /// slower)
     #[arg(long)]
     fsync: bool,
+    /// Update changed files with an old copy of over 8 MiB by writing the changed ranges into
+    /// that file, after the new content is verified, instead of replacing it: costs the change,
+    /// not the file, where the filesystem has no reflinks. Not atomic: while it writes, readers
+    /// see old and new mixed, and other hard links to the file change too (as rsync --inplace)
+    #[arg(long)]
+    inplace: bool,
     #[command(flatten)]
     filters: FilterArgs,
     #[command(flatten)]

@@ -59,6 +59,7 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
         dry_run: a.dry_run,
         checksum: a.checksum,
         fsync: a.fsync,
+        inplace: a.inplace,
         filters: a.filters.options(),
         copy: None,
         compress: a.remote.compress(&remote),

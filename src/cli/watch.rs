@@ -40,6 +40,12 @@ pub struct WatchArgs {
     /// Flush every written file to disk before it replaces the old one
     #[arg(long)]
     fsync: bool,
+    /// Update changed files with an old copy of over 8 MiB by writing the changed ranges into
+    /// that file, after the new content is verified, instead of replacing it: costs the change,
+    /// not the file, where the filesystem has no reflinks. Not atomic: while it writes, readers
+    /// see old and new mixed, and other hard links to the file change too (as rsync --inplace)
+    #[arg(long)]
+    inplace: bool,
     #[command(flatten)]
     filters: FilterArgs,
     /// One JSON object per line on stdout (ready, synced, reconnecting, halted, error)
@@ -95,6 +101,7 @@ fn run_inner(a: WatchArgs) -> anyhow::Result<Result<u8, super::Failure>> {
         dry_run: false,
         checksum: a.checksum,
         fsync: a.fsync,
+        inplace: a.inplace,
         filters: a.filters.options(),
         copy: None,
         compress: a.remote.compress(&target),

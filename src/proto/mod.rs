@@ -17,7 +17,7 @@ pub use frame::{FrameReader, FrameWriter, MAX_FRAME};
 pub use msg::{CopySpec, Event, FileId, Msg, Role, Stamp, Stats, SyncOptions, WholeItem};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {

@@ -70,6 +70,9 @@ pub struct SyncOptions {
     pub checksum: bool,
     /// Flush each file (and its directory entry) to disk before moving on.
     pub fsync: bool,
+    /// `--inplace`: a changed file with an old copy has its changed ranges written into that
+    /// file (after the new content is verified) instead of being replaced.
+    pub inplace: bool,
     pub filters: FilterOptions,
     /// `devsync cp`: what is sent and where it goes, instead of a tree mirror.
     pub copy: Option<CopySpec>,

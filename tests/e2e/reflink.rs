@@ -78,3 +78,58 @@ fn xfs_deltas_clone_the_old_copy_and_write_only_what_changed() {
 fn btrfs_deltas_clone_the_old_copy_and_write_only_what_changed() {
     check("btrfs");
 }
+
+/// `--inplace` (any filesystem): the changed chunks are written into the old copy's own inode,
+/// so a hard link to it sees the new content, and a file that shrinks or grows ends at its new
+/// length. Nothing is staged beside it afterwards.
+#[test]
+fn inplace_writes_the_changed_ranges_into_the_old_file() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir(&src).unwrap();
+    std::fs::create_dir(&dst).unwrap();
+    let old = random_bytes(10 * CHUNK + 333, 11);
+    for (name, new_len) in [
+        ("same", old.len()),
+        ("shrinks", 8 * CHUNK + 7),
+        ("grows", 12 * CHUNK),
+    ] {
+        std::fs::write(dst.join(name), &old).unwrap();
+        std::fs::hard_link(dst.join(name), t.path().join(format!("{name}.link"))).unwrap();
+        let mut data = old.clone();
+        data.resize(new_len, 0x5a);
+        edited(&mut data);
+        std::fs::write(src.join(name), &data).unwrap();
+    }
+    use std::os::unix::fs::MetadataExt;
+    let ino = |name: &str| std::fs::metadata(dst.join(name)).unwrap().ino();
+    let inodes: Vec<u64> = ["same", "shrinks", "grows"].map(ino).to_vec();
+    let v = sync_json("push", &src, &dst, &["--inplace"], 0);
+    // The grown file's two new chunks are literal; the edits are deltas.
+    assert!(
+        num(&v, "literal_bytes") < (2 * CHUNK + (1 << 20)) as u64,
+        "{v}"
+    );
+    for (i, name) in ["same", "shrinks", "grows"].into_iter().enumerate() {
+        let want = std::fs::read(src.join(name)).unwrap();
+        assert_eq!(std::fs::read(dst.join(name)).unwrap(), want, "{name}");
+        assert_eq!(ino(name), inodes[i], "{name}: updated in place");
+        let link = std::fs::read(t.path().join(format!("{name}.link"))).unwrap();
+        assert_eq!(link, want, "{name}: the hard link sees the update");
+    }
+    assert_same_tree(&src, &dst);
+    let names: Vec<_> = std::fs::read_dir(&dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 3, "nothing staged is left: {names:?}");
+
+    // Without --inplace the same edit replaces the file: a new inode, the link keeps the old.
+    let mut again = std::fs::read(src.join("same")).unwrap();
+    again[3 * CHUNK..3 * CHUNK + 10].fill(1);
+    std::fs::write(src.join("same"), &again).unwrap();
+    sync_json("push", &src, &dst, &[], 0);
+    assert_eq!(std::fs::read(dst.join("same")).unwrap(), again);
+    assert_ne!(ino("same"), inodes[0]);
+    assert_ne!(std::fs::read(t.path().join("same.link")).unwrap(), again);
+}

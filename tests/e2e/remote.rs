@@ -694,3 +694,40 @@ pub fn processes_running_from(dir: &Path) -> Vec<rustix::process::Pid> {
         .filter_map(rustix::process::Pid::from_raw)
         .collect()
 }
+
+/// `--inplace` reaches the helper (push) and the client's own receiver (pull): both update the
+/// old file's inode, and only the changed chunk travels.
+#[test]
+fn inplace_push_and_pull_through_the_gateway() {
+    use std::os::unix::fs::MetadataExt;
+    const CHUNK: usize = 4 << 20;
+    let ep = endpoint(&["dbx_inpl"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let (src, remote) = (td.path().join("src"), td.path().join("remote"));
+    std::fs::create_dir(&src).unwrap();
+    std::fs::create_dir(&remote).unwrap();
+    let mut data = random_bytes(5 * CHUNK, 21);
+    std::fs::write(remote.join("big"), &data).unwrap();
+    data[2 * CHUNK..2 * CHUNK + 100].fill(7);
+    std::fs::write(src.join("big"), &data).unwrap();
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let before = ino(&remote.join("big"));
+    let dst = format!("dbx_inpl:{}", s(&remote));
+    let args = ["push", "--json", "--inplace", "--compress=off"];
+    let (code, v, err) = ep.run(&[&args[..], &[s(&src), &dst]].concat(), |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(remote.join("big")).unwrap(), data);
+    assert_eq!(ino(&remote.join("big")), before, "pushed in place");
+    assert!(num(&v, "bytes_sent") < 2 * CHUNK as u64, "{v}");
+
+    // And back: the remote file changes, pull --inplace updates ours in place.
+    data[4 * CHUNK + 9] ^= 0xff;
+    std::fs::write(remote.join("big"), &data).unwrap();
+    let mine = ino(&src.join("big"));
+    let args = ["pull", "--json", "--inplace", "--compress=off"];
+    let (code, v, err) = ep.run(&[&args[..], &[&dst, s(&src)]].concat(), |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(src.join("big")).unwrap(), data);
+    assert_eq!(ino(&src.join("big")), mine, "pulled in place");
+    assert!(num(&v, "bytes_received") < 2 * CHUNK as u64, "{v}");
+}

@@ -8,6 +8,7 @@
 //!
 //! This module does not decide anything; `session` tells it what to do.
 
+mod inplace;
 mod stage;
 
 pub use stage::{PARTIAL_MIN, Staged, TempFile};

@@ -77,7 +77,7 @@ impl Ctx {
         }
         let base = inc
             .basis
-            .then(|| open_base(d, &inc.path).ok())
+            .then(|| open_base(d, &inc.path, self.opts.inplace).ok())
             .flatten()
             .filter(|b| b.len >= DELTA_MIN_BASE);
         if base.is_none() && resumed == 0 {
@@ -186,6 +186,12 @@ impl Ctx {
                 let Some(b) = base.as_ref().filter(|_| partial.is_none() && !sparse) else {
                     return false;
                 };
+                if b.writable {
+                    // `--inplace`: the same, with our copy itself as the new file.
+                    crate::trace!("recv", "{}: updating in place", inc.path);
+                    lock(&inc.st).inplace = true;
+                    return true;
+                }
                 if self.no_reflink.load(Ordering::Relaxed) {
                     return false;
                 }
@@ -211,6 +217,15 @@ impl Ctx {
             lock(&inc.st).chunks.insert(k, (n, cv));
             self.obs.progressed(n as u64);
         };
+        // Chunk `k` is already in place (in the clone, or in our copy itself with --inplace).
+        let keep = |k: u64, n: usize, cv: Cv| {
+            let mut st = lock(&inc.st);
+            if st.inplace {
+                st.kept.insert(k);
+            }
+            drop(st);
+            record(k, n, cv);
+        };
         // Our copy is a live mapping that another process could rewrite in place, so a chunk
         // is never hashed from it and then written from it again: it streams through a small
         // private buffer that is hashed and written piece by piece. Returns the chunk's
@@ -224,7 +239,7 @@ impl Ctx {
                     Some(_) => return Ok(None),
                     None => hash::chunk_cv(k, data),
                 };
-                record(k, data.len(), cv);
+                keep(k, data.len(), cv);
                 return Ok(Some(cv));
             }
             let t = self.temp_file(inc)?;
@@ -339,7 +354,7 @@ impl Ctx {
                 else {
                     continue;
                 };
-                record(k, data.len(), *cv);
+                keep(k, data.len(), *cv);
             }
         } else {
             pass.par_iter()
@@ -425,8 +440,13 @@ impl Ctx {
             d.create_temp(&inc.path)
         };
         let t = Arc::new(t.map_err(report)?);
-        // A sparse file keeps its holes: reserving its whole size would fill them.
-        if inc.size >= PREALLOCATE_MIN && !lock(&inc.st).sparse {
+        // A sparse file keeps its holes: reserving its whole size would fill them. With
+        // --inplace only the changed chunks are staged here.
+        let reserve = {
+            let st = lock(&inc.st);
+            !st.sparse && !st.base.as_ref().is_some_and(|b| b.writable)
+        };
+        if inc.size >= PREALLOCATE_MIN && reserve {
             t.preallocate(inc.size).map_err(report)?;
         }
         let mut st = lock(&inc.st);
@@ -575,7 +595,7 @@ impl Ctx {
     /// The sender ended the attempt and no work is pending: verify and commit, retry, start
     /// over, or report.
     pub(super) fn finalize(self: &Arc<Self>, id: FileId, inc: &Arc<Incoming>) {
-        let (end, chunks, error, was_delta, clone_of) = {
+        let (end, chunks, error, was_delta, clone_of, kept) = {
             let mut st = lock(&inc.st);
             if st.completed {
                 return;
@@ -585,7 +605,8 @@ impl Ctx {
                 std::mem::take(&mut st.chunks),
                 st.error.take(),
                 st.asked == Some(Ask::Delta),
-                st.base.clone().filter(|_| st.cloned),
+                st.base.clone().filter(|_| st.cloned || st.inplace),
+                st.inplace.then(|| st.kept.clone()),
             )
         };
         let (len, digest, stamp) = match end {
@@ -619,6 +640,11 @@ impl Ctx {
             t.set_len(len).map_err(FileError::Dest)?;
             let got = match hash::digest_from_cvs(&cvs, len) {
                 Some(d) => d,
+                // One chunk or less, kept in place: hash that.
+                None if kept.as_ref().is_some_and(|k| k.contains(&0)) => {
+                    let data = clone_of.as_ref().and_then(|b| b.chunk(0));
+                    *blake3::hash(data.unwrap_or_default()).as_bytes()
+                }
                 // One chunk or less: hash what is actually in the file.
                 None => hash::file_digest(t.file(), len).map_err(FileError::ReadBack)?,
             };
@@ -626,7 +652,8 @@ impl Ctx {
                 return Err(FileError::Verify);
             }
             // The clone holds our copy's blocks as they were when cloned, the hashes what we
-            // read of it: if it was written to in between, they may differ.
+            // read of it: if it was written to in between, they may differ. With --inplace,
+            // the chunks kept are our copy's blocks as they are now.
             if clone_of.is_some_and(|b| !b.unchanged()) {
                 crate::trace!("recv", "{}: our copy changed while cloned", inc.path);
                 return Err(FileError::Verify);
@@ -682,14 +709,45 @@ impl Ctx {
                     self.warn(&inc.path, format!("cleaning up leftovers: {}", e.detail()));
                 }
             }
-            t.commit(d, stamp.mode, stamp.mtime, self.opts.fsync)
-                .map_err(|e| {
-                    if is_nospace(e.raw_os_error()) {
-                        self.dest_error(&inc.path, e);
-                        return FileError::NoSpace;
-                    }
-                    FileError::Dest(e)
-                })
+            let inplace = {
+                let st = lock(&inc.st);
+                st.base
+                    .clone()
+                    .filter(|_| st.inplace)
+                    .map(|b| (b, st.kept.clone()))
+            };
+            let done = match inplace {
+                Some((base, kept)) => {
+                    let ranges: Vec<(u64, u64)> = (0..chunk_count(len))
+                        .filter(|k| !kept.contains(k))
+                        .map(|k| {
+                            let (off, n) = chunk_span(len, k);
+                            (off, n as u64)
+                        })
+                        .collect();
+                    t.patch_into(
+                        &base.file,
+                        &ranges,
+                        len,
+                        stamp.mode,
+                        stamp.mtime,
+                        self.opts.fsync,
+                    )
+                    .map(|n| {
+                        crate::trace!("recv", "{}: wrote {n} bytes in place", inc.path);
+                        // Only staging: nothing of it is kept, a partial neither.
+                        t.discard();
+                    })
+                }
+                None => t.commit(d, stamp.mode, stamp.mtime, self.opts.fsync),
+            };
+            done.map_err(|e| {
+                if is_nospace(e.raw_os_error()) {
+                    self.dest_error(&inc.path, e);
+                    return FileError::NoSpace;
+                }
+                FileError::Dest(e)
+            })
         });
         if let Some(t) = lock(&inc.st).temp.take() {
             if r.is_err() {
@@ -839,6 +897,8 @@ impl Assembly {
         self.sparse = false;
         self.chunks.clear();
         self.cloned = false;
+        self.inplace = false;
+        self.kept.clear();
         self.end = None;
         self.error = None;
     }
@@ -869,9 +929,20 @@ fn write_chunk(t: &TempFile, data: &[u8], at: u64, sparse: bool) -> io::Result<(
     Ok(())
 }
 
-/// Our copy of `path`, mapped for reading.
-fn open_base(d: &Dest, path: &RelPath) -> io::Result<Arc<Base>> {
-    let f = d.open_file(path).map_err(io::Error::other)?;
+/// Our copy of `path`, mapped for reading; with `inplace`, opened for writing too where it
+/// can be (otherwise it is replaced as usual).
+fn open_base(d: &Dest, path: &RelPath, inplace: bool) -> io::Result<Arc<Base>> {
+    let writable = inplace
+        .then(|| {
+            d.open_for_update(path)
+                .inspect_err(|e| crate::trace!("recv", "{path}: not in place: {}", e.detail()))
+                .ok()
+        })
+        .flatten();
+    let (f, writable) = match writable {
+        Some(f) => (f, true),
+        None => (d.open_file(path).map_err(io::Error::other)?, false),
+    };
     let st = rustix::fs::fstat(&f)?;
     let len = st.st_size as u64;
     let ctime = ctime_of(&st);
@@ -888,6 +959,7 @@ fn open_base(d: &Dest, path: &RelPath) -> io::Result<Arc<Base>> {
         map,
         len,
         file: f,
+        writable,
         ctime,
     }))
 }

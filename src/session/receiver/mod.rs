@@ -47,8 +47,11 @@ const MAX_RESTARTS: u32 = 8;
 struct Base {
     map: Option<Mmap>,
     len: u64,
-    /// Open for cloning its blocks into the new file (reflink filesystems).
+    /// Open for cloning its blocks into the new file (reflink filesystems), or for writing the
+    /// changed ranges into it (`--inplace`, then open read-write).
     file: std::fs::File,
+    /// Opened for `--inplace`: the new content goes into this file's own blocks.
+    writable: bool,
     /// Its change time when opened: a clone is only as good as the hashes taken of the same
     /// bytes, so a copy that changed meanwhile is not trusted (see [`Base::unchanged`]).
     ctime: (i64, u64),
@@ -149,6 +152,10 @@ struct Assembly {
     sparse: bool,
     /// `temp` began as a reflink clone of `base`: chunks that match stay as they are.
     cloned: bool,
+    /// `--inplace`: `temp` only stages the chunks that differ; they are copied into `base`
+    /// itself once the whole file is verified. Chunks that match are in `kept`.
+    inplace: bool,
+    kept: HashSet<u64>,
     /// Written chunks: index → (length, chaining value).
     chunks: HashMap<u64, (usize, Cv)>,
     /// Work handed to the pool for this file and not finished yet.
