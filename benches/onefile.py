@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""No-change push of a one-file tree, cold (`--keep-connection 0`) against kept (the default),
+to real OpenSSH behind the TLS gateway and to `devsync serve` (benches/watch.py's Env).
+
+The bench user's ~/.bashrc is the pyenv-style init of watch.py, or with SLEEP=0.2 a
+`sleep 0.2` (a slow-starting login shell). RUNS=9 rounds, cold and kept alternating.
+"""
+import os, shutil, statistics, subprocess, sys, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import watch  # noqa: E402
+
+DATA = os.environ.get('BENCH_DIR', '/tmp/devsync-bench')
+RUNS = int(os.environ.get('RUNS', '9'))
+SLEEP = os.environ.get('SLEEP')
+
+
+def main():
+    watch.DATA = f'{DATA}/onefile-env'
+    env = watch.Env()
+    try:
+        if SLEEP:
+            open(f'{env.home}/.bashrc', 'w').write(f'sleep {SLEEP}\n')
+        src = f'{DATA}/onefile-src'
+        shutil.rmtree(src, ignore_errors=True)
+        os.makedirs(src)
+        open(f'{src}/f', 'w').write('hello\n')
+        for name in ('openssh', 'serve'):
+            target = env.target(name, 'one')
+            e = env.env[name]
+            run = lambda keep: subprocess.run(
+                [watch.DEVSYNC, 'push', '-q', '--keep-connection', keep, src, target],
+                check=True, capture_output=True, env=e)
+            run('0')
+            run('300')  # leaves a keeper behind
+            times = {'cold': [], 'kept': []}
+            for _ in range(RUNS):
+                for kind, keep in (('cold', '0'), ('kept', '300')):
+                    t = time.perf_counter()
+                    run(keep)
+                    times[kind].append(time.perf_counter() - t)
+            for kind, ts in times.items():
+                print(f'{name:8} {kind}: {statistics.median(ts) * 1000:6.1f} ms '
+                      f'({min(ts) * 1000:.1f}–{max(ts) * 1000:.1f})', flush=True)
+    finally:
+        env.close()
+        # The keepers exit once their connection is gone (the servers were just stopped).
+
+
+if __name__ == '__main__':
+    main()
