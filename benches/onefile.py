@@ -4,6 +4,8 @@ to real OpenSSH behind the TLS gateway and to `devsync serve` (benches/watch.py'
 
 The bench user's ~/.bashrc is the pyenv-style init of watch.py, or with SLEEP=0.2 a
 `sleep 0.2` (a slow-starting login shell). RUNS=9 rounds, cold and kept alternating.
+With TREE=dir, that tree is pushed instead of one file, and a local no-change push of it
+(into a local copy) runs in the same rounds.
 """
 import os, shutil, statistics, subprocess, sys, time
 
@@ -21,10 +23,15 @@ def main():
     try:
         if SLEEP:
             open(f'{env.home}/.bashrc', 'w').write(f'sleep {SLEEP}\n')
-        src = f'{DATA}/onefile-src'
-        shutil.rmtree(src, ignore_errors=True)
-        os.makedirs(src)
-        open(f'{src}/f', 'w').write('hello\n')
+        src = os.environ.get('TREE')
+        local = f'{DATA}/onefile-local'
+        if src:
+            subprocess.run([watch.DEVSYNC, 'push', '-q', src, local], check=True)
+        else:
+            src = f'{DATA}/onefile-src'
+            shutil.rmtree(src, ignore_errors=True)
+            os.makedirs(src)
+            open(f'{src}/f', 'w').write('hello\n')
         for name in ('openssh', 'serve'):
             target = env.target(name, 'one')
             e = env.env[name]
@@ -33,17 +40,21 @@ def main():
                 check=True, capture_output=True, env=e)
             run('0')
             run('300')  # leaves a keeper behind
-            times = {'cold': [], 'kept': []}
+            times = {'cold': [], 'kept': [], 'local': []}
             for _ in range(RUNS):
-                for kind, keep in (('cold', '0'), ('kept', '300')):
+                for kind, keep in (('cold', '0'), ('kept', '300'), ('local', None)):
                     t = time.perf_counter()
-                    run(keep)
+                    if keep:
+                        run(keep)
+                    else:
+                        subprocess.run([watch.DEVSYNC, 'push', '-q', src, local], check=True)
                     times[kind].append(time.perf_counter() - t)
             for kind, ts in times.items():
                 print(f'{name:8} {kind}: {statistics.median(ts) * 1000:6.1f} ms '
                       f'({min(ts) * 1000:.1f}–{max(ts) * 1000:.1f})', flush=True)
     finally:
         env.close()
+        shutil.rmtree(f'{DATA}/onefile-local', ignore_errors=True)
         # The keepers exit once their connection is gone (the servers were just stopped).
 
 
