@@ -133,3 +133,26 @@ fn inplace_writes_the_changed_ranges_into_the_old_file() {
     assert_ne!(ino("same"), inodes[0]);
     assert_ne!(std::fs::read(t.path().join("same.link")).unwrap(), again);
 }
+
+/// Two hard links to one file, each changed differently at the source, in one `--inplace`
+/// sync: at most one is updated in place, the other replaced (never read while its inode is
+/// being rewritten), and both end right.
+#[test]
+fn inplace_with_two_hard_links_to_one_file_in_one_sync() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir(&src).unwrap();
+    std::fs::create_dir(&dst).unwrap();
+    let old = random_bytes(6 * CHUNK, 12);
+    std::fs::write(dst.join("a"), &old).unwrap();
+    std::fs::hard_link(dst.join("a"), dst.join("b")).unwrap();
+    let (mut a, mut b) = (old.clone(), old);
+    a[CHUNK..CHUNK + 10].fill(1);
+    a.truncate(3 * CHUNK + 5);
+    b[5 * CHUNK + 1] ^= 0xff;
+    std::fs::write(src.join("a"), &a).unwrap();
+    std::fs::write(src.join("b"), &b).unwrap();
+    sync_json("push", &src, &dst, &["--inplace"], 0);
+    assert_eq!(std::fs::read(dst.join("a")).unwrap(), a);
+    assert_eq!(std::fs::read(dst.join("b")).unwrap(), b);
+}

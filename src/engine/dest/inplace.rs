@@ -12,6 +12,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use rustix::fs::{self as rfs, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use super::{Dest, DestError, Result, TempFile, set_fd_meta};
 use crate::engine::{Mtime, RelPath};
@@ -59,6 +60,18 @@ impl TempFile {
         durable: bool,
     ) -> Result<u64> {
         let p = self.path();
+        // A file that grows gets its new space first: a full disk is then an error before
+        // anything is written, not a half-updated file.
+        let old = target
+            .metadata()
+            .map_err(|e| DestError::io(p, "stat", e))?
+            .len();
+        if len > old {
+            match rfs::fallocate(target, rfs::FallocateFlags::KEEP_SIZE, old, len - old) {
+                Ok(()) | Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {}
+                Err(e) => return Err(DestError::io(p, "reserving space", e)),
+            }
+        }
         let mut buf = vec![0u8; COPY_BUF];
         let mut copied = 0;
         for &(off, n) in ranges {

@@ -44,7 +44,7 @@ pub enum DestError {
 }
 
 impl DestError {
-    fn io(path: impl ToString, op: &'static str, e: impl Into<io::Error>) -> DestError {
+    pub(crate) fn io(path: impl ToString, op: &'static str, e: impl Into<io::Error>) -> DestError {
         DestError::Io {
             path: path.to_string(),
             op,

@@ -77,7 +77,7 @@ impl Ctx {
         }
         let base = inc
             .basis
-            .then(|| open_base(d, &inc.path, self.opts.inplace).ok())
+            .then(|| self.open_base(d, inc).ok())
             .flatten()
             .filter(|b| b.len >= DELTA_MIN_BASE);
         if base.is_none() && resumed == 0 {
@@ -444,7 +444,10 @@ impl Ctx {
         // --inplace only the changed chunks are staged here.
         let reserve = {
             let st = lock(&inc.st);
-            !st.sparse && !st.base.as_ref().is_some_and(|b| b.writable)
+            // (A writable base with no resumed partial is what try_match_chunks updates in
+            // place.)
+            let in_place = st.resumed == 0 && st.base.as_ref().is_some_and(|b| b.writable);
+            !st.sparse && !in_place
         };
         if inc.size >= PREALLOCATE_MIN && reserve {
             t.preallocate(inc.size).map_err(report)?;
@@ -717,6 +720,13 @@ impl Ctx {
                     .map(|b| (b, st.kept.clone()))
             };
             let done = match inplace {
+                // Checked again just before the first write: our copy must still be what the
+                // kept chunks were hashed from.
+                Some((base, _)) if !base.unchanged() => Err(DestError::io(
+                    &inc.path,
+                    "updating in place",
+                    io::Error::other("the old copy changed during the transfer; not updated"),
+                )),
                 Some((base, kept)) => {
                     let ranges: Vec<(u64, u64)> = (0..chunk_count(len))
                         .filter(|k| !kept.contains(k))
@@ -929,16 +939,42 @@ fn write_chunk(t: &TempFile, data: &[u8], at: u64, sparse: bool) -> io::Result<(
     Ok(())
 }
 
-/// Our copy of `path`, mapped for reading; with `inplace`, opened for writing too where it
-/// can be (otherwise it is replaced as usual).
-fn open_base(d: &Dest, path: &RelPath, inplace: bool) -> io::Result<Arc<Base>> {
-    let writable = inplace
-        .then(|| {
-            d.open_for_update(path)
-                .inspect_err(|e| crate::trace!("recv", "{path}: not in place: {}", e.detail()))
-                .ok()
-        })
-        .flatten();
+impl Ctx {
+    /// Our copy of `inc`, mapped for reading. With `--inplace` and an old copy big enough for
+    /// chunked deltas, opened for writing too where it can be (otherwise it is replaced as
+    /// usual) and where no other path of this sync shares its inode.
+    fn open_base(&self, d: &Dest, inc: &Incoming) -> io::Result<Arc<Base>> {
+        let path = &inc.path;
+        let big = inc.before.is_some_and(|b| b.size > 2 * CHUNK);
+        let writable = (self.opts.inplace && big)
+            .then(|| {
+                d.open_for_update(path)
+                    .inspect_err(|e| crate::trace!("recv", "{path}: not in place: {}", e.detail()))
+                    .ok()
+            })
+            .flatten();
+        let base = map_base(d, path, writable)?;
+        if self.opts.inplace {
+            let st = rustix::fs::fstat(&base.file)?;
+            let mut seen = lock(&self.base_inodes);
+            match seen.get(&(st.st_dev, st.st_ino)) {
+                // Being updated in place through another path: not a stable base.
+                Some(true) => return Err(io::Error::other("hard link updated in place")),
+                Some(false) if base.writable => {
+                    crate::trace!("recv", "{path}: not in place: a hard link is a base too");
+                    drop(seen);
+                    return map_base(d, path, None);
+                }
+                _ => {}
+            }
+            seen.insert((st.st_dev, st.st_ino), base.writable);
+        }
+        Ok(base)
+    }
+}
+
+/// Our copy of `path` (`writable`: already opened for writing), mapped for reading.
+fn map_base(d: &Dest, path: &RelPath, writable: Option<std::fs::File>) -> io::Result<Arc<Base>> {
     let (f, writable) = match writable {
         Some(f) => (f, true),
         None => (d.open_file(path).map_err(io::Error::other)?, false),
@@ -949,7 +985,9 @@ fn open_base(d: &Dest, path: &RelPath, inplace: bool) -> io::Result<Arc<Base>> {
     // SAFETY: the map is read-only and private to this process. If another process
     // truncates the file while we read it the kernel raises SIGBUS, as for any reader
     // of a mapped file; that risk is accepted for the receiver's own old copy, which
-    // nothing else should be rewriting during a sync.
+    // nothing else should be rewriting during a sync. This session itself truncates a
+    // file only with --inplace, through this base once every read of it is over, and
+    // never maps an inode that another path updates in place (`Ctx::open_base`).
     let map = if len > 0 {
         Some(unsafe { Mmap::map(&f)? })
     } else {

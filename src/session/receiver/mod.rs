@@ -218,6 +218,10 @@ struct Ctx {
     /// A reflink clone failed here once (ext4, tmpfs, another filesystem per file): do not
     /// try again this session.
     no_reflink: AtomicBool,
+    /// `--inplace`: the inodes (device, inode) opened as delta bases this session, and whether
+    /// for writing. A file is only updated in place if no other path of this sync (a hard
+    /// link) maps the same inode, and a path whose inode is being updated is not mapped.
+    base_inodes: Mutex<HashMap<(u64, u64), bool>>,
 }
 
 /// The receiver's own scan for `--delete`, running while transfers happen: its entries, and
@@ -298,6 +302,7 @@ impl Session {
             fatal: self.fatal.clone(),
             done: Mutex::new(None),
             no_reflink: AtomicBool::new(std::env::var_os("DEVSYNC_NO_REFLINK").is_some()),
+            base_inodes: Mutex::new(HashMap::new()),
         });
         let (plan_tx, plan_rx) = mpsc::channel::<PlanItem>();
         let planner_ctx = ctx.clone();
