@@ -3,6 +3,7 @@
 #   benches/compare.sh [local|remote|all]  devsync vs cp -a and rsync (local, and over SSH+TLS)
 #   benches/compare.sh big                 1 GiB three-edit delta only, local (with --inplace)
 #   benches/compare.sh bigremote           the same through OpenSSH behind a TLS gateway, vs rsync
+#   benches/onefile.py, benches/rtt.py     one-file push cold vs kept; round trips through a delaying relay
 #   benches/compare.sh cp                  devsync cp vs scp through an openssl ProxyCommand
 #   benches/compare.sh shaped              devsync push vs rsync -az/-a over a tc-shaped link
 #                                          (own netns; RATES="20mbit 100mbit", ROUNDS=3)
