@@ -108,6 +108,12 @@ pub fn fingerprint(endpoint: &str, target: &Target, opts: &RemoteOptions) -> Str
         h.update(part.as_bytes());
         h.update(b"\0");
     }
+    if let Target::Devbox { .. } = target {
+        for var in ["RUNLOOP_BASE_URL", "RUNLOOP_SSH_GATEWAY", "RUNLOOP_API_KEY"] {
+            h.update(std::env::var_os(var).unwrap_or_default().as_encoded_bytes());
+            h.update(b"\0");
+        }
+    }
     let files: Vec<PathBuf> = match target {
         Target::Devbox { id, .. } => [credentials::key_path(id), credentials::pin_file()]
             .into_iter()

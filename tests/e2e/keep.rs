@@ -144,6 +144,9 @@ fn a_kept_connection_is_reused_and_falls_back_when_it_cannot_be() {
     assert_same_tree(&src, &remote);
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // The keeper that push started finds this one holding the lock and exits: wait for
+    // that, or it could take over once this one is killed below.
+    wait_for_no_keeper_but(&ep, pid);
     // A killed keeper: a fresh connection, and a new keeper.
     kill(pid);
     std::fs::write(src.join("a"), "five").unwrap();
@@ -186,7 +189,44 @@ fn a_kept_connection_is_reused_and_falls_back_when_it_cannot_be() {
     );
     assert_same_tree(&src, &remote);
     // The new keeper goes with the endpoint (its connection closes), or now.
-    let _guard3 = Kill(keeper_pid_other_than(&ep, pid2));
+    let pid3 = keeper_pid_other_than(&ep, pid2);
+    let _guard3 = Kill(pid3);
+    // The same devbox id through another gateway address (another service, as far as the
+    // client can tell) does not reuse it.
+    let (code, _, err) = ep.run(&["push", src.to_str().unwrap(), &dst], |c| {
+        let gw = ep.gateway.to_string().replace("127.0.0.1", "localhost");
+        c.env("DEVSYNC_KEEP_CONNECTION", "60")
+            .env("DEVSYNC_TRACE", "1")
+            .env("RUNLOOP_SSH_GATEWAY", gw);
+    });
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("not reusing a connection"), "{err}");
+    assert!(err.contains("TLS up"), "{err}");
+}
+
+/// Waits (bounded) until no `devsync __keep` of this endpoint's HOME runs but `pid`.
+fn wait_for_no_keeper_but(ep: &Endpoint, pid: u32) {
+    let home = format!("HOME={}", ep.home.path().display());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let others = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&p| p != pid)
+            .filter(|p| {
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+                cmd.split(|&b| b == 0).any(|a| a == b"__keep")
+                    && env.split(|&b| b == 0).any(|v| v == home.as_bytes())
+            })
+            .count();
+        if others == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "another keeper stays up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn keeper_pid_other_than(ep: &Endpoint, old: u32) -> u32 {
