@@ -16,9 +16,20 @@ fn kept_dir(ep: &Endpoint) -> PathBuf {
 
 /// Runs a traced push with connections kept; returns (exit code, stderr).
 fn push(ep: &Endpoint, src: &Path, dst: &str) -> (i32, String) {
+    push_with(ep, src, dst, |_| {})
+}
+
+/// [`push`], with the command changed by `tweak` too.
+fn push_with(
+    ep: &Endpoint,
+    src: &Path,
+    dst: &str,
+    tweak: impl FnOnce(&mut std::process::Command),
+) -> (i32, String) {
     let (code, _, err) = ep.run(&["push", src.to_str().unwrap(), dst], |c| {
         c.env("DEVSYNC_KEEP_CONNECTION", "60")
             .env("DEVSYNC_TRACE", "1");
+        tweak(c);
     });
     (code, err)
 }
@@ -193,11 +204,9 @@ fn a_kept_connection_is_reused_and_falls_back_when_it_cannot_be() {
     let _guard3 = Kill(pid3);
     // The same devbox id through another gateway address (another service, as far as the
     // client can tell) does not reuse it.
-    let (code, _, err) = ep.run(&["push", src.to_str().unwrap(), &dst], |c| {
-        let gw = ep.gateway.to_string().replace("127.0.0.1", "localhost");
-        c.env("DEVSYNC_KEEP_CONNECTION", "60")
-            .env("DEVSYNC_TRACE", "1")
-            .env("RUNLOOP_SSH_GATEWAY", gw);
+    let gw = ep.gateway.to_string().replace("127.0.0.1", "localhost");
+    let (code, err) = push_with(&ep, &src, &dst, |c| {
+        c.env("RUNLOOP_SSH_GATEWAY", gw);
     });
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("not reusing a connection"), "{err}");

@@ -79,15 +79,21 @@ fn btrfs_deltas_clone_the_old_copy_and_write_only_what_changed() {
     check("btrfs");
 }
 
+/// A temp dir with empty `src` and `dst` in it.
+fn src_and_dst() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir(&src).unwrap();
+    std::fs::create_dir(&dst).unwrap();
+    (t, src, dst)
+}
+
 /// `--inplace` (any filesystem): the changed chunks are written into the old copy's own inode,
 /// so a hard link to it sees the new content, and a file that shrinks or grows ends at its new
 /// length. Nothing is staged beside it afterwards.
 #[test]
 fn inplace_writes_the_changed_ranges_into_the_old_file() {
-    let t = tempfile::tempdir().unwrap();
-    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
-    std::fs::create_dir(&src).unwrap();
-    std::fs::create_dir(&dst).unwrap();
+    let (t, src, dst) = src_and_dst();
     let old = random_bytes(10 * CHUNK + 333, 11);
     for (name, new_len) in [
         ("same", old.len()),
@@ -139,10 +145,7 @@ fn inplace_writes_the_changed_ranges_into_the_old_file() {
 /// being rewritten), and both end right.
 #[test]
 fn inplace_with_two_hard_links_to_one_file_in_one_sync() {
-    let t = tempfile::tempdir().unwrap();
-    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
-    std::fs::create_dir(&src).unwrap();
-    std::fs::create_dir(&dst).unwrap();
+    let (_t, src, dst) = src_and_dst();
     let old = random_bytes(6 * CHUNK, 12);
     std::fs::write(dst.join("a"), &old).unwrap();
     std::fs::hard_link(dst.join("a"), dst.join("b")).unwrap();

@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use rustix::fs::{self as rfs, FileType, Mode, OFlags};
+use rustix::fs::{self as rfs, FileType, OFlags};
 use rustix::io::Errno;
 
 use super::{Dest, DestError, Result, TempFile, set_fd_meta};
@@ -25,14 +25,7 @@ impl Dest {
     /// following a symlink there. Fails (and the caller replaces the file as usual) where the
     /// file is not writable by us.
     pub fn open_for_update(&self, path: &RelPath) -> Result<File> {
-        let dir = self.parent(path)?;
-        let fd = rfs::openat(
-            &*dir,
-            path.file_name(),
-            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
-            Mode::empty(),
-        )
-        .map_err(|e| DestError::io(path, "open for writing in place", e))?;
+        let fd = self.open_existing(path, OFlags::RDWR, "open for writing in place")?;
         let st = rfs::fstat(&fd).map_err(|e| DestError::io(path, "stat", e))?;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(DestError::io(
@@ -41,7 +34,7 @@ impl Dest {
                 std::io::Error::other("not a regular file"),
             ));
         }
-        Ok(File::from(fd))
+        Ok(fd)
     }
 }
 

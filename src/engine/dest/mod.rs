@@ -366,14 +366,20 @@ impl Dest {
 
     /// Opens the existing regular file at `path` for reading (delta base, checksums).
     pub fn open_file(&self, path: &RelPath) -> Result<File> {
+        self.open_existing(path, OFlags::RDONLY, "open")
+    }
+
+    /// Opens what is at `path` with `access` (never following a symlink there, never
+    /// blocking on a FIFO, never taking a terminal).
+    fn open_existing(&self, path: &RelPath, access: OFlags, op: &'static str) -> Result<File> {
         let dir = self.parent(path)?;
         let fd = rfs::openat(
             &*dir,
             path.file_name(),
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+            access | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
             Mode::empty(),
         )
-        .map_err(|e| DestError::io(path, "open", e))?;
+        .map_err(|e| DestError::io(path, op, e))?;
         Ok(File::from(fd))
     }
 

@@ -955,9 +955,8 @@ impl Ctx {
             .flatten();
         let base = map_base(d, path, writable)?;
         if self.opts.inplace {
-            let st = rustix::fs::fstat(&base.file)?;
             let mut seen = lock(&self.base_inodes);
-            match seen.get(&(st.st_dev, st.st_ino)) {
+            match seen.get(&base.inode) {
                 // Being updated in place through another path: not a stable base.
                 Some(true) => return Err(io::Error::other("hard link updated in place")),
                 Some(false) if base.writable => {
@@ -967,7 +966,7 @@ impl Ctx {
                 }
                 _ => {}
             }
-            seen.insert((st.st_dev, st.st_ino), base.writable);
+            seen.insert(base.inode, base.writable);
         }
         Ok(base)
     }
@@ -998,6 +997,8 @@ fn map_base(d: &Dest, path: &RelPath, writable: Option<std::fs::File>) -> io::Re
         len,
         file: f,
         writable,
+        #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+        inode: (st.st_dev as u64, st.st_ino as u64),
         ctime,
     }))
 }

@@ -52,6 +52,8 @@ struct Base {
     file: std::fs::File,
     /// Opened for `--inplace`: the new content goes into this file's own blocks.
     writable: bool,
+    /// (device, inode), for telling hard links apart with `--inplace`.
+    inode: (u64, u64),
     /// Its change time when opened: a clone is only as good as the hashes taken of the same
     /// bytes, so a copy that changed meanwhile is not trusted (see [`Base::unchanged`]).
     ctime: (i64, u64),
