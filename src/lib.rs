@@ -6,6 +6,8 @@
 
 pub mod cli;
 pub mod engine;
+pub mod error_chain;
+pub mod escape;
 pub mod proto;
 pub mod server;
 pub mod session;

@@ -489,11 +489,12 @@ pub fn run() -> Result<u8, Failure> {
 /// with control characters escaped (messages carry remote file names and remote stderr); with
 /// `--json` also a JSON object on stdout, for tools.
 pub fn print_failure(f: &Failure) {
-    let text = output::escape_text(&format!("{:#}", f.error));
+    let whole = crate::error_chain::chain(f.error.as_ref());
+    let text = output::escape_text(&whole);
     eprintln!("devsync: error: {text}");
     if f.json {
         let v = serde_json::json!({
-            "error": format!("{:#}", f.error),
+            "error": whole,
             "stage": stage_of(&f.error),
             "exit_code": f.code,
         });

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+pub use crate::escape::{escape_name, escape_text};
 use crate::proto::Event;
 use crate::session::Observer;
 use crate::session::client::Outcome;
@@ -146,46 +147,6 @@ fn located(path: &str, message: &str) -> String {
     } else {
         format!("{}: {}", escape_name(path.as_bytes()), escape_text(message))
     }
-}
-
-/// A file name as it may be shown on a terminal: bytes a terminal would act on (C0 controls,
-/// DEL, the C1 range) and bytes that are not UTF-8 are written `\#ooo` (octal, as rsync
-/// does), and a backslash before `#` is escaped too, so no name can move the cursor, change
-/// colours or forge a line. `--json` output is never escaped.
-pub fn escape_name(bytes: &[u8]) -> String {
-    escape(bytes, false)
-}
-
-/// Free text from wherever (remote messages, remote stderr): escaped like names, except that
-/// tabs stay and newlines are kept but indented, so a line of it cannot pass for one of ours.
-pub fn escape_text(s: &str) -> String {
-    escape(s.as_bytes(), true)
-}
-
-fn escape(bytes: &[u8], text: bool) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    let octal = |out: &mut String, b: u8| out.push_str(&format!("\\#{b:03o}"));
-    for chunk in bytes.utf8_chunks() {
-        let mut chars = chunk.valid().chars().peekable();
-        while let Some(c) = chars.next() {
-            match c {
-                '\n' if text => out.push_str("\n    "),
-                '\t' if text => out.push('\t'),
-                '\\' if chars.peek() == Some(&'#') => out.push_str("\\#134"),
-                c if c.is_control() => {
-                    let mut buf = [0u8; 4];
-                    for b in c.encode_utf8(&mut buf).bytes() {
-                        octal(&mut out, b);
-                    }
-                }
-                c => out.push(c),
-            }
-        }
-        for &b in chunk.invalid() {
-            octal(&mut out, b);
-        }
-    }
-    out
 }
 
 impl Observer for Reporter {

@@ -46,7 +46,7 @@ impl Api {
                 let whole = tokio::time::timeout(api.limits.api_connection, api.handle(tcp, peer));
                 match whole.await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => log(&format!("api {peer}: {e}")),
+                    Ok(Err(e)) => log(&format!("api {peer}: {}", crate::error_chain::chain(&e))),
                     Err(_) => log(&format!(
                         "api {peer}: connection open for {} s; closed",
                         api.limits.api_connection.as_secs()
@@ -57,21 +57,21 @@ impl Api {
         }
     }
 
-    async fn handle(&self, tcp: tokio::net::TcpStream, peer: SocketAddr) -> Result<(), String> {
+    async fn handle(&self, tcp: tokio::net::TcpStream, peer: SocketAddr) -> Result<(), ConnError> {
         match &self.tls {
             None => self.connection(tcp, peer).await,
             Some(acceptor) => {
                 let accepted = tokio::time::timeout(self.limits.first_bytes, acceptor.accept(tcp));
                 match accepted.await {
                     Ok(Ok(stream)) => self.connection(stream, peer).await,
-                    Ok(Err(e)) => Err(format!("TLS: {e}")),
-                    Err(_) => Err("no TLS handshake in time".into()),
+                    Ok(Err(e)) => Err(ConnError::Tls(e)),
+                    Err(_) => Err(ConnError::NoHandshake),
                 }
             }
         }
     }
 
-    async fn connection<S>(&self, io: S, peer: SocketAddr) -> Result<(), String>
+    async fn connection<S>(&self, io: S, peer: SocketAddr) -> Result<(), ConnError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -86,8 +86,19 @@ impl Api {
             .header_read_timeout(self.limits.first_bytes)
             .serve_connection(TokioIo::new(io), svc)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(ConnError::Http)
     }
+}
+
+/// Why an API connection ended early (logged, never sent anywhere).
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("TLS")]
+    Tls(#[source] std::io::Error),
+    #[error("no TLS handshake in time")]
+    NoHandshake,
+    #[error("HTTP")]
+    Http(#[source] hyper::Error),
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {

@@ -262,7 +262,8 @@ impl State {
             dir: o.dir.display().to_string(),
             msg,
         };
-        if o.token.as_deref() == Some("") {
+        // A blank token would let anyone send `Bearer ` and whitespace through.
+        if o.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return Err(StateError::EmptyToken);
         }
         let users = matches!(o.isolation, Isolation::Users { .. });

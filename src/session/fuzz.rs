@@ -549,6 +549,17 @@ impl Arena {
             1,
             "something was created outside the root"
         );
+        // The root's parent too: where `../x` or an absolute-looking path would land.
+        let mut beside: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        beside.sort();
+        assert_eq!(
+            beside,
+            ["base.bin", "big.bin", "outside", "root"],
+            "something was created beside the root"
+        );
         let relink = |name: &str| {
             let (p, pristine) = (self.root.join(name), self.dir.path().join(name));
             let want = Self::stat(&pristine);
@@ -684,7 +695,9 @@ async fn receiver_case(root: &Path, bytes: &[u8], opts: SyncOptions) {
     // Hang up (the read half stays with the listener, so say it explicitly).
     let _ = our_w.shutdown().await;
     drop(our_w);
-    let _ = recv.await.expect("the receiver panicked"); // any error is a fine end
+    // Any error the peer caused is a fine end; our own bookkeeping breaking is not (checked
+    // through `INTERNAL_ERRORS` after each case: it may not be the error the session ends with).
+    let _ = recv.await.expect("the receiver panicked");
     let _ = writer.await.expect("the writer panicked");
     listener.abort();
 }
@@ -716,11 +729,23 @@ where
                         std_t.elapsed()
                     );
                     arena.restore();
+                    assert_eq!(
+                        super::INTERNAL_ERRORS.load(std::sync::atomic::Ordering::Relaxed),
+                        0,
+                        "{name} case {i}: our own bookkeeping broke (an internal error)"
+                    );
                 }
             });
         }
     });
     eprintln!("{name}: {n} cases in {:.1} s", t0.elapsed().as_secs_f64());
+    // Work a case's pool left running may end after it: checked once more at the end.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        super::INTERNAL_ERRORS.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "{name}: our own bookkeeping broke (an internal error)"
+    );
 }
 
 #[test]
@@ -879,7 +904,7 @@ async fn sender_case(root: &Path, bytes: &[u8]) {
     }
     let _ = our_w.shutdown().await;
     drop(our_w);
-    let _ = send.await.expect("the sender panicked");
+    let _ = send.await.expect("the sender panicked"); // any error is a fine end
     let _ = writer.await.expect("the writer panicked");
     drain.abort();
 }

@@ -126,8 +126,12 @@ where
     };
     // Our own failure (a missing source, a destination that cannot take the copy) is the
     // client's to show: it may not have been told yet.
-    if let Err(e @ (SessionError::Local(_) | SessionError::Dest(_) | SessionError::Scan(_))) =
-        &result
+    if let Err(
+        e @ (SessionError::Local(_)
+        | SessionError::Internal(_)
+        | SessionError::Dest(_)
+        | SessionError::Scan(_)),
+    ) = &result
     {
         let _ = tell.send(Msg::Fatal {
             message: e.to_string(),

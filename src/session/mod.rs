@@ -69,11 +69,21 @@ pub(crate) struct Fatal {
     set: tokio::sync::Notify,
 }
 
+/// How often our own bookkeeping broke in this process ([`SessionError::Internal`]). Counted
+/// apart from the session's error because the first error wins: one that follows a peer's
+/// violation would not be what the session ends with. The fuzzers assert it stays zero.
+pub(crate) static INTERNAL_ERRORS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
 impl Fatal {
     /// Records `e` (the first error wins) and tells the peer, which then closes the session.
     /// The error is stored before the peer hears of it, so whichever way the read loop wakes
     /// up (our notification or the peer hanging up) it reports this error.
     pub(crate) fn fail(&self, out: &conn::Out, e: SessionError) {
+        if let SessionError::Internal(what) = &e {
+            INTERNAL_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::trace!("session", "internal error: {what}");
+        }
         let message = e.to_string();
         lock(&self.err).get_or_insert(e);
         self.set.notify_one();
@@ -139,6 +149,9 @@ pub enum SessionError {
     Dest(#[from] DestError),
     #[error("{0}")]
     Local(String),
+    /// Our own bookkeeping broke (a bug, never the peer's doing): the fuzzers fail on it.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl From<conn::Closed> for SessionError {

@@ -1,8 +1,8 @@
 //! Warm connection reuse. After a sync to a remote, a small background process (`devsync
 //! __keep`, the "keeper") holds the TLS + SSH connection open with a helper already started
 //! and greeted, on a Unix socket in the state directory (one per target and user). The next
-//! push, pull or cp to that target asks the socket for it and starts its session at once: no
-//! API call, no TLS or SSH handshake, no login shell. The keeper relays bytes between the
+//! push, pull, cp or watch to that target asks the socket for it and starts its session at
+//! once: no API call, no TLS or SSH handshake, no login shell. The keeper relays bytes between the
 //! socket and the helper, starts the next spare helper while a session runs, and exits after
 //! an idle time (`--keep-connection`, default 300 s; 0: no keeper).
 //!

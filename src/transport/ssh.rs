@@ -306,7 +306,7 @@ impl Connection {
                     ChannelMsg::ExtendedData { data, ext: 1 } => {
                         if crate::trace::enabled() {
                             // The helper's milestones, as they happen.
-                            eprint!("{}", String::from_utf8_lossy(&data));
+                            eprint!("{}", crate::escape::escape_lines(&data));
                         }
                         status_tx.send_modify(|s| {
                             let room = STDERR_KEEP.saturating_sub(s.stderr.len());

@@ -41,6 +41,7 @@ use crate::session::Observer;
 use crate::session::client::{self, Live};
 use crate::session::sender::{self, GenDone, List, Plan};
 use crate::target::Target;
+use crate::transport::keep;
 use crate::transport::local::LocalHelper;
 use crate::transport::remote::{self, RemoteOptions};
 use report::{Report, Synced};
@@ -84,6 +85,9 @@ enum Link {
         crate::transport::ssh::Connection,
         tokio::sync::watch::Receiver<crate::transport::ssh::ExecStatus>,
     ),
+    /// A kept connection's helper, through its keeper (no stderr or exit status comes back;
+    /// ending the session is closing our end of the relay).
+    Kept,
 }
 
 impl Connected {
@@ -120,6 +124,7 @@ impl Connected {
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
                 err
             }
+            Link::Kept => String::new(),
         }
     }
 }
@@ -149,6 +154,27 @@ async fn connect(cfg: &Config, report: &Arc<Report>) -> anyhow::Result<Connected
             })
         }
         target => {
+            if let Some(ep) = kept_endpoint(cfg) {
+                match keep::attach(&ep, target, &cfg.ropts).await {
+                    Ok((helper, pid)) => {
+                        crate::trace!("watch", "reusing the kept connection (keeper pid {pid})");
+                        let live = client::open_live(
+                            helper.reader,
+                            helper.writer,
+                            cfg.local_root.clone(),
+                            target.remote_path().as_bytes(),
+                            &cfg.opts,
+                            obs,
+                        )
+                        .await?;
+                        return Ok(Connected {
+                            live,
+                            link: Link::Kept,
+                        });
+                    }
+                    Err(why) => crate::trace!("watch", "not reusing a connection: {why}"),
+                }
+            }
             let r = report.clone();
             let notice: remote::Notice = Arc::new(move |m: String| r.notice(&m));
             let remote = remote::open(target, &cfg.ropts, notice).await?;
@@ -304,7 +330,7 @@ pub async fn run(cfg: Config, report: Arc<Report>) -> anyhow::Result<End> {
                 match connect(&cfg, &report).await {
                     Ok(c) => c,
                     Err(e) => {
-                        last_error = format!("{e:#}");
+                        last_error = crate::error_chain::chain(e.as_ref());
                         continue;
                     }
                 }
@@ -314,7 +340,7 @@ pub async fn run(cfg: Config, report: Arc<Report>) -> anyhow::Result<End> {
         match session(&cfg, c, &mut st, &report).await {
             Ok(end) => return Ok(end),
             Err(e) => {
-                last_error = format!("{e:#}");
+                last_error = crate::error_chain::chain(e.as_ref());
                 crate::trace!("watch", "session ended: {last_error}");
                 // A session that got as far as syncing starts the backoff over.
                 if st.finished > before {
@@ -450,6 +476,11 @@ impl State {
 
 /// Runs one connection's session: the catch-up generation, then a generation per batch of
 /// changes. Returns how the watch ended, or the error that ended this connection.
+/// The endpoint whose kept connection a watch may use (and leave a keeper for), if any.
+fn kept_endpoint(cfg: &Config) -> Option<String> {
+    keep::endpoint(&cfg.target).filter(|_| !cfg.ropts.keep.is_zero())
+}
+
 async fn session(
     cfg: &Config,
     mut c: Connected,
@@ -459,8 +490,14 @@ async fn session(
     // Every later write is an event, and its file is then compared by content (`changed`):
     // no need to wait out a racy window before reading.
     c.live.sender.set_racy_window(Duration::ZERO);
+    let fresh = matches!(c.link, Link::Remote(..));
     let r = session_inner(cfg, &mut c, st, report).await;
     let said = c.close(r.is_ok()).await;
+    // A watch stopped by the user leaves a kept connection behind, as a push does, for the
+    // next command to that target (one made through a keeper left it running).
+    if let (true, Ok(End::Interrupted), Some(ep)) = (fresh, &r, kept_endpoint(cfg)) {
+        keep::spawn(&ep, cfg.ropts.keep_args.clone(), cfg.ropts.keep);
+    }
     match r {
         // The helper's own account of an error we already have adds nothing.
         Err(e) if !said.is_empty() && !said.contains(&e.to_string()) => {

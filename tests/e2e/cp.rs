@@ -311,8 +311,12 @@ fn cp_locally_and_without_permission() {
     let (code, _, err) = cp(crate::common::bin(), &[s(&d.join("a")), s(&d.join("out"))]);
     assert_eq!(code, 0, "{err}");
     same_file(&d.join("a"), &d.join("out/a"));
-    if !rustix::process::geteuid().is_root() {
-        return; // the permission check needs another user to copy as
+    // The permission check needs another user to copy as.
+    if !require(
+        rustix::process::geteuid().is_root(),
+        "root, to run as nobody",
+    ) {
+        return;
     }
     let runuser = Path::new("/usr/sbin/runuser").exists() || Path::new("/sbin/runuser").exists();
     if !require(runuser, "runuser (util-linux), to run as nobody") {

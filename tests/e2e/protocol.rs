@@ -52,6 +52,43 @@ async fn pull_from_fake(
     prelude: &[u8],
     script: Vec<Vec<u8>>,
 ) -> Result<Outcome, SessionError> {
+    pull_from_fake_answering(dest, prelude, script, |ids| {
+        ids.iter()
+            .map(|&id| {
+                frame(
+                    &Msg::WholeFiles {
+                        files: vec![evil(id)],
+                    },
+                    b"EVIL",
+                )
+            })
+            .collect()
+    })
+    .await
+    .0
+}
+
+/// A whole file `EVIL` for `id`, as the fake serves it.
+fn evil(id: u32) -> WholeItem {
+    WholeItem {
+        id,
+        len: 4,
+        digest: *blake3::hash(b"EVIL").as_bytes(),
+        stamp: devsync::proto::Stamp {
+            mode: 0o644,
+            mtime: Mtime { sec: 1, nsec: 0 },
+        },
+    }
+}
+
+/// [`pull_from_fake`], answering each `NeedWhole` with the frames `answer` makes of its ids;
+/// also says whether the client's receiver sent `Done`.
+async fn pull_from_fake_answering(
+    dest: &Path,
+    prelude: &[u8],
+    script: Vec<Vec<u8>>,
+    answer: impl Fn(&[u32]) -> Vec<Vec<u8>> + Send + 'static,
+) -> (Result<Outcome, SessionError>, bool) {
     let (client_end, helper_end) = tokio::io::duplex(1 << 20);
     let (cr, cw) = tokio::io::split(client_end);
     let (hr, mut hw) = tokio::io::split(helper_end);
@@ -82,43 +119,31 @@ async fn pull_from_fake(
             replace_dirs: false,
         };
         if hw.write_all(&frame(&start, &[])).await.is_err() {
-            return;
+            return false;
         }
         for f in script {
             if hw.write_all(&f).await.is_err() {
-                return;
+                return false;
             }
         }
-        // Serve whatever is asked for with hostile bytes, until the client hangs up.
+        // Serve whatever is asked for as `answer` says, until the client hangs up.
         while let Ok(Some((msg, _))) = reader.next().await {
             if let Msg::NeedWhole { ids } = &msg {
-                for &id in ids {
-                    let digest = *blake3::hash(b"EVIL").as_bytes();
-                    let item = WholeItem {
-                        id,
-                        len: 4,
-                        digest,
-                        stamp: devsync::proto::Stamp {
-                            mode: 0o644,
-                            mtime: Mtime { sec: 1, nsec: 0 },
-                        },
-                    };
-                    let sent = hw
-                        .write_all(&frame(&Msg::WholeFiles { files: vec![item] }, b"EVIL"))
-                        .await;
-                    if sent.is_err() {
-                        return; // the client hung up
+                for f in answer(ids) {
+                    if hw.write_all(&f).await.is_err() {
+                        return false; // the client hung up
                     }
                 }
             }
             if let Msg::Fatal { .. } = msg {
-                return; // like a real sender: the session is over
+                return false; // like a real sender: the session is over
             }
             if let Msg::Done { .. } = msg {
                 let _ = hw.write_all(&frame(&Msg::Bye, &[])).await;
-                return;
+                return true;
             }
         }
+        false
     });
     let job = Job {
         role: Role::Receiver,
@@ -129,8 +154,8 @@ async fn pull_from_fake(
     };
     let r = client::run(cr, cw, job).await;
     // The fake itself must not have failed (its writes fail quietly once the client hangs up).
-    fake.await.expect("the fake helper panicked");
-    r
+    let done = fake.await.expect("the fake helper panicked");
+    (r, done)
 }
 
 async fn reader_read_exact<R: tokio::io::AsyncRead + Unpin>(
@@ -378,5 +403,92 @@ fn helper_process_survives_garbage() {
         assert!(err.contains(want), "want {want:?} in {err:?}");
         assert!(!err.contains("panicked"), "{err}");
         assert!(out.stdout.starts_with(HELPER_MAGIC));
+    }
+}
+
+/// A sender that ends one file twice must not complete it twice: a duplicate id in one
+/// `WholeFiles`, or a second `SendFailed`, once made the receiver count the file done twice
+/// and send `Done` while the other file was still in flight (or underflow its count).
+#[test]
+fn a_file_ended_twice_is_a_violation_not_an_early_done() {
+    let rt = rt();
+    let two = || {
+        vec![
+            frame(
+                &Msg::Entries {
+                    first_id: 0,
+                    entries: vec![file(b"a"), file(b"b")],
+                    changed: false,
+                },
+                &[],
+            ),
+            frame(
+                &Msg::EndOfList {
+                    count: 2,
+                    scan_errors: 0,
+                    root: None,
+                },
+                &[],
+            ),
+        ]
+    };
+    let failed = |id| {
+        frame(
+            &Msg::SendFailed {
+                id,
+                message: "gone".into(),
+                transient: false,
+            },
+            &[],
+        )
+    };
+    type Answer = Box<dyn Fn(&[u32]) -> Vec<Vec<u8>> + Send>;
+    let cases: Vec<(&str, Answer, &str)> = vec![
+        (
+            "one id twice in a WholeFiles",
+            Box::new(|_: &[u32]| {
+                vec![frame(
+                    &Msg::WholeFiles {
+                        files: vec![evil(0), evil(0)],
+                    },
+                    b"EVILEVIL",
+                )]
+            }),
+            "twice",
+        ),
+        (
+            "two SendFailed for one file",
+            Box::new(move |_: &[u32]| vec![failed(0), failed(0)]),
+            "",
+        ),
+        (
+            "a SendFailed after the file arrived",
+            Box::new(move |_: &[u32]| {
+                vec![
+                    frame(
+                        &Msg::WholeFiles {
+                            files: vec![evil(0)],
+                        },
+                        b"EVIL",
+                    ),
+                    failed(0),
+                ]
+            }),
+            "",
+        ),
+    ];
+    for (what, answer, want) in cases {
+        let td = tempfile::tempdir().unwrap();
+        let dest = td.path().join("dest");
+        let (r, done) = rt.block_on(pull_from_fake_answering(&dest, b"", two(), answer));
+        assert!(!done, "{what}: the receiver said Done");
+        match r {
+            Err(SessionError::Violation(m)) => {
+                eprintln!("{what}: {m}");
+                assert!(m.contains(want), "{what}: {m}")
+            }
+            Err(SessionError::Proto(e)) => assert!(e.to_string().contains(want), "{what}: {e}"),
+            other => panic!("{what}: want a protocol violation, got {other:?}"),
+        }
     }
 }

@@ -21,12 +21,24 @@ enum Writer {
     Pausing(Duration),
     /// This many passes, then quiet.
     Burst(u32),
+    /// Appends a little every millisecond (a busy log): it never holds still either.
+    Appending,
 }
 
 /// Writes pass after pass over `path` in place, block by block; each block holds its pass
 /// number. Returns the number of passes written.
 fn rewriter(path: &Path, blocks: usize, how: Writer, stop: Arc<AtomicBool>) -> u32 {
     let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    if let Writer::Appending = how {
+        let mut lines = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let end = f.metadata().unwrap().len();
+            f.write_all_at(&[b'x'; 4096], end).unwrap();
+            lines += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        return lines;
+    }
     let mut pass = 1u32;
     let mut buf = vec![0u8; BLOCK];
     while !stop.load(Ordering::Relaxed) {
@@ -95,6 +107,17 @@ fn push_while_rewriting(
     assert!(written >= 1, "the writer ran");
     let after = fs::read(dst_file).ok();
     match code {
+        // A read that happened to fall between two writes (a starved writer) is a real
+        // version: fine, as long as it is one.
+        0 if matches!(how, Writer::Appending) => {
+            let data = after.unwrap_or_default();
+            let tail = data.get(blocks * BLOCK..).unwrap_or_default();
+            assert!(
+                tail.len() % 4096 == 0 && tail.iter().all(|&b| b == b'x'),
+                "a version that never existed arrived: {} bytes",
+                data.len()
+            );
+        }
         0 => {
             let p = passes(after.as_deref().unwrap_or_default());
             assert!(
@@ -131,8 +154,24 @@ fn rewritten_file_tests(run: &dyn Fn(&Path) -> (i32, String), dst_file: &Path, s
     let how = Writer::Burst(2);
     let code = push_while_rewriting(run, src, dst_file, how, false);
     codes.push((how, false, code));
-    eprintln!("exit codes while rewriting: {codes:?}");
     assert_eq!(code, 0, "{codes:?}");
+    // A file that never holds still is reported (exit 23) and not updated, never sent as
+    // whatever was read: written over pass after pass, or appended to all along.
+    for fresh in [true, false] {
+        let code = push_while_rewriting(run, src, dst_file, Writer::Appending, fresh);
+        codes.push((Writer::Appending, fresh, code));
+    }
+    eprintln!("exit codes while rewriting: {codes:?}");
+    // Each kind of writer that never holds still is caught (one run of each at least: a run
+    // whose writer was starved long enough may read a real version, checked above).
+    let caught = |kind: &dyn Fn(&Writer) -> bool| {
+        codes.iter().any(|(how, _, code)| kind(how) && *code == 23)
+    };
+    assert!(
+        caught(&|h| matches!(h, Writer::Pausing(p) if p.is_zero())),
+        "{codes:?}"
+    );
+    assert!(caught(&|h| matches!(h, Writer::Appending)), "{codes:?}");
     assert!(own_files(dst_file.parent().unwrap()).is_empty());
 }
 
@@ -155,6 +194,22 @@ fn files_rewritten_while_pushed_arrive_whole_or_not_at_all() {
     let dst = td.path().join("dst");
     let run = |src: &Path| {
         let out = devsync(&[OsStr::new("push"), src.as_os_str(), dst.as_os_str()]);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    rewritten_file_tests(&run, &dst.join("big"), &src);
+}
+
+/// The same from the other side: the file is rewritten where a pull reads it.
+#[test]
+fn files_rewritten_while_pulled_arrive_whole_or_not_at_all() {
+    let td = tempfile::tempdir().unwrap();
+    let src = sixteen_mib_source(td.path());
+    let dst = td.path().join("dst");
+    let run = |src: &Path| {
+        let out = devsync(&[OsStr::new("pull"), src.as_os_str(), dst.as_os_str()]);
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -218,18 +273,28 @@ fn look_alike_names_are_synced_and_real_leftovers_swept() {
         snapshot(&back2),
         "pulled exactly the user's entries"
     );
-    // Replacing a file in `d` sweeps `d`.
+    // Replacing a file in `d` sweeps `d`. Nothing is replaced in the root, but writing the
+    // leftover there left its mtime off the sender's: that is enough to sweep it too.
     fs::write(src.join("d/f"), b"v2").unwrap();
     sync_json("push", &src, &dst, &[], 0);
     assert!(!in_d.exists(), "leftover in d survived");
     assert!(live.exists(), "a live session's temp was removed");
-    assert!(
-        in_root.exists(),
-        "the root was not touched, so not swept yet"
-    );
-    // --delete's scan of the destination finds the rest.
+    assert!(!in_root.exists(), "leftover in the root survived");
+    // In a directory whose mtime was put back (nothing says a session wrote there), only
+    // --delete's scan of the whole destination finds a leftover.
+    let hidden = leftover(&dst.join("d"), 4);
+    let t = std::fs::metadata(src.join("d"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    fs::File::open(dst.join("d"))
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    sync_json("push", &src, &dst, &[], 0);
+    assert!(hidden.exists(), "swept although nothing pointed at it");
     sync_json("push", &src, &dst, &["--delete"], 0);
-    assert!(!in_root.exists(), "leftover in the root survived --delete");
+    assert!(!hidden.exists(), "leftover in d survived --delete");
     assert!(live.exists());
     drop(held);
     fs::remove_file(&live).unwrap();

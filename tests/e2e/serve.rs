@@ -202,12 +202,18 @@ fn state_is_private_whatever_the_umask_and_tokens_are_never_empty() {
     }
     let token = std::fs::read_to_string(dir.join("token")).unwrap();
     assert_eq!(token.trim().len(), 48, "24 random bytes: {token}");
-    let out = crate::common::bin()
-        .args(["serve", "--print-env", "--token", "", "--state", s(&dir)])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--token must not be empty"));
+    for blank in ["", "  \t"] {
+        let out = crate::common::bin()
+            .args(["serve", "--print-env", "--token", blank, "--state", s(&dir)])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{blank:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--token must not be empty"),
+            "{blank:?}: {err}"
+        );
+    }
 }
 
 /// An HTTP request to the endpoint's API; the status code.
@@ -309,15 +315,23 @@ fn idle_and_trickling_connections_are_closed_and_capped() {
         closed_within_tls(&mut silent, bound),
         "silent after TLS stayed open"
     );
-    // More connections than an address may hold: the extra ones are closed at once.
-    let held: Vec<TcpStream> = (0..limits.per_address)
-        .map(|_| TcpStream::connect(ep.gateway).unwrap())
-        .collect();
-    std::thread::sleep(Duration::from_millis(100));
-    let mut extra = TcpStream::connect(ep.gateway).unwrap();
-    let t = closed_within(&mut extra, Duration::from_millis(500));
-    assert!(t.is_some(), "connection over the per-address cap was kept");
-    drop(held);
+    // More connections than an address may hold: the extra ones are closed at once, at the
+    // gateway and at the API alike.
+    for (what, addr) in [("gateway", ep.gateway), ("API", ep.api)] {
+        let held: Vec<TcpStream> = (0..limits.per_address)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // Let the server take them all before the one over the cap.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut extra = TcpStream::connect(addr).unwrap();
+        // At once: well before the first-bytes limit would close it anyway.
+        let t = closed_within(&mut extra, Duration::from_millis(500));
+        assert!(
+            t.is_some_and(|t| t < limits.first_bytes / 2),
+            "{what}: connection over the per-address cap was kept ({t:?})"
+        );
+        drop(held);
+    }
 }
 
 fn tls_to_gateway(
@@ -462,4 +476,22 @@ fn failed_logins_are_logged() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// An error's causes are printed once each (many messages name their cause, which their type
+/// also hands on as its source; printed as a chain, it used to appear twice).
+#[test]
+fn an_error_names_its_cause_once() {
+    let td = tempfile::tempdir().unwrap();
+    let file = td.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let out = crate::common::bin()
+        .args(["serve", "--no-isolation", "--print-env", "--state"])
+        .arg(file.join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
+    assert!(err.starts_with("devsync: error: "), "{err}");
 }

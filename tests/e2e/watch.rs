@@ -918,8 +918,12 @@ fn a_root_emptied_while_disconnected_halts_instead_of_wiping_the_remote() {
 #[test]
 fn an_unreadable_directory_is_not_taken_for_deleted() {
     use std::os::unix::fs::PermissionsExt;
-    if !rustix::process::geteuid().is_root() {
-        return; // root reads everything; the check runs as nobody
+    // Root reads everything; the check runs as nobody.
+    if !require(
+        rustix::process::geteuid().is_root(),
+        "root, to run as nobody",
+    ) {
+        return;
     }
     let runuser = Path::new("/usr/sbin/runuser").exists() || Path::new("/sbin/runuser").exists();
     if !require(runuser, "runuser (util-linux), to run as nobody") {
@@ -1052,4 +1056,52 @@ fn a_root_deleted_slowly_halts_before_any_of_it_is_deleted_remotely() {
         "the remote lost {} files before the halt",
         1200 - left
     );
+}
+
+/// A watch stopped by the user leaves a kept connection (as a push does), and the next watch
+/// to that target starts its session through it: no TLS, SSH or helper start-up.
+#[test]
+fn a_watch_leaves_a_kept_connection_and_the_next_one_uses_it() {
+    let td = tempfile::tempdir().unwrap();
+    let home = td.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let state = td.path().join("serve-state");
+    let serve = ServeProc::start(&state, "dbx_kw");
+    let src = td.path().join("src");
+    write(&src.join("a.txt"), b"first");
+    let remote = state.join("homes/dbx_kw/proj");
+    let mut env = serve_env(&serve, &home);
+    env.push(("DEVSYNC_KEEP_CONNECTION".into(), "60".into()));
+    env.push(("DEVSYNC_TRACE".into(), "1".into()));
+    let kept = home.join(".local/state/devsync/kept");
+    let w = Watch::start(&src, "dbx_kw:proj", &[], &env);
+    converge(&src, &remote, &nothing, LIMIT, &w);
+    assert!(
+        crate::faults::live_keeper(&kept).is_none(),
+        "a keeper while watching"
+    );
+    assert_eq!(w.interrupt(), 0);
+    let t0 = Instant::now();
+    let keeper = loop {
+        if let Some(pid) = crate::faults::live_keeper(&kept) {
+            break pid;
+        }
+        assert!(t0.elapsed() < LIMIT, "the stopped watch left no keeper");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let w = Watch::start(&src, "dbx_kw:proj", &[], &env);
+    write(&src.join("b.txt"), b"made in the second watch");
+    converge(&src, &remote, &nothing, LIMIT, &w);
+    w.flush_and_check(&remote, &nothing);
+    let said = w.stderr.lock().unwrap().clone();
+    assert!(
+        said.contains(&format!(
+            "reusing the kept connection (keeper pid {keeper})"
+        )),
+        "{said}"
+    );
+    assert_eq!(w.interrupt(), 0);
+    // Still the same keeper, for whatever comes next.
+    assert_eq!(crate::faults::live_keeper(&kept), Some(keeper));
+    kill(keeper);
 }

@@ -883,8 +883,8 @@ impl Ctx {
                 Some(n) => t.outstanding = n,
                 None => {
                     drop(t);
-                    return self.fail(SessionError::Local(
-                        "internal error: more transfers finished than started".into(),
+                    return self.fail(SessionError::Internal(
+                        "more transfers finished than started",
                     ));
                 }
             }

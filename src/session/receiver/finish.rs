@@ -13,6 +13,13 @@ impl Ctx {
             t.finished |= go;
             go
         };
+        // Every file asked for is in `files` and counted in `outstanding` until it completes
+        // once; if the two disagree, `Done` would go out while a file is still in flight.
+        if go && !lock(&self.files).is_empty() {
+            return self.fail(SessionError::Internal(
+                "all transfers counted done while a file is still in flight",
+            ));
+        }
         if go {
             self.finish();
         }
@@ -198,6 +205,16 @@ impl Ctx {
         }
         // The root last: everything above changed its mtime.
         let root = lock(&self.dirs).root.take();
+        // As for any directory (`fix_dir`): a root whose mtime is off may hold a killed
+        // session's temp files, even where this sync replaced nothing in it. (The session's
+        // own probe file moves it too, so in practice the root is swept once per sync: one
+        // directory read.)
+        if let Some(r) = &root
+            && d.root_meta().is_ok_and(|m| m.mtime != r.mtime)
+            && let Err(e) = d.sweep(b"")
+        {
+            self.warn("", format!("cleaning up leftovers: {}", e.detail()));
+        }
         if let Some(r) = root
             && let Err(e) = d.set_root_meta(Some(r.mode), Some(r.mtime))
         {

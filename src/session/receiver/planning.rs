@@ -437,6 +437,19 @@ impl Ctx {
         if perms || time {
             lock(&self.dirs).fix.insert(key);
         }
+        // Every sync ends by mirroring directory mtimes, so an existing directory whose mtime
+        // is off was written to since: perhaps by a session killed while a temp file of its
+        // stood there. Sweeping it here cleans that up even if nothing in it is replaced now.
+        if time
+            && !self.opts.dry_run
+            && let Some(d) = &self.dest
+            && let Err(e) = d.sweep(entry.path.as_bytes())
+        {
+            self.warn(
+                &entry.path,
+                format!("cleaning up leftovers: {}", e.detail()),
+            );
+        }
         // Keep it writable for us while we fill it; the final mode comes at the end.
         if let (Some(d), false, Some(l)) = (&self.dest, self.opts.dry_run, local)
             && l.mode & 0o700 != 0o700
@@ -530,6 +543,8 @@ impl Ctx {
                     st: Mutex::new(Assembly::default()),
                     write: Mutex::new(()),
                 });
+                // In `files` before it is counted: safe, as nothing can finish the list (and
+                // so see the count at zero) but this planner thread, which counts it next.
                 if lock(&self.files).insert(id, inc.clone()).is_some() {
                     return self.fail(SessionError::Violation(format!("file id {id} reused")));
                 }
