@@ -268,8 +268,8 @@ async fn one(
             };
             let dst = with_path(dst, dst_root.to_string());
             let (from, to) = tokio::try_join!(
-                remote::open(src, ropts, notice.clone()),
-                remote::open(&dst, ropts, notice),
+                remote::open(src, ropts, notice.clone(), &[]),
+                remote::open(&dst, ropts, notice, &[]),
             )?;
             let (mut st_from, mut st_to) = (from.helper.status.clone(), to.helper.status.clone());
             let result = relay::copy(

@@ -140,18 +140,31 @@ pub(super) async fn run_remote(
                     Ok((helper, pid)) => {
                         crate::trace!("client", "reusing the kept connection (keeper pid {pid})");
                         job.remote_root = target.remote_path().as_bytes().to_vec();
-                        return Ok(
-                            client::run_ready(helper.reader, helper.writer, job, prepared).await?,
-                        );
+                        return Ok(client::run_ready(
+                            helper.reader,
+                            helper.writer,
+                            job,
+                            prepared,
+                            false,
+                        )
+                        .await?);
                     }
                     Err(why) => crate::trace!("client", "not reusing a connection: {why}"),
                 }
             }
-            let remote = remote::open(&target, ropts, notice).await?;
-            job.remote_root = remote.root.clone();
+            // The Hello goes with the command that starts the helper (saves a round trip).
+            job.remote_root = target.remote_path().as_bytes().to_vec();
+            let early = client::hello_bytes(job.role, &job.remote_root, &job.opts);
+            let remote = remote::open(&target, ropts, notice, &early).await?;
             let mut status = remote.helper.status.clone();
-            let result =
-                client::run_ready(remote.helper.reader, remote.helper.writer, job, prepared).await;
+            let result = client::run_ready(
+                remote.helper.reader,
+                remote.helper.writer,
+                job,
+                prepared,
+                true,
+            )
+            .await;
             match result {
                 Ok(o) => {
                     remote.conn.close().await;

@@ -80,23 +80,39 @@ pub async fn await_helper<R: AsyncRead + Unpin>(
                 format!("the helper did not start; the remote side said: {shown}")
             }));
         }
-        let n = buf.len();
+        let (n, before) = (buf.len(), junk.len());
         junk.extend_from_slice(buf);
-        r.buffered().consume(n);
-        r.count(n as u64);
         if let Some(pos) = find(&junk, HELPER_MAGIC) {
-            let after = junk.split_off(pos);
-            // Bytes after the magic belong to the protocol: we need exactly the version after it.
-            let rest = after.get(HELPER_MAGIC.len()..).unwrap_or_default().to_vec();
-            let version = read_version(r, rest).await?;
+            // Take no more than the greeting: what follows it is the session's (the answer to
+            // a Hello the client sent ahead, already on its way).
+            let magic_end = pos + HELPER_MAGIC.len();
+            let end = (magic_end + 4).min(junk.len());
+            let used = end.saturating_sub(before);
+            r.buffered().consume(used);
+            r.count(used as u64);
+            let mut v = [0u8; 4];
+            let have = end - magic_end;
+            if let (Some(dst), Some(src)) = (v.get_mut(..have), junk.get(magic_end..end)) {
+                dst.copy_from_slice(src);
+            }
+            if let Some(dst) = v.get_mut(have..) {
+                r.buffered().read_exact(dst).await.map_err(|_| {
+                    ProtoError::Handshake("the helper's greeting was cut short".into())
+                })?;
+                r.count(dst.len() as u64);
+            }
+            let version = u32::from_be_bytes(v);
             if version != PROTOCOL_VERSION {
                 return Err(ProtoError::Handshake(format!(
                     "the helper speaks protocol version {version}, this client {PROTOCOL_VERSION}: \
                      the remote devsync binary is from another release"
                 )));
             }
+            junk.truncate(pos);
             return Ok(junk);
         }
+        r.buffered().consume(n);
+        r.count(n as u64);
         if junk.len() > MAX_JUNK {
             return Err(ProtoError::Handshake(format!(
                 "more than {MAX_JUNK} bytes of output before the helper started: a login script \
@@ -113,33 +129,44 @@ pub async fn client_answer<W: AsyncWrite + Unpin>(
     w.write_raw(CLIENT_MAGIC).await
 }
 
-/// Reads the 4-byte version that follows the magic. `already` holds bytes read past the magic,
-/// which can only be part of the version or frames that follow it: those must be handed back.
-async fn read_version<R: AsyncRead + Unpin>(
-    r: &mut FrameReader<R>,
-    already: Vec<u8>,
-) -> Result<u32, ProtoError> {
-    // The helper writes nothing after its greeting until it hears from us, so at most the 4
-    // version bytes can have been read with the magic.
-    if already.len() > 4 {
-        return Err(ProtoError::Handshake(
-            "the helper sent data before the client spoke".into(),
-        ));
-    }
-    let mut v = [0u8; 4];
-    let have = already.len();
-    if let Some(dst) = v.get_mut(..have) {
-        dst.copy_from_slice(&already);
-    }
-    if let Some(dst) = v.get_mut(have..) {
-        r.buffered()
-            .read_exact(dst)
-            .await
-            .map_err(|_| ProtoError::Handshake("the helper's greeting was cut short".into()))?;
-    }
-    Ok(u32::from_be_bytes(v))
-}
-
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::proto::Msg;
+
+    /// A helper that got the client's Hello early answers it right after its greeting, so
+    /// both can arrive in one read: the answer stays for the session, split anywhere.
+    #[tokio::test]
+    async fn what_follows_the_greeting_is_left_for_the_session() {
+        let mut wire = b"motd\n".to_vec();
+        wire.extend_from_slice(HELPER_MAGIC);
+        wire.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+        let ok = Msg::HelloOk {
+            version: PROTOCOL_VERSION,
+            compress: false,
+        };
+        crate::proto::frame::encode(&ok, &[], &mut wire).unwrap();
+        for split in 0..wire.len() {
+            let (a, b) = wire.split_at(split);
+            let (mut tx, rx) = tokio::io::duplex(1 << 16);
+            let (a, b) = (a.to_vec(), b.to_vec());
+            let writer = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                tx.write_all(&a).await.unwrap();
+                tokio::task::yield_now().await;
+                tx.write_all(&b).await.unwrap();
+            });
+            let mut r = FrameReader::new(rx);
+            let junk = await_helper(&mut r).await.expect("greeting");
+            assert_eq!(junk, b"motd\n", "split at {split}");
+            let (msg, _) = r.next().await.unwrap().expect("the answer");
+            assert!(matches!(msg, Msg::HelloOk { .. }), "split at {split}");
+            writer.await.unwrap();
+        }
+    }
 }

@@ -72,37 +72,57 @@ where
     let mut reader = FrameReader::new(r);
     crate::trace!("client", "waiting for the helper");
     handshake::await_helper(&mut reader).await?;
-    run_ready(reader, w, job, prepared).await
+    run_ready(reader, w, job, prepared, false).await
+}
+
+/// The client's answer to the greeting and its `Hello`, as bytes a transport can send before
+/// the greeting arrives (the helper reads them once it starts): one round trip less. A
+/// session on such a stream is run with `hello_sent`.
+pub fn hello_bytes(role: Role, remote_root: &[u8], opts: &SyncOptions) -> Vec<u8> {
+    let mut v = handshake::CLIENT_MAGIC.to_vec();
+    // Encoding a Hello cannot fail (no payload, far below the frame limit); if it ever did,
+    // sending only the magic would make the helper see a broken session, not a wrong one.
+    let _ = crate::proto::frame::encode(&hello_msg(role, remote_root, opts), &[], &mut v);
+    v
+}
+
+fn hello_msg(role: Role, remote_root: &[u8], opts: &SyncOptions) -> Msg {
+    let helper_role = match role {
+        Role::Sender => Role::Receiver,
+        Role::Receiver => Role::Sender,
+    };
+    Msg::Hello {
+        version: PROTOCOL_VERSION,
+        helper_role,
+        root: remote_root.to_vec(),
+        opts: opts.clone(),
+    }
 }
 
 /// Answers the helper's greeting, tells it what to do (it plays the role other than `role`)
 /// and waits for it to agree; from then on `writer` compresses if both ends agreed to.
+/// `sent`: the transport already sent [`hello_bytes`]; only the answer is awaited.
 pub(super) async fn hello<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     role: Role,
     remote_root: &[u8],
     opts: &SyncOptions,
+    sent: bool,
 ) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    handshake::client_answer(writer).await?;
     crate::trace!("client", "helper ready");
-    let helper_role = match role {
-        Role::Sender => Role::Receiver,
-        Role::Receiver => Role::Sender,
-    };
-    let hello = Msg::Hello {
-        version: PROTOCOL_VERSION,
-        helper_role,
-        root: remote_root.to_vec(),
-        opts: opts.clone(),
-    };
-    // Hello goes out before anything queued (the list may already be waiting).
-    writer.write(&hello, &[]).await?;
-    writer.flush().await?;
+    if !sent {
+        handshake::client_answer(writer).await?;
+        // Hello goes out before anything queued (the list may already be waiting).
+        writer
+            .write(&hello_msg(role, remote_root, opts), &[])
+            .await?;
+        writer.flush().await?;
+    }
     let limit = conn::Keepalive::from_env().dead;
     let answer = tokio::time::timeout(limit, reader.next())
         .await
@@ -150,13 +170,22 @@ pub async fn open_live<R, W>(
     remote_root: &[u8],
     opts: &SyncOptions,
     obs: Arc<dyn Observer>,
+    hello_sent: bool,
 ) -> Result<Live<R>, SessionError>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut writer = FrameWriter::new(w);
-    hello(&mut reader, &mut writer, Role::Sender, remote_root, opts).await?;
+    hello(
+        &mut reader,
+        &mut writer,
+        Role::Sender,
+        remote_root,
+        opts,
+        hello_sent,
+    )
+    .await?;
     let (out, pending) = conn::channel();
     let sender = sender::Sender::new(out, local_root, opts, obs)?;
     Ok(Live {
@@ -237,6 +266,7 @@ pub async fn run_ready<R, W>(
     w: W,
     job: Job,
     prepared: Prepared,
+    hello_sent: bool,
 ) -> Result<Outcome, SessionError>
 where
     R: AsyncRead + Unpin + Send,
@@ -249,6 +279,7 @@ where
         job.role,
         &job.remote_root,
         &job.opts,
+        hello_sent,
     )
     .await?;
     let Prepared {

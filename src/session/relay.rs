@@ -36,8 +36,8 @@ where
     let (mut ra, mut wa) = (from.reader, FrameWriter::new(from.writer));
     let (mut rb, mut wb) = (to.reader, FrameWriter::new(to.writer));
     // We "receive" from the first (it sends) and "send" to the second (it receives).
-    hello(&mut ra, &mut wa, Role::Receiver, &from.root, opts).await?;
-    hello(&mut rb, &mut wb, Role::Sender, &to.root, opts).await?;
+    hello(&mut ra, &mut wa, Role::Receiver, &from.root, opts, false).await?;
+    hello(&mut rb, &mut wb, Role::Sender, &to.root, opts, false).await?;
     crate::trace!("relay", "both helpers ready");
     let (a_to_b, b_to_a) = tokio::join!(forward(ra, wb, obs.clone()), forward(rb, wa, obs.clone()));
     // What a helper said when it gave up explains more than the other side's broken pipe.

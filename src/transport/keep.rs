@@ -382,7 +382,7 @@ impl Spare {
     fn start(k: Arc<Keeper>) -> Starting {
         tokio::spawn(async move {
             let quiet: Arc<dyn Fn(String) + Send + Sync> = Arc::new(|m: String| eprintln!("{m}"));
-            bootstrap::start(&k.conn, &k.opts.bootstrap, quiet)
+            bootstrap::start(&k.conn, &k.opts.bootstrap, quiet, &[])
                 .await
                 .map_err(|e| e.to_string())
         })

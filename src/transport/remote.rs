@@ -61,14 +61,17 @@ pub struct Remote {
     pub root: Vec<u8>,
 }
 
+/// Connects and starts a helper; `early` (maybe empty) goes to it at once, before its
+/// greeting is awaited (see `session::client::hello_bytes`).
 pub async fn open(
     target: &Target,
     opts: &RemoteOptions,
     notice: Notice,
+    early: &[u8],
 ) -> Result<Remote, TransportError> {
     let (conn, path) = connect(target, opts, &notice).await?;
     crate::trace!("client", "SSH ready");
-    let helper = bootstrap::start(&conn, &opts.bootstrap, notice.clone()).await?;
+    let helper = bootstrap::start(&conn, &opts.bootstrap, notice.clone(), early).await?;
     Ok(Remote {
         helper,
         conn,

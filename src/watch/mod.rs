@@ -146,6 +146,7 @@ async fn connect(cfg: &Config, report: &Arc<Report>) -> anyhow::Result<Connected
                 abs.as_os_str().as_encoded_bytes(),
                 &cfg.opts,
                 obs,
+                false,
             )
             .await?;
             Ok(Connected {
@@ -165,6 +166,7 @@ async fn connect(cfg: &Config, report: &Arc<Report>) -> anyhow::Result<Connected
                             target.remote_path().as_bytes(),
                             &cfg.opts,
                             obs,
+                            false,
                         )
                         .await?;
                         return Ok(Connected {
@@ -177,15 +179,19 @@ async fn connect(cfg: &Config, report: &Arc<Report>) -> anyhow::Result<Connected
             }
             let r = report.clone();
             let notice: remote::Notice = Arc::new(move |m: String| r.notice(&m));
-            let remote = remote::open(target, &cfg.ropts, notice).await?;
+            // The Hello goes with the command that starts the helper (saves a round trip).
+            let root = target.remote_path().as_bytes();
+            let early = client::hello_bytes(crate::proto::Role::Sender, root, &cfg.opts);
+            let remote = remote::open(target, &cfg.ropts, notice, &early).await?;
             let status = remote.helper.status.clone();
             let live = client::open_live(
                 remote.helper.reader,
                 remote.helper.writer,
                 cfg.local_root.clone(),
-                &remote.root,
+                root,
                 &cfg.opts,
                 obs,
+                true,
             )
             .await?;
             Ok(Connected {

@@ -603,6 +603,7 @@ impl Ctx {
             if st.completed {
                 return;
             }
+            st.finalizing |= st.end.is_some();
             (
                 st.end.take(),
                 std::mem::take(&mut st.chunks),
@@ -910,6 +911,7 @@ impl Assembly {
         self.inplace = false;
         self.kept.clear();
         self.end = None;
+        self.finalizing = false;
         self.error = None;
     }
 }

@@ -163,6 +163,9 @@ struct Assembly {
     /// Work handed to the pool for this file and not finished yet.
     jobs: usize,
     end: Option<End>,
+    /// The attempt's end was taken to be verified and applied (`end` is empty again): nothing
+    /// more may arrive for this attempt, or it would land in a file being checked or copied.
+    finalizing: bool,
     /// Whole-file resend already asked for after a failed verification.
     retried: bool,
     restarts: u32,
@@ -631,7 +634,7 @@ impl Ctx {
         let Some(asked) = st.asked else {
             return bad("message for a file that was not asked for");
         };
-        if st.end.is_some() {
+        if st.end.is_some() || st.finalizing {
             return bad("message after the file was ended");
         }
         let big = st.phase != Phase::Plain;
