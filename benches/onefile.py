@@ -5,7 +5,8 @@ to real OpenSSH behind the TLS gateway and to `devsync serve` (benches/watch.py'
 The bench user's ~/.bashrc is the pyenv-style init of watch.py, or with SLEEP=0.2 a
 `sleep 0.2` (a slow-starting login shell). RUNS=9 rounds, cold and kept alternating.
 With TREE=dir, that tree is pushed instead of one file, and a local no-change push of it
-(into a local copy) runs in the same rounds.
+(into a local copy) runs in the same rounds. With SSH=1, `devsync ssh -T HOST -- true` is timed
+instead of a push (a command per agent step), cold against kept.
 """
 import os, shutil, statistics, subprocess, sys, time
 
@@ -15,6 +16,7 @@ import watch  # noqa: E402
 DATA = os.environ.get('BENCH_DIR', '/tmp/devsync-bench')
 RUNS = int(os.environ.get('RUNS', '9'))
 SLEEP = os.environ.get('SLEEP')
+SSH = os.environ.get('SSH') == '1'
 
 
 def main():
@@ -35,14 +37,21 @@ def main():
         for name in ('openssh', 'serve'):
             target = env.target(name, 'one')
             e = env.env[name]
-            run = lambda keep: subprocess.run(
-                [watch.DEVSYNC, 'push', '-q', '--keep-connection', keep, src, target],
-                check=True, capture_output=True, env=e)
+            if SSH:
+                host = target.split(':')[0]
+                run = lambda keep: subprocess.run(
+                    [watch.DEVSYNC, 'ssh', '-T', '--keep-connection', keep, host, '--', 'true'],
+                    check=True, capture_output=True, env=e)
+            else:
+                run = lambda keep: subprocess.run(
+                    [watch.DEVSYNC, 'push', '-q', '--keep-connection', keep, src, target],
+                    check=True, capture_output=True, env=e)
             run('0')
             run('300')  # leaves a keeper behind
-            times = {'cold': [], 'kept': [], 'local': []}
+            times = {'cold': [], 'kept': []} if SSH else {'cold': [], 'kept': [], 'local': []}
             for _ in range(RUNS):
-                for kind, keep in (('cold', '0'), ('kept', '300'), ('local', None)):
+                kinds = (('cold', '0'), ('kept', '300')) + ((('local', None),) if not SSH else ())
+                for kind, keep in kinds:
                     t = time.perf_counter()
                     if keep:
                         run(keep)

@@ -4,7 +4,8 @@
 //!
 //! The terminal is put in raw mode only for an interactive session and restored on every way
 //! out (the guard's `Drop`). devsync's own failures exit 255, as ssh's do, so a remote
-//! command's 1 stays the command's.
+//! command's 1 stays the command's. The session runs on a kept connection's channel when
+//! there is one (`transport::shell`), and a fresh connection is left kept afterwards.
 
 use std::io::{IsTerminal, Write};
 use std::os::fd::AsFd;
@@ -12,12 +13,14 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use russh::{ChannelMsg, Sig};
+use russh::Sig;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::RemoteArgs;
 use crate::target::Target;
+use crate::transport::keep;
 use crate::transport::remote::{self, Notice};
+use crate::transport::shell::{Event, Pty, Shell};
 
 /// devsync's own failure (connection, authentication, a refused channel), as ssh's 255.
 pub const SSH_FAILED: u8 = 255;
@@ -164,8 +167,23 @@ pub fn signal_status(sig: &Sig) -> u8 {
     128u8.saturating_add(n)
 }
 
-async fn session(a: &SshArgs, target: &Target) -> anyhow::Result<u8> {
+/// The session's channel: through a kept connection if there is one, else on a connection
+/// of our own (returned too, to close at the end).
+async fn open(
+    a: &SshArgs,
+    target: &Target,
+) -> anyhow::Result<(Shell, Option<crate::transport::ssh::Connection>, String)> {
     let opts = a.remote.options();
+    if let Some(ep) = keep::endpoint(target).filter(|_| !opts.keep.is_zero()) {
+        match keep::attach_shell(&ep, target, &opts).await {
+            Ok((shell, pid)) => {
+                crate::trace!("ssh", "reusing the kept connection (keeper pid {pid})");
+                let label = format!("{} (the kept connection of keeper pid {pid})", a.target);
+                return Ok((shell, None, label));
+            }
+            Err(why) => crate::trace!("ssh", "not reusing a connection: {why}"),
+        }
+    }
     let notice: Notice = Arc::new(|m: String| {
         eprintln!("devsync: {}", super::output::escape_text(&m));
     });
@@ -174,29 +192,47 @@ async fn session(a: &SshArgs, target: &Target) -> anyhow::Result<u8> {
         .session_channel()
         .await
         .with_context(|| format!("opening a session on {}", conn.label()))?;
+    let label = conn.label().to_string();
+    Ok((Shell::direct(channel), Some(conn), label))
+}
+
+async fn session(a: &SshArgs, target: &Target) -> anyhow::Result<u8> {
+    let (mut shell, conn, label) = open(a, target).await?;
+    let close = || async {
+        if let Some(c) = &conn {
+            c.close().await;
+        }
+    };
     let interactive = a.command.is_empty();
     let stdin_tty = std::io::stdin().is_terminal();
     let want_tty = a.tty || (!a.no_tty && interactive && stdin_tty);
     let cd = cd_prefix(target.remote_path());
-    let (mut read, write) = channel.split();
     if want_tty {
         let term = std::env::var("TERM")
             .ok()
             .filter(|t| !t.is_empty())
             .unwrap_or_else(|| "xterm".into());
-        let (c, r, px, py) = window();
-        write.request_pty(true, &term, c, r, px, py, &[]).await?;
+        let (cols, rows, px, py) = window();
+        shell
+            .request_pty(&Pty {
+                term,
+                cols,
+                rows,
+                px,
+                py,
+            })
+            .await?;
     }
     let line = a.command.join(" ");
     match (interactive, cd.is_empty()) {
-        (true, true) => write.request_shell(true).await?,
+        (true, true) => shell.request_shell().await?,
         // A shell that starts in a directory: the login shell, through the command path.
         (true, false) => {
-            write
-                .exec(true, format!("{cd}exec \"${{SHELL:-/bin/sh}}\" -l"))
+            shell
+                .exec(&format!("{cd}exec \"${{SHELL:-/bin/sh}}\" -l"))
                 .await?
         }
-        (false, _) => write.exec(true, format!("{cd}{line}")).await?,
+        (false, _) => shell.exec(&format!("{cd}{line}")).await?,
     }
     crate::trace!("ssh", "session requested (terminal: {want_tty})");
     let raw = match want_tty && stdin_tty {
@@ -221,76 +257,80 @@ async fn session(a: &SshArgs, target: &Target) -> anyhow::Result<u8> {
         tokio::select! {
             chunk = stdin.recv(), if stdin_open => match chunk {
                 Some(b) => {
-                    if write.data_bytes(b).await.is_err() {
+                    if shell.data(b.into()).await.is_err() {
                         stdin_open = false;
                     }
                 }
                 None => {
                     stdin_open = false;
-                    let _ = write.eof().await; // the channel may be closing already
+                    let _ = shell.eof().await; // the channel may be closing already
                 }
             },
-            msg = read.wait() => match msg {
-                Some(ChannelMsg::Data { data }) => {
+            ev = shell.wait() => match ev {
+                Event::Stdout(data) => {
                     out.write_all(&data)?;
                     out.flush()?;
                 }
-                Some(ChannelMsg::ExtendedData { data, .. }) => {
+                Event::Stderr(data) => {
                     err.write_all(&data)?;
                     err.flush()?;
                 }
-                Some(ChannelMsg::Success) => replies += 1,
-                Some(ChannelMsg::Failure) => {
+                Event::Success => replies += 1,
+                Event::Failure => {
                     replies += 1;
                     if want_tty && replies == 1 {
                         drop(raw);
                         return Err(anyhow::anyhow!(
-                            "{} refused a terminal; retry with -T (no terminal)",
-                            conn.label()
+                            "{label} refused a terminal; retry with -T (no terminal)"
                         ));
                     }
                     drop(raw);
-                    bail!("{} refused to start the {}", conn.label(),
+                    bail!("{label} refused to start the {}",
                         if interactive { "shell" } else { "command" });
                 }
-                Some(ChannelMsg::ExitStatus { exit_status }) => {
-                    status = Some(u8::try_from(exit_status).unwrap_or(u8::MAX))
-                }
-                Some(ChannelMsg::ExitSignal { signal_name, .. }) => killed_by = Some(signal_name),
-                Some(ChannelMsg::Close) | None => break,
-                Some(_) => {}
+                Event::ExitStatus(code) => status = Some(u8::try_from(code).unwrap_or(u8::MAX)),
+                Event::ExitSignal(sig) => killed_by = Some(sig),
+                Event::Close => break,
             },
             _ = winch.recv() => {
                 let (c, r, px, py) = window();
-                let _ = write.window_change(c, r, px, py).await; // closing: no matter
+                let _ = shell.window_change(c, r, px, py).await; // closing: no matter
             },
             _ = int.recv() => {
                 interrupts += 1;
                 if interrupts > 1 {
                     drop(raw);
                     eprintln!("devsync: interrupted twice; closing the session");
-                    conn.close().await;
+                    close().await;
                     return Ok(130);
                 }
-                let _ = write.signal(Sig::INT).await;
+                let _ = shell.signal(Sig::INT).await;
             },
             // We are asked to end: pass it on, and end as a process ended by it does.
             _ = term.recv() => {
-                let _ = write.signal(Sig::TERM).await;
+                let _ = shell.signal(Sig::TERM).await;
                 drop(raw);
-                conn.close().await;
+                close().await;
                 return Ok(signal_status(&Sig::TERM));
             },
             _ = hup.recv() => {
-                let _ = write.signal(Sig::HUP).await;
+                let _ = shell.signal(Sig::HUP).await;
                 drop(raw);
-                conn.close().await;
+                close().await;
                 return Ok(signal_status(&Sig::HUP));
             },
         }
     }
     drop(raw);
-    conn.close().await;
+    close().await;
+    // A session on a connection of our own leaves it kept for the next one, as a push does.
+    let opts = a.remote.options();
+    if let (Some(_), Some(ep)) = (
+        &conn,
+        keep::endpoint(target).filter(|_| !opts.keep.is_zero()),
+    ) {
+        keep::spawn(&ep, opts.keep_args.clone(), opts.keep);
+    }
     match (status, killed_by) {
         (Some(code), _) => Ok(code),
         (None, Some(sig)) => {
@@ -300,8 +340,7 @@ async fn session(a: &SshArgs, target: &Target) -> anyhow::Result<u8> {
             Ok(signal_status(&sig))
         }
         (None, None) => bail!(
-            "the connection to {} closed before the remote command's exit status arrived",
-            conn.label()
+            "the connection to {label} closed before the remote command's exit status arrived"
         ),
     }
 }

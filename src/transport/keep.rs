@@ -2,7 +2,8 @@
 //! __keep`, the "keeper") holds the TLS + SSH connection open with a helper already started
 //! and greeted, on a Unix socket in the state directory (one per target and user). The next
 //! push, pull, cp or watch to that target asks the socket for it and starts its session at
-//! once: no API call, no TLS or SSH handshake, no login shell. The keeper relays bytes between the
+//! once: no API call, no TLS or SSH handshake, no login shell. `devsync ssh` asks for a
+//! channel of its own on the connection instead (`shell`). The keeper relays bytes between the
 //! socket and the helper, starts the next spare helper while a session runs, and exits after
 //! an idle time (`--keep-connection`, default 300 s; 0: no keeper).
 //!
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
@@ -32,6 +34,8 @@ use crate::target::Target;
 use crate::target::credentials;
 
 const REQUEST: &str = "DEVSYNC-KEEP 1";
+/// Asks for a shell or command channel instead of a helper (`devsync ssh`).
+const SHELL_REQUEST: &str = "DEVSYNC-KEEP-SHELL 1";
 /// How long a client waits for the socket to accept, and for the keeper's answer (it may be
 /// waiting for its spare helper's login shell).
 const CONNECT: Duration = Duration::from_millis(300);
@@ -150,14 +154,25 @@ fn private(p: &Path, want_dir: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Client side: the kept helper for `endpoint` (of `target`, reached with `opts`), if a
-/// keeper has one for us. `Err` says why not (worth a trace line; the caller connects
-/// afresh).
-pub async fn attach(
+/// Client side: a shell or command session (`devsync ssh`) on the kept connection for
+/// `endpoint`, on a channel the keeper opens for it. `Err` says why not.
+pub async fn attach_shell(
     endpoint: &str,
     target: &Target,
     opts: &RemoteOptions,
-) -> Result<(Started, u32), String> {
+) -> Result<(super::shell::Shell, u32), String> {
+    let (r, w, pid) = ask(endpoint, target, opts, SHELL_REQUEST).await?;
+    Ok((super::shell::Shell::kept(r, w), pid))
+}
+
+/// Connects to `endpoint`'s keeper, checks it is ours, asks for `what` with this build and
+/// fingerprint, and reads its answer: the socket's halves and the keeper's pid.
+async fn ask(
+    endpoint: &str,
+    target: &Target,
+    opts: &RemoteOptions,
+    what: &str,
+) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, u32), String> {
     let place = place(endpoint).map_err(|e| e.to_string())?;
     if !place.socket.exists() {
         return Err("no kept connection".into());
@@ -171,7 +186,7 @@ pub async fn attach(
     let (r, mut w) = stream.into_split();
     // Only now that there is a keeper to ask are the credential files read.
     let ask = format!(
-        "{REQUEST} {} {}\n",
+        "{what} {} {}\n",
         build_id(),
         fingerprint(endpoint, target, opts)
     );
@@ -196,6 +211,18 @@ pub async fn attach(
         None if line.is_empty() => return Err("the keeper hung up".into()),
         None => return Err(line.strip_prefix("ERR ").unwrap_or(&line).to_string()),
     };
+    Ok((r, w, pid))
+}
+
+/// Client side: the kept helper for `endpoint` (of `target`, reached with `opts`), if a
+/// keeper has one for us. `Err` says why not (worth a trace line; the caller connects
+/// afresh).
+pub async fn attach(
+    endpoint: &str,
+    target: &Target,
+    opts: &RemoteOptions,
+) -> Result<(Started, u32), String> {
+    let (r, w, pid) = ask(endpoint, target, opts, REQUEST).await?;
     // The greeting the keeper read from its helper, replayed: checked as a fresh one is.
     let boxed: Box<dyn tokio::io::AsyncRead + Send + Unpin> = Box::new(r);
     let mut reader = FrameReader::new(boxed);
@@ -332,7 +359,9 @@ pub enum Ended {
 }
 
 /// Accepts clients one after another, each handled by `handle` (which returns whether the
-/// keeper may go on), until nothing happened for `idle` while no session ran.
+/// keeper may go on), until nothing happened for `idle` while no session ran. Once a session
+/// retires the keeper, no one else is accepted, but the sessions still running (a shell in
+/// another terminal) are let finish first.
 pub async fn serve<F, Fut>(listener: UnixListener, idle: Duration, handle: F) -> Ended
 where
     F: Fn(UnixStream) -> Fut,
@@ -340,18 +369,23 @@ where
 {
     let mut running = tokio::task::JoinSet::new();
     let mut deadline = tokio::time::Instant::now() + idle;
+    let mut listener = Some(listener);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
+            accepted = async { listener.as_ref()?.accept().await.ok() }, if listener.is_some() => {
+                if let Some((stream, _)) = accepted {
                     running.spawn(handle(stream));
                 }
             }
             Some(done) = running.join_next() => {
                 if !done.unwrap_or(false) {
-                    return Ended::Retired;
+                    // Closed: a client now finds no one there and connects afresh.
+                    listener = None;
                 }
                 if running.is_empty() {
+                    if listener.is_none() {
+                        return Ended::Retired;
+                    }
                     deadline = tokio::time::Instant::now() + idle;
                 }
             }
@@ -417,8 +451,9 @@ fn gone(h: &Started) -> bool {
     s.closed || s.code.is_some() || s.signal.is_some()
 }
 
-/// One client: check who it is and what it wants, hand it the spare helper, relay. Returns
-/// whether the keeper may go on.
+/// One client: check who it is and what it wants, then hand it the spare helper and relay,
+/// or (`devsync ssh`) open a channel for it and relay that. Returns whether the keeper may go
+/// on.
 async fn session(k: &Keeper, spare: &Spare, stream: UnixStream) -> bool {
     let uid = rustix::process::geteuid().as_raw();
     if stream.peer_cred().map(|c| c.uid()).ok() != Some(uid) {
@@ -435,20 +470,45 @@ async fn session(k: &Keeper, spare: &Spare, stream: UnixStream) -> bool {
     }
     let mut it = line.trim_end().rsplitn(3, ' ');
     let (fp, build, head) = (it.next(), it.next(), it.next());
-    if head != Some(REQUEST) {
-        let _ = w.write_all(b"ERR not a devsync keeper request\n").await;
-        return true;
-    }
-    if build != Some(build_id()) {
+    let shell = head == Some(SHELL_REQUEST);
+    // Another build first, whatever it asks (a request we do not know is likely a newer
+    // build's): that build keeps its own connection once this keeper is gone.
+    let ours = head.is_some_and(|h| h.starts_with("DEVSYNC-KEEP"));
+    if ours && build != Some(build_id()) {
         let msg = format!("ERR the kept connection is from devsync {}\n", build_id());
         let _ = w.write_all(msg.as_bytes()).await;
-        return false; // the other build will keep its own
+        return false;
+    }
+    if head != Some(REQUEST) && !shell {
+        let _ = w.write_all(b"ERR not a devsync keeper request\n").await;
+        return true;
     }
     if fp != Some(k.fingerprint.as_str()) {
         let _ = w
             .write_all(b"ERR credentials or options changed since the connection was made\n")
             .await;
         return false;
+    }
+    if shell {
+        // A channel of its own (the spare helper stays for the next sync).
+        return match k.conn.session_channel().await {
+            Ok(channel) => {
+                let ok = format!("OK {}\n", std::process::id());
+                if w.write_all(ok.as_bytes()).await.is_ok() {
+                    super::shell::relay(channel, r, w).await;
+                } else {
+                    let _ = channel.close().await; // the client gave up waiting
+                }
+                true
+            }
+            Err(e) => {
+                let _ = w
+                    .write_all(format!("ERR opening a channel: {e}\n").as_bytes())
+                    .await;
+                // A server's channel limit is no reason to go; a closed connection is.
+                !k.conn.is_closed()
+            }
+        };
     }
     let helper = match spare.take().await {
         Ok(h) => h,
@@ -525,6 +585,47 @@ mod tests {
         tokio::spawn(async move { UnixStream::connect(&s2).await.unwrap() });
         let ended = serve(listener, Duration::from_secs(300), |_s| async { false }).await;
         assert_eq!(ended, Ended::Retired);
+    }
+
+    /// A retiring keeper lets a session that is still running (a shell) finish, and takes
+    /// no one new meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_keeper_lets_running_sessions_finish() {
+        let td = tempfile::tempdir().unwrap();
+        let sock = td.path().join("k.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let (s2, s3) = (sock.clone(), sock.clone());
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = finished.clone();
+        let order = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        tokio::spawn(async move {
+            let _long = UnixStream::connect(&s2).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let _retiring = UnixStream::connect(&s3).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        });
+        let ended = serve(listener, Duration::from_secs(300), move |_s| {
+            let (f, n) = (
+                f.clone(),
+                order.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+            );
+            async move {
+                if n == 0 {
+                    // The long session: an hour of shell.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    f.store(true, std::sync::atomic::Ordering::SeqCst);
+                    true
+                } else {
+                    false
+                }
+            }
+        })
+        .await;
+        assert_eq!(ended, Ended::Retired);
+        assert!(
+            finished.load(std::sync::atomic::Ordering::SeqCst),
+            "cut short"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod keep;
 pub mod local;
 mod packed;
 pub mod remote;
+pub mod shell;
 pub mod ssh;
 pub mod tls;
 

@@ -245,6 +245,18 @@ pub fn live_keeper(dir: &Path) -> Option<u32> {
         })
 }
 
+/// The live keeper in `dir`, once one is up (bounded wait).
+pub fn wait_for_keeper(dir: &Path) -> u32 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(pid) = live_keeper(dir) {
+            return pid;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no keeper came up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// How a trial reaches its victim.
 struct Rig {
     /// Where helpers of this kind of target run from (remote targets).

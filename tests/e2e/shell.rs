@@ -121,6 +121,70 @@ fn ssh_commands_through_serve() {
     assert!(err.contains("dbx_nope"), "{err}");
 }
 
+/// `devsync ssh` through a kept connection: the first command leaves a keeper, and every
+/// case of [`commands_come_back_exactly`] then runs on a channel the keeper opens (exit
+/// codes, signals, stderr, stdin to its end, streaming), as a push reuses it.
+#[test]
+fn ssh_commands_through_a_kept_connection() {
+    let ep = endpoint(&["dbx_ksh"], None, "user", KeyFormat::Pkcs8);
+    let kept = || {
+        let mut c = ep.cmd();
+        c.env("DEVSYNC_KEEP_CONNECTION", "60");
+        c
+    };
+    let (code, out, err) = ssh_run(kept(), "dbx_ksh", "echo one", b"");
+    assert_eq!((code, &out[..]), (0, &b"one\n"[..]), "{err}");
+    let dir = ep.home.path().join(".local/state/devsync/kept");
+    let pid = crate::faults::wait_for_keeper(&dir);
+    let mut traced = kept();
+    traced.env("DEVSYNC_TRACE", "1");
+    let (code, out, err) = ssh_run(traced, "dbx_ksh", "echo two", b"");
+    assert_eq!((code, &out[..]), (0, &b"two\n"[..]), "{err}");
+    assert!(
+        err.contains(&format!("reusing the kept connection (keeper pid {pid})")),
+        "{err}"
+    );
+    commands_come_back_exactly(&kept, "dbx_ksh", &[]);
+    // A client killed while output pours out: the keeper closes the channel, and the remote
+    // command ends with it (as it would with the client's own connection gone).
+    let td = tempfile::tempdir().unwrap();
+    let pidfile = td.path().join("pid");
+    let mut c = kept();
+    c.args(["ssh", "-T", "dbx_ksh", "--"])
+        .arg(format!("echo $$ > {}; exec yes", s(&pidfile)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut some = [0u8; 4096];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut some)
+        .unwrap();
+    let remote: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    child.kill().unwrap(); // ours
+    child.wait().unwrap();
+    let t0 = Instant::now();
+    while Path::new(&format!("/proc/{remote}")).exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the remote command outlived its client"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Still that keeper: none of them needed a connection of its own.
+    assert_eq!(crate::faults::live_keeper(&dir), Some(pid));
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL); // ours
+    }
+}
+
 #[test]
 fn ssh_commands_through_openssh() {
     let Some(sshd) = crate::openssh::sshd() else {
@@ -460,7 +524,29 @@ fn an_interactive_shell_on_a_terminal_resizes_and_returns_its_status() {
         return;
     }
     let ep = endpoint(&["dbx_tty"], None, "user", KeyFormat::Pkcs8);
-    let c = ep.cmd();
+    // On a connection of its own, which it leaves kept; then through that keeper.
+    terminal_session(&ep, "fresh");
+    let dir = ep.home.path().join(".local/state/devsync/kept");
+    let pid = crate::faults::wait_for_keeper(&dir);
+    terminal_session(&ep, "kept");
+    assert_eq!(
+        crate::faults::live_keeper(&dir),
+        Some(pid),
+        "a second keeper"
+    );
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL); // ours
+    }
+}
+
+/// One interactive `devsync ssh` in tmux: a terminal, a resize, exit status 3, cooked mode
+/// after.
+fn terminal_session(ep: &Endpoint, what: &str) {
+    let mut c = ep.cmd();
+    c.env("DEVSYNC_KEEP_CONNECTION", "60");
+    if what == "kept" {
+        c.env("DEVSYNC_TRACE", "1"); // to see that it says so
+    }
     // The tmux server has its own environment: set and unset exactly what `ep.cmd()` does.
     let env: Vec<String> = c
         .get_envs()
@@ -473,7 +559,7 @@ fn an_interactive_shell_on_a_terminal_resizes_and_returns_its_status() {
     env.sort_by_key(|e| !e.starts_with("-u ")); // env's options before its assignments
     let td = tempfile::tempdir().unwrap();
     let status = td.path().join("status");
-    let name = format!("devsync-tty-{}", std::process::id());
+    let name = format!("devsync-tty-{what}-{}", std::process::id());
     let t = Tmux::start(
         &name,
         &format!(
@@ -483,9 +569,13 @@ fn an_interactive_shell_on_a_terminal_resizes_and_returns_its_status() {
             s(&status)
         ),
     );
+    if what == "kept" {
+        t.wait_for("reusing the kept connection");
+    }
     t.keys("echo M$((6*7)); tty");
-    let screen = t.wait_for("M42");
-    assert!(screen.contains("/dev/pts/"), "{screen}");
+    // Both lines, however the output was cut into packets.
+    let screen = t.wait_for("/dev/pts/");
+    assert!(screen.contains("M42"), "{screen}");
     t.keys("stty size");
     t.wait_for("30 100");
     t.resize(120, 40);

@@ -1081,14 +1081,7 @@ fn a_watch_leaves_a_kept_connection_and_the_next_one_uses_it() {
         "a keeper while watching"
     );
     assert_eq!(w.interrupt(), 0);
-    let t0 = Instant::now();
-    let keeper = loop {
-        if let Some(pid) = crate::faults::live_keeper(&kept) {
-            break pid;
-        }
-        assert!(t0.elapsed() < LIMIT, "the stopped watch left no keeper");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let keeper = crate::faults::wait_for_keeper(&kept);
     let w = Watch::start(&src, "dbx_kw:proj", &[], &env);
     write(&src.join("b.txt"), b"made in the second watch");
     converge(&src, &remote, &nothing, LIMIT, &w);
