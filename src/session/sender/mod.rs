@@ -238,7 +238,8 @@ impl Sender {
                 filters: opts.filters.clone(),
                 checksum: opts.checksum,
                 threads: 0,
-                report_ours: false,
+                // Never sent, but never skipped without a word either (below).
+                report_ours: true,
             },
             racy: Mutex::new(crate::engine::source::RACY_WINDOW),
             fatal: Default::default(),
@@ -547,8 +548,14 @@ impl Ctx {
                         errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         self.obs.event(Event::Error { path, message })
                     }
-                    // Not asked for (and never part of the list).
-                    ScanEvent::Ours { .. } => {}
+                    // devsync's own (its name carries our check hash): not the user's data,
+                    // so not sent, but said, in case it ever were.
+                    ScanEvent::Ours { path, .. } => self.obs.event(Event::Warning {
+                        path: path.to_string(),
+                        message: "not sent: a devsync temp or partial file (a sync into this \
+                                  directory is under way, or one was interrupted)"
+                            .into(),
+                    }),
                 }
             })
         });
