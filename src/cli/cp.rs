@@ -15,7 +15,7 @@ use super::{OutputArgs, RemoteArgs, exit};
 use crate::engine::RelPath;
 use crate::engine::filter::FilterOptions;
 use crate::proto::{CopySpec, Role, SyncOptions};
-use crate::session::client::{Job, Outcome};
+use crate::session::client::{self, Job, Outcome};
 use crate::session::relay;
 use crate::target::Target;
 use crate::transport::remote::{self, Notice};
@@ -267,21 +267,30 @@ async fn one(
                 Arc::new(move |m: String| r.notice(&m))
             };
             let dst = with_path(dst, dst_root.to_string());
+            // Each Hello goes with the exec that starts its helper (a round trip less).
+            let (from_root, to_root) = (
+                src.remote_path().as_bytes().to_vec(),
+                dst.remote_path().as_bytes().to_vec(),
+            );
+            let early_from = client::hello_bytes(Role::Receiver, &from_root, &opts);
+            let early_to = client::hello_bytes(Role::Sender, &to_root, &opts);
             let (from, to) = tokio::try_join!(
-                remote::open(src, ropts, notice.clone(), &[]),
-                remote::open(&dst, ropts, notice, &[]),
+                remote::open(src, ropts, notice.clone(), &early_from),
+                remote::open(&dst, ropts, notice, &early_to),
             )?;
             let (mut st_from, mut st_to) = (from.helper.status.clone(), to.helper.status.clone());
             let result = relay::copy(
                 relay::End {
                     reader: from.helper.reader,
                     writer: from.helper.writer,
-                    root: from.root.clone(),
+                    root: from_root,
+                    hello_sent: true,
                 },
                 relay::End {
                     reader: to.helper.reader,
                     writer: to.helper.writer,
-                    root: to.root.clone(),
+                    root: to_root,
+                    hello_sent: true,
                 },
                 &opts,
                 reporter,

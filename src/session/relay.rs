@@ -18,6 +18,8 @@ pub struct End<R, W> {
     pub reader: FrameReader<R>,
     pub writer: W,
     pub root: Vec<u8>,
+    /// Its Hello already went with the exec that started it (`client::hello_bytes`).
+    pub hello_sent: bool,
 }
 
 /// Runs a copy from `from`'s helper (the sender) to `to`'s (the receiver).
@@ -36,8 +38,9 @@ where
     let (mut ra, mut wa) = (from.reader, FrameWriter::new(from.writer));
     let (mut rb, mut wb) = (to.reader, FrameWriter::new(to.writer));
     // We "receive" from the first (it sends) and "send" to the second (it receives).
-    hello(&mut ra, &mut wa, Role::Receiver, &from.root, opts, false).await?;
-    hello(&mut rb, &mut wb, Role::Sender, &to.root, opts, false).await?;
+    let (sent_a, sent_b) = (from.hello_sent, to.hello_sent);
+    hello(&mut ra, &mut wa, Role::Receiver, &from.root, opts, sent_a).await?;
+    hello(&mut rb, &mut wb, Role::Sender, &to.root, opts, sent_b).await?;
     crate::trace!("relay", "both helpers ready");
     let (a_to_b, b_to_a) = tokio::join!(forward(ra, wb, obs.clone()), forward(rb, wa, obs.clone()));
     // What a helper said when it gave up explains more than the other side's broken pipe.
