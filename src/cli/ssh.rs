@@ -19,7 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::RemoteArgs;
 use crate::target::Target;
 use crate::transport::keep;
-use crate::transport::remote::{self, Notice};
+use crate::transport::remote::{self, Notice, RemoteOptions};
 use crate::transport::shell::{Event, Pty, Shell};
 
 /// devsync's own failure (connection, authentication, a refused channel), as ssh's 255.
@@ -172,10 +172,10 @@ pub fn signal_status(sig: &Sig) -> u8 {
 async fn open(
     a: &SshArgs,
     target: &Target,
+    opts: &RemoteOptions,
 ) -> anyhow::Result<(Shell, Option<crate::transport::ssh::Connection>, String)> {
-    let opts = a.remote.options();
-    if let Some(ep) = keep::endpoint(target).filter(|_| !opts.keep.is_zero()) {
-        match keep::attach_shell(&ep, target, &opts).await {
+    if let Some(ep) = keep::wanted(target, opts) {
+        match keep::attach_shell(&ep, target, opts).await {
             Ok((shell, pid)) => {
                 crate::trace!("ssh", "reusing the kept connection (keeper pid {pid})");
                 let label = format!("{} (the kept connection of keeper pid {pid})", a.target);
@@ -187,7 +187,7 @@ async fn open(
     let notice: Notice = Arc::new(|m: String| {
         eprintln!("devsync: {}", super::output::escape_text(&m));
     });
-    let (conn, _) = remote::connect(target, &opts, &notice).await?;
+    let (conn, _) = remote::connect(target, opts, &notice).await?;
     let channel = conn
         .session_channel()
         .await
@@ -197,7 +197,8 @@ async fn open(
 }
 
 async fn session(a: &SshArgs, target: &Target) -> anyhow::Result<u8> {
-    let (mut shell, conn, label) = open(a, target).await?;
+    let opts = a.remote.options();
+    let (mut shell, conn, label) = open(a, target, &opts).await?;
     let close = || async {
         if let Some(c) = &conn {
             c.close().await;
@@ -324,11 +325,7 @@ async fn session(a: &SshArgs, target: &Target) -> anyhow::Result<u8> {
     drop(raw);
     close().await;
     // A session on a connection of our own leaves it kept for the next one, as a push does.
-    let opts = a.remote.options();
-    if let (Some(_), Some(ep)) = (
-        &conn,
-        keep::endpoint(target).filter(|_| !opts.keep.is_zero()),
-    ) {
+    if let (Some(_), Some(ep)) = (&conn, keep::wanted(target, &opts)) {
         keep::spawn(&ep, opts.keep_args.clone(), opts.keep);
     }
     match (status, killed_by) {

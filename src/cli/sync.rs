@@ -134,7 +134,7 @@ pub(super) async fn run_remote(
             let notice: Notice = Arc::new(move |m: String| reporter.notice(&m));
             // Scan while connecting: the handshakes and the walk overlap.
             let prepared = client::prepare(&job)?;
-            let endpoint = keep::endpoint(&target).filter(|_| !ropts.keep.is_zero());
+            let endpoint = keep::wanted(&target, ropts);
             if let Some(ep) = &endpoint {
                 match keep::attach(ep, &target, ropts).await {
                     Ok((helper, pid)) => {

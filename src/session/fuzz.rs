@@ -729,11 +729,7 @@ where
                         std_t.elapsed()
                     );
                     arena.restore();
-                    assert_eq!(
-                        super::INTERNAL_ERRORS.load(std::sync::atomic::Ordering::Relaxed),
-                        0,
-                        "{name} case {i}: our own bookkeeping broke (an internal error)"
-                    );
+                    no_internal_errors(&format!("{name} case {i}"));
                 }
             });
         }
@@ -741,10 +737,14 @@ where
     eprintln!("{name}: {n} cases in {:.1} s", t0.elapsed().as_secs_f64());
     // Work a case's pool left running may end after it: checked once more at the end.
     std::thread::sleep(Duration::from_millis(100));
+    no_internal_errors(name);
+}
+
+fn no_internal_errors(what: &str) {
     assert_eq!(
         super::INTERNAL_ERRORS.load(std::sync::atomic::Ordering::Relaxed),
         0,
-        "{name}: our own bookkeeping broke (an internal error)"
+        "{what}: our own bookkeeping broke (an internal error)"
     );
 }
 

@@ -49,6 +49,12 @@ pub struct Place {
     pub log: PathBuf,
 }
 
+/// The endpoint whose kept connection a run to `target` may use and leave behind: `None` for
+/// local paths or with `--keep-connection 0`.
+pub fn wanted(target: &Target, opts: &RemoteOptions) -> Option<String> {
+    endpoint(target).filter(|_| !opts.keep.is_zero())
+}
+
 /// The host part of `target` as a target string of its own (its path is the remote home): what
 /// a keeper is for. `None` for local paths.
 pub fn endpoint(target: &Target) -> Option<String> {

@@ -57,26 +57,21 @@ pub type Notice = Arc<dyn Fn(String) + Send + Sync>;
 pub struct Remote {
     pub helper: Started,
     pub conn: Connection,
-    /// The remote root as the user wrote it.
-    pub root: Vec<u8>,
 }
 
 /// Connects and starts a helper; `early` (maybe empty) goes to it at once, before its
-/// greeting is awaited (see `session::client::hello_bytes`).
+/// greeting is awaited (see `session::client::hello_bytes`). The helper's root is the
+/// target's path as the user wrote it (`Target::remote_path`).
 pub async fn open(
     target: &Target,
     opts: &RemoteOptions,
     notice: Notice,
     early: &[u8],
 ) -> Result<Remote, TransportError> {
-    let (conn, path) = connect(target, opts, &notice).await?;
+    let (conn, _) = connect(target, opts, &notice).await?;
     crate::trace!("client", "SSH ready");
     let helper = bootstrap::start(&conn, &opts.bootstrap, notice.clone(), early).await?;
-    Ok(Remote {
-        helper,
-        conn,
-        root: path.into_bytes(),
-    })
+    Ok(Remote { helper, conn })
 }
 
 /// An authenticated SSH connection to `target` (no helper started), and the path it named.

@@ -130,76 +130,73 @@ impl Connected {
 }
 
 async fn connect(cfg: &Config, report: &Arc<Report>) -> anyhow::Result<Connected> {
-    let obs: Arc<dyn Observer> = report.clone();
-    match &cfg.target {
-        Target::Local(path) => {
-            let abs = std::path::absolute(path)
-                .with_context(|| format!("resolving {}", path.display()))?;
-            let helper = LocalHelper::spawn().context("starting the helper")?;
-            let (stdout, stdin, (child, stderr)) = helper.into_parts();
-            let mut reader: FrameReader<Reader> = FrameReader::new(Box::new(stdout));
-            handshake::await_helper(&mut reader).await?;
-            let live = client::open_live(
-                reader,
-                stdin,
-                cfg.local_root.clone(),
-                abs.as_os_str().as_encoded_bytes(),
-                &cfg.opts,
-                obs,
-                false,
-            )
-            .await?;
-            Ok(Connected {
-                live,
-                link: Link::Local(child, stderr),
-            })
-        }
-        target => {
-            if let Some(ep) = kept_endpoint(cfg) {
-                match keep::attach(&ep, target, &cfg.ropts).await {
-                    Ok((helper, pid)) => {
-                        crate::trace!("watch", "reusing the kept connection (keeper pid {pid})");
-                        let live = client::open_live(
-                            helper.reader,
-                            helper.writer,
-                            cfg.local_root.clone(),
-                            target.remote_path().as_bytes(),
-                            &cfg.opts,
-                            obs,
-                            false,
-                        )
-                        .await?;
-                        return Ok(Connected {
-                            live,
-                            link: Link::Kept,
-                        });
+    type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+    // The helper's stream, its root, what carries it, and whether our Hello already went.
+    let (reader, writer, root, link, hello_sent): (FrameReader<Reader>, Writer, Vec<u8>, _, _) =
+        match &cfg.target {
+            Target::Local(path) => {
+                let abs = std::path::absolute(path)
+                    .with_context(|| format!("resolving {}", path.display()))?;
+                let helper = LocalHelper::spawn().context("starting the helper")?;
+                let (stdout, stdin, (child, stderr)) = helper.into_parts();
+                let mut reader: FrameReader<Reader> = FrameReader::new(Box::new(stdout));
+                handshake::await_helper(&mut reader).await?;
+                let root = abs.into_os_string().into_encoded_bytes();
+                (
+                    reader,
+                    Box::new(stdin),
+                    root,
+                    Link::Local(child, stderr),
+                    false,
+                )
+            }
+            target => {
+                let root = target.remote_path().as_bytes().to_vec();
+                let kept = match keep::wanted(target, &cfg.ropts) {
+                    Some(ep) => match keep::attach(&ep, target, &cfg.ropts).await {
+                        Ok((helper, pid)) => {
+                            crate::trace!(
+                                "watch",
+                                "reusing the kept connection (keeper pid {pid})"
+                            );
+                            Some(helper)
+                        }
+                        Err(why) => {
+                            crate::trace!("watch", "not reusing a connection: {why}");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                match kept {
+                    Some(helper) => (helper.reader, helper.writer, root, Link::Kept, false),
+                    None => {
+                        let r = report.clone();
+                        let notice: remote::Notice = Arc::new(move |m: String| r.notice(&m));
+                        // The Hello goes with the command that starts the helper (saves a
+                        // round trip).
+                        let early =
+                            client::hello_bytes(crate::proto::Role::Sender, &root, &cfg.opts);
+                        let remote = remote::open(target, &cfg.ropts, notice, &early).await?;
+                        let status = remote.helper.status.clone();
+                        let link = Link::Remote(remote.conn, status);
+                        (remote.helper.reader, remote.helper.writer, root, link, true)
                     }
-                    Err(why) => crate::trace!("watch", "not reusing a connection: {why}"),
                 }
             }
-            let r = report.clone();
-            let notice: remote::Notice = Arc::new(move |m: String| r.notice(&m));
-            // The Hello goes with the command that starts the helper (saves a round trip).
-            let root = target.remote_path().as_bytes();
-            let early = client::hello_bytes(crate::proto::Role::Sender, root, &cfg.opts);
-            let remote = remote::open(target, &cfg.ropts, notice, &early).await?;
-            let status = remote.helper.status.clone();
-            let live = client::open_live(
-                remote.helper.reader,
-                remote.helper.writer,
-                cfg.local_root.clone(),
-                root,
-                &cfg.opts,
-                obs,
-                true,
-            )
-            .await?;
-            Ok(Connected {
-                live,
-                link: Link::Remote(remote.conn, status),
-            })
-        }
-    }
+        };
+    let obs: Arc<dyn Observer> = report.clone();
+    let live = client::open_live(
+        reader,
+        writer,
+        cfg.local_root.clone(),
+        &root,
+        &cfg.opts,
+        obs,
+        hello_sent,
+    )
+    .await?;
+    Ok(Connected { live, link })
 }
 
 /// Ctrl-C and SIGTERM. The streams live as long as the watch, so a signal that arrives
@@ -482,11 +479,6 @@ impl State {
 
 /// Runs one connection's session: the catch-up generation, then a generation per batch of
 /// changes. Returns how the watch ended, or the error that ended this connection.
-/// The endpoint whose kept connection a watch may use (and leave a keeper for), if any.
-fn kept_endpoint(cfg: &Config) -> Option<String> {
-    keep::endpoint(&cfg.target).filter(|_| !cfg.ropts.keep.is_zero())
-}
-
 async fn session(
     cfg: &Config,
     mut c: Connected,
@@ -501,7 +493,9 @@ async fn session(
     let said = c.close(r.is_ok()).await;
     // A watch stopped by the user leaves a kept connection behind, as a push does, for the
     // next command to that target (one made through a keeper left it running).
-    if let (true, Ok(End::Interrupted), Some(ep)) = (fresh, &r, kept_endpoint(cfg)) {
+    if let (true, Ok(End::Interrupted), Some(ep)) =
+        (fresh, &r, keep::wanted(&cfg.target, &cfg.ropts))
+    {
         keep::spawn(&ep, cfg.ropts.keep_args.clone(), cfg.ropts.keep);
     }
     match r {

@@ -694,7 +694,7 @@ fn killed_devbox_syncs_through_serve_never_mix_versions_and_rerun_clean() {
 }
 
 /// Ends the keeper a test's kept trials left (it would go by itself once idle).
-fn stop_keeper(dir: &Path) {
+pub fn stop_keeper(dir: &Path) {
     if let Some(pid) = live_keeper(dir)
         && let Some(p) = rustix::process::Pid::from_raw(pid as i32)
     {

@@ -180,9 +180,7 @@ fn ssh_commands_through_a_kept_connection() {
     }
     // Still that keeper: none of them needed a connection of its own.
     assert_eq!(crate::faults::live_keeper(&dir), Some(pid));
-    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL); // ours
-    }
+    crate::faults::stop_keeper(&dir);
 }
 
 #[test]
@@ -534,9 +532,7 @@ fn an_interactive_shell_on_a_terminal_resizes_and_returns_its_status() {
         Some(pid),
         "a second keeper"
     );
-    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL); // ours
-    }
+    crate::faults::stop_keeper(&dir);
 }
 
 /// One interactive `devsync ssh` in tmux: a terminal, a resize, exit status 3, cooked mode

@@ -709,9 +709,7 @@ impl Ctx {
                 .ok_or(FileError::Pieces("no destination".into()))?;
             if inc.before.is_some() {
                 // Replacing: first remove what killed sessions left in this directory.
-                if let Err(e) = d.sweep(inc.path.parent().unwrap_or(b"")) {
-                    self.warn(&inc.path, format!("cleaning up leftovers: {}", e.detail()));
-                }
+                self.sweep_leftovers(d, inc.path.parent().unwrap_or(b""), &inc.path);
             }
             let inplace = {
                 let st = lock(&inc.st);

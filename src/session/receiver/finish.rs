@@ -211,9 +211,8 @@ impl Ctx {
         // directory read.)
         if let Some(r) = &root
             && d.root_meta().is_ok_and(|m| m.mtime != r.mtime)
-            && let Err(e) = d.sweep(b"")
         {
-            self.warn("", format!("cleaning up leftovers: {}", e.detail()));
+            self.sweep_leftovers(d, b"", "");
         }
         if let Some(r) = root
             && let Err(e) = d.set_root_meta(Some(r.mode), Some(r.mtime))

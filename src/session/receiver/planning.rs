@@ -232,6 +232,14 @@ impl Ctx {
         });
     }
 
+    /// Removes what killed sessions left in directory `dir` (`Dest::sweep`); a failure is a
+    /// warning about `shown`, never the end of the sync.
+    pub(super) fn sweep_leftovers(&self, d: &Dest, dir: &[u8], shown: impl std::fmt::Display) {
+        if let Err(e) = d.sweep(dir) {
+            self.warn(shown, format!("cleaning up leftovers: {}", e.detail()));
+        }
+    }
+
     pub(super) fn warn(&self, path: impl std::fmt::Display, message: impl ToString) {
         lock(&self.stats).warnings += 1;
         self.obs.event(Event::Warning {
@@ -443,12 +451,8 @@ impl Ctx {
         if time
             && !self.opts.dry_run
             && let Some(d) = &self.dest
-            && let Err(e) = d.sweep(entry.path.as_bytes())
         {
-            self.warn(
-                &entry.path,
-                format!("cleaning up leftovers: {}", e.detail()),
-            );
+            self.sweep_leftovers(d, entry.path.as_bytes(), &entry.path);
         }
         // Keep it writable for us while we fill it; the final mode comes at the end.
         if let (Some(d), false, Some(l)) = (&self.dest, self.opts.dry_run, local)
@@ -470,13 +474,8 @@ impl Ctx {
             return Ok(());
         };
         if let (Some(d), false) = (&self.dest, self.opts.dry_run) {
-            if local.is_some()
-                && let Err(e) = d.sweep(entry.path.parent().unwrap_or(b""))
-            {
-                self.warn(
-                    &entry.path,
-                    format!("cleaning up leftovers: {}", e.detail()),
-                );
+            if local.is_some() {
+                self.sweep_leftovers(d, entry.path.parent().unwrap_or(b""), &entry.path);
             }
             d.symlink(&entry.path, target, entry.mtime)?;
         }
