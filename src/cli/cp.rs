@@ -272,8 +272,9 @@ async fn one(
                 src.remote_path().as_bytes().to_vec(),
                 dst.remote_path().as_bytes().to_vec(),
             );
-            let early_from = client::hello_bytes(Role::Receiver, &from_root, &opts);
-            let early_to = client::hello_bytes(Role::Sender, &to_root, &opts);
+            let hello_from = client::hello_bytes(Role::Receiver, &from_root, &opts);
+            let hello_to = client::hello_bytes(Role::Sender, &to_root, &opts);
+            let (early_from, early_to) = (|| hello_from.clone(), || hello_to.clone());
             let (from, to) = tokio::try_join!(
                 remote::open(src, ropts, notice.clone(), &early_from),
                 remote::open(&dst, ropts, notice, &early_to),

@@ -152,10 +152,11 @@ pub(super) async fn run_remote(
                     Err(why) => crate::trace!("client", "not reusing a connection: {why}"),
                 }
             }
-            // The Hello goes with the command that starts the helper (saves a round trip).
+            // The Hello, and a small tree's list, go with the command that starts the helper (saves
+            // two round trips).
             job.remote_root = target.remote_path().as_bytes().to_vec();
-            let early = client::hello_bytes(job.role, &job.remote_root, &job.opts);
-            let remote = remote::open(&target, ropts, notice, &early).await?;
+            let hello = client::hello_bytes(job.role, &job.remote_root, &job.opts);
+            let remote = remote::open(&target, ropts, notice, &prepared.early(hello)).await?;
             let mut status = remote.helper.status.clone();
             let result = client::run_ready(
                 remote.helper.reader,

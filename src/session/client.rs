@@ -38,6 +38,35 @@ pub struct Prepared {
     out: conn::Out,
     pending: conn::Pending,
     sender: Option<(sender::Sender, sender::Gen)>,
+    /// Bytes the transport sent for us before the session started ([`Prepared::early`]).
+    early_sent: std::sync::atomic::AtomicU64,
+}
+
+/// Most list bytes sent ahead of the helper's greeting. They go uncompressed (the helper has
+/// not agreed to compression yet): a small tree's whole list goes, a big tree's is not all
+/// sent raw.
+const EARLY_LIST: usize = 64 << 10;
+
+impl Prepared {
+    /// What a transport sends behind the exec that starts the helper: `hello` (the
+    /// [`hello_bytes`]) and the part of a push's file list queued so far, so a small tree's
+    /// list is with the helper when it starts (a no-change push then costs one round trip
+    /// after the exec, not two). Called again (the helper had to be uploaded and started
+    /// again), it returns the same bytes and whatever list was queued since. A session on such
+    /// a stream is run with `hello_sent`.
+    pub fn early(&self, hello: Vec<u8>) -> impl Fn() -> Vec<u8> + Send + Sync + '_ {
+        let said = std::sync::Mutex::new((hello, 0usize));
+        move || {
+            let mut g = super::lock(&said);
+            let (bytes, listed) = &mut *g;
+            *listed += self
+                .pending
+                .take_list(EARLY_LIST.saturating_sub(*listed), bytes);
+            self.early_sent
+                .store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            bytes.clone()
+        }
+    }
 }
 
 pub fn prepare(job: &Job) -> Result<Prepared, SessionError> {
@@ -60,6 +89,7 @@ pub fn prepare(job: &Job) -> Result<Prepared, SessionError> {
         out,
         pending,
         sender,
+        early_sent: 0.into(),
     })
 }
 
@@ -114,15 +144,43 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    crate::trace!("client", "helper ready");
     if !sent {
-        handshake::client_answer(writer).await?;
-        // Hello goes out before anything queued (the list may already be waiting).
-        writer
-            .write(&hello_msg(role, remote_root, opts), &[])
-            .await?;
-        writer.flush().await?;
+        send_hello(writer, role, remote_root, opts).await?;
     }
+    if let Some(mode) = await_hello_ok(reader, opts).await? {
+        writer.compress(mode);
+    }
+    Ok(())
+}
+
+/// The answer to the greeting and the `Hello`, flushed.
+async fn send_hello<W>(
+    writer: &mut FrameWriter<W>,
+    role: Role,
+    remote_root: &[u8],
+    opts: &SyncOptions,
+) -> Result<(), SessionError>
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    handshake::client_answer(writer).await?;
+    writer
+        .write(&hello_msg(role, remote_root, opts), &[])
+        .await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+/// Waits for the helper to agree to the `Hello`; returns how to compress from then on
+/// (`None`: not at all).
+async fn await_hello_ok<R>(
+    reader: &mut FrameReader<R>,
+    opts: &SyncOptions,
+) -> Result<Option<Compress>, SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    crate::trace!("client", "helper ready");
     let limit = conn::Keepalive::from_env().dead;
     let answer = tokio::time::timeout(limit, reader.next())
         .await
@@ -134,15 +192,12 @@ where
         })?;
     match answer? {
         Some((Msg::HelloOk { version, compress }, _)) if version == PROTOCOL_VERSION => {
-            if compress && opts.compress != Compress::Off {
-                writer.compress(opts.compress);
-            }
             crate::trace!(
                 "client",
                 "compression {}",
                 if compress { "on" } else { "off" }
             );
-            Ok(())
+            Ok((compress && opts.compress != Compress::Off).then_some(opts.compress))
         }
         Some((Msg::HelloOk { version, .. }, _)) => Err(SessionError::Remote(format!(
             "helper answered with protocol version {version}"
@@ -273,21 +328,24 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut writer = FrameWriter::new(w);
-    hello(
-        &mut reader,
-        &mut writer,
-        job.role,
-        &job.remote_root,
-        &job.opts,
-        hello_sent,
-    )
-    .await?;
+    if !hello_sent {
+        send_hello(&mut writer, job.role, &job.remote_root, &job.opts).await?;
+    }
     let Prepared {
         out,
         pending,
         sender,
+        early_sent,
     } = prepared;
+    let early = early_sent.into_inner();
+    // The writer starts before the helper agrees: a push's file list (queued while the
+    // connection was being set up) follows the Hello at once instead of a round trip later,
+    // so a no-change push costs one round trip after the exec, not two. A helper that
+    // refuses the Hello reads none of it. Frames go raw until the agreement.
     let writer_task = pending.start(writer);
+    if let Some(mode) = await_hello_ok(&mut reader, &job.opts).await? {
+        out.compress(mode)?;
+    }
     let result = match (job.role, sender) {
         (Role::Sender, Some((s, generation))) => {
             drop(out);
@@ -305,9 +363,9 @@ where
         .map_err(|e| SessionError::Local(format!("writer task: {e}")))??;
     Ok(Outcome {
         stats,
-        bytes_sent: sent.wire,
+        bytes_sent: sent.wire + early,
         bytes_received: received.wire,
-        raw_sent: sent.raw,
+        raw_sent: sent.raw + early,
         raw_received: received.raw,
     })
 }

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
 use super::lock;
-use crate::proto::{FrameReader, FrameWriter, Msg, ProtoError, Traffic};
+use crate::proto::{Compress, FrameReader, FrameWriter, Msg, ProtoError, Traffic};
 
 /// Longest the list waits in the writer's hands for more frames to share a flush.
 pub const LAZY_FLUSH: std::time::Duration = std::time::Duration::from_millis(2);
@@ -117,6 +117,10 @@ enum Item {
     Frame(Msg, Bytes, Option<Permit>),
     /// The list buffer has frames waiting.
     ListReady,
+    /// Compress what follows: the peer agreed to it after this writer started.
+    Compress(Compress),
+    /// Write the waiting list now and flush (it ended).
+    Flush,
 }
 
 /// Cloneable handle for queueing frames.
@@ -136,6 +140,13 @@ pub struct Out {
 pub struct Closed;
 
 impl Out {
+    /// Frames queued after this call are compressed as `mode` says (frames before it go as
+    /// they were going): for a writer started before the peer agreed to compression, so
+    /// that what was queued meanwhile did not wait a round trip for the agreement.
+    pub fn compress(&self, mode: Compress) -> Result<(), Closed> {
+        self.tx.send(Item::Compress(mode)).map_err(|_| Closed)
+    }
+
     pub fn send(&self, msg: Msg) -> Result<(), Closed> {
         self.tx
             .send(Item::Frame(msg, Bytes::new(), None))
@@ -180,6 +191,13 @@ impl Out {
             Ok(Err(e)) => Err(e.into()),
             Err(c) => Err(c.into()),
         }
+    }
+
+    /// [`Out::send_listed`], then the list goes out at once instead of waiting for company:
+    /// for the frame that ends it.
+    pub fn send_listed_now(&self, msg: &Msg) -> Result<(), crate::session::SessionError> {
+        self.send_listed(msg)?;
+        Ok(self.tx.send(Item::Flush).map_err(|_| Closed)?)
     }
 
     /// Whether the writer has stopped (the session is over): work for it can stop too.
@@ -300,6 +318,26 @@ impl ListTaker {
 }
 
 impl Pending {
+    /// Moves whole list frames queued so far, at most `max` bytes of them, to the end of
+    /// `into`, for a transport to send before this writer starts (behind the exec that starts
+    /// the helper, so the list does not wait for the helper's greeting); the writer sends
+    /// only what follows. Order holds: a frame queued before now was queued after the list
+    /// frames it must follow, which are among those taken or already gone. Returns the bytes
+    /// moved.
+    pub fn take_list(&self, max: usize, into: &mut Vec<u8>) -> usize {
+        let mut buf = lock(&self.list);
+        let mut end = 0;
+        while let Some(word) = buf.get(end..end + 4) {
+            let len = word.iter().fold(0usize, |n, &b| n << 8 | usize::from(b));
+            if end + 4 + len > max.min(buf.len()) {
+                break;
+            }
+            end += 4 + len;
+        }
+        into.extend(buf.drain(..end));
+        end
+    }
+
     /// Starts the writer task. It ends (flushing and shutting the stream down) when every
     /// [`Out`] is dropped, and returns the bytes written (on the wire and before compression).
     pub fn start<W>(
@@ -362,6 +400,12 @@ impl Pending {
                                 unless_dead(dead, &moving, stalled, w.write(&msg, &payload))
                                     .await?;
                                 drop(permit);
+                                urgent = true;
+                            }
+                            // The list still waiting goes compressed too.
+                            Item::Compress(mode) => w.compress(mode),
+                            Item::Flush => {
+                                unless_dead(dead, &moving, stalled, list.write(&mut w)).await?;
                                 urgent = true;
                             }
                         }
@@ -502,6 +546,56 @@ mod tests {
         drop(out);
         assert!(writer.await.unwrap().is_ok());
         assert!(is_batch(r.next().await, 3));
+        assert!(matches!(r.next().await, Ok(None)));
+    }
+
+    /// What a transport takes ahead of the writer is whole frames, at most the cap, in order,
+    /// and the writer sends the rest behind them: the reader sees one unbroken list, and the
+    /// frame that ends it leaves at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_list_taken_ahead_of_the_writer_is_whole_frames_and_the_rest_follows() {
+        let (out, pending) = channel();
+        for id in 0..5 {
+            list_frame(&out, id);
+        }
+        let one = {
+            let mut v = Vec::new();
+            pending.take_list(usize::MAX, &mut v);
+            let n = v.len() / 5;
+            // put them back as they were
+            lock(&pending.list).splice(0..0, v);
+            n
+        };
+        // A cap that cuts the third frame takes only two.
+        let mut early = b"hello".to_vec();
+        assert_eq!(pending.take_list(2 * one + one / 2, &mut early), 2 * one);
+        assert_eq!(early.len(), 5 + 2 * one);
+        // A cap smaller than a frame takes nothing.
+        assert_eq!(pending.take_list(one - 1, &mut early), 0);
+        out.send_listed_now(&Msg::EndOfList {
+            count: 5,
+            scan_errors: 0,
+            root: None,
+        })
+        .unwrap();
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut a = a;
+        tokio::io::AsyncWriteExt::write_all(&mut a, early.get(5..).unwrap())
+            .await
+            .unwrap();
+        let writer = pending.start(FrameWriter::new(a));
+        let mut r = FrameReader::new(b);
+        for id in 0..5 {
+            assert!(is_batch(r.next().await, id), "frame {id}");
+        }
+        let t0 = tokio::time::Instant::now();
+        assert!(matches!(
+            r.next().await,
+            Ok(Some((Msg::EndOfList { count: 5, .. }, _)))
+        ));
+        assert!(t0.elapsed() < LAZY_FLUSH, "the end of the list waited");
+        drop(out);
+        assert!(writer.await.unwrap().is_ok());
         assert!(matches!(r.next().await, Ok(None)));
     }
 

@@ -270,7 +270,7 @@ pub async fn start(
     conn: &Connection,
     opts: &BootstrapOptions,
     notice: Arc<dyn Fn(String) + Send + Sync>,
-    early: &[u8],
+    early: &(dyn Fn() -> Vec<u8> + Send + Sync),
 ) -> Result<Started, TransportError> {
     check_dir(&opts.remote_dir)?;
     let helper_err = |source: HelperError| TransportError::Helper {
@@ -286,11 +286,12 @@ pub async fn start(
             .map_err(|e| helper_err(HelperError::Exec(e)))?;
         let mut status = exec.status;
         let mut writer = exec.writer;
+        let early = early();
         if !early.is_empty() {
             // The session's first words, sent now rather than after the greeting: they wait
             // in the channel until the helper reads them. A failed write (a shell that already
             // exited to ask for the helper) shows as the greeting that does not come.
-            let _ = tokio::io::AsyncWriteExt::write_all(&mut writer, early).await;
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut writer, &early).await;
             let _ = tokio::io::AsyncWriteExt::flush(&mut writer).await;
         }
         let mut reader = FrameReader::new(exec.reader);

@@ -4,7 +4,7 @@
 //! push, pull, cp or watch to that target asks the socket for it and starts its session at
 //! once: no API call, no TLS or SSH handshake, no login shell. `devsync ssh` asks for a
 //! channel of its own on the connection instead (`shell`). The keeper relays bytes between the
-//! socket and the helper, starts the next spare helper while a session runs, and exits after
+//! socket and the helper, keeps two spare helpers started ahead of the sessions, and exits after
 //! an idle time (`--keep-connection`, default 300 s; 0: no keeper).
 //!
 //! Invisible when it works, harmless when it does not: a client uses a keeper only if the
@@ -403,44 +403,50 @@ where
 /// A helper being started.
 type Starting = tokio::task::JoinHandle<Result<Started, String>>;
 
-/// The next helper, started ahead of the client that will want it.
+/// Helpers started ahead of the clients that will want them. Starting one takes two round
+/// trips (channel open, then exec and greeting) plus the login shell, longer than a kept
+/// no-change session (one round trip), so with a single spare a session that follows another
+/// at once (`push && pull`, an agent's loop) would wait for it; two keep one ready.
+const SPARES: usize = 2;
+
+/// The next helpers, started ahead of the clients that will want them, oldest first.
 #[derive(Clone)]
 struct Spare {
     k: Arc<Keeper>,
-    next: Arc<tokio::sync::Mutex<Option<Starting>>>,
+    next: Arc<tokio::sync::Mutex<std::collections::VecDeque<Starting>>>,
 }
 
 impl Spare {
     fn new(k: Arc<Keeper>) -> Spare {
-        let first = Spare::start(k.clone());
+        let ahead = (0..SPARES).map(|_| Spare::start(k.clone())).collect();
         Spare {
             k,
-            next: Arc::new(tokio::sync::Mutex::new(Some(first))),
+            next: Arc::new(tokio::sync::Mutex::new(ahead)),
         }
     }
 
     fn start(k: Arc<Keeper>) -> Starting {
         tokio::spawn(async move {
             let quiet: Arc<dyn Fn(String) + Send + Sync> = Arc::new(|m: String| eprintln!("{m}"));
-            bootstrap::start(&k.conn, &k.opts.bootstrap, quiet, &[])
+            bootstrap::start(&k.conn, &k.opts.bootstrap, quiet, &Vec::new)
                 .await
                 .map_err(|e| e.to_string())
         })
     }
 
-    /// The spare helper (waiting for it if it is still starting), with the next one started.
-    /// One that died while it waited is replaced once.
+    /// The oldest spare helper (waiting for it if it is still starting), with another one
+    /// started in its place. One that died while it waited is replaced once.
     async fn take(&self) -> Result<Started, String> {
         if self.k.conn.is_closed() {
             return Err("the kept connection has closed".into());
         }
         let mut g = self.next.lock().await;
         for _ in 0..2 {
-            let ready = match g.take() {
+            let ready = match g.pop_front() {
                 Some(h) => h.await.map_err(|e| e.to_string()).and_then(|r| r),
                 None => Err("no helper".into()),
             };
-            *g = Some(Spare::start(self.k.clone()));
+            g.push_back(Spare::start(self.k.clone()));
             match ready {
                 Ok(h) if !gone(&h) => return Ok(h),
                 Ok(_) => continue,

@@ -59,14 +59,15 @@ pub struct Remote {
     pub conn: Connection,
 }
 
-/// Connects and starts a helper; `early` (maybe empty) goes to it at once, before its
-/// greeting is awaited (see `session::client::hello_bytes`). The helper's root is the
+/// Connects and starts a helper; what `early` returns (maybe nothing; asked again for each
+/// start) goes to it at once, before its greeting is awaited (see
+/// `session::client::Prepared::early`). The helper's root is the
 /// target's path as the user wrote it (`Target::remote_path`).
 pub async fn open(
     target: &Target,
     opts: &RemoteOptions,
     notice: Notice,
-    early: &[u8],
+    early: &(dyn Fn() -> Vec<u8> + Send + Sync),
 ) -> Result<Remote, TransportError> {
     let (conn, _) = connect(target, opts, &notice).await?;
     crate::trace!("client", "SSH ready");

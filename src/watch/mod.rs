@@ -177,7 +177,8 @@ async fn connect(cfg: &Config, report: &Arc<Report>) -> anyhow::Result<Connected
                         // round trip).
                         let early =
                             client::hello_bytes(crate::proto::Role::Sender, &root, &cfg.opts);
-                        let remote = remote::open(target, &cfg.ropts, notice, &early).await?;
+                        let remote =
+                            remote::open(target, &cfg.ropts, notice, &|| early.clone()).await?;
                         let status = remote.helper.status.clone();
                         let link = Link::Remote(remote.conn, status);
                         (remote.helper.reader, remote.helper.writer, root, link, true)

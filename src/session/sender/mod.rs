@@ -334,7 +334,7 @@ impl Sender {
                     }
                 }
                 let count = ctx.entries.read().unwrap_or_else(|p| p.into_inner()).len();
-                out.send(Msg::EndOfList {
+                out.send_listed_now(&Msg::EndOfList {
                     count,
                     scan_errors: read_errors,
                     root,
@@ -564,11 +564,12 @@ impl Ctx {
                 let count = self.entries.read().unwrap_or_else(|p| p.into_inner()).len();
                 let scan_errors = errors.into_inner();
                 crate::trace!("send", "list of {count} entries complete");
-                let _ = self.out.send(Msg::EndOfList {
+                // In list order, so a transport may send the whole list ahead of the writer.
+                let _ = self.out.send_listed_now(&Msg::EndOfList {
                     count,
                     scan_errors,
                     root: root_stamp(&self.root),
-                });
+                }); // writer gone: the read loop sees the end
             }
             Err(e) => self.fatal.fail(
                 &self.out,
