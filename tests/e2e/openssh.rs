@@ -231,6 +231,28 @@ fn push_and_pull_over_plain_openssh() {
         err.contains("SSH authentication as root") && err.contains("stranger"),
         "{err}"
     );
+    // A key the server refuses is followed by the next one: keys are offered signed, without
+    // asking first (our russh patch), so the refusal comes to the signed request itself.
+    std::fs::write(src.join("after-refusal"), b"second key").unwrap();
+    let (code, err) = run(
+        &home,
+        &[
+            "push",
+            s(&src),
+            &dst,
+            "-I",
+            s(&stranger),
+            "-I",
+            s(&sshd.client_key),
+            "--remote-dir",
+            s(&helpers),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read(remote.join("after-refusal")).unwrap(),
+        b"second key"
+    );
 }
 
 #[test]
