@@ -42,10 +42,16 @@ pub struct Prepared {
     early_sent: std::sync::atomic::AtomicU64,
 }
 
-/// Most list bytes sent ahead of the helper's greeting. They go uncompressed (the helper has
-/// not agreed to compression yet): a small tree's whole list goes, a big tree's is not all
-/// sent raw.
+/// Most list bytes sent ahead of the helper's answer. They go uncompressed (the helper has
+/// not agreed to compression yet), which costs less than the round trip they save while they
+/// stay under a slow link's bandwidth-delay product (20 Mbit/s × 50 ms ≈ 125 KB): a small
+/// tree's whole list goes early, and the rest of a big tree's goes compressed.
 const EARLY_LIST: usize = 64 << 10;
+
+/// Longest a session on a kept connection waits for the scan to end (or fill
+/// [`EARLY_LIST`]) before sending its Hello, so that the list goes with it. A scan stalled
+/// on a slow filesystem costs at most this, less than the round trip it may save.
+const EARLY_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl Prepared {
     /// What a transport sends behind the exec that starts the helper: `hello` (the
@@ -328,24 +334,30 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut writer = FrameWriter::new(w);
-    if !hello_sent {
-        send_hello(&mut writer, job.role, &job.remote_root, &job.opts).await?;
-    }
     let Prepared {
         out,
         pending,
         sender,
         early_sent,
     } = prepared;
-    let early = early_sent.into_inner();
-    // The writer starts before the helper agrees: a push's file list (queued while the
-    // connection was being set up) follows the Hello at once instead of a round trip later,
-    // so a no-change push costs one round trip after the exec, not two. A helper that
-    // refuses the Hello reads none of it. Frames go raw until the agreement.
-    let writer_task = pending.start(writer);
-    if let Some(mode) = await_hello_ok(&mut reader, &job.opts).await? {
-        out.compress(mode)?;
+    let mut early = early_sent.into_inner();
+    if !hello_sent {
+        // A kept helper already greeted: the Hello and what fits of the list go together
+        // (a kept no-change push is then one round trip).
+        let mut said = hello_bytes(job.role, &job.remote_root, &job.opts);
+        // The scan started moments ago: a small tree's is done in a millisecond or two.
+        pending.wait_list(EARLY_LIST, EARLY_WAIT).await;
+        pending.take_list(EARLY_LIST, &mut said);
+        writer.write_raw(&said).await?;
+        writer.flush().await?;
+        early = 0; // the writer counts these
     }
+    // The writer starts once the helper agreed, so that the rest of a big tree's list is
+    // compressed if both ends want it.
+    if let Some(mode) = await_hello_ok(&mut reader, &job.opts).await? {
+        writer.compress(mode);
+    }
+    let writer_task = pending.start(writer);
     let result = match (job.role, sender) {
         (Role::Sender, Some((s, generation))) => {
             drop(out);

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
 use super::lock;
-use crate::proto::{Compress, FrameReader, FrameWriter, Msg, ProtoError, Traffic};
+use crate::proto::{FrameReader, FrameWriter, Msg, ProtoError, Traffic};
 
 /// Longest the list waits in the writer's hands for more frames to share a flush.
 pub const LAZY_FLUSH: std::time::Duration = std::time::Duration::from_millis(2);
@@ -117,10 +117,17 @@ enum Item {
     Frame(Msg, Bytes, Option<Permit>),
     /// The list buffer has frames waiting.
     ListReady,
-    /// Compress what follows: the peer agreed to it after this writer started.
-    Compress(Compress),
     /// Write the waiting list now and flush (it ended).
     Flush,
+}
+
+/// How the list is coming along, for a transport that sends its start ahead of the writer.
+#[derive(Default)]
+struct Listing {
+    /// Set once a list ended ([`Out::end_list`]).
+    ended: std::sync::atomic::AtomicBool,
+    /// Woken whenever the list buffer grows.
+    grown: tokio::sync::Notify,
 }
 
 /// Cloneable handle for queueing frames.
@@ -129,6 +136,7 @@ pub struct Out {
     tx: mpsc::UnboundedSender<Item>,
     /// Encoded list frames not yet taken by the writer.
     list: Arc<Mutex<Vec<u8>>>,
+    listing: Arc<Listing>,
     /// Set (once) when the writer failed: the connection is gone.
     broken: watch::Receiver<Option<String>>,
     keep: Keepalive,
@@ -140,13 +148,6 @@ pub struct Out {
 pub struct Closed;
 
 impl Out {
-    /// Frames queued after this call are compressed as `mode` says (frames before it go as
-    /// they were going): for a writer started before the peer agreed to compression, so
-    /// that what was queued meanwhile did not wait a round trip for the agreement.
-    pub fn compress(&self, mode: Compress) -> Result<(), Closed> {
-        self.tx.send(Item::Compress(mode)).map_err(|_| Closed)
-    }
-
     pub fn send(&self, msg: Msg) -> Result<(), Closed> {
         self.tx
             .send(Item::Frame(msg, Bytes::new(), None))
@@ -177,6 +178,7 @@ impl Out {
                 grew && (before == 0 || before / LIST_CHUNK != buf.len() / LIST_CHUNK),
             )
         };
+        self.listing.grown.notify_one();
         if wake {
             self.tx.send(Item::ListReady).map_err(|_| Closed)?;
         }
@@ -193,10 +195,12 @@ impl Out {
         }
     }
 
-    /// [`Out::send_listed`], then the list goes out at once instead of waiting for company:
-    /// for the frame that ends it.
-    pub fn send_listed_now(&self, msg: &Msg) -> Result<(), crate::session::SessionError> {
+    /// Queues `msg`, the frame that ends a list, in list order ([`Out::send_listed`]); the
+    /// list then goes out at once instead of waiting for company.
+    pub fn end_list(&self, msg: &Msg) -> Result<(), crate::session::SessionError> {
         self.send_listed(msg)?;
+        self.listing.ended.store(true, Ordering::Release);
+        self.listing.grown.notify_one();
         Ok(self.tx.send(Item::Flush).map_err(|_| Closed)?)
     }
 
@@ -245,6 +249,7 @@ impl Out {
 pub struct Pending {
     rx: mpsc::UnboundedReceiver<Item>,
     list: Arc<Mutex<Vec<u8>>>,
+    listing: Arc<Listing>,
     broken: watch::Sender<Option<String>>,
     keep: Keepalive,
     moving: Arc<Moving>,
@@ -261,11 +266,13 @@ pub fn channel_with(keep: Keepalive) -> (Out, Pending) {
     let (tx, rx) = mpsc::unbounded_channel::<Item>();
     let (broken, broken_rx) = watch::channel(None);
     let list = Arc::new(Mutex::new(Vec::new()));
+    let listing = Arc::new(Listing::default());
     let moving = Arc::new(Moving::default());
     (
         Out {
             tx,
             list: list.clone(),
+            listing: listing.clone(),
             broken: broken_rx,
             keep,
             moving: moving.clone(),
@@ -273,6 +280,7 @@ pub fn channel_with(keep: Keepalive) -> (Out, Pending) {
         Pending {
             rx,
             list,
+            listing,
             broken,
             keep,
             moving,
@@ -338,6 +346,23 @@ impl Pending {
         end
     }
 
+    /// Waits until a list has ended ([`Out::end_list`]) or `max` bytes of it are waiting,
+    /// at most `limit`: what [`Pending::take_list`] then takes is a small tree's whole list,
+    /// not the few entries a scan had found at the moment of asking.
+    pub async fn wait_list(&self, max: usize, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // Asked for before checking, so a growth in between is not missed.
+            let grown = self.listing.grown.notified();
+            if self.listing.ended.load(Ordering::Acquire) || lock(&self.list).len() >= max {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, grown).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Starts the writer task. It ends (flushing and shutting the stream down) when every
     /// [`Out`] is dropped, and returns the bytes written (on the wire and before compression).
     pub fn start<W>(
@@ -350,6 +375,7 @@ impl Pending {
         let Pending {
             mut rx,
             list,
+            listing: _,
             broken,
             keep,
             moving,
@@ -402,8 +428,6 @@ impl Pending {
                                 drop(permit);
                                 urgent = true;
                             }
-                            // The list still waiting goes compressed too.
-                            Item::Compress(mode) => w.compress(mode),
                             Item::Flush => {
                                 unless_dead(dead, &moving, stalled, list.write(&mut w)).await?;
                                 urgent = true;
@@ -572,7 +596,7 @@ mod tests {
         assert_eq!(early.len(), 5 + 2 * one);
         // A cap smaller than a frame takes nothing.
         assert_eq!(pending.take_list(one - 1, &mut early), 0);
-        out.send_listed_now(&Msg::EndOfList {
+        out.end_list(&Msg::EndOfList {
             count: 5,
             scan_errors: 0,
             root: None,
@@ -597,6 +621,45 @@ mod tests {
         drop(out);
         assert!(writer.await.unwrap().is_ok());
         assert!(matches!(r.next().await, Ok(None)));
+    }
+
+    /// The wait for a list to take ahead ends when the list ends, when enough of it is
+    /// waiting, or at the limit, whichever comes first.
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_the_list_ends_at_its_end_its_cap_or_the_limit() {
+        let limit = Duration::from_millis(20);
+        // Nothing comes: the limit.
+        let (_out, pending) = channel();
+        let t0 = tokio::time::Instant::now();
+        pending.wait_list(1 << 16, limit).await;
+        assert_eq!(t0.elapsed(), limit);
+        // The list ends from another thread after 5 ms: the wait ends then, not at the limit.
+        let (out, pending) = channel();
+        let t0 = tokio::time::Instant::now();
+        let scanner = std::thread::spawn(move || {
+            list_frame(&out, 0);
+            out
+        });
+        let out = scanner.join().unwrap();
+        let ender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            out.end_list(&Msg::EndOfList {
+                count: 1,
+                scan_errors: 0,
+                root: None,
+            })
+            .unwrap();
+            out
+        });
+        pending.wait_list(1 << 16, limit).await;
+        assert_eq!(t0.elapsed(), Duration::from_millis(5));
+        let _out = ender.await.unwrap();
+        // Enough is waiting already: no wait at all.
+        let (out, pending) = channel();
+        list_frame(&out, 0);
+        let t0 = tokio::time::Instant::now();
+        pending.wait_list(1, limit).await;
+        assert_eq!(t0.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

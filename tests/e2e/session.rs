@@ -494,3 +494,119 @@ fn failed_verification_falls_back_to_whole_file() {
     assert_eq!(o.stats.errors, 0);
     assert_eq!(std::fs::read(td.path().join("dest/f")).unwrap(), new);
 }
+
+/// Between a client and a real helper: passes everything through, except that after the
+/// helper's greeting nothing more reaches the client (so no `HelloOk`) until the client's
+/// bytes held a whole list, `EndOfList` included. A client that waited for `HelloOk` before
+/// sending its list would never finish; `Err` after 10 s says so.
+async fn list_before_hello_ok(
+    client_side: tokio::io::DuplexStream,
+    helper_side: tokio::io::DuplexStream,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cr, mut cw) = tokio::io::split(client_side);
+    let (mut hr, mut hw) = tokio::io::split(helper_side);
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<()>();
+    let upstream = async move {
+        let mut seen = Some(seen_tx);
+        let mut got: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = cr.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Ok::<_, String>(());
+            }
+            hw.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
+            if seen.is_none() {
+                continue;
+            }
+            got.extend_from_slice(&buf[..n]);
+            // The client's magic, then frames: u32 BE length, body.
+            let mut at = devsync::proto::handshake::CLIENT_MAGIC.len();
+            while got.len() >= at + 4 {
+                let len = u32::from_be_bytes(got[at..at + 4].try_into().unwrap()) as usize;
+                if got.len() < at + 4 + len {
+                    break;
+                }
+                let mut body = bytes::Bytes::copy_from_slice(&got[at + 4..at + 4 + len]);
+                let (msg, _) = frame::decode(&mut body).map_err(|e| e.to_string())?;
+                if matches!(msg, Msg::EndOfList { .. }) {
+                    let _ = seen.take().map(|s| s.send(()));
+                    break;
+                }
+                at += 4 + len;
+            }
+        }
+    };
+    let downstream = async move {
+        let greeting = devsync::proto::handshake::HELPER_MAGIC.len()
+            + std::mem::size_of_val(&devsync::proto::PROTOCOL_VERSION);
+        let mut first = vec![0u8; greeting];
+        hr.read_exact(&mut first).await.map_err(|e| e.to_string())?;
+        cw.write_all(&first).await.map_err(|e| e.to_string())?;
+        tokio::time::timeout(std::time::Duration::from_secs(10), seen_rx)
+            .await
+            .map_err(|_| "the list did not come before HelloOk".to_string())?
+            .map_err(|_| "the client ended before its list".to_string())?;
+        tokio::io::copy(&mut hr, &mut cw)
+            .await
+            .map_err(|e| e.to_string())?;
+        cw.shutdown().await.map_err(|e| e.to_string())
+    };
+    let (u, d) = tokio::join!(upstream, downstream);
+    d.and(u)
+}
+
+/// A no-change push costs one round trip after the helper starts: the list goes with the
+/// Hello, both on a greeted stream (a kept connection) and in the bytes a transport sends
+/// behind the exec, before the greeting (`Prepared::early`).
+#[test]
+fn a_small_trees_list_goes_with_the_hello() {
+    let rt = rt();
+    let td = tempfile::tempdir().unwrap();
+    let (src, dst) = (td.path().join("src"), td.path().join("dst"));
+    text_tree(&src, 7);
+    for early in [false, true] {
+        let _ = std::fs::remove_dir_all(&dst);
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (c, d) = tokio::io::duplex(1 << 20);
+        let (hr, hw) = tokio::io::split(d);
+        let job = Job {
+            role: Role::Sender,
+            local_root: src.clone(),
+            remote_root: dst.as_os_str().as_encoded_bytes().to_vec(),
+            opts: SyncOptions::default(),
+            obs: Arc::new(Silent),
+        };
+        let (client, gate) = rt.block_on(async {
+            let helper = tokio::spawn(helper::serve_with(hr, hw, true));
+            let gate = tokio::spawn(list_before_hello_ok(a, c));
+            let (cr, mut cw) = tokio::io::split(b);
+            let client = if early {
+                let prepared = client::prepare(&job).unwrap();
+                let hello = client::hello_bytes(job.role, &job.remote_root, &job.opts);
+                // What a transport does: the early bytes right behind the exec.
+                let bytes = {
+                    // A small tree's scan is done by the time SSH is up.
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    prepared.early(hello)()
+                };
+                tokio::io::AsyncWriteExt::write_all(&mut cw, &bytes)
+                    .await
+                    .unwrap();
+                let mut reader = devsync::proto::FrameReader::new(cr);
+                devsync::proto::handshake::await_helper(&mut reader)
+                    .await
+                    .unwrap();
+                client::run_ready(reader, cw, job, prepared, true).await
+            } else {
+                client::run(cr, cw, job).await
+            };
+            let _ = helper.await.unwrap();
+            (client, gate.await.unwrap())
+        });
+        assert!(gate.is_ok(), "early={early}: {gate:?}");
+        assert!(client.is_ok(), "early={early}: {client:?}");
+        assert_same_tree(&src, &dst);
+    }
+}

@@ -334,7 +334,7 @@ impl Sender {
                     }
                 }
                 let count = ctx.entries.read().unwrap_or_else(|p| p.into_inner()).len();
-                out.send_listed_now(&Msg::EndOfList {
+                out.end_list(&Msg::EndOfList {
                     count,
                     scan_errors: read_errors,
                     root,
@@ -565,7 +565,7 @@ impl Ctx {
                 let scan_errors = errors.into_inner();
                 crate::trace!("send", "list of {count} entries complete");
                 // In list order, so a transport may send the whole list ahead of the writer.
-                let _ = self.out.send_listed_now(&Msg::EndOfList {
+                let _ = self.out.end_list(&Msg::EndOfList {
                     count,
                     scan_errors,
                     root: root_stamp(&self.root),
