@@ -191,11 +191,13 @@ impl Adaptive {
             // level, down to raw, costs less for the same.
             self.step -= 1;
             self.resume = self.step.max(1);
-            if self.step == 0 {
+            if self.step == 0 && (compressing >= 0.5 || self.seen(0).is_some_and(|r| g < r)) {
                 // Even the cheapest level could not keep the drain busy, though raw data
-                // did: the drain is faster than the compressor (on loopback the compressor
-                // also takes CPU from the peer). Wait longer each time before trying again,
-                // or raw and level 1 take turns window after window.
+                // did, and the compressor was the limit (or it delivered less than raw): the
+                // drain is faster than the compressor (on loopback the compressor also takes
+                // CPU from the peer). Wait longer each time before trying again, or raw and
+                // level 1 take turns window after window. A slow producer on a slow link is
+                // not a reason to wait.
                 self.backoff = (self.backoff * 2).min(64);
                 self.hold = self.backoff;
             }
@@ -600,6 +602,40 @@ mod tests {
             c.judge(&w);
         }
         assert!(compressed <= 6, "{compressed} of 60 windows compressed");
+    }
+
+    #[test]
+    fn a_slow_producer_on_a_slow_link_keeps_compressing() {
+        // 20 Mbit/s and a source that gives 5 MB/s: compressed, the writer waits for data
+        // (not saturated, but it delivers twice what raw does); raw, the link is the limit.
+        // Not a drain faster than the compressor: no backing off.
+        let mut c = Adaptive::default();
+        let mut compressed = 0;
+        for _ in 0..60 {
+            let w = if c.level() == 0 {
+                Window {
+                    raw: 2_500_000,
+                    compress: ms(0),
+                    blocked: ms(900),
+                    wall: ms(1000),
+                    wire: 2_500_000,
+                }
+            } else {
+                compressed += 1;
+                Window {
+                    raw: 5_000_000,
+                    compress: ms(50),
+                    blocked: ms(200),
+                    wall: ms(1000),
+                    wire: 1_250_000,
+                }
+            };
+            c.judge(&w);
+        }
+        assert!(
+            compressed >= 25,
+            "only {compressed} of 60 windows compressed"
+        );
     }
 
     #[test]

@@ -48,12 +48,18 @@ pub struct Prepared {
 /// tree's whole list goes early, and the rest of a big tree's goes compressed.
 const EARLY_LIST: usize = 64 << 10;
 
-/// Longest a session on a kept connection waits for the scan to end (or fill
-/// [`EARLY_LIST`]) before sending its Hello, so that the list goes with it. A scan stalled
-/// on a slow filesystem costs at most this, less than the round trip it may save.
+/// Longest a push on a greeted stream (a kept connection, a local helper) waits for the
+/// scan to end (or fill [`EARLY_LIST`]) before sending its Hello, so that the list goes with
+/// it. Only a scan stalled on a slow filesystem waits this long; on a WAN that is less than
+/// the round trip it saves, on a LAN it may be more.
 const EARLY_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl Prepared {
+    /// Waits (at most `limit`) until a push's list has ended or fills what goes early.
+    pub async fn list_ready(&self, limit: std::time::Duration) {
+        self.pending.wait_list(EARLY_LIST, limit).await;
+    }
+
     /// What a transport sends behind the exec that starts the helper: `hello` (the
     /// [`hello_bytes`]) and the part of a push's file list queued so far, so a small tree's
     /// list is with the helper when it starts (a no-change push then costs one round trip
@@ -346,7 +352,10 @@ where
         // (a kept no-change push is then one round trip).
         let mut said = hello_bytes(job.role, &job.remote_root, &job.opts);
         // The scan started moments ago: a small tree's is done in a millisecond or two.
-        pending.wait_list(EARLY_LIST, EARLY_WAIT).await;
+        // (Only a push has a list to wait for.)
+        if sender.is_some() {
+            pending.wait_list(EARLY_LIST, EARLY_WAIT).await;
+        }
         pending.take_list(EARLY_LIST, &mut said);
         writer.write_raw(&said).await?;
         writer.flush().await?;

@@ -608,11 +608,13 @@ mod tests {
             .await
             .unwrap();
         let writer = pending.start(FrameWriter::new(a));
+        // Everything, the end of the list included, is there at once: the writer does not
+        // let the list wait for company once it has ended.
+        let t0 = tokio::time::Instant::now();
         let mut r = FrameReader::new(b);
         for id in 0..5 {
             assert!(is_batch(r.next().await, id), "frame {id}");
         }
-        let t0 = tokio::time::Instant::now();
         assert!(matches!(
             r.next().await,
             Ok(Some((Msg::EndOfList { count: 5, .. }, _)))
@@ -633,7 +635,8 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         pending.wait_list(1 << 16, limit).await;
         assert_eq!(t0.elapsed(), limit);
-        // The list ends from another thread after 5 ms: the wait ends then, not at the limit.
+        // A scanner thread appends, and the list ends 5 ms later: the wait ends then, not at
+        // the limit.
         let (out, pending) = channel();
         let t0 = tokio::time::Instant::now();
         let scanner = std::thread::spawn(move || {

@@ -435,13 +435,16 @@ impl Spare {
     }
 
     /// The oldest spare helper (waiting for it if it is still starting), with another one
-    /// started in its place. One that died while it waited is replaced once.
+    /// started in its place. Spares that died while they waited (a helper gives up on a
+    /// client that never speaks after the keepalive limit, 2 min, shorter than a keeper's
+    /// idle time, and both spares started together) are replaced, and the first of the
+    /// replacements is waited for: one more try than there are spares.
     async fn take(&self) -> Result<Started, String> {
         if self.k.conn.is_closed() {
             return Err("the kept connection has closed".into());
         }
         let mut g = self.next.lock().await;
-        for _ in 0..2 {
+        for _ in 0..=SPARES {
             let ready = match g.pop_front() {
                 Some(h) => h.await.map_err(|e| e.to_string()).and_then(|r| r),
                 None => Err("no helper".into()),

@@ -310,6 +310,20 @@ fn load_key(path: &Path) -> Result<Credential, TransportError> {
         };
         TransportError::Config(format!("private key {}: {e}{hint}", path.display()))
     })?;
+    // This build signs with Ed25519 and ECDSA only (russh without its `rsa` feature); an RSA
+    // key would load but fail when it is asked to sign.
+    if !matches!(
+        key.algorithm(),
+        russh::keys::Algorithm::Ed25519 | russh::keys::Algorithm::Ecdsa { .. }
+    ) {
+        return Err(TransportError::Config(format!(
+            "private key {} is an `{}` key, which devsync cannot sign with (supported: Ed25519 \
+             and ECDSA): make one with `ssh-keygen -t ed25519` and add its .pub to the \
+             server's authorized_keys",
+            path.display(),
+            key.algorithm()
+        )));
+    }
     Ok(Credential::Key {
         key: Arc::new(key),
         source: path.display().to_string(),

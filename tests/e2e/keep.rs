@@ -249,3 +249,62 @@ fn keeper_pid_other_than(ep: &Endpoint, old: u32) -> u32 {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The pids of the helpers running from `dir` (this test's own `--remote-dir`).
+fn helpers_in(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                args.iter().any(|a| *a == b"helper")
+                    && args
+                        .first()
+                        .is_some_and(|a| a.starts_with(dir.as_os_str().as_encoded_bytes()))
+            })
+        })
+        .collect()
+}
+
+/// Spare helpers give up on a client that never comes after the keepalive limit, both at
+/// once (they were started together), well inside a keeper's idle time. The next push must
+/// still go through the keeper, on a freshly started helper, not retire it.
+#[test]
+fn spares_that_died_waiting_are_replaced_not_the_keeper() {
+    let ep = endpoint(&["dbx_spares"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let (src, helpers) = (td.path().join("src"), td.path().join("helpers"));
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a"), "one").unwrap();
+    let remote = td.path().join("remote");
+    let dst = format!("dbx_spares:{}", remote.display());
+    let with_dir = |c: &mut std::process::Command| {
+        c.arg("--remote-dir").arg(&helpers);
+    };
+    let (code, err) = push_with(&ep, &src, &dst, with_dir);
+    assert_eq!(code, 0, "{err}");
+    let pid = keeper_pid(&ep);
+    let _guard = Kill(pid);
+    // Both spares up (bounded wait), then gone, as after the helpers' own timeout.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while helpers_in(&helpers).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the keeper did not start two spares"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in helpers_in(&helpers) {
+        kill(p);
+    }
+    std::fs::write(src.join("a"), "two").unwrap();
+    let (code, err) = push_with(&ep, &src, &dst, with_dir);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("reusing the kept connection (keeper pid {pid})")),
+        "{err}"
+    );
+    assert_same_tree(&src, &remote);
+    assert_eq!(keeper_pid(&ep), pid, "the keeper was replaced");
+}

@@ -419,3 +419,58 @@ fn default_identity_files_are_tried() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read(remote.join("x")).unwrap(), b"default key");
 }
+
+/// An RSA key, which this build cannot sign with, is refused up front with what to do
+/// (it used to load, then fail at signing, which closed the connection).
+#[test]
+fn rsa_keys_are_refused_with_the_fix() {
+    let Some(sshd) = sshd() else { return };
+    let td = tempfile::tempdir().unwrap();
+    let home = td.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let rsa = td.path().join("rsa");
+    let ok = Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "rsa",
+            "-b",
+            "2048",
+            "-N",
+            "",
+            "-C",
+            "devsync-rsa",
+            "-f",
+        ])
+        .arg(&rsa)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ssh-keygen -t rsa failed");
+    let auth = sshd.dir.path().join("authorized_keys");
+    let mut keys = std::fs::read_to_string(&auth).unwrap();
+    keys.push_str(&std::fs::read_to_string(rsa.with_extension("pub")).unwrap());
+    std::fs::write(&auth, keys).unwrap();
+    let (src, remote) = (td.path().join("src"), td.path().join("remote"));
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("x"), b"rsa key").unwrap();
+    let dst = format!("root@127.0.0.1:{}:{}", sshd.addr.port(), s(&remote));
+    let (code, err) = run(
+        &home,
+        &[
+            "push",
+            s(&src),
+            &dst,
+            "-I",
+            s(&rsa),
+            "--remote-dir",
+            s(&td.path().join("h")),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("is an `ssh-rsa` key") && err.contains("ssh-keygen -t ed25519"),
+        "{err}"
+    );
+    assert!(!remote.exists());
+}

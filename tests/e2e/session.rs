@@ -582,26 +582,25 @@ fn a_small_trees_list_goes_with_the_hello() {
             let helper = tokio::spawn(helper::serve_with(hr, hw, true));
             let gate = tokio::spawn(list_before_hello_ok(a, c));
             let (cr, mut cw) = tokio::io::split(b);
-            let client = if early {
-                let prepared = client::prepare(&job).unwrap();
-                let hello = client::hello_bytes(job.role, &job.remote_root, &job.opts);
+            let prepared = client::prepare(&job).unwrap();
+            // A small tree's scan is done by the time SSH is up (or the keeper answered):
+            // waited for here, so a loaded machine cannot make the test miss it.
+            prepared
+                .list_ready(std::time::Duration::from_secs(10))
+                .await;
+            if early {
                 // What a transport does: the early bytes right behind the exec.
-                let bytes = {
-                    // A small tree's scan is done by the time SSH is up.
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    prepared.early(hello)()
-                };
+                let hello = client::hello_bytes(job.role, &job.remote_root, &job.opts);
+                let bytes = prepared.early(hello)();
                 tokio::io::AsyncWriteExt::write_all(&mut cw, &bytes)
                     .await
                     .unwrap();
-                let mut reader = devsync::proto::FrameReader::new(cr);
-                devsync::proto::handshake::await_helper(&mut reader)
-                    .await
-                    .unwrap();
-                client::run_ready(reader, cw, job, prepared, true).await
-            } else {
-                client::run(cr, cw, job).await
-            };
+            }
+            let mut reader = devsync::proto::FrameReader::new(cr);
+            devsync::proto::handshake::await_helper(&mut reader)
+                .await
+                .unwrap();
+            let client = client::run_ready(reader, cw, job, prepared, early).await;
             let _ = helper.await.unwrap();
             (client, gate.await.unwrap())
         });

@@ -1100,10 +1100,7 @@ impl Session {
         if let Some(ref mut enc) = self.common.encrypted {
             is_waiting = match enc.state {
                 EncryptedState::WaitingAuthRequest(_) => true,
-                EncryptedState::WaitingAuthServiceRequest {
-                    accepted,
-                    ref mut sent,
-                } => {
+                EncryptedState::WaitingAuthServiceRequest { ref mut sent, .. } => {
                     debug!("sending ssh-userauth service requset");
                     if !*sent {
                         self.common.packet_writer.write_packet(|w| {
@@ -1117,7 +1114,6 @@ impl Session {
                     // instead of after SERVICE_ACCEPT (a round trip less). Servers handle
                     // packets in order, so the request is read once the service is accepted;
                     // the SERVICE_ACCEPT is then taken in WaitingAuthRequest.
-                    let _ = accepted;
                     true
                 }
                 EncryptedState::InitCompression | EncryptedState::Authenticated => false,
@@ -1404,10 +1400,14 @@ impl Encrypted {
         // devsync patch: with the private key at hand, the signed request goes at once, as
         // RFC 4252 section 7 allows, instead of asking first whether the key is acceptable
         // (a round trip less). Keys held elsewhere (an agent) still ask first.
+        // A key that cannot sign (an algorithm this build lacks) falls back to the probe, so
+        // the server refuses it and the next method is tried, as before.
         if let auth::Method::PublicKey { .. } = auth_method {
             let mut buffer = Vec::new();
-            self.client_send_signature(user, auth_method, &mut buffer)?;
-            return Ok(true);
+            match self.client_send_signature(user, auth_method, &mut buffer) {
+                Ok(()) => return Ok(true),
+                Err(e) => debug!("signing failed ({e:?}), asking first instead"),
+            }
         }
         // The server is waiting for our USERAUTH_REQUEST.
         Ok(push_packet!(self.write, {
