@@ -191,9 +191,10 @@ impl Adaptive {
             // level, down to raw, costs less for the same.
             self.step -= 1;
             self.resume = self.step.max(1);
-            if self.step == 0 && (compressing >= 0.5 || self.seen(0).is_some_and(|r| g < r)) {
+            if self.step == 0 && (compressing >= 0.5 || self.seen(0).is_none_or(|r| g < r)) {
                 // Even the cheapest level could not keep the drain busy, though raw data
-                // did, and the compressor was the limit (or it delivered less than raw): the
+                // did, and the compressor was the limit (or it delivered less than raw, or
+                // raw was not measured yet): the
                 // drain is faster than the compressor (on loopback the compressor also takes
                 // CPU from the peer). Wait longer each time before trying again, or raw and
                 // level 1 take turns window after window. A slow producer on a slow link is
