@@ -573,35 +573,41 @@ mod tests {
         assert!(raw >= 25, "{levels:?}");
     }
 
+    /// Feeds 60 windows to a fresh controller, `raw` while it sends raw and `packed` while it
+    /// compresses; returns how many were compressed.
+    fn compressed_windows(raw: Window, packed: Window) -> usize {
+        let mut c = Adaptive::default();
+        (0..60)
+            .filter(|_| {
+                let compressing = c.level() != 0;
+                c.judge(if compressing { &packed } else { &raw });
+                compressing
+            })
+            .count()
+    }
+
     #[test]
     fn a_drain_faster_than_the_compressor_is_not_tried_window_after_window() {
         // Loopback to a peer on the same two cores: raw saturates the drain (the peer is
         // busy), but compressing takes CPU from that peer, so a compressed window is never
         // saturated. Traced on a real run before the fix: raw and level 1 alternated every
         // window.
-        let mut c = Adaptive::default();
-        let mut compressed = 0;
-        for _ in 0..60 {
-            let w = if c.level() == 0 {
-                Window {
-                    raw: 8 << 20,
-                    compress: ms(0),
-                    blocked: ms(36),
-                    wall: ms(40),
-                    wire: 8 << 20,
-                }
-            } else {
-                compressed += 1;
-                Window {
-                    raw: 8 << 20,
-                    compress: ms(30),
-                    blocked: ms(12),
-                    wall: ms(50),
-                    wire: 2 << 20,
-                }
-            };
-            c.judge(&w);
-        }
+        let compressed = compressed_windows(
+            Window {
+                raw: 8 << 20,
+                compress: ms(0),
+                blocked: ms(36),
+                wall: ms(40),
+                wire: 8 << 20,
+            },
+            Window {
+                raw: 8 << 20,
+                compress: ms(30),
+                blocked: ms(12),
+                wall: ms(50),
+                wire: 2 << 20,
+            },
+        );
         assert!(compressed <= 6, "{compressed} of 60 windows compressed");
     }
 
@@ -610,29 +616,22 @@ mod tests {
         // 20 Mbit/s and a source that gives 5 MB/s: compressed, the writer waits for data
         // (not saturated, but it delivers twice what raw does); raw, the link is the limit.
         // Not a drain faster than the compressor: no backing off.
-        let mut c = Adaptive::default();
-        let mut compressed = 0;
-        for _ in 0..60 {
-            let w = if c.level() == 0 {
-                Window {
-                    raw: 2_500_000,
-                    compress: ms(0),
-                    blocked: ms(900),
-                    wall: ms(1000),
-                    wire: 2_500_000,
-                }
-            } else {
-                compressed += 1;
-                Window {
-                    raw: 5_000_000,
-                    compress: ms(50),
-                    blocked: ms(200),
-                    wall: ms(1000),
-                    wire: 1_250_000,
-                }
-            };
-            c.judge(&w);
-        }
+        let compressed = compressed_windows(
+            Window {
+                raw: 2_500_000,
+                compress: ms(0),
+                blocked: ms(900),
+                wall: ms(1000),
+                wire: 2_500_000,
+            },
+            Window {
+                raw: 5_000_000,
+                compress: ms(50),
+                blocked: ms(200),
+                wall: ms(1000),
+                wire: 1_250_000,
+            },
+        );
         assert!(
             compressed >= 25,
             "only {compressed} of 60 windows compressed"

@@ -157,7 +157,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     if !sent {
-        send_hello(writer, role, remote_root, opts).await?;
+        send_hello(writer, &hello_bytes(role, remote_root, opts)).await?;
     }
     if let Some(mode) = await_hello_ok(reader, opts).await? {
         writer.compress(mode);
@@ -165,20 +165,13 @@ where
     Ok(())
 }
 
-/// The answer to the greeting and the `Hello`, flushed.
-async fn send_hello<W>(
-    writer: &mut FrameWriter<W>,
-    role: Role,
-    remote_root: &[u8],
-    opts: &SyncOptions,
-) -> Result<(), SessionError>
+/// The answer to the greeting and the `Hello` ([`hello_bytes`], maybe with list frames
+/// after it), flushed.
+async fn send_hello<W>(writer: &mut FrameWriter<W>, said: &[u8]) -> Result<(), SessionError>
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    handshake::client_answer(writer).await?;
-    writer
-        .write(&hello_msg(role, remote_root, opts), &[])
-        .await?;
+    writer.write_raw(said).await?;
     writer.flush().await?;
     Ok(())
 }
@@ -357,8 +350,7 @@ where
             pending.wait_list(EARLY_LIST, EARLY_WAIT).await;
         }
         pending.take_list(EARLY_LIST, &mut said);
-        writer.write_raw(&said).await?;
-        writer.flush().await?;
+        send_hello(&mut writer, &said).await?;
         early = 0; // the writer counts these
     }
     // The writer starts once the helper agreed, so that the rest of a big tree's list is

@@ -291,6 +291,24 @@ pub fn require(available: bool, what: &str) -> bool {
 }
 
 /// Child processes of `pid`, and theirs (from /proc, so no procps is needed).
+/// The pids of the devsync helpers running from `dir` (a test's own `--remote-dir`), so a
+/// test kills its own helpers and no other test's.
+pub fn helpers_in(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                args.iter().any(|a| *a == b"helper")
+                    && args
+                        .first()
+                        .is_some_and(|a| a.starts_with(dir.as_os_str().as_encoded_bytes()))
+            })
+        })
+        .collect()
+}
+
 pub fn descendants(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     let mut todo = vec![pid];

@@ -250,23 +250,6 @@ fn keeper_pid_other_than(ep: &Endpoint, old: u32) -> u32 {
     }
 }
 
-/// The pids of the helpers running from `dir` (this test's own `--remote-dir`).
-fn helpers_in(dir: &Path) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
-                let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
-                args.iter().any(|a| *a == b"helper")
-                    && args
-                        .first()
-                        .is_some_and(|a| a.starts_with(dir.as_os_str().as_encoded_bytes()))
-            })
-        })
-        .collect()
-}
-
 /// Spare helpers give up on a client that never comes after the keepalive limit, both at
 /// once (they were started together), well inside a keeper's idle time. The next push must
 /// still go through the keeper, on a freshly started helper, not retire it.

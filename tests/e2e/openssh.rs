@@ -24,13 +24,29 @@ pub struct Sshd {
 }
 
 fn keygen(path: &Path) {
+    keygen_as(path, &["-t", "ed25519"]);
+}
+
+/// `ssh-keygen` with `kind` (its `-t` and maybe `-b`), no passphrase, into `path`.
+fn keygen_as(path: &Path, kind: &[&str]) {
     let ok = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "devsync-test", "-f"])
+        .arg("-q")
+        .args(kind)
+        .args(["-N", "", "-C", "devsync-test", "-f"])
         .arg(path)
         .status()
         .unwrap()
         .success();
-    assert!(ok, "ssh-keygen failed");
+    assert!(ok, "ssh-keygen {kind:?} failed");
+}
+
+/// Adds `public` (an OpenSSH public-key line) to what `sshd` lets in.
+fn authorize(sshd: &Sshd, public: &str) {
+    let auth = sshd.dir.path().join("authorized_keys");
+    let mut keys = std::fs::read_to_string(&auth).unwrap();
+    keys.push_str(public.trim_end());
+    keys.push('\n');
+    std::fs::write(&auth, keys).unwrap();
 }
 
 /// Lets devbox `id` of endpoint `ep` log in to `sshd` (an upstream behind `serve --upstream`).
@@ -43,10 +59,7 @@ pub fn authorize_devbox(sshd: &Sshd, ep: &crate::remote::Endpoint, id: &str) {
         .public_key
         .to_openssh()
         .unwrap();
-    let auth = sshd.dir.path().join("authorized_keys");
-    let mut keys = std::fs::read_to_string(&auth).unwrap();
-    keys.push_str(&format!("{devbox_pub}\n"));
-    std::fs::write(&auth, keys).unwrap();
+    authorize(sshd, &devbox_pub);
 }
 
 pub fn sshd() -> Option<Sshd> {
@@ -429,28 +442,12 @@ fn rsa_keys_are_refused_with_the_fix() {
     let home = td.path().join("home");
     std::fs::create_dir(&home).unwrap();
     let rsa = td.path().join("rsa");
-    let ok = Command::new("ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "rsa",
-            "-b",
-            "2048",
-            "-N",
-            "",
-            "-C",
-            "devsync-rsa",
-            "-f",
-        ])
-        .arg(&rsa)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "ssh-keygen -t rsa failed");
-    let auth = sshd.dir.path().join("authorized_keys");
-    let mut keys = std::fs::read_to_string(&auth).unwrap();
-    keys.push_str(&std::fs::read_to_string(rsa.with_extension("pub")).unwrap());
-    std::fs::write(&auth, keys).unwrap();
+    keygen_as(&rsa, &["-t", "rsa", "-b", "2048"]);
+    // Known to the server, so only devsync's refusal can be why it is not used.
+    authorize(
+        &sshd,
+        &std::fs::read_to_string(rsa.with_extension("pub")).unwrap(),
+    );
     let (src, remote) = (td.path().join("src"), td.path().join("remote"));
     std::fs::create_dir(&src).unwrap();
     std::fs::write(src.join("x"), b"rsa key").unwrap();

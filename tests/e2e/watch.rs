@@ -632,19 +632,7 @@ fn watch_over_openssh_follows_edits_and_reconnects() {
     exercise(&w, &src, &remote);
     big_rename(&w, &src, &remote);
     // The remote helper dies (as when the devbox restarts it): reconnect and catch up.
-    let helper_pids: Vec<u32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
-                let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
-                args.iter().any(|a| *a == b"helper")
-                    && args
-                        .first()
-                        .is_some_and(|a| a.starts_with(helpers.as_os_str().as_encoded_bytes()))
-            })
-        })
-        .collect();
+    let helper_pids = helpers_in(&helpers);
     assert!(!helper_pids.is_empty(), "no remote helper found");
     for p in helper_pids {
         kill(p);
