@@ -192,32 +192,24 @@ impl Ctx {
                     lock(&inc.st).inplace = true;
                     return true;
                 }
+                if self.no_reflink.load(Ordering::Relaxed) {
+                    return false;
+                }
                 let Ok(t) = self.temp_file(inc) else {
                     return false;
                 };
-                if !self.no_reflink.load(Ordering::Relaxed) {
-                    match rustix::fs::ioctl_ficlone(t.file(), &b.file) {
-                        Ok(()) => {
-                            crate::trace!("recv", "{}: cloned our copy (reflink)", inc.path);
-                            lock(&inc.st).cloned = true;
-                            return true;
-                        }
-                        Err(e) => {
-                            crate::trace!("recv", "no reflinks here ({e}): writing copies");
-                            self.no_reflink.store(true, Ordering::Relaxed);
-                        }
+                match rustix::fs::ioctl_ficlone(t.file(), &b.file) {
+                    Ok(()) => {
+                        crate::trace!("recv", "{}: cloned our copy (reflink)", inc.path);
+                        lock(&inc.st).cloned = true;
+                        true
+                    }
+                    Err(e) => {
+                        crate::trace!("recv", "no reflinks here ({e}): writing copies");
+                        self.no_reflink.store(true, Ordering::Relaxed);
+                        false
                     }
                 }
-                // Every byte will be written. The staged file was created without a
-                // reservation (a clone must not be preceded by one: on a nearly full
-                // reflink filesystem it could fail where the clone fits), so reserve now:
-                // without it ext4 forces the whole file out to disk at the final rename
-                // (`auto_da_alloc`), 0.4 s per GiB here. Only an optimisation: a full disk
-                // still shows up as a write error.
-                if let Err(e) = t.preallocate(len) {
-                    crate::trace!("recv", "{}: no reservation: {}", inc.path, e.detail());
-                }
-                false
             })
         };
         // Chunk `k` (`n` bytes, chaining value `cv`) is in the new file.
