@@ -141,6 +141,27 @@ fn run(home: &Path, args: &[&str]) -> (i32, String) {
     )
 }
 
+/// Pushes a one-file tree (`x`, holding `content`) from under `td` to `root@` this sshd, as a
+/// user whose home is `home`, with `extra` arguments. Returns the exit code, stderr and the
+/// remote directory.
+fn push_one_file(
+    sshd: &Sshd,
+    td: &Path,
+    home: &Path,
+    content: &[u8],
+    extra: &[&str],
+) -> (i32, String, PathBuf) {
+    let (src, remote) = (td.join("src"), td.join("remote"));
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("x"), content).unwrap();
+    let dst = format!("root@127.0.0.1:{}:{}", sshd.addr.port(), s(&remote));
+    let helpers = td.join("h");
+    let mut args = vec!["push", s(&src), &dst, "--remote-dir", s(&helpers)];
+    args.extend_from_slice(extra);
+    let (code, err) = run(home, &args);
+    (code, err, remote)
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -415,20 +436,7 @@ fn default_identity_files_are_tried() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    let (src, remote) = (td.path().join("src"), td.path().join("remote"));
-    std::fs::create_dir(&src).unwrap();
-    std::fs::write(src.join("x"), b"default key").unwrap();
-    let dst = format!("root@127.0.0.1:{}:{}", sshd.addr.port(), s(&remote));
-    let (code, err) = run(
-        &home,
-        &[
-            "push",
-            s(&src),
-            &dst,
-            "--remote-dir",
-            s(&td.path().join("h")),
-        ],
-    );
+    let (code, err, remote) = push_one_file(&sshd, td.path(), &home, b"default key", &[]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read(remote.join("x")).unwrap(), b"default key");
 }
@@ -448,22 +456,7 @@ fn rsa_keys_are_refused_with_the_fix() {
         &sshd,
         &std::fs::read_to_string(rsa.with_extension("pub")).unwrap(),
     );
-    let (src, remote) = (td.path().join("src"), td.path().join("remote"));
-    std::fs::create_dir(&src).unwrap();
-    std::fs::write(src.join("x"), b"rsa key").unwrap();
-    let dst = format!("root@127.0.0.1:{}:{}", sshd.addr.port(), s(&remote));
-    let (code, err) = run(
-        &home,
-        &[
-            "push",
-            s(&src),
-            &dst,
-            "-I",
-            s(&rsa),
-            "--remote-dir",
-            s(&td.path().join("h")),
-        ],
-    );
+    let (code, err, remote) = push_one_file(&sshd, td.path(), &home, b"rsa key", &["-I", s(&rsa)]);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("is an `ssh-rsa` key") && err.contains("ssh-keygen -t ed25519"),
