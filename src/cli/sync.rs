@@ -11,6 +11,7 @@ use super::output::Reporter;
 use super::{SyncArgs, exit};
 use crate::engine::scan::check_root;
 use crate::proto::{Role, SyncOptions};
+use crate::session::SessionError;
 use crate::session::client::{self, Job, Outcome};
 use crate::target::Target;
 use crate::transport::keep;
@@ -133,21 +134,26 @@ pub(super) async fn run_remote(
         target => {
             let notice: Notice = Arc::new(move |m: String| reporter.notice(&m));
             // Scan while connecting: the handshakes and the walk overlap.
-            let prepared = client::prepare(&job)?;
+            let mut prepared = client::prepare(&job)?;
             let endpoint = keep::wanted(&target, ropts);
             if let Some(ep) = &endpoint {
                 match keep::attach(ep, &target, ropts).await {
                     Ok((helper, pid)) => {
                         crate::trace!("client", "reusing the kept connection (keeper pid {pid})");
-                        job.remote_root = target.remote_path().as_bytes().to_vec();
-                        return Ok(client::run_ready(
-                            helper.reader,
-                            helper.writer,
-                            job,
-                            prepared,
-                            false,
-                        )
-                        .await?);
+                        let mut kept = job.clone();
+                        kept.remote_root = target.remote_path().as_bytes().to_vec();
+                        match client::run_ready(helper.reader, helper.writer, kept, prepared, false)
+                            .await
+                        {
+                            // The keeper lost its helper and found no other: nothing was done,
+                            // so the sync starts again on a connection of its own.
+                            Err(SessionError::Unanswered) => crate::trace!(
+                                "client",
+                                "the kept helper ended before answering; connecting afresh"
+                            ),
+                            result => return Ok(result?),
+                        }
+                        prepared = client::prepare(&job)?;
                     }
                     Err(why) => crate::trace!("client", "not reusing a connection: {why}"),
                 }

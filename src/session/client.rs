@@ -11,6 +11,7 @@ use crate::proto::{
 };
 
 /// One sync, as the client sees it.
+#[derive(Clone)]
 pub struct Job {
     /// The role the client plays (push: `Sender`, pull: `Receiver`); the helper plays the other.
     pub role: Role,
@@ -211,7 +212,7 @@ where
         Some((other, _)) => Err(SessionError::Violation(format!(
             "expected HelloOk, got {other:?}"
         ))),
-        None => Err(SessionError::Eof),
+        None => Err(SessionError::Unanswered),
     }
 }
 

@@ -143,6 +143,10 @@ pub enum SessionError {
     Violation(String),
     #[error("connection closed before the sync finished")]
     Eof,
+    /// The helper's stream ended before it answered the Hello, so it did nothing for this
+    /// session: a client may try again on another connection.
+    #[error("the helper ended the connection before answering")]
+    Unanswered,
     #[error(transparent)]
     Scan(#[from] ScanError),
     #[error(transparent)]

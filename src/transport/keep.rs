@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -452,7 +452,10 @@ impl Spare {
             g.push_back(Spare::start(self.k.clone()));
             match ready {
                 Ok(h) if !gone(&h) => return Ok(h),
-                Ok(_) => continue,
+                // One that died while it started (killed, or its login shell failed) is
+                // no different from one that died waiting, as long as the connection is up.
+                Ok(_) | Err(_) if !self.k.conn.is_closed() => continue,
+                Ok(_) => return Err("the kept connection has closed".into()),
                 Err(e) => return Err(e),
             }
         }
@@ -538,21 +541,81 @@ async fn session(k: &Keeper, spare: &Spare, stream: UnixStream) -> bool {
     if w.write_all(&hello).await.is_err() {
         return true;
     }
+    relay(spare, helper, r, w).await;
+    true
+}
+
+/// Most of a client's opening kept for replay. Before the helper's answer a client sends only
+/// its Hello and the early part of its list (well under this).
+const REPLAY: usize = 1 << 20;
+
+/// Relays one client to `helper`. A spare can die moments before it is handed out, its exit
+/// not yet heard of over the connection (killed; both spares timing out together): it then
+/// ends before it says anything, and what the client sent so far goes to the next spare, so
+/// the client never sees the dead one. Once the helper has answered, bytes just flow.
+async fn relay(
+    spare: &Spare,
+    mut helper: Started,
+    mut r: BufReader<OwnedReadHalf>,
+    mut w: OwnedWriteHalf,
+) {
+    let mut said = Vec::new();
+    let mut overflowed = false;
+    let mut client_done = false;
+    let mut buf = vec![0u8; 64 << 10];
+    for _ in 0..=SPARES {
+        let answered = loop {
+            tokio::select! {
+                n = r.read(&mut buf), if !client_done => match n {
+                    Ok(0) | Err(_) => {
+                        client_done = true;
+                        let _ = helper.writer.shutdown().await;
+                    }
+                    Ok(n) => {
+                        let got = buf.get(..n).unwrap_or_default();
+                        if said.len() + n <= REPLAY {
+                            said.extend_from_slice(got);
+                        } else {
+                            overflowed = true;
+                        }
+                        // A failed write shows as the helper's end, below.
+                        let _ = helper.writer.write_all(got).await;
+                    }
+                },
+                ended = async { helper.reader.raw().fill_buf().await.map_or(true, |b| b.is_empty()) } => {
+                    break !ended;
+                }
+            }
+        };
+        if answered || overflowed {
+            break;
+        }
+        eprintln!("the spare helper ended before answering; trying the next");
+        helper = match spare.take().await {
+            Ok(h) => h,
+            Err(_) => break, // the client sees the end and connects afresh
+        };
+        let _ = helper.writer.write_all(&said).await;
+        if client_done {
+            let _ = helper.writer.shutdown().await;
+        }
+    }
     let Started {
         mut reader,
         mut writer,
         ..
     } = helper;
     let up = async {
-        let _ = tokio::io::copy_buf(&mut r, &mut writer).await;
-        let _ = writer.shutdown().await;
+        if !client_done {
+            let _ = tokio::io::copy_buf(&mut r, &mut writer).await;
+            let _ = writer.shutdown().await;
+        }
     };
     let down = async {
         let _ = tokio::io::copy_buf(reader.raw(), &mut w).await;
         let _ = w.shutdown().await;
     };
     tokio::join!(up, down);
-    true
 }
 
 #[cfg(test)]

@@ -14,6 +14,21 @@ fn kept_dir(ep: &Endpoint) -> PathBuf {
     ep.home.path().join(".local/state/devsync/kept")
 }
 
+/// What the keepers of `ep` wrote to their logs (for a failing assertion's message).
+fn keeper_logs(ep: &Endpoint) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(kept_dir(ep))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            out += &std::fs::read_to_string(e.path()).unwrap_or_default();
+        }
+    }
+    out
+}
+
 /// Runs a traced push with connections kept; returns (exit code, stderr).
 fn push(ep: &Endpoint, src: &Path, dst: &str) -> (i32, String) {
     push_with(ep, src, dst, |_| {})
@@ -283,11 +298,75 @@ fn spares_that_died_waiting_are_replaced_not_the_keeper() {
     }
     std::fs::write(src.join("a"), "two").unwrap();
     let (code, err) = push_with(&ep, &src, &dst, with_dir);
+    let err = format!("{err}\nkeeper log:\n{}", keeper_logs(&ep));
     assert_eq!(code, 0, "{err}");
     assert!(
         err.contains(&format!("reusing the kept connection (keeper pid {pid})")),
         "{err}"
     );
+    // Whether a spare died while starting, or after it greeted but before the keeper heard,
+    // the keeper hides it: the client does not fall back to a connection of its own.
+    assert!(!err.contains("connecting afresh"), "{err}");
     assert_same_tree(&src, &remote);
     assert_eq!(keeper_pid(&ep), pid, "the keeper was replaced");
+}
+
+/// A keeper that greets for a helper and then hangs up before the helper answers (it lost its
+/// helper and found no other, or died): the helper did nothing, so the client runs the sync
+/// again on a fresh connection instead of failing.
+#[test]
+fn a_keeper_that_hangs_up_before_the_helper_answers_means_a_fresh_connection() {
+    let ep = endpoint(&["dbx_hangup"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a"), "one").unwrap();
+    let remote = td.path().join("remote");
+    let dst = format!("dbx_hangup:{}", remote.display());
+    let (code, err) = push(&ep, &src, &dst);
+    assert_eq!(code, 0, "{err}");
+    let pid = keeper_pid(&ep);
+    let _guard = Kill(pid);
+    let sock = std::fs::read_dir(kept_dir(&ep))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .unwrap();
+    kill(pid);
+    let _ = std::fs::remove_file(&sock);
+    let fake = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{BufRead, Read, Write};
+        let (s, _) = fake.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = std::io::BufReader::new(&s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let mut hello = b"OK 4242\n".to_vec();
+        hello.extend_from_slice(devsync::proto::handshake::HELPER_MAGIC);
+        hello.extend_from_slice(&devsync::proto::PROTOCOL_VERSION.to_be_bytes());
+        (&s).write_all(&hello).unwrap();
+        // The client's Hello arrives; the "helper" is gone before it answers.
+        let mut got = [0u8; 64];
+        let n = r.read(&mut got).unwrap_or(0);
+        (line, n)
+    });
+    std::fs::write(src.join("a"), "two").unwrap();
+    let (code, err) = push(&ep, &src, &dst);
+    let (asked, hello_bytes) = server.join().unwrap();
+    assert!(asked.starts_with("DEVSYNC-KEEP 1 "), "{asked}");
+    assert!(hello_bytes > 0, "the client sent no Hello");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("reusing the kept connection (keeper pid 4242)")
+            && err.contains("the kept helper ended before answering; connecting afresh")
+            && err.contains("TLS up"),
+        "{err}"
+    );
+    assert_same_tree(&src, &remote);
+    // The fresh connection leaves a keeper of its own.
+    let pid2 = keeper_pid_other_than(&ep, pid);
+    let _guard2 = Kill(pid2);
 }
