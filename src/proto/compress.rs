@@ -84,6 +84,9 @@ impl Compress {
     }
 }
 
+/// Windows for which what a level delivered is remembered.
+const RECENT: u32 = 32;
+
 /// Levels the controller moves between; 0 is "send raw".
 const LADDER: [i32; 5] = [0, 1, 3, 6, 9];
 
@@ -129,6 +132,13 @@ pub struct Adaptive {
     step: usize,
     /// Goodput last measured at each step in a saturated window.
     seen: [Option<f64>; LADDER.len()],
+    /// Goodput of the last window at each step, saturated or not, and the window it was
+    /// (older ones are not trusted: the data and the load change).
+    tried: [Option<(f64, u32)>; LADDER.len()],
+    /// Windows judged so far.
+    windows: u32,
+    /// Raw only to measure the drain (nothing said compression did not pay).
+    probing: bool,
     /// Windows to stay raw before trying compression again (after it did not pay).
     hold: u32,
     backoff: u32,
@@ -145,6 +155,9 @@ impl Default for Adaptive {
         Adaptive {
             step: 1,
             seen: [None; LADDER.len()],
+            tried: [None; LADDER.len()],
+            windows: 0,
+            probing: false,
             hold: 0,
             backoff: 1,
             raw_saturated: 0,
@@ -162,16 +175,46 @@ impl Adaptive {
         self.seen.get(step).copied().flatten()
     }
 
+    /// What `step` delivered when last tried, if recently: for raw, only a saturated window
+    /// counts (raw that keeps up is never left).
+    fn tried(&self, step: usize) -> Option<f64> {
+        if step == 0 {
+            return self.seen(0);
+        }
+        let (g, at) = self.tried.get(step).copied().flatten()?;
+        (self.windows.saturating_sub(at) <= RECENT).then_some(g)
+    }
+
     /// Takes the measurements of one window and returns the level for the next.
     pub fn judge(&mut self, w: &Window) -> i32 {
         let g = w.goodput();
         let blocked = w.share(w.blocked);
         let compressing = w.share(w.compress);
         let saturated = blocked >= 0.5;
+        let drain = w.wire as f64 / w.wall.as_secs_f64().max(1e-6);
+        // (A probe of raw judged before what was buffered drained, see `Packer::wrote`, may
+        // read the link faster than it is; what matters is that it is slow.)
         if saturated && let Some(s) = self.seen.get_mut(self.step) {
             *s = Some(g);
         }
+        self.windows += 1;
+        if let Some(t) = self.tried.get_mut(self.step) {
+            *t = Some((g, self.windows));
+        }
+        // A slow network link, and data that shrinks: raw cannot deliver more than the link
+        // carries, so a window in which compression seemed not to pay was limited by
+        // something else (the peer's disk, CPU the peer took): not a reason to go raw,
+        // and each round trip to raw costs the zstd history.
+        let keep_compressing =
+            self.seen(0).is_some_and(|r| r < SLOW_DRAIN) && (w.wire as f64) < 0.8 * w.raw as f64;
         if self.step == 0 {
+            if saturated && std::mem::take(&mut self.probing) && drain < SLOW_DRAIN {
+                // Raw was only a measurement, and it found a network link: back at once (at
+                // 20 Mbit/s every raw window costs seconds later).
+                self.hold = 0;
+                self.step = self.resume;
+                return self.level();
+            }
             if !saturated {
                 // Raw keeps up: nothing to gain.
                 self.raw_saturated = 0;
@@ -188,9 +231,19 @@ impl Adaptive {
         }
         if !saturated {
             // The drain is not what limits (the compressor or the data source is): a cheaper
-            // level, down to raw, costs less for the same.
-            self.step -= 1;
+            // level, down to raw, costs less for the same. Unless the one below was measured
+            // recently delivering clearly less (it saturated a slow link: raw at 10 MB/s where
+            // level 1, compressor-bound, delivers 80): then this level is the best there is,
+            // and going down and back up costs the zstd history each time.
+            let below = self.step - 1;
+            let margin = if below == 0 { 1.15 } else { 1.05 };
+            if self.tried(below).is_some_and(|b| g > b * margin) || (below == 0 && keep_compressing)
+            {
+                return self.level();
+            }
+            self.step = below;
             self.resume = self.step.max(1);
+            self.probing = self.step == 0 && self.seen(0).is_none();
             if self.step == 0 && (compressing >= 0.5 || self.seen(0).is_none_or(|r| g < r)) {
                 // Even the cheapest level could not keep the drain busy, though raw data
                 // did, and the compressor was the limit (or it delivered less than raw, or
@@ -205,20 +258,21 @@ impl Adaptive {
             return self.level();
         }
         match self.seen(0) {
-            None if w.wire as f64 / w.wall.as_secs_f64().max(1e-6) < SLOW_DRAIN => {
+            None if drain < SLOW_DRAIN => {
                 // A drain this slow is a network link (a disk takes more): raw would move
                 // what the link moves. Taken as measured, which spares a slow link seconds
                 // of raw data.
                 if let Some(s) = self.seen.first_mut() {
-                    *s = Some(w.wire as f64 / w.wall.as_secs_f64().max(1e-6));
+                    *s = Some(drain);
                 }
             }
             None => {
                 // Nothing to compare with yet: measure raw once.
                 self.resume = self.step;
                 self.step = 0;
+                self.probing = true;
             }
-            Some(r) if g < r * 1.15 => {
+            Some(r) if g < r * 1.15 && !keep_compressing => {
                 // No clear gain over raw: stop paying for it, and wait longer each time.
                 self.step = 0;
                 self.resume = 1;
@@ -227,7 +281,7 @@ impl Adaptive {
             }
             _ => {
                 self.backoff = 1;
-                let up_worse = self.seen(self.step + 1).is_some_and(|u| u < g * 1.03);
+                let up_worse = self.tried(self.step + 1).is_some_and(|u| u < g * 1.03);
                 let below = self.step - 1;
                 let below_as_good = below > 0 && self.seen(below).is_some_and(|b| g < b * 1.03);
                 if blocked > 0.6 && compressing < 0.25 && self.step + 1 < LADDER.len() && !up_worse
@@ -419,7 +473,12 @@ impl Packer {
         }
         let w = std::mem::take(&mut self.window);
         self.start = now;
-        if self.changed_wire < SETTLE_BYTES && now - self.changed_at < SETTLE_TIME {
+        // (A probe of raw needs no settling: blocked behind what is buffered, it is blocked
+        // by the link all the same, and a drain that is not slow shows at once.)
+        if self.changed_wire < SETTLE_BYTES
+            && now - self.changed_at < SETTLE_TIME
+            && !self.ctl.probing
+        {
             return;
         }
         let level = self.ctl.judge(&w);
@@ -636,6 +695,127 @@ mod tests {
             compressed >= 25,
             "only {compressed} of 60 windows compressed"
         );
+    }
+
+    #[test]
+    fn a_compressor_bound_level_that_beats_raw_by_far_is_kept() {
+        // 100 Mbit/s with both cores shared (ciphers, the peer): raw saturates the link at
+        // 10 MB/s; level 1 is bound by the compressor (not blocked) but delivers 80 MB/s.
+        // Traced on a real run before the fix: level 1 and raw took turns, with back-off, so
+        // most of the tree went raw.
+        let compressed = compressed_windows(
+            Window {
+                raw: 1_000_000,
+                compress: ms(0),
+                blocked: ms(95),
+                wall: ms(100),
+                wire: 1_000_000,
+            },
+            Window {
+                raw: 8_000_000,
+                compress: ms(60),
+                blocked: ms(30),
+                wall: ms(100),
+                wire: 1_800_000,
+            },
+        );
+        assert!(
+            compressed >= 55,
+            "only {compressed} of 60 windows compressed"
+        );
+    }
+
+    #[test]
+    fn raw_that_only_measured_a_slow_link_ends_at_once() {
+        // The first window at level 1 filled the socket buffers (nothing blocked, the
+        // compressor busy on cores shared with the walk): raw is tried to measure the drain,
+        // finds a 100 Mbit/s link, and compression resumes at the next window, not after
+        // waiting out a back-off.
+        let mut c = Adaptive::default();
+        let filling = Window {
+            raw: 4_000_000,
+            compress: ms(90),
+            blocked: ms(3),
+            wall: ms(100),
+            wire: 1_000_000,
+        };
+        assert_eq!(c.judge(&filling), 0);
+        let raw = Window {
+            raw: 1_100_000,
+            compress: ms(0),
+            blocked: ms(98),
+            wall: ms(100),
+            wire: 1_100_000,
+        };
+        assert_eq!(c.judge(&raw), 1);
+    }
+
+    #[test]
+    fn a_slow_peer_now_and_then_does_not_send_a_slow_link_back_to_raw() {
+        // 100 Mbit/s: raw measured at 11 MB/s. Every third window at level 1 the peer (its
+        // disk, its share of the CPU) holds the writer back: blocked, yet only 12 MB/s of
+        // raw delivered, no better than raw. Going raw would not help (the link still
+        // carries what it carries) and costs the zstd history each time.
+        let mut c = Adaptive {
+            step: 1,
+            seen: [Some(11e6), None, None, None, None],
+            ..Adaptive::default()
+        };
+        let good = Window {
+            raw: 4_500_000,
+            compress: ms(30),
+            blocked: ms(65),
+            wall: ms(100),
+            wire: 1_100_000,
+        };
+        let peer_bound = Window {
+            raw: 1_200_000,
+            compress: ms(8),
+            blocked: ms(90),
+            wall: ms(100),
+            wire: 300_000,
+        };
+        let mut raw = 0;
+        for i in 0..30 {
+            let w = if i % 3 == 2 { &peer_bound } else { &good };
+            raw += usize::from(c.judge(w) == 0);
+        }
+        assert_eq!(raw, 0);
+    }
+
+    #[test]
+    fn a_level_that_delivers_less_than_the_one_below_is_not_climbed_to_again() {
+        // Level 1 saturates the link at 40 MB/s; level 3 is compressor-bound at 30 MB/s. Each
+        // change of level ends the zstd frame (and its history): after trying 3 once, the
+        // controller stays at 1 rather than going back and forth.
+        let mut c = Adaptive {
+            step: 1,
+            seen: [Some(10e6), None, None, None, None],
+            ..Adaptive::default()
+        };
+        let at_1 = Window {
+            raw: 4_000_000,
+            compress: ms(15),
+            blocked: ms(80),
+            wall: ms(100),
+            wire: 1_000_000,
+        };
+        let at_3 = Window {
+            raw: 3_000_000,
+            compress: ms(90),
+            blocked: ms(5),
+            wall: ms(100),
+            wire: 700_000,
+        };
+        let mut changes = 0;
+        let mut level = c.level();
+        for _ in 0..30 {
+            let next = c.judge(if level == 1 { &at_1 } else { &at_3 });
+            changes += usize::from(next != level);
+            level = next;
+        }
+        assert!(changes <= 3, "{changes} changes of level");
+        assert_eq!(level, 1);
     }
 
     #[test]
