@@ -11,8 +11,7 @@ use super::output::Reporter;
 use super::{SyncArgs, exit};
 use crate::engine::scan::check_root;
 use crate::proto::{Role, SyncOptions};
-use crate::session::SessionError;
-use crate::session::client::{self, Job, Outcome};
+use crate::session::client::{self, Job, Outcome, Ran};
 use crate::target::Target;
 use crate::transport::keep;
 use crate::transport::local::{self, LocalHelper};
@@ -142,18 +141,27 @@ pub(super) async fn run_remote(
                         crate::trace!("client", "reusing the kept connection (keeper pid {pid})");
                         let mut kept = job.clone();
                         kept.remote_root = target.remote_path().as_bytes().to_vec();
-                        match client::run_ready(helper.reader, helper.writer, kept, prepared, false)
-                            .await
-                        {
+                        let ran = client::run_or_hand_back(
+                            helper.reader,
+                            helper.writer,
+                            kept,
+                            prepared,
+                            false,
+                        )
+                        .await;
+                        match ran {
+                            Ran::Done(result) => return Ok(result?),
                             // The keeper lost its helper and found no other: nothing was done,
-                            // so the sync starts again on a connection of its own.
-                            Err(SessionError::Unanswered) => crate::trace!(
-                                "client",
-                                "the kept helper ended before answering; connecting afresh"
-                            ),
-                            result => return Ok(result?),
+                            // so the sync starts again on a connection of its own, with the
+                            // scan it already has.
+                            Ran::Unanswered(p) => {
+                                crate::trace!(
+                                    "client",
+                                    "the kept helper ended before answering; connecting afresh"
+                                );
+                                prepared = p;
+                            }
                         }
-                        prepared = client::prepare(&job)?;
                     }
                     Err(why) => crate::trace!("client", "not reusing a connection: {why}"),
                 }

@@ -149,6 +149,8 @@ pub struct Adaptive {
     windows: u32,
     /// Raw only to measure the drain (nothing said compression did not pay).
     probing: bool,
+    /// The window in which raw was last measured saturated (`seen[0]`).
+    raw_at: u32,
     /// Windows to stay raw before trying compression again (after it did not pay).
     hold: u32,
     backoff: u32,
@@ -168,6 +170,7 @@ impl Default for Adaptive {
             tried: [None; LADDER.len()],
             windows: 0,
             probing: false,
+            raw_at: 0,
             hold: 0,
             backoff: 1,
             raw_saturated: 0,
@@ -189,7 +192,11 @@ impl Adaptive {
     /// counts (raw that keeps up is never left).
     fn tried(&self, step: usize) -> Option<f64> {
         if step == 0 {
-            return self.seen(0);
+            // Not forever either: a stall of the peer's disk measured once must not keep a
+            // compressor-bound level for the rest of a push once raw would do better.
+            return self
+                .seen(0)
+                .filter(|_| self.windows.saturating_sub(self.raw_at) <= RECENT);
         }
         let t = self.tried.get(step).copied().flatten()?;
         (self.windows.saturating_sub(t.at) <= RECENT).then_some(t.goodput)
@@ -220,6 +227,9 @@ impl Adaptive {
         // reason to go raw; a level that never beats raw by much is.
         let before = self.tried(self.step).unwrap_or(0.0);
         self.windows += 1;
+        if saturated && self.step == 0 {
+            self.raw_at = self.windows;
+        }
         if let Some(t) = self.tried.get_mut(self.step) {
             *t = Some(Tried {
                 goodput: g,
@@ -238,6 +248,7 @@ impl Adaptive {
             if !saturated {
                 // Raw keeps up: nothing to gain.
                 self.raw_saturated = 0;
+                self.probing = false;
                 return 0;
             }
             self.raw_saturated += 1;
@@ -246,6 +257,7 @@ impl Adaptive {
             } else if self.raw_saturated >= 2 {
                 // The drain is the limit: see whether shrinking the data helps.
                 self.step = self.resume;
+                self.raw_saturated = 0;
             }
             return self.level();
         }
@@ -262,7 +274,7 @@ impl Adaptive {
             }
             self.step = below;
             self.resume = self.step.max(1);
-            self.probing = self.step == 0 && self.seen(0).is_none();
+            self.probing = self.step == 0 && self.tried(0).is_none();
             if self.step == 0 && (compressing >= 0.5 || self.seen(0).is_none_or(|r| g < r)) {
                 // Even the cheapest level could not keep the drain busy, though raw data
                 // did, and the compressor was the limit (or it delivered less than raw, or
@@ -861,8 +873,51 @@ mod tests {
     }
 
     #[test]
-    fn a_level_that_delivers_less_than_the_one_below_is_not_climbed_to_again() {
-        // Level 1 saturates the link at 40 MB/s; level 3 is compressor-bound at 30 MB/s. Each
+    fn a_peer_stall_measured_once_does_not_keep_compression_on_for_good() {
+        // Loopback: raw was measured once while the peer's disk stalled (11 MB/s, blocked);
+        // from then on raw keeps up (the stall is over) and level 1 is compressor-bound at
+        // 150 MB/s. The one slow measurement expires and raw wins.
+        let mut c = Adaptive::default();
+        let mut raw_windows = 0;
+        let mut levels = Vec::new();
+        for _ in 0..100 {
+            let w = if c.level() == 0 {
+                raw_windows += 1;
+                if raw_windows == 1 {
+                    Window {
+                        raw: 1_100_000,
+                        compress: ms(0),
+                        blocked: ms(95),
+                        wall: ms(100),
+                        wire: 1_100_000,
+                    }
+                } else {
+                    Window {
+                        raw: 8_000_000,
+                        compress: ms(0),
+                        blocked: ms(2),
+                        wall: ms(40),
+                        wire: 8_000_000,
+                    }
+                }
+            } else {
+                Window {
+                    raw: 15_000_000,
+                    compress: ms(70),
+                    blocked: ms(5),
+                    wall: ms(100),
+                    wire: 4_000_000,
+                }
+            };
+            levels.push(c.judge(&w));
+        }
+        assert!(levels[60..].iter().all(|l| *l == 0), "{levels:?}");
+    }
+
+    #[test]
+    fn a_level_that_delivered_less_than_the_one_below_is_not_climbed_to_again_soon() {
+        // Level 1 saturates the link at 40 MB/s; level 3 is compressor-bound at 30 MB/s (it
+        // is tried again once that is RECENT windows old: the data and the load change). Each
         // change of level ends the zstd frame (and its history): after trying 3 once, the
         // controller stays at 1 rather than going back and forth.
         let mut c = Adaptive {

@@ -323,7 +323,7 @@ impl<R: AsyncRead + Unpin + Send> Live<R> {
 
 /// Like [`run`], for a stream whose helper greeting was already read ([`handshake::await_helper`]).
 pub async fn run_ready<R, W>(
-    mut reader: FrameReader<R>,
+    reader: FrameReader<R>,
     w: W,
     job: Job,
     prepared: Prepared,
@@ -333,32 +333,98 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    match run_or_hand_back(reader, w, job, prepared, hello_sent).await {
+        Ran::Done(r) => r,
+        Ran::Unanswered(_) => Err(SessionError::Unanswered),
+    }
+}
+
+/// What [`run_or_hand_back`] came to.
+pub enum Ran {
+    Done(Result<Outcome, SessionError>),
+    /// The helper (a kept one) ended before it answered the Hello: nothing was done, and the
+    /// job is handed back as it was, its list whole again, to run on another connection
+    /// without scanning twice.
+    Unanswered(Prepared),
+}
+
+/// [`run_ready`], except that a session this side opened with its Hello (`!hello_sent`)
+/// whose helper ends before answering gives the prepared job back.
+pub async fn run_or_hand_back<R, W>(
+    mut reader: FrameReader<R>,
+    w: W,
+    job: Job,
+    prepared: Prepared,
+    hello_sent: bool,
+) -> Ran
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut writer = FrameWriter::new(w);
+    let mut early = prepared
+        .early_sent
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let mut said = Vec::new();
+    let mut listed = 0..0;
+    if !hello_sent {
+        // A kept helper already greeted: the Hello and what fits of the list go together
+        // (a kept no-change push is then one round trip).
+        said = hello_bytes(job.role, &job.remote_root, &job.opts);
+        // The scan started moments ago: a small tree's is done in a millisecond or two.
+        // (Only a push has a list to wait for.)
+        if prepared.sender.is_some() {
+            prepared.pending.wait_list(EARLY_LIST, EARLY_WAIT).await;
+        }
+        let at = said.len();
+        prepared.pending.take_list(EARLY_LIST, &mut said);
+        listed = at..said.len();
+        early = 0; // the writer counts these
+    }
+    let greeted = async {
+        if !hello_sent {
+            send_hello(&mut writer, &said).await?;
+        }
+        await_hello_ok(&mut reader, &job.opts).await
+    };
+    let mode = match greeted.await {
+        Ok(mode) => mode,
+        Err(SessionError::Unanswered | SessionError::Proto(crate::proto::ProtoError::Io(_)))
+            if !hello_sent =>
+        {
+            prepared
+                .pending
+                .give_back(said.get(listed).unwrap_or_default());
+            return Ran::Unanswered(prepared);
+        }
+        Err(e) => return Ran::Done(Err(e)),
+    };
+    // The writer starts once the helper agreed, so that the rest of a big tree's list is
+    // compressed if both ends want it.
+    if let Some(mode) = mode {
+        writer.compress(mode);
+    }
+    Ran::Done(run_answered(reader, writer, job, prepared, early).await)
+}
+
+/// The session once the helper has agreed.
+async fn run_answered<R, W>(
+    mut reader: FrameReader<R>,
+    writer: FrameWriter<W>,
+    job: Job,
+    prepared: Prepared,
+    early: u64,
+) -> Result<Outcome, SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let Prepared {
         out,
         pending,
         sender,
-        early_sent,
+        ..
     } = prepared;
-    let mut early = early_sent.into_inner();
-    if !hello_sent {
-        // A kept helper already greeted: the Hello and what fits of the list go together
-        // (a kept no-change push is then one round trip).
-        let mut said = hello_bytes(job.role, &job.remote_root, &job.opts);
-        // The scan started moments ago: a small tree's is done in a millisecond or two.
-        // (Only a push has a list to wait for.)
-        if sender.is_some() {
-            pending.wait_list(EARLY_LIST, EARLY_WAIT).await;
-        }
-        pending.take_list(EARLY_LIST, &mut said);
-        send_hello(&mut writer, &said).await?;
-        early = 0; // the writer counts these
-    }
-    // The writer starts once the helper agreed, so that the rest of a big tree's list is
-    // compressed if both ends want it.
-    if let Some(mode) = await_hello_ok(&mut reader, &job.opts).await? {
-        writer.compress(mode);
-    }
     let writer_task = pending.start(writer);
     let result = match (job.role, sender) {
         (Role::Sender, Some((s, generation))) => {

@@ -346,6 +346,13 @@ impl Pending {
         end
     }
 
+    /// Puts back list frames [`Pending::take_list`] took, for a transport that could not
+    /// deliver them (a kept helper that ended before answering). Only valid before this
+    /// writer starts: nothing else takes from the front until then.
+    pub fn give_back(&self, frames: &[u8]) {
+        lock(&self.list).splice(0..0, frames.iter().copied());
+    }
+
     /// Waits until a list has ended ([`Out::end_list`]) or `max` bytes of it are waiting,
     /// at most `limit`: what [`Pending::take_list`] then takes is a small tree's whole list,
     /// not the few entries a scan had found at the moment of asking.

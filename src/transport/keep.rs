@@ -587,7 +587,9 @@ async fn relay(
                 }
             }
         };
-        if answered || overflowed {
+        // (A client that left already gets no new helper: it would act on an abandoned
+        // run's opening.)
+        if answered || overflowed || client_done {
             break;
         }
         eprintln!("the spare helper ended before answering; trying the next");
@@ -596,9 +598,6 @@ async fn relay(
             Err(_) => break, // the client sees the end and connects afresh
         };
         let _ = helper.writer.write_all(&said).await;
-        if client_done {
-            let _ = helper.writer.shutdown().await;
-        }
     }
     let Started {
         mut reader,

@@ -129,7 +129,31 @@ impl Connected {
     }
 }
 
+/// A session to the target: through its keeper if there is one, and afresh if the kept
+/// helper ended before it answered (nothing was done).
 async fn connect(cfg: &Config, report: &Arc<Report>) -> anyhow::Result<Connected> {
+    match connect_via(cfg, report, true).await {
+        Err(e)
+            if matches!(
+                e.downcast_ref::<crate::session::SessionError>(),
+                Some(crate::session::SessionError::Unanswered)
+            ) =>
+        {
+            crate::trace!(
+                "watch",
+                "the helper ended before answering; connecting afresh"
+            );
+            connect_via(cfg, report, false).await
+        }
+        r => r,
+    }
+}
+
+async fn connect_via(
+    cfg: &Config,
+    report: &Arc<Report>,
+    use_keeper: bool,
+) -> anyhow::Result<Connected> {
     type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
     // The helper's stream, its root, what carries it, and whether our Hello already went.
     let (reader, writer, root, link, hello_sent): (FrameReader<Reader>, Writer, Vec<u8>, _, _) =
@@ -152,7 +176,7 @@ async fn connect(cfg: &Config, report: &Arc<Report>) -> anyhow::Result<Connected
             }
             target => {
                 let root = target.remote_path().as_bytes().to_vec();
-                let kept = match keep::wanted(target, &cfg.ropts) {
+                let kept = match keep::wanted(target, &cfg.ropts).filter(|_| use_keeper) {
                     Some(ep) => match keep::attach(&ep, target, &cfg.ropts).await {
                         Ok((helper, pid)) => {
                             crate::trace!(

@@ -365,6 +365,9 @@ fn a_keeper_that_hangs_up_before_the_helper_answers_means_a_fresh_connection() {
             && err.contains("TLS up"),
         "{err}"
     );
+    // The scan made for the kept session is the one the fresh connection sends: the tree
+    // is walked once (and its warnings said once).
+    assert_eq!(err.matches("[send] scanning").count(), 1, "{err}");
     assert_same_tree(&src, &remote);
     // The fresh connection leaves a keeper of its own.
     let pid2 = keeper_pid_other_than(&ep, pid);
