@@ -134,17 +134,16 @@ pub(super) async fn run_remote(
             let notice: Notice = Arc::new(move |m: String| reporter.notice(&m));
             // Scan while connecting: the handshakes and the walk overlap.
             let mut prepared = client::prepare(&job)?;
+            job.remote_root = target.remote_path().as_bytes().to_vec();
             let endpoint = keep::wanted(&target, ropts);
             if let Some(ep) = &endpoint {
                 match keep::attach(ep, &target, ropts).await {
                     Ok((helper, pid)) => {
                         crate::trace!("client", "reusing the kept connection (keeper pid {pid})");
-                        let mut kept = job.clone();
-                        kept.remote_root = target.remote_path().as_bytes().to_vec();
                         let ran = client::run_or_hand_back(
                             helper.reader,
                             helper.writer,
-                            kept,
+                            job.clone(),
                             prepared,
                             false,
                         )
@@ -168,7 +167,6 @@ pub(super) async fn run_remote(
             }
             // The Hello, and a small tree's list, go with the command that starts the helper (saves
             // two round trips).
-            job.remote_root = target.remote_path().as_bytes().to_vec();
             let hello = client::hello_bytes(job.role, &job.remote_root, &job.opts);
             let remote = remote::open(&target, ropts, notice, &prepared.early(hello)).await?;
             let mut status = remote.helper.status.clone();

@@ -737,6 +737,18 @@ mod tests {
         );
     }
 
+    /// A window of `raw` bytes in `wall` ms, `compress` ms of it compressing and `blocked`
+    /// ms waiting for the stream, `wire` bytes out.
+    fn win(raw: u64, compress: u64, blocked: u64, wall: u64, wire: u64) -> Window {
+        Window {
+            raw,
+            compress: ms(compress),
+            blocked: ms(blocked),
+            wall: ms(wall),
+            wire,
+        }
+    }
+
     #[test]
     fn a_compressor_bound_level_that_beats_raw_by_far_is_kept() {
         // 100 Mbit/s with both cores shared (ciphers, the peer): raw saturates the link at
@@ -744,20 +756,8 @@ mod tests {
         // Traced on a real run before the fix: level 1 and raw took turns, with back-off, so
         // most of the tree went raw.
         let compressed = compressed_windows(
-            Window {
-                raw: 1_000_000,
-                compress: ms(0),
-                blocked: ms(95),
-                wall: ms(100),
-                wire: 1_000_000,
-            },
-            Window {
-                raw: 8_000_000,
-                compress: ms(60),
-                blocked: ms(30),
-                wall: ms(100),
-                wire: 1_800_000,
-            },
+            win(1_000_000, 0, 95, 100, 1_000_000),
+            win(8_000_000, 60, 30, 100, 1_800_000),
         );
         assert!(
             compressed >= 55,
@@ -772,21 +772,9 @@ mod tests {
         // finds a 100 Mbit/s link, and compression resumes at the next window, not after
         // waiting out a back-off.
         let mut c = Adaptive::default();
-        let filling = Window {
-            raw: 4_000_000,
-            compress: ms(90),
-            blocked: ms(3),
-            wall: ms(100),
-            wire: 1_000_000,
-        };
+        let filling = win(4_000_000, 90, 3, 100, 1_000_000);
         assert_eq!(c.judge(&filling), 0);
-        let raw = Window {
-            raw: 1_100_000,
-            compress: ms(0),
-            blocked: ms(98),
-            wall: ms(100),
-            wire: 1_100_000,
-        };
+        let raw = win(1_100_000, 0, 98, 100, 1_100_000);
         assert_eq!(c.judge(&raw), 1);
     }
 
@@ -801,20 +789,8 @@ mod tests {
             seen: [Some(11e6), None, None, None, None],
             ..Adaptive::default()
         };
-        let good = Window {
-            raw: 4_500_000,
-            compress: ms(30),
-            blocked: ms(65),
-            wall: ms(100),
-            wire: 1_100_000,
-        };
-        let peer_bound = Window {
-            raw: 1_200_000,
-            compress: ms(8),
-            blocked: ms(90),
-            wall: ms(100),
-            wire: 300_000,
-        };
+        let good = win(4_500_000, 30, 65, 100, 1_100_000);
+        let peer_bound = win(1_200_000, 8, 90, 100, 300_000);
         let mut raw = 0;
         for i in 0..30 {
             let w = if i % 3 == 2 { &peer_bound } else { &good };
@@ -829,20 +805,8 @@ mod tests {
         // back like on a slow link, but compressed data is held back just the same (the
         // peer writes what it unpacks): compressing buys nothing.
         let compressed = compressed_windows(
-            Window {
-                raw: 1_100_000,
-                compress: ms(0),
-                blocked: ms(95),
-                wall: ms(100),
-                wire: 1_100_000,
-            },
-            Window {
-                raw: 1_200_000,
-                compress: ms(5),
-                blocked: ms(90),
-                wall: ms(100),
-                wire: 300_000,
-            },
+            win(1_100_000, 0, 95, 100, 1_100_000),
+            win(1_200_000, 5, 90, 100, 300_000),
         );
         assert!(compressed <= 12, "{compressed} of 60 windows compressed");
     }
@@ -860,13 +824,7 @@ mod tests {
         let mut lowest = 9;
         for i in 0..30u64 {
             let ratio = [2, 5, 3, 4][i as usize % 4];
-            let w = Window {
-                raw: 240_000 * ratio,
-                compress: ms(15),
-                blocked: ms(80),
-                wall: ms(100),
-                wire: 240_000,
-            };
+            let w = win(240_000 * ratio, 15, 80, 100, 240_000);
             lowest = lowest.min(c.judge(&w));
         }
         assert_eq!(lowest, 9);
@@ -884,30 +842,12 @@ mod tests {
             let w = if c.level() == 0 {
                 raw_windows += 1;
                 if raw_windows == 1 {
-                    Window {
-                        raw: 1_100_000,
-                        compress: ms(0),
-                        blocked: ms(95),
-                        wall: ms(100),
-                        wire: 1_100_000,
-                    }
+                    win(1_100_000, 0, 95, 100, 1_100_000)
                 } else {
-                    Window {
-                        raw: 8_000_000,
-                        compress: ms(0),
-                        blocked: ms(2),
-                        wall: ms(40),
-                        wire: 8_000_000,
-                    }
+                    win(8_000_000, 0, 2, 40, 8_000_000)
                 }
             } else {
-                Window {
-                    raw: 15_000_000,
-                    compress: ms(70),
-                    blocked: ms(5),
-                    wall: ms(100),
-                    wire: 4_000_000,
-                }
+                win(15_000_000, 70, 5, 100, 4_000_000)
             };
             levels.push(c.judge(&w));
         }
@@ -925,20 +865,8 @@ mod tests {
             seen: [Some(10e6), None, None, None, None],
             ..Adaptive::default()
         };
-        let at_1 = Window {
-            raw: 4_000_000,
-            compress: ms(15),
-            blocked: ms(80),
-            wall: ms(100),
-            wire: 1_000_000,
-        };
-        let at_3 = Window {
-            raw: 3_000_000,
-            compress: ms(90),
-            blocked: ms(5),
-            wall: ms(100),
-            wire: 700_000,
-        };
+        let at_1 = win(4_000_000, 15, 80, 100, 1_000_000);
+        let at_3 = win(3_000_000, 90, 5, 100, 700_000);
         let mut changes = 0;
         let mut level = c.level();
         for _ in 0..30 {

@@ -129,8 +129,9 @@ impl Connected {
     }
 }
 
-/// A session to the target: through its keeper if there is one, and afresh if the kept
-/// helper ended before it answered (nothing was done).
+/// A session to the target: through its keeper if there is one; if the helper (most likely
+/// a kept one) ended before it answered, nothing was done, and it is tried once more afresh,
+/// past any keeper.
 async fn connect(cfg: &Config, report: &Arc<Report>) -> anyhow::Result<Connected> {
     match connect_via(cfg, report, true).await {
         Err(e)

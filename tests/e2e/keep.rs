@@ -14,6 +14,24 @@ fn kept_dir(ep: &Endpoint) -> PathBuf {
     ep.home.path().join(".local/state/devsync/kept")
 }
 
+/// The keeper's socket in `ep`'s state directory.
+fn kept_socket(ep: &Endpoint) -> PathBuf {
+    std::fs::read_dir(kept_dir(ep))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .unwrap()
+}
+
+/// A stand-in keeper listening on `sock` (the real one must be gone), private as a real one.
+fn fake_keeper(sock: &Path) -> std::os::unix::net::UnixListener {
+    let _ = std::fs::remove_file(sock);
+    let fake = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    std::fs::set_permissions(sock, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    fake
+}
+
 /// What the keepers of `ep` wrote to their logs (for a failing assertion's message).
 fn keeper_logs(ep: &Endpoint) -> String {
     let mut out = String::new();
@@ -112,12 +130,7 @@ fn a_kept_connection_is_reused_and_falls_back_when_it_cannot_be() {
             & 0o777
     };
     assert_eq!(mode(&dir), 0o700);
-    let sock = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sock"))
-        .unwrap();
+    let sock = kept_socket(&ep);
     assert_eq!(mode(&sock), 0o600);
     // Second and third pushes go through it (the keeper starts a helper for each).
     for body in ["two", "three"] {
@@ -187,14 +200,7 @@ fn a_kept_connection_is_reused_and_falls_back_when_it_cannot_be() {
     let _guard2 = Kill(pid2);
     // Another build's keeper: it says so, the client connects afresh.
     kill(pid2);
-    let sock_path = sock.clone();
-    let _ = std::fs::remove_file(&sock_path);
-    let fake = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
-    std::fs::set_permissions(
-        &sock_path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let fake = fake_keeper(&sock);
     let server = std::thread::spawn(move || {
         use std::io::{BufRead, Write};
         let (s, _) = fake.accept().unwrap();
@@ -327,16 +333,9 @@ fn a_keeper_that_hangs_up_before_the_helper_answers_means_a_fresh_connection() {
     assert_eq!(code, 0, "{err}");
     let pid = keeper_pid(&ep);
     let _guard = Kill(pid);
-    let sock = std::fs::read_dir(kept_dir(&ep))
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sock"))
-        .unwrap();
+    let sock = kept_socket(&ep);
     kill(pid);
-    let _ = std::fs::remove_file(&sock);
-    let fake = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let fake = fake_keeper(&sock);
     let server = std::thread::spawn(move || {
         use std::io::{BufRead, Read, Write};
         let (s, _) = fake.accept().unwrap();
