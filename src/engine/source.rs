@@ -6,18 +6,21 @@
 //! `fstat`s of the open file: if the inode, size, mtime or ctime moved, the read is not
 //! trusted. ctime cannot be set by user programs, so a writer that restores the mtime is still
 //! seen. Two gaps remain, both for a file changed just before we looked: on kernels before 6.13
-//! (and filesystems without their fine-grained timestamps) a write in the same clock tick as the
+//! (and filesystems without their multigrain timestamps) a write in the same clock tick as the
 //! previous change leaves ctime as it was, and anywhere a single `write()` already under way
-//! at our first look has set ctime once, at its start. So a file whose ctime is within
-//! [`RACY_WINDOW`] of our first look is read again once the window has passed (git's "racily
-//! clean" problem, solved the same way). A caller that learns of writes as they complete
-//! (a watch, from inotify) can pass a zero window: another event follows any write still
-//! under way.
+//! at our first look has set ctime once, at its start, and goes on changing the data unseen.
+//! So a file whose ctime is within [`RACY_WINDOW`] of our first look is read only once the
+//! window has passed (git's "racily clean" problem, solved the same way) — unless neither gap
+//! can be open: the filesystem stamps every change after our `fstat` apart from the one we saw
+//! (multigrain), and no process has the file open for writing (the kernel grants a read lease
+//! only then, and a write under way holds its file open). Then a change as recent as a
+//! microsecond ago needs no wait, which is what keeps a watch's latency in milliseconds.
 //!
 //! This module reads and decides; retrying and reporting is the sender's job.
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -85,6 +88,8 @@ pub struct Source {
     pub before: Snapshot,
     /// Wall-clock time of the first `fstat`, for the racy check.
     seen_at: Mtime,
+    /// How recent a change makes this read suspect: [`RACY_WINDOW`], or none when
+    /// [`changes_all_show`] said so at the first look.
     racy: Duration,
 }
 
@@ -101,9 +106,10 @@ fn nanos(t: Mtime) -> i128 {
 }
 
 impl Source {
-    /// Opens the regular file `path` (not following a symlink there), with a racy window of
-    /// `racy` (normally [`RACY_WINDOW`]). Something else by now at that path is an error.
-    pub fn open(path: &Path, racy: Duration) -> io::Result<Source> {
+    /// Opens the regular file `path` (not following a symlink there). Something else by now
+    /// at that path is an error. A file changed within [`RACY_WINDOW`] is waited on first,
+    /// unless [`changes_all_show`].
+    pub fn open(path: &Path) -> io::Result<Source> {
         let file = File::options()
             .read(true)
             .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
@@ -116,11 +122,18 @@ impl Source {
                 "no longer a regular file",
             ));
         }
+        let mut racy = RACY_WINDOW;
         // Changed just now: wait out the window before reading rather than read it twice
         // (a few times at most; `check` still catches a file that keeps changing).
         for _ in 0..3 {
             let snap = snapshot_of(&st);
             if nanos(seen_at) - nanos(snap.ctime) >= racy.as_nanos() as i128 {
+                break;
+            }
+            // Asked after the `fstat` whose ctime is kept: a write under way then still
+            // holds the file open now.
+            if changes_all_show(&file) {
+                racy = Duration::ZERO;
                 break;
             }
             wait_out_racy(&snap);
@@ -194,6 +207,62 @@ pub fn wait_out_racy(before: &Snapshot) {
     }
 }
 
+/// Whether any change another process makes to `file` from now on moves its ctime away from
+/// what our last `fstat` saw: nobody has it open for writing, and its filesystem has
+/// multigrain timestamps. `false` whenever either cannot be told.
+pub fn changes_all_show(file: &File) -> bool {
+    fine_timestamps(file) && open_for_write(file) == Some(false)
+}
+
+/// Multigrain timestamps (Linux 6.13): once a timestamp was read, the next change gets a
+/// fine-grained one, so a change in the same clock tick as the last still moves ctime. Only
+/// the filesystems converted with the feature.
+fn fine_timestamps(file: &File) -> bool {
+    const MULTIGRAIN: [i64; 4] = [
+        0xEF53,      // ext4 (the ext2 driver's mounts share it: rare, and trusted too)
+        0x5846_5342, // XFS
+        0x9123_683E, // btrfs
+        0x0102_1994, // tmpfs
+    ];
+    static KERNEL_HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let kernel = *KERNEL_HAS.get_or_init(|| {
+        let uname = rustix::system::uname();
+        let release = uname.release().to_string_lossy();
+        let mut nums = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (nums.next().unwrap_or(0), nums.next().unwrap_or(0));
+        (major, minor) >= (6, 13)
+    });
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let multigrain = |fs: &rfs::StatFs| MULTIGRAIN.contains(&(fs.f_type as i64));
+    kernel && rfs::fstatfs(file).is_ok_and(|fs| multigrain(&fs))
+}
+
+/// Whether a process has the file open for writing (a write under way, a writable mapping, an
+/// editor holding it), as the kernel counts it: it grants a read lease only when none has.
+/// The lease is let go at once; a writer opening the file in those microseconds waits for
+/// that (one opening with `O_NONBLOCK` is told to retry). `None`: no answer (leases off, a
+/// file we neither own nor have `CAP_LEASE` for, a filesystem without leases).
+fn open_for_write(file: &File) -> Option<bool> {
+    /// `<linux/fcntl.h>`'s, which the libc crate does not define.
+    const F_SETSIG: libc::c_int = 10;
+    let fd = file.as_raw_fd();
+    // SAFETY: `fcntl` with integer arguments on a descriptor `file` keeps open.
+    unsafe {
+        // A broken lease signals its holder, SIGIO by default, whose default is to end the
+        // process; SIGURG's default is to ignore it.
+        if libc::fcntl(fd, F_SETSIG, libc::SIGURG) != 0 {
+            return None;
+        }
+        if libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) == 0 {
+            libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK);
+            return Some(false);
+        }
+    }
+    (io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)).then_some(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,7 +274,7 @@ mod tests {
         let p = td.path().join("f");
         std::fs::write(&p, b"one").unwrap();
         std::thread::sleep(RACY_WINDOW * 2);
-        let s = Source::open(&p, RACY_WINDOW).unwrap();
+        let s = Source::open(&p).unwrap();
         assert_eq!(s.check().unwrap(), Stability::Stable);
         // Same size, and the mtime put back: ctime still moves.
         let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
@@ -224,11 +293,11 @@ mod tests {
         assert_eq!(s.check().unwrap(), Stability::Changed);
         // Replaced by another file under the same name: the open file is what is read, and
         // it did not change; a fresh open sees the new inode.
-        let s = Source::open(&p, RACY_WINDOW).unwrap();
+        let s = Source::open(&p).unwrap();
         let tmp = td.path().join("g");
         std::fs::write(&tmp, b"three").unwrap();
         std::fs::rename(&tmp, &p).unwrap();
-        assert!(!Source::open(&p, RACY_WINDOW).unwrap().same_as(&s.before));
+        assert!(!Source::open(&p).unwrap().same_as(&s.before));
         // Something other than a regular file by now is refused, not read.
         std::fs::remove_file(&p).unwrap();
         rustix::fs::mknodat(
@@ -239,26 +308,38 @@ mod tests {
             0,
         )
         .unwrap();
-        assert!(Source::open(&p, RACY_WINDOW).is_err());
+        assert!(Source::open(&p).is_err());
     }
 
     #[test]
-    fn a_file_changed_just_before_it_is_read_is_read_again_after_the_window() {
+    fn a_file_changed_just_before_it_is_read_waits_only_while_a_change_could_hide() {
         let td = tempfile::tempdir().unwrap();
         let p = td.path().join("f");
+        let fine = {
+            std::fs::write(&p, b"").unwrap();
+            fine_timestamps(&File::open(&p).unwrap())
+        };
         std::fs::write(&p, b"fresh").unwrap();
-        // Opening waits the window out, so the read that follows is trusted.
-        let t0 = std::time::Instant::now();
-        let s = Source::open(&p, RACY_WINDOW).unwrap();
-        assert!(t0.elapsed() <= RACY_WINDOW * 2, "{:?}", t0.elapsed());
+        let written = std::time::Instant::now();
+        // Nobody has it open for writing: with multigrain timestamps (this kernel and
+        // filesystem permitting) it is read at once, otherwise after the window.
+        let s = Source::open(&p).unwrap();
+        if written.elapsed() < RACY_WINDOW {
+            assert_eq!(s.racy, if fine { Duration::ZERO } else { RACY_WINDOW });
+        }
         assert_eq!(s.check().unwrap(), Stability::Stable);
-        // A file that changes again right after we looked is still caught.
+        // A file that changes again right after we looked is caught either way.
         std::fs::write(&p, b"fresh again").unwrap();
         assert_eq!(s.check().unwrap(), Stability::Changed);
-        // Event-driven callers pass no window.
-        std::fs::write(&p, b"fresher").unwrap();
-        let s = Source::open(&p, Duration::ZERO).unwrap();
+        // A writer holding it open may be in the middle of a write: the window is waited out.
+        let mut w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        w.write_all(b"fresher").unwrap();
+        assert!(!changes_all_show(&File::open(&p).unwrap()));
+        let s = Source::open(&p).unwrap();
+        assert_eq!(s.racy, RACY_WINDOW);
         assert_eq!(s.check().unwrap(), Stability::Stable);
+        drop(w);
+        assert_eq!(changes_all_show(&File::open(&p).unwrap()), fine);
         // A ctime in the future is waited out for no longer than the window.
         let future = Snapshot {
             ctime: Mtime {
@@ -270,5 +351,31 @@ mod tests {
         let t0 = std::time::Instant::now();
         wait_out_racy(&future);
         assert!(t0.elapsed() < RACY_WINDOW * 2, "{:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn asking_for_writers_never_fails_a_writer_nor_signals_us_to_death() {
+        // The read lease is held for microseconds; writers opening the file meanwhile wait
+        // for it to go, and the lease break's signal is one that is ignored.
+        let td = tempfile::tempdir().unwrap();
+        let p = td.path().join("f");
+        std::fs::write(&p, b"x").unwrap();
+        let writer = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                for i in 0..2000u32 {
+                    let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+                    f.write_all(&i.to_le_bytes()).unwrap();
+                }
+            })
+        };
+        let f = File::open(&p).unwrap();
+        let mut answers = 0;
+        while !writer.is_finished() && answers < 100_000 {
+            let _ = open_for_write(&f);
+            answers += 1;
+        }
+        writer.join().unwrap();
+        assert_eq!(open_for_write(&f), Some(false));
     }
 }

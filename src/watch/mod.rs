@@ -511,9 +511,6 @@ async fn session(
     st: &mut State,
     report: &Arc<Report>,
 ) -> anyhow::Result<End> {
-    // Every later write is an event, and its file is then compared by content (`changed`):
-    // no need to wait out a racy window before reading.
-    c.live.sender.set_racy_window(Duration::ZERO);
     let fresh = matches!(c.link, Link::Remote(..));
     let r = session_inner(cfg, &mut c, st, report).await;
     let said = c.close(r.is_ok()).await;

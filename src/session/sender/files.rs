@@ -180,7 +180,7 @@ impl Ctx {
             let first = self.first_attempt(id);
             let read = self.stable(id, true, || {
                 payload.truncate(start);
-                let src = Source::open(&path, self.racy)?;
+                let src = Source::open(&path)?;
                 if src.len() > SMALL_FILE {
                     return Ok(None);
                 }
@@ -241,7 +241,7 @@ impl Ctx {
     }
 
     fn try_send_whole(&self, id: FileId, path: &Path, first: bool) -> Result<(), Fail> {
-        let src = Source::open(path, self.racy)?;
+        let src = Source::open(path)?;
         let len = src.len();
         if first {
             self.obs.planned(len);
@@ -379,7 +379,7 @@ impl Ctx {
     ) {
         let first = self.first_attempt(id);
         self.stable(id, true, || {
-            let src = Source::open(&path, self.racy)?;
+            let src = Source::open(&path)?;
             let len = src.len();
             if first {
                 self.obs.planned(len);
@@ -500,7 +500,7 @@ impl Ctx {
     ) {
         let first = self.first_attempt(id);
         self.stable(id, false, || {
-            let src = Source::open(&path, self.racy)?;
+            let src = Source::open(&path)?;
             let len = src.len();
             if first {
                 self.obs.planned(len);
@@ -535,7 +535,7 @@ impl Ctx {
     /// does not have, then `FileEnd`. The file must still be the version that was hashed.
     pub(super) fn send_big(&self, id: FileId, path: PathBuf, b: BigFile, req: BigRequest) {
         self.stable(id, true, || {
-            let src = Source::open(&path, self.racy)?;
+            let src = Source::open(&path)?;
             if !src.same_as(&b.snap) {
                 return Err(Fail::Changed { sent: true });
             }

@@ -126,7 +126,6 @@ struct Shared {
     obs: Arc<dyn Observer>,
     budget: Budget,
     scan: ScanOptions,
-    racy: Mutex<std::time::Duration>,
     fatal: Arc<super::Fatal>,
     gens: AtomicU64,
 }
@@ -144,8 +143,6 @@ struct Ctx {
     big: Mutex<HashMap<FileId, BigFile>>,
     /// Files sent again because they changed while being read: how many times so far.
     attempts: Mutex<HashMap<FileId, u32>>,
-    /// How recent a change makes a read suspect ([`crate::engine::source::RACY_WINDOW`]).
-    racy: std::time::Duration,
     fatal: Arc<super::Fatal>,
 }
 
@@ -241,16 +238,9 @@ impl Sender {
                 // Never sent, but never skipped without a word either (below).
                 report_ours: true,
             },
-            racy: Mutex::new(crate::engine::source::RACY_WINDOW),
             fatal: Default::default(),
             gens: AtomicU64::new(0),
         })))
-    }
-
-    /// Sets how recent a change makes a read suspect for generations started from now on. A
-    /// watch, which hears of every later write anyway, sets none.
-    pub fn set_racy_window(&self, racy: std::time::Duration) {
-        *super::lock(&self.0.racy) = racy;
     }
 
     pub fn out(&self) -> &Out {
@@ -273,7 +263,6 @@ impl Sender {
             budget: sh.budget.clone(),
             big: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
-            racy: *super::lock(&sh.racy),
             fatal: sh.fatal.clone(),
         });
         let out = &sh.out;
