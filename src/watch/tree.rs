@@ -269,11 +269,12 @@ impl Tree {
     }
 
     /// Adds a watch on directory `rel` (before it is read).
-    fn watch(&self, rel: &[u8]) {
+    /// Watches directory `rel`; whether it had no watch before (and has one now).
+    fn watch(&self, rel: &[u8]) -> bool {
         let path = self.abs(rel);
         let mut w = lock(&self.watches);
         if w.watched.contains(rel) {
-            return;
+            return false;
         }
         let r = if w.watched.len() >= watch_limit() {
             Err(notify::Error::new(notify::ErrorKind::MaxFilesWatch))
@@ -284,6 +285,7 @@ impl Tree {
             Ok(()) => {
                 w.watched.insert(rel.to_vec());
                 w.unwatched.remove(rel);
+                return true;
             }
             Err(e) => match e.kind {
                 notify::ErrorKind::MaxFilesWatch => {
@@ -298,6 +300,7 @@ impl Tree {
                 }
             },
         }
+        false
     }
 
     /// Drops the watches on `rel` and every directory under it.
@@ -587,10 +590,13 @@ impl Tree {
                     self.index.insert(e, ino);
                     self.changed(&p, false);
                 }
-                if is_dir_now {
-                    // The same directory, or a new one on a reused inode number: watched
-                    // (a no-op if its watch is still there).
-                    self.watch(p.as_bytes());
+                // The same directory, or a new one on a reused inode number: watched (a
+                // no-op if its watch is still there). One that had lost its watch may have
+                // gained entries unseen: notify keys watches by path, so a late event about
+                // the directory deleted at this path before takes the new one's watch with
+                // it. Its listing is read again, and so on down.
+                if is_dir_now && self.watch(p.as_bytes()) {
+                    self.rescan_dir(p.as_bytes(), out);
                 }
             }
             Some(_) => {
@@ -1014,5 +1020,43 @@ mod tests {
         assert_eq!(r.excluded_now, vec![RelPath::new("keepme").unwrap()]);
         let fresh_opts = fresh(&root, &opts);
         assert_eq!(held(&t), fresh_opts);
+    }
+
+    #[test]
+    fn a_directory_that_lost_its_watch_is_read_again_when_watched_anew() {
+        // notify keys its watches by path: a late event about a directory deleted at a path
+        // drops the watch of the one made there since, and what is created in that one goes
+        // unseen. The state that leaves (no watch, none recorded) is made here directly.
+        let td = tempfile::tempdir().unwrap();
+        let root = td.path().join("root");
+        std::fs::create_dir_all(root.join("d/sub")).unwrap();
+        std::fs::write(root.join("d/a"), b"a").unwrap();
+        let opts = ScanOptions::default();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut t = Tree::start(&root, &opts, td.path().join("markers"), tx).unwrap();
+        settle(&mut t, &mut rx);
+        t.refresh();
+        t.take_changes();
+        t.unwatch_subtree(b"d");
+        std::fs::write(root.join("d/new.rs"), b"unseen").unwrap();
+        std::fs::write(root.join("d/sub/deeper.rs"), b"unseen too").unwrap();
+        // Anything that has the root listed again finds d watchless and reads it.
+        std::fs::write(root.join("top"), b"t").unwrap();
+        settle(&mut t, &mut rx);
+        t.refresh();
+        assert_eq!(held(&t), fresh(&root, &opts));
+        let scope: Vec<String> = t
+            .take_changes()
+            .scope
+            .iter()
+            .map(|(p, _)| p.to_string())
+            .collect();
+        for p in ["d/new.rs", "d/sub/deeper.rs", "top"] {
+            assert!(scope.iter().any(|s| s == p), "{p} not in {scope:?}");
+        }
+        // And d is watched again: the next file there is an event.
+        std::fs::write(root.join("d/later.rs"), b"seen").unwrap();
+        settle(&mut t, &mut rx);
+        assert!(t.is_dirty());
     }
 }
