@@ -483,10 +483,11 @@ impl State {
             .drain(..)
             .partition(|w| w.need.is_some_and(|n| n <= finished) && !busy);
         self.waiters = wait;
-        let errors = self.report.errors();
         for w in ready {
-            // A flush is a promise that what was saved is there: not if some of it failed.
-            let answer = match errors.saturating_sub(w.errors_at) {
+            // A flush is a promise that what was saved is there: not if some of it failed
+            // (and no later generation sent it after all: a file that changed while one
+            // generation read it is sent by the next, which its events start).
+            let answer = match self.report.failing_since(w.errors_at) {
                 0 => Ok(finished),
                 n => Err(format!(
                     "{n} error{} while syncing since this flush was asked for (the watch's \
@@ -704,6 +705,7 @@ async fn session_inner(
             scope_root: false,
             replace_dirs: true,
         };
+        let errors_before = report.errors();
         let done = match run_generation(c, st, plan).await {
             Ok(d) => d,
             Err(e) => {
@@ -721,6 +723,10 @@ async fn session_inner(
             st.synced.update_from(&new, [(p, true)]);
         }
         take_unsynced(st, report, &done);
+        report.made_good(
+            errors_before,
+            upserted.iter().chain(&cs.removes).chain(&resend),
+        );
         report.synced(&Synced {
             generation: st.finished,
             upserted: &upserted,

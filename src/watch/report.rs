@@ -30,6 +30,9 @@ pub struct Report {
     status: bool,
     line: Mutex<Line>,
     errors: std::sync::atomic::AtomicU64,
+    /// Paths whose last error no later generation made good: the error's number (1, 2, … in
+    /// the order reported). `""` for errors about no one path, which nothing makes good.
+    failing: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 #[derive(Default)]
@@ -73,6 +76,7 @@ impl Report {
             status: status && !json && !quiet,
             line: Mutex::new(Line::default()),
             errors: Default::default(),
+            failing: Default::default(),
         }
     }
 
@@ -279,9 +283,37 @@ impl Report {
         self.errors.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Errors reported after the `at`-th that no later generation made good.
+    pub fn failing_since(&self, at: u64) -> u64 {
+        let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        failing.values().filter(|&&n| n > at).count() as u64
+    }
+
+    /// A generation that began when `at` errors had been reported synced `paths`: their
+    /// errors from before it are made good (its own stand).
+    pub fn made_good<'a>(&self, at: u64, paths: impl IntoIterator<Item = &'a RelPath>) {
+        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        if failing.is_empty() {
+            return;
+        }
+        for p in paths {
+            let key = p.to_string(); // never "": a RelPath is not empty
+            if failing.get(&key).is_some_and(|&n| n <= at) {
+                failing.remove(&key);
+            }
+        }
+    }
+
     pub fn error(&self, path: &str, message: &str) {
-        self.errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self
+            .errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        // The latest error of each path; "" (no one path, never made good) holds the latest.
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_string(), n);
         if self.json {
             self.json_line(json!({"event": "error", "path": path, "message": message}));
         } else {
@@ -310,5 +342,34 @@ impl Observer for Report {
             Event::Error { path, message } => self.error(&path, &message),
             Event::Planned { .. } => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_counts_against_a_flush_until_a_later_generation_sends_that_path() {
+        let r = Report::new(false, false, true, false);
+        let (a, b) = (RelPath::new("a").unwrap(), RelPath::new("b").unwrap());
+        r.error("a", "changed while being sent");
+        let flush_at = r.errors(); // a flush asked for now does not answer for `a`
+        r.error("b", "changed while being sent");
+        r.error("", "--delete was refused");
+        assert_eq!(r.failing_since(0), 3);
+        assert_eq!(r.failing_since(flush_at), 2);
+        // A generation that began before `b` failed does not make it good...
+        r.made_good(1, [&b]);
+        assert_eq!(r.failing_since(flush_at), 2);
+        // ...one that began after does; nothing makes the pathless error good.
+        let started = r.errors();
+        r.made_good(started, [&a, &b]);
+        assert_eq!(r.failing_since(0), 1);
+        // An error in that same generation stands.
+        let started = r.errors();
+        r.error("a", "reading: permission denied");
+        r.made_good(started, [&a]);
+        assert_eq!(r.failing_since(started), 1);
     }
 }
