@@ -340,23 +340,30 @@ pub fn io_bytes(pid: u32) -> Option<u64> {
     Some(field("rchar:") + field("wchar:"))
 }
 
-/// SIGKILLs `pid` once it has moved `bytes` bytes (polled every millisecond, at most
-/// `limit`). Returns whether it was killed (it may have finished first).
+/// SIGKILLs `pid` once it has moved `bytes` bytes, at most `limit` from now. It runs in
+/// bursts of a millisecond between `SIGSTOP`s and is looked at only while stopped, so however
+/// late this thread runs on a loaded machine, it cannot finish between a look and the kill.
+/// Returns whether it was killed (`false`: it ended first, or the time ran out).
 pub fn kill_after_bytes(pid: u32, bytes: u64, limit: std::time::Duration) -> bool {
+    use rustix::process::Signal;
+    let target = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    let signal = |s: Signal| rustix::process::kill_process(target, s).is_ok();
     let start = std::time::Instant::now();
+    if !signal(Signal::STOP) {
+        return false;
+    }
     while start.elapsed() < limit {
         match io_bytes(pid) {
             None => return false,
-            Some(n) if n >= bytes => {
-                let _ = rustix::process::kill_process(
-                    rustix::process::Pid::from_raw(pid as i32).expect("pid"),
-                    rustix::process::Signal::KILL,
-                ); // it may have exited meanwhile: then nothing was killed, which is fine
-                return true;
+            Some(n) if n >= bytes => return signal(Signal::KILL),
+            Some(_) => {
+                signal(Signal::CONT);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                signal(Signal::STOP);
             }
-            Some(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
         }
     }
+    signal(Signal::CONT);
     false
 }
 
