@@ -14,7 +14,11 @@
 //! can be open: the filesystem stamps every change after our `fstat` apart from the one we saw
 //! (multigrain), and no process has the file open for writing (the kernel grants a read lease
 //! only then, and a write under way holds its file open). Then a change as recent as a
-//! microsecond ago needs no wait, which is what keeps a watch's latency in milliseconds.
+//! microsecond ago needs no wait, which is what keeps a watch's latency in milliseconds. The
+//! window itself is a bound, not a proof: a writer that keeps the file open and has one
+//! `write()` take longer than 25 ms (throttled on dirty pages, preempted) can still tear a
+//! read; kernels and filesystems without multigrain timestamps pay the 25 ms on every file
+//! changed just before it is read.
 //!
 //! This module reads and decides; retrying and reporting is the sender's job.
 
@@ -216,14 +220,9 @@ pub fn changes_all_show(file: &File) -> bool {
 
 /// Multigrain timestamps (Linux 6.13): once a timestamp was read, the next change gets a
 /// fine-grained one, so a change in the same clock tick as the last still moves ctime. Only
-/// the filesystems converted with the feature.
+/// the filesystem types converted with the feature; the mount's type is what counts (ext2
+/// and ext3 mounts share ext4's superblock magic and driver, not its multigrain flag).
 fn fine_timestamps(file: &File) -> bool {
-    const MULTIGRAIN: [i64; 4] = [
-        0xEF53,      // ext4 (the ext2 driver's mounts share it: rare, and trusted too)
-        0x5846_5342, // XFS
-        0x9123_683E, // btrfs
-        0x0102_1994, // tmpfs
-    ];
     static KERNEL_HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let kernel = *KERNEL_HAS.get_or_init(|| {
         let uname = rustix::system::uname();
@@ -234,16 +233,47 @@ fn fine_timestamps(file: &File) -> bool {
         let (major, minor) = (nums.next().unwrap_or(0), nums.next().unwrap_or(0));
         (major, minor) >= (6, 13)
     });
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
-    let multigrain = |fs: &rfs::StatFs| MULTIGRAIN.contains(&(fs.f_type as i64));
-    kernel && rfs::fstatfs(file).is_ok_and(|fs| multigrain(&fs))
+    kernel
+        && mount_type(file)
+            .is_some_and(|t| matches!(t.as_str(), "ext4" | "xfs" | "btrfs" | "tmpfs"))
+}
+
+/// The filesystem type of the mount `file` is on, from `/proc/self/mountinfo` (read again
+/// only for a mount not seen before).
+fn mount_type(file: &File) -> Option<String> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static TYPES: Mutex<Option<HashMap<u64, String>>> = Mutex::new(None);
+    let stx = rfs::statx(file, "", rfs::AtFlags::EMPTY_PATH, rfs::StatxFlags::MNT_ID).ok()?;
+    if stx.stx_mask & rfs::StatxFlags::MNT_ID.bits() == 0 {
+        return None; // before Linux 5.8
+    }
+    let mut types = TYPES.lock().unwrap_or_else(|p| p.into_inner());
+    let types = types.get_or_insert_with(HashMap::new);
+    if let Some(t) = types.get(&stx.stx_mnt_id) {
+        return Some(t.clone());
+    }
+    // "36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    for line in info.lines() {
+        let id = line.split(' ').next().and_then(|id| id.parse::<u64>().ok());
+        let fstype = line
+            .split_once(" - ")
+            .and_then(|(_, rest)| rest.split(' ').next());
+        if let (Some(id), Some(fstype)) = (id, fstype) {
+            types.insert(id, fstype.to_string());
+        }
+    }
+    types.get(&stx.stx_mnt_id).cloned()
 }
 
 /// Whether a process has the file open for writing (a write under way, a writable mapping, an
 /// editor holding it), as the kernel counts it: it grants a read lease only when none has.
 /// The lease is let go at once; a writer opening the file in those microseconds waits for
-/// that (one opening with `O_NONBLOCK` is told to retry). `None`: no answer (leases off, a
-/// file we neither own nor have `CAP_LEASE` for, a filesystem without leases).
+/// that (one opening with `O_NONBLOCK` is told to retry; were this process stopped between
+/// the two calls, writers would wait up to the kernel's lease-break time, 45 s). `None`: no
+/// answer (leases off, a file we neither own nor have `CAP_LEASE` for, a filesystem without
+/// leases).
 fn open_for_write(file: &File) -> Option<bool> {
     /// `<linux/fcntl.h>`'s, which the libc crate does not define.
     const F_SETSIG: libc::c_int = 10;
@@ -256,8 +286,9 @@ fn open_for_write(file: &File) -> Option<bool> {
             return None;
         }
         if libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) == 0 {
-            libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK);
-            return Some(false);
+            // Not let go (it cannot fail on a lease we hold): writers then wait for our
+            // `close`, and the answer is not trusted.
+            return (libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) == 0).then_some(false);
         }
     }
     (io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)).then_some(true)
@@ -354,12 +385,22 @@ mod tests {
     }
 
     #[test]
-    fn asking_for_writers_never_fails_a_writer_nor_signals_us_to_death() {
+    fn the_mount_type_is_read_from_mountinfo() {
+        let td = tempfile::tempdir().unwrap();
+        let f = File::create(td.path().join("f")).unwrap();
+        let t = mount_type(&f).expect("a mount type");
+        assert!(!t.is_empty() && !t.contains(' '), "{t:?}");
+        assert_eq!(mount_type(&f), Some(t), "the same from the cache");
+    }
+
+    #[test]
+    fn asking_for_writers_never_fails_a_blocking_writer_nor_signals_us_to_death() {
         // The read lease is held for microseconds; writers opening the file meanwhile wait
         // for it to go, and the lease break's signal is one that is ignored.
         let td = tempfile::tempdir().unwrap();
         let p = td.path().join("f");
         std::fs::write(&p, b"x").unwrap();
+        let leases = open_for_write(&File::open(&p).unwrap()).is_some();
         let writer = {
             let p = p.clone();
             std::thread::spawn(move || {
@@ -376,6 +417,8 @@ mod tests {
             answers += 1;
         }
         writer.join().unwrap();
-        assert_eq!(open_for_write(&f), Some(false));
+        if leases {
+            assert_eq!(open_for_write(&f), Some(false));
+        }
     }
 }

@@ -483,6 +483,7 @@ impl State {
             .drain(..)
             .partition(|w| w.need.is_some_and(|n| n <= finished) && !busy);
         self.waiters = wait;
+        let oldest = self.waiters.iter().map(|w| w.errors_at).min();
         for w in ready {
             // A flush is a promise that what was saved is there: not if some of it failed
             // (and no later generation sent it after all: a file that changed while one
@@ -497,6 +498,10 @@ impl State {
             };
             let _ = w.reply.send(answer); // the asker may be gone
         }
+        // Errors from before every flush still waiting (and any asked from now on) count for
+        // none of them.
+        self.report
+            .forget_up_to(oldest.unwrap_or_else(|| self.report.errors()));
     }
 
     fn any_marker_pending(&self) -> bool {
@@ -723,10 +728,13 @@ async fn session_inner(
             st.synced.update_from(&new, [(p, true)]);
         }
         take_unsynced(st, report, &done);
-        report.made_good(
-            errors_before,
-            upserted.iter().chain(&cs.removes).chain(&resend),
-        );
+        // (Not when the receiver could not even list what it did not sync.)
+        if !done.overflow {
+            report.made_good(
+                errors_before,
+                upserted.iter().chain(&cs.removes).chain(&resend),
+            );
+        }
         report.synced(&Synced {
             generation: st.finished,
             upserted: &upserted,

@@ -283,37 +283,51 @@ impl Report {
         self.errors.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Errors reported after the `at`-th that no later generation made good.
+    fn failing(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Paths (and one for all pathless errors) whose errors after the `at`-th no later
+    /// generation made good.
     pub fn failing_since(&self, at: u64) -> u64 {
-        let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
-        failing.values().filter(|&&n| n > at).count() as u64
+        self.failing().values().filter(|&&n| n > at).count() as u64
+    }
+
+    /// Forgets errors up to the `at`-th: no flush waiting, nor any asked from now on, counts
+    /// them.
+    pub fn forget_up_to(&self, at: u64) {
+        self.failing().retain(|_, n| *n > at);
     }
 
     /// A generation that began when `at` errors had been reported synced `paths`: their
-    /// errors from before it are made good (its own stand).
+    /// errors from before it are made good (its own stand). Not a name that is not valid
+    /// UTF-8: two such names can look the same here.
     pub fn made_good<'a>(&self, at: u64, paths: impl IntoIterator<Item = &'a RelPath>) {
-        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failing = self.failing();
         if failing.is_empty() {
             return;
         }
         for p in paths {
             let key = p.to_string(); // never "": a RelPath is not empty
-            if failing.get(&key).is_some_and(|&n| n <= at) {
+            if !key.contains(char::REPLACEMENT_CHARACTER)
+                && failing.get(&key).is_some_and(|&n| n <= at)
+            {
                 failing.remove(&key);
             }
         }
     }
 
     pub fn error(&self, path: &str, message: &str) {
-        let n = self
-            .errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
-        // The latest error of each path; "" (no one path, never made good) holds the latest.
-        self.failing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(path.to_string(), n);
+        {
+            // Numbered under the lock, so that a path's latest error is the one kept; ""
+            // (no one path, never made good) holds the latest of those.
+            let mut failing = self.failing();
+            let n = self
+                .errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            failing.insert(path.to_string(), n);
+        }
         if self.json {
             self.json_line(json!({"event": "error", "path": path, "message": message}));
         } else {
@@ -371,5 +385,13 @@ mod tests {
         r.error("a", "reading: permission denied");
         r.made_good(started, [&a]);
         assert_eq!(r.failing_since(started), 1);
+        // Names that are not UTF-8 are never made good: two of them can print the same.
+        let odd = RelPath::new(b"x\xff".to_vec()).unwrap();
+        r.error(&odd.to_string(), "reading: permission denied");
+        r.made_good(r.errors(), [&odd]);
+        assert_eq!(r.failing_since(started), 2);
+        // What no flush can count any more is forgotten.
+        r.forget_up_to(r.errors());
+        assert_eq!(r.failing_since(0), 0);
     }
 }

@@ -268,8 +268,8 @@ impl Tree {
         }
     }
 
-    /// Adds a watch on directory `rel` (before it is read).
-    /// Watches directory `rel`; whether it had no watch before (and has one now).
+    /// Watches directory `rel` (before it is read); whether it had no watch before (and has
+    /// one now).
     fn watch(&self, rel: &[u8]) -> bool {
         let path = self.abs(rel);
         let mut w = lock(&self.watches);
@@ -492,6 +492,9 @@ impl Tree {
         if self.full {
             out.full_rescan = true;
             self.full_rescan(&mut out);
+            // The whole tree was read: nothing is left to look at.
+            self.dirty_dirs.clear();
+            self.dirty_paths.clear();
         } else {
             let dirs = std::mem::take(&mut self.dirty_dirs);
             for d in dirs {
@@ -499,9 +502,9 @@ impl Tree {
             }
             let paths = std::mem::take(&mut self.dirty_paths);
             self.restat_all(paths, &mut out);
+            // What these found to look at next (a new entry is its parent listing's job)
+            // stays for the next refresh.
         }
-        self.dirty_dirs.clear();
-        self.dirty_paths.clear();
         self.full = false;
         self.ignore_changed = false;
         let mut w = lock(&self.watches);

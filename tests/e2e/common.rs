@@ -341,30 +341,57 @@ pub fn io_bytes(pid: u32) -> Option<u64> {
 }
 
 /// SIGKILLs `pid` once it has moved `bytes` bytes, at most `limit` from now. It runs in
-/// bursts of a millisecond between `SIGSTOP`s and is looked at only while stopped, so however
-/// late this thread runs on a loaded machine, it cannot finish between a look and the kill.
-/// Returns whether it was killed (`false`: it ended first, or the time ran out).
+/// bursts of a millisecond between `SIGSTOP`s and is looked at only once stopped, so it
+/// cannot finish between a look and the kill (a burst this thread oversleeps still runs on,
+/// which a big enough transfer makes harmless). Returns whether it was killed (`false`: it
+/// ended first, or the time ran out).
 pub fn kill_after_bytes(pid: u32, bytes: u64, limit: std::time::Duration) -> bool {
     use rustix::process::Signal;
     let target = rustix::process::Pid::from_raw(pid as i32).expect("pid");
     let signal = |s: Signal| rustix::process::kill_process(target, s).is_ok();
+    /// Lets the process go on if this thread panics or gives up.
+    struct Resume<F: Fn(Signal) -> bool>(F);
+    impl<F: Fn(Signal) -> bool> Drop for Resume<F> {
+        fn drop(&mut self) {
+            (self.0)(Signal::CONT);
+        }
+    }
+    let resume = Resume(signal);
     let start = std::time::Instant::now();
-    if !signal(Signal::STOP) {
+    if !(resume.0)(Signal::STOP) {
         return false;
     }
     while start.elapsed() < limit {
+        if !all_stopped(pid) {
+            std::thread::yield_now();
+            continue;
+        }
         match io_bytes(pid) {
             None => return false,
-            Some(n) if n >= bytes => return signal(Signal::KILL),
+            Some(n) if n >= bytes => return (resume.0)(Signal::KILL),
             Some(_) => {
-                signal(Signal::CONT);
+                (resume.0)(Signal::CONT);
                 std::thread::sleep(std::time::Duration::from_millis(1));
-                signal(Signal::STOP);
+                (resume.0)(Signal::STOP);
             }
         }
     }
-    signal(Signal::CONT);
     false
+}
+
+/// Whether every thread of `pid` is stopped (`T`), or it is gone (nothing runs).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.filter_map(Result::ok).all(|t| {
+        fs::read_to_string(t.path().join("stat")).map_or(true, |st| {
+            // "tid (comm) S ...": the state follows the last ')'.
+            st.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_none_or(|state| state == "T" || state == "t" || state == "Z" || state == "X")
+        })
+    })
 }
 
 /// Names of devsync's own temp and partial files under `root`.

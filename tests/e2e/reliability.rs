@@ -316,7 +316,9 @@ fn an_interrupted_big_upload_resumes_from_its_partial() {
     let td = tempfile::tempdir().unwrap();
     let (src, dst) = (td.path().join("src"), td.path().join("dst"));
     fs::create_dir(&src).unwrap();
-    let size = 48usize << 20;
+    // Big enough that a kill meant for the middle lands before the end even when this test
+    // thread is starved for a while under the parallel suite.
+    let size = 96usize << 20;
     fs::write(src.join("big.img"), random_bytes(size, 77)).unwrap();
     let mut killed = false;
     for attempt in 0..5 {
