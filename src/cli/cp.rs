@@ -243,6 +243,7 @@ async fn one(
                 remote_root: Vec::new(),
                 opts,
                 obs: reporter.clone(),
+                memo: None, // run_remote looks it up
             };
             super::sync::run_remote(with_path(dst, dst_root.to_string()), job, ropts, reporter)
                 .await
@@ -257,6 +258,7 @@ async fn one(
                 remote_root: Vec::new(),
                 opts,
                 obs: reporter.clone(),
+                memo: None, // run_remote looks it up
             };
             super::sync::run_remote(src.clone(), job, ropts, reporter).await
         }

@@ -431,6 +431,7 @@ mod tests {
             bytes_received: 1_200,
             raw_sent: 984_000,
             raw_received: 1_200,
+            memo: None,
         }
     }
 

@@ -10,9 +10,9 @@ use anyhow::{Context, bail};
 use super::output::Reporter;
 use super::{SyncArgs, exit};
 use crate::engine::scan::check_root;
-use crate::proto::{Role, SyncOptions};
+use crate::proto::{LinkMemo, Role, SyncOptions};
 use crate::session::client::{self, Job, Outcome, Ran};
-use crate::target::Target;
+use crate::target::{Target, links};
 use crate::transport::keep;
 use crate::transport::local::{self, LocalHelper};
 use crate::transport::remote::{self, Notice, RemoteOptions};
@@ -75,6 +75,7 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
         remote_root: Vec::new(),
         opts,
         obs: reporter.clone(),
+        memo: None, // run_remote looks it up
     };
     let ropts = a.remote.options();
     let rt = super::runtime()?;
@@ -135,6 +136,25 @@ pub(super) async fn run_remote(
             // Scan while connecting: the handshakes and the walk overlap.
             let mut prepared = client::prepare(&job)?;
             job.remote_root = target.remote_path().as_bytes().to_vec();
+            // Our compressor starts where the last big push to this host settled.
+            let link = keep::endpoint(&target);
+            job.memo = link
+                .as_deref()
+                .and_then(links::load)
+                .map(|(level, raw_bps)| LinkMemo { level, raw_bps });
+            if let Some(m) = job.memo {
+                crate::trace!(
+                    "compress",
+                    "starting at level {} (remembered for this host; raw delivered {:.1} MB/s)",
+                    m.level,
+                    m.raw_bps as f64 / 1e6
+                );
+            }
+            let remember = |o: &Outcome| {
+                if let (Some(l), Some(m)) = (&link, o.memo) {
+                    links::save(l, (m.level, m.raw_bps));
+                }
+            };
             let endpoint = keep::wanted(&target, ropts);
             if let Some(ep) = &endpoint {
                 match keep::attach(ep, &target, ropts).await {
@@ -149,7 +169,11 @@ pub(super) async fn run_remote(
                         )
                         .await;
                         match ran {
-                            Ran::Done(result) => return Ok(result?),
+                            Ran::Done(result) => {
+                                let o = result?;
+                                remember(&o);
+                                return Ok(o);
+                            }
                             // The keeper lost its helper and found no other: nothing was done,
                             // so the sync starts again on a connection of its own, with the
                             // scan it already has.
@@ -180,6 +204,7 @@ pub(super) async fn run_remote(
             .await;
             match result {
                 Ok(o) => {
+                    remember(&o);
                     remote.conn.close().await;
                     if let Some(ep) = &endpoint {
                         keep::spawn(ep, ropts.keep_args.clone(), ropts.keep);

@@ -100,6 +100,26 @@ const RECENT: u32 = 32;
 /// Levels the controller moves between; 0 is "send raw".
 const LADDER: [i32; 5] = [0, 1, 3, 6, 9];
 
+/// What one session's controller learned about the link, for the next session to the same
+/// target to start from instead of level 1 (a push of 115 MB at 20 Mbit/s spent its first
+/// second probing raw and climbing through levels 1, 3 and 6, about 1.5 s on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkMemo {
+    /// The level most of the data went at.
+    pub level: u8,
+    /// Raw bytes per second raw data delivered when it saturated the link; 0: not measured.
+    pub raw_bps: u64,
+}
+
+/// Raw bytes a session must have written for its controller's choice to be worth
+/// remembering (a small push is a window or two at the level it started with).
+pub const MEMO_MIN: u64 = 16 << 20;
+
+/// Windows for which a remembered raw measurement stands in for one of this session: long
+/// enough to skip the raw probe on a link known to be slow, short enough that a link that
+/// got fast is not judged by it (measuring raw again replaces it at once).
+const MEMO_RAW_RECENT: u32 = 4;
+
 /// What one stretch of writing cost, as the frame writer saw it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Window {
@@ -158,6 +178,8 @@ pub struct Adaptive {
     raw_saturated: u32,
     /// Where to go back to after measuring raw.
     resume: usize,
+    /// `seen[0]` came from a [`LinkMemo`], not from this session.
+    raw_remembered: bool,
 }
 
 impl Default for Adaptive {
@@ -175,11 +197,30 @@ impl Default for Adaptive {
             backoff: 1,
             raw_saturated: 0,
             resume: 1,
+            raw_remembered: false,
         }
     }
 }
 
 impl Adaptive {
+    /// Starts where the last session to the same target settled.
+    pub fn from_memo(m: LinkMemo) -> Adaptive {
+        let step = LADDER
+            .iter()
+            .position(|&l| l == i32::from(m.level))
+            .unwrap_or(1);
+        let mut a = Adaptive {
+            step,
+            resume: step.max(1),
+            ..Adaptive::default()
+        };
+        if m.raw_bps > 0 {
+            a.seen[0] = Some(m.raw_bps as f64);
+            a.raw_remembered = true;
+        }
+        a
+    }
+
     pub fn level(&self) -> i32 {
         LADDER.get(self.step).copied().unwrap_or(0)
     }
@@ -194,9 +235,14 @@ impl Adaptive {
         if step == 0 {
             // Not forever either: a stall of the peer's disk measured once must not keep a
             // compressor-bound level for the rest of a push once raw would do better.
+            let recent = if self.raw_remembered {
+                MEMO_RAW_RECENT
+            } else {
+                RECENT
+            };
             return self
                 .seen(0)
-                .filter(|_| self.windows.saturating_sub(self.raw_at) <= RECENT);
+                .filter(|_| self.windows.saturating_sub(self.raw_at) <= recent);
         }
         let t = self.tried.get(step).copied().flatten()?;
         (self.windows.saturating_sub(t.at) <= RECENT).then_some(t.goodput)
@@ -229,6 +275,7 @@ impl Adaptive {
         self.windows += 1;
         if saturated && self.step == 0 {
             self.raw_at = self.windows;
+            self.raw_remembered = false;
         }
         if let Some(t) = self.tried.get_mut(self.step) {
             *t = Some(Tried {
@@ -337,6 +384,8 @@ pub struct Traffic {
     pub wire: u64,
     /// The same frames uncompressed.
     pub raw: u64,
+    /// What the writer's compressor learned about the link (a writer's only).
+    pub memo: Option<LinkMemo>,
 }
 
 /// The writer's side: compresses frame bodies when the mode and the controller say so.
@@ -359,13 +408,16 @@ pub struct Packer {
     changed_at: Instant,
     /// The last change was up a level.
     climbed: bool,
+    /// Raw bytes written at each step of [`LADDER`] (for [`Packer::memo`]).
+    spent: [u64; LADDER.len()],
     out: Vec<u8>,
 }
 
 impl Packer {
-    /// `None` for [`Compress::Off`] (or if zstd cannot allocate a context).
-    pub fn new(mode: Compress) -> Option<Packer> {
-        let ctl = Adaptive::default();
+    /// `None` for [`Compress::Off`] (or if zstd cannot allocate a context). `memo`: where
+    /// the last session to the same target settled, for [`Compress::Auto`] to start from.
+    pub fn new(mode: Compress, memo: Option<LinkMemo>) -> Option<Packer> {
+        let ctl = memo.map_or_else(Adaptive::default, Adaptive::from_memo);
         let level = match mode {
             Compress::Off => return None,
             Compress::Auto => ctl.level(),
@@ -388,8 +440,32 @@ impl Packer {
             changed_wire: 0,
             changed_at: Instant::now(),
             climbed: false,
+            spent: [0; LADDER.len()],
             out: Vec::new(),
         })
+    }
+
+    /// What this session learned about the link, if it is worth remembering: automatic
+    /// mode, [`MEMO_MIN`] written.
+    pub fn memo(&self) -> Option<LinkMemo> {
+        if self.mode != Compress::Auto || self.spent.iter().sum::<u64>() < MEMO_MIN {
+            return None;
+        }
+        let (step, _) = self.spent.iter().enumerate().max_by_key(|&(_, b)| *b)?;
+        Some(LinkMemo {
+            level: LADDER.get(step).map_or(1, |&l| l as u8),
+            raw_bps: self.ctl.seen(0).map_or(0, |r| r as u64),
+        })
+    }
+
+    /// Counts `n` raw bytes into the window, and to the level they went at.
+    fn count(&mut self, n: usize) {
+        self.window.raw += n as u64;
+        if let Some(i) = LADDER.iter().position(|&l| l == self.level)
+            && let Some(b) = self.spent.get_mut(i)
+        {
+            *b += n as u64;
+        }
     }
 
     /// The level in use (0: raw).
@@ -413,14 +489,14 @@ impl Packer {
     /// Counts frame bytes that went out raw without being offered to [`Packer::pack`].
     pub fn pass(&mut self, n: usize) {
         self.tick(Duration::ZERO);
-        self.window.raw += n as u64;
+        self.count(n);
     }
 
     /// Compresses `frames` (whole frames, prefixes included) if that is worth it now: the
     /// compressed bytes, or `None` to send them raw.
     pub fn pack(&mut self, frames: &[u8]) -> Option<&[u8]> {
         let started = self.tick(Duration::ZERO);
-        self.window.raw += frames.len() as u64;
+        self.count(frames.len());
         if self.level == 0 || frames.len() < MIN_BODY || frames.len() > MAX_UNPACKED {
             return None;
         }
@@ -639,7 +715,10 @@ mod tests {
     }
 
     fn settle(link: f64, peer: f64, ratio: f64) -> Vec<i32> {
-        let mut c = Adaptive::default();
+        settle_from(Adaptive::default(), link, peer, ratio)
+    }
+
+    fn settle_from(mut c: Adaptive, link: f64, peer: f64, ratio: f64) -> Vec<i32> {
         (0..40)
             .map(|_| {
                 let w = window(c.level(), link, peer, ratio);
@@ -654,6 +733,48 @@ mod tests {
         let levels = settle(2.5e6, 1e9, 0.25);
         let tail = &levels[20..];
         assert!(tail.iter().all(|l| *l >= 6), "{levels:?}");
+    }
+
+    #[test]
+    fn a_remembered_link_is_started_on_where_it_settled() {
+        let memo = |level, raw_bps| Adaptive::from_memo(LinkMemo { level, raw_bps });
+        // 20 Mbit/s again: no raw probe, no climb, the whole way at the top.
+        let fresh = settle(2.5e6, 1e9, 0.25);
+        assert!(
+            fresh[..6].contains(&0),
+            "a fresh start probes raw: {fresh:?}"
+        );
+        let levels = settle_from(memo(9, 2_500_000), 2.5e6, 1e9, 0.25);
+        assert!(levels.iter().all(|l| *l == 9), "{levels:?}");
+        // Loopback again: raw from the first byte.
+        let levels = settle_from(memo(0, 2_000_000_000), 2e9, 2e9, 0.25);
+        assert!(levels.iter().all(|l| *l == 0), "{levels:?}");
+        // The link changed since: the remembered raw rate stands in only for a few
+        // windows, so a slow link's memo on loopback is soon raw...
+        let levels = settle_from(memo(9, 2_500_000), 2e9, 2e9, 0.25);
+        assert!(levels[10..].iter().all(|l| *l == 0), "{levels:?}");
+        // ...and a fast link's memo on a slow link soon compresses hard.
+        let levels = settle_from(memo(0, 2_000_000_000), 2.5e6, 1e9, 0.25);
+        assert!(levels[20..].iter().all(|l| *l >= 6), "{levels:?}");
+    }
+
+    #[test]
+    fn a_session_remembers_the_level_most_of_its_data_went_at() {
+        let mut p = Packer::new(Compress::Auto, None).unwrap();
+        p.pass(1 << 20);
+        assert_eq!(p.memo(), None, "too little to go by");
+        p.level = 9;
+        p.pass(MEMO_MIN as usize);
+        assert_eq!(
+            p.memo(),
+            Some(LinkMemo {
+                level: 9,
+                raw_bps: 0
+            })
+        );
+        let mut fixed = Packer::new(Compress::Level(3), None).unwrap();
+        fixed.pass(MEMO_MIN as usize * 2);
+        assert_eq!(fixed.memo(), None, "a fixed level learns nothing");
     }
 
     #[test]
@@ -928,7 +1049,7 @@ mod tests {
     #[test]
     fn packer_skips_what_does_not_compress_and_unpacks_what_it_packed() {
         use rand::{RngCore, SeedableRng};
-        let mut p = Packer::new(Compress::Level(3)).unwrap();
+        let mut p = Packer::new(Compress::Level(3), None).unwrap();
         let mut noise = vec![0u8; 1 << 20];
         rand_chacha::ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut noise);
         assert!(p.pack(&noise).is_none());

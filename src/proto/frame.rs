@@ -18,7 +18,7 @@ use tokio::io::{
 };
 
 use super::ProtoError;
-use super::compress::{COMPRESSED, Compress, GROUP, MIN_BODY, Packer, Traffic, Unpacker};
+use super::compress::{COMPRESSED, Compress, GROUP, LinkMemo, MIN_BODY, Packer, Traffic, Unpacker};
 use super::msg::Msg;
 
 /// Largest frame accepted: one 4 MiB chunk as a worst-case (all literal) delta, plus headroom.
@@ -107,6 +107,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Traffic {
             wire: self.bytes,
             raw: self.raw_bytes,
+            memo: None,
         }
     }
 
@@ -303,9 +304,15 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         }
     }
 
-    /// Compresses what follows as `mode` says (once the peer agreed to decompress it).
-    pub fn compress(&mut self, mode: Compress) {
-        self.pack = Packer::new(mode).map(Box::new);
+    /// Compresses what follows as `mode` says (once the peer agreed to decompress it),
+    /// starting from `memo` (what the last session to this target learned) if given.
+    pub fn compress(&mut self, mode: Compress, memo: Option<LinkMemo>) {
+        self.pack = Packer::new(mode, memo).map(Box::new);
+    }
+
+    /// What the compressor learned about the link (see [`Packer::memo`]).
+    pub fn memo(&self) -> Option<LinkMemo> {
+        self.pack.as_ref().and_then(|p| p.memo())
     }
 
     /// Bytes written, on the wire and as they were before compression.
@@ -313,6 +320,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Traffic {
             wire: self.bytes,
             raw: self.raw_bytes,
+            memo: self.memo(),
         }
     }
 
@@ -597,7 +605,7 @@ mod tests {
         rt().block_on(async {
             let mut wire = Vec::new();
             let mut w = FrameWriter::new(&mut wire);
-            w.compress(mode);
+            w.compress(mode, None);
             let mut list = Vec::new();
             for (i, (m, p)) in frames.iter().enumerate() {
                 if i % 2 == 0 {
@@ -710,7 +718,7 @@ mod tests {
         let (wire, _) = rt().block_on(async {
             let mut wire = Vec::new();
             let mut w = FrameWriter::new(&mut wire);
-            w.compress(Compress::Level(3));
+            w.compress(Compress::Level(3), None);
             w.write(&Msg::Data { id: 1, chunk: 0 }, &text(50_000))
                 .await
                 .unwrap();

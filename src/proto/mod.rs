@@ -12,7 +12,7 @@ pub mod handshake;
 mod list;
 pub mod msg;
 
-pub use compress::{Compress, Traffic};
+pub use compress::{Compress, LinkMemo, Traffic};
 pub use frame::{FrameReader, FrameWriter, MAX_FRAME};
 pub use msg::{CopySpec, Event, FileId, Msg, Role, Stamp, Stats, SyncOptions, WholeItem};
 

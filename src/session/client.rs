@@ -7,7 +7,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Observer, SessionError, conn, receiver, sender};
 use crate::proto::{
-    Compress, FrameReader, FrameWriter, Msg, PROTOCOL_VERSION, Role, Stats, SyncOptions, handshake,
+    Compress, FrameReader, FrameWriter, LinkMemo, Msg, PROTOCOL_VERSION, Role, Stats, SyncOptions,
+    handshake,
 };
 
 /// One sync, as the client sees it.
@@ -20,6 +21,9 @@ pub struct Job {
     pub remote_root: Vec<u8>,
     pub opts: SyncOptions,
     pub obs: Arc<dyn Observer>,
+    /// What the last session to this target learned about the link: our compressor starts
+    /// there.
+    pub memo: Option<LinkMemo>,
 }
 
 #[derive(Debug, Clone)]
@@ -31,6 +35,8 @@ pub struct Outcome {
     /// The same before compression.
     pub raw_sent: u64,
     pub raw_received: u64,
+    /// What our compressor learned about the link, if worth remembering.
+    pub memo: Option<LinkMemo>,
 }
 
 /// Work that can begin before the helper is reachable: for a push, scanning the source and
@@ -144,14 +150,15 @@ fn hello_msg(role: Role, remote_root: &[u8], opts: &SyncOptions) -> Msg {
 
 /// Answers the helper's greeting, tells it what to do (it plays the role other than `role`)
 /// and waits for it to agree; from then on `writer` compresses if both ends agreed to.
-/// `sent`: the transport already sent [`hello_bytes`]; only the answer is awaited.
+/// `sent`: the transport already sent [`hello_bytes`]; only the answer is awaited. `memo`:
+/// where our compressor starts.
 pub(super) async fn hello<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
-    role: Role,
-    remote_root: &[u8],
+    (role, remote_root): (Role, &[u8]),
     opts: &SyncOptions,
     sent: bool,
+    memo: Option<LinkMemo>,
 ) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin + Send,
@@ -161,7 +168,7 @@ where
         send_hello(writer, &hello_bytes(role, remote_root, opts)).await?;
     }
     if let Some(mode) = await_hello_ok(reader, opts).await? {
-        writer.compress(mode);
+        writer.compress(mode, memo);
     }
     Ok(())
 }
@@ -241,10 +248,10 @@ where
     hello(
         &mut reader,
         &mut writer,
-        Role::Sender,
-        remote_root,
+        (Role::Sender, remote_root),
         opts,
         hello_sent,
+        None,
     )
     .await?;
     let (out, pending) = conn::channel();
@@ -402,7 +409,7 @@ where
     // The writer starts once the helper agreed, so that the rest of a big tree's list is
     // compressed if both ends want it.
     if let Some(mode) = mode {
-        writer.compress(mode);
+        writer.compress(mode, job.memo);
     }
     Ran::Done(run_answered(reader, writer, job, prepared, early).await)
 }
@@ -447,5 +454,6 @@ where
         bytes_received: received.wire,
         raw_sent: sent.raw + early,
         raw_received: received.raw,
+        memo: sent.memo,
     })
 }

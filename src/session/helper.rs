@@ -115,7 +115,7 @@ where
         .await?;
     writer.flush().await?;
     if compress {
-        writer.compress(opts.compress);
+        writer.compress(opts.compress, None);
     }
     let (out, writer_task) = conn::spawn_writer(writer);
     let obs: Arc<dyn Observer> = Arc::new(Forward(out.clone()));

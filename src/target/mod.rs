@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 pub mod credentials;
+pub mod links;
 
 /// One side of a sync.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -151,6 +151,7 @@ async fn pull_from_fake_answering(
         remote_root: b"/remote".to_vec(),
         opts: SyncOptions::default(),
         obs: Arc::new(Silent),
+        memo: None,
     };
     let r = client::run(cr, cw, job).await;
     // The fake itself must not have failed (its writes fail quietly once the client hangs up).

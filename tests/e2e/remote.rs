@@ -284,6 +284,52 @@ fn compression_through_the_gateway_is_reported_and_can_be_turned_off() {
 }
 
 #[test]
+fn a_big_push_leaves_what_it_learned_about_the_link_for_the_next() {
+    let ep = endpoint(&["dbx_memo"], None, "user", KeyFormat::Pkcs8);
+    let td = tempfile::tempdir().unwrap();
+    let src = td.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    // 23 MB of source-like text: past the 16 MiB a session must write to be remembered.
+    for i in 0..64 {
+        let body: String = (0..8_000)
+            .map(|l| format!("fn f{l}_{i}(x: u64) -> u64 {{ x.wrapping_mul({l}) ^ {i} }}\n"))
+            .collect();
+        std::fs::write(src.join(format!("m{i}.rs")), body).unwrap();
+    }
+    let links = ep.home.path().join(".local/state/devsync/links");
+    let small = td.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    std::fs::write(small.join("f"), b"tiny").unwrap();
+    // A small push teaches nothing.
+    let dst = |d: &str| format!("dbx_memo:{}", s(&td.path().join(d)));
+    let (code, _, err) = ep.run(&["push", "--json", s(&small), &dst("r0")], |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert!(!links.exists(), "a small push left a record");
+    let (code, v, err) = ep.run(&["push", "--json", s(&src), &dst("r1")], |_| {});
+    assert_eq!(code, 0, "{err}");
+    assert!(num(&v, "bytes_sent_uncompressed") > 16 << 20, "{v}");
+    let records: Vec<_> = std::fs::read_dir(&links).unwrap().collect();
+    assert_eq!(records.len(), 1, "one record for the one host");
+    let text = std::fs::read_to_string(records[0].as_ref().unwrap().path()).unwrap();
+    let fields: Vec<u64> = text
+        .split_whitespace()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    assert!(
+        fields.len() == 2 && [0, 1, 3, 6, 9].contains(&fields[0]),
+        "{text:?}"
+    );
+    // The next push to the same host starts there.
+    let (code, _, err) = ep.run(&["push", "--json", s(&small), &dst("r2")], |c| {
+        c.env("DEVSYNC_TRACE", "1");
+    });
+    assert_eq!(code, 0, "{err}");
+    let said = format!("starting at level {} (remembered for this host", fields[0]);
+    assert!(err.contains(&said), "{err}");
+    assert_same_tree(&src, &td.path().join("r1"));
+}
+
+#[test]
 fn devbox_key_formats_and_refetch_of_a_refused_cached_key() {
     let ep = endpoint(&["dbx_fmt"], None, "user", KeyFormat::OpenSsh);
     let td = tempfile::tempdir().unwrap();

@@ -91,6 +91,7 @@ async fn session_with(
         remote_root: remote.as_os_str().as_encoded_bytes().to_vec(),
         opts,
         obs: Arc::new(Silent),
+        memo: None,
     };
     let r = client::run(cr, cw, job).await;
     let h = helper.await.expect("the helper task panicked");
@@ -484,6 +485,7 @@ fn failed_verification_falls_back_to_whole_file() {
             remote_root: b"/r".to_vec(),
             opts: SyncOptions::default(),
             obs: Arc::new(Silent),
+            memo: None,
         };
         let o = client::run(cr, cw, job).await;
         fake.await.unwrap();
@@ -577,6 +579,7 @@ fn a_small_trees_list_goes_with_the_hello() {
             remote_root: dst.as_os_str().as_encoded_bytes().to_vec(),
             opts: SyncOptions::default(),
             obs: Arc::new(Silent),
+            memo: None,
         };
         let (client, gate) = rt.block_on(async {
             let helper = tokio::spawn(helper::serve_with(hr, hw, true));

@@ -1,0 +1,89 @@
+//! What earlier sessions learned about the link to each target: the compression level most
+//! of a big push went at, and what raw data delivered there, so that the next push to the
+//! same target starts at that level instead of climbing to it again. One small file per
+//! target under the state directory. Must not: fail a sync — a record that is missing,
+//! unreadable or malformed means starting from scratch, and one that cannot be written is
+//! not worth an error.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::credentials;
+
+/// What is remembered about one link: (zstd level, raw bytes per second; 0 = not measured).
+pub type Link = (u8, u64);
+
+fn dir() -> Option<PathBuf> {
+    credentials::state_dir().ok().map(|d| d.join("links"))
+}
+
+fn path(dir: &Path, endpoint: &str) -> PathBuf {
+    let key = blake3::hash(endpoint.as_bytes()).to_hex();
+    dir.join(&key[..16])
+}
+
+/// The record for `endpoint` (a target without its path), if there is a sound one.
+pub fn load(endpoint: &str) -> Option<Link> {
+    load_in(&dir()?, endpoint)
+}
+
+/// Records `link` for `endpoint`, replacing what was there in one step.
+pub fn save(endpoint: &str, link: Link) {
+    if let Some(d) = dir() {
+        save_in(&d, endpoint, link);
+    }
+}
+
+fn load_in(dir: &Path, endpoint: &str) -> Option<Link> {
+    let text = std::fs::read_to_string(path(dir, endpoint)).ok()?;
+    let mut f = text.split_whitespace();
+    let level = f.next()?.parse::<u8>().ok().filter(|l| *l <= 19)?;
+    let raw = f.next()?.parse::<u64>().ok()?;
+    f.next().is_none().then_some((level, raw))
+}
+
+fn save_in(dir: &Path, endpoint: &str, link: Link) {
+    let p = path(dir, endpoint);
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let tmp = dir.join(format!(".{}.{}", std::process::id(), rand_suffix()));
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| writeln!(f, "{} {}", link.0, link.1))
+        .and_then(|()| std::fs::rename(&tmp, &p));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp); // best effort: it may not exist
+    }
+}
+
+fn rand_suffix() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+    u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_round_trips_and_a_bad_one_is_no_record() {
+        let td = tempfile::tempdir().unwrap();
+        let d = td.path().join("links");
+        assert_eq!(load_in(&d, "ssh://u@h/"), None);
+        save_in(&d, "ssh://u@h/", (9, 2_400_000));
+        assert_eq!(load_in(&d, "ssh://u@h/"), Some((9, 2_400_000)));
+        assert_eq!(load_in(&d, "ssh://other/"), None);
+        save_in(&d, "ssh://u@h/", (1, 0));
+        assert_eq!(load_in(&d, "ssh://u@h/"), Some((1, 0)));
+        assert_eq!(
+            std::fs::read_dir(&d).unwrap().count(),
+            1,
+            "no temp files left"
+        );
+        for bad in ["", "9", "x 1", "20 5", "9 1 extra"] {
+            std::fs::write(path(&d, "ssh://u@h/"), bad).unwrap();
+            assert_eq!(load_in(&d, "ssh://u@h/"), None, "{bad:?}");
+        }
+    }
+}
