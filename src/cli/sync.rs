@@ -136,8 +136,11 @@ pub(super) async fn run_remote(
             // Scan while connecting: the handshakes and the walk overlap.
             let mut prepared = client::prepare(&job)?;
             job.remote_root = target.remote_path().as_bytes().to_vec();
-            // Our compressor starts where the last big push to this host settled.
-            let link = keep::endpoint(&target);
+            // Our compressor starts where the last big push to this host settled. (Only a
+            // push's: on a pull the helper's writer carries the data.)
+            let link = keep::endpoint(&target).filter(|_| {
+                job.role == Role::Sender && job.opts.compress == crate::proto::Compress::Auto
+            });
             job.memo = link
                 .as_deref()
                 .and_then(links::load)

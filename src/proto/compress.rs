@@ -115,9 +115,8 @@ pub struct LinkMemo {
 /// remembering (a small push is a window or two at the level it started with).
 pub const MEMO_MIN: u64 = 16 << 20;
 
-/// Windows for which a remembered raw measurement stands in for one of this session: long
-/// enough to skip the raw probe on a link known to be slow, short enough that a link that
-/// got fast is not judged by it (measuring raw again replaces it at once).
+/// Windows for which a remembered raw measurement may confirm that compression pays on a
+/// saturated link: enough to skip the raw probe on a link known to be slow.
 const MEMO_RAW_RECENT: u32 = 4;
 
 /// What one stretch of writing cost, as the frame writer saw it.
@@ -235,17 +234,32 @@ impl Adaptive {
         if step == 0 {
             // Not forever either: a stall of the peer's disk measured once must not keep a
             // compressor-bound level for the rest of a push once raw would do better.
-            let recent = if self.raw_remembered {
-                MEMO_RAW_RECENT
-            } else {
-                RECENT
-            };
+            // (A remembered rate is no measurement of this session: see `remembered_raw`.)
             return self
                 .seen(0)
-                .filter(|_| self.windows.saturating_sub(self.raw_at) <= recent);
+                .filter(|_| !self.raw_remembered)
+                .filter(|_| self.windows.saturating_sub(self.raw_at) <= RECENT);
         }
         let t = self.tried.get(step).copied().flatten()?;
         (self.windows.saturating_sub(t.at) <= RECENT).then_some(t.goodput)
+    }
+
+    /// The raw rate an earlier session on this link measured, while it may stand in for a
+    /// measurement: in the first windows, a saturated window that drains about as much
+    /// confirms it (no raw probe on a link known to be slow). Unconfirmed, it never holds a
+    /// level nor gives compression up: the link may not be the one it was.
+    fn remembered_raw(&self) -> Option<f64> {
+        self.seen(0)
+            .filter(|_| self.raw_remembered && self.windows <= MEMO_RAW_RECENT)
+    }
+
+    /// Forgets a remembered raw rate: from now on raw is measured, or unknown.
+    fn forget_remembered(&mut self) {
+        if std::mem::take(&mut self.raw_remembered) {
+            if let Some(s) = self.seen.get_mut(0) {
+                *s = None;
+            }
+        }
     }
 
     /// The same, only if the compressor was what limited that window. What a level delivers
@@ -335,6 +349,16 @@ impl Adaptive {
             }
             return self.level();
         }
+        if self.raw_remembered {
+            match self.remembered_raw() {
+                // The same link: saturated, it drains what raw data did then (wire bytes are
+                // wire bytes, whatever they carry). From now on it counts as measured.
+                Some(r) if (0.75..=1.33).contains(&(drain / r)) => self.raw_remembered = false,
+                // Too long ago, or not the link it was (a LAN then, a slow link now; now a
+                // drain faster than that link, as a peer's disk can be): measure raw.
+                _ => self.forget_remembered(),
+            }
+        }
         match self.seen(0) {
             None => {
                 // Nothing to compare with yet: measure raw once. A slow link and a peer
@@ -408,7 +432,8 @@ pub struct Packer {
     changed_at: Instant,
     /// The last change was up a level.
     climbed: bool,
-    /// Raw bytes written at each step of [`LADDER`] (for [`Packer::memo`]).
+    /// Frame bytes written while the controller was at each step of [`LADDER`] (some of
+    /// them may have gone raw: too small, or failed the trial), for [`Packer::memo`].
     spent: [u64; LADDER.len()],
     out: Vec<u8>,
 }
@@ -452,13 +477,15 @@ impl Packer {
             return None;
         }
         let (step, _) = self.spent.iter().enumerate().max_by_key(|&(_, b)| *b)?;
+        // A remembered raw rate is passed on only if this session agreed with it.
+        let raw = self.ctl.seen(0).filter(|_| !self.ctl.raw_remembered);
         Some(LinkMemo {
             level: LADDER.get(step).map_or(1, |&l| l as u8),
-            raw_bps: self.ctl.seen(0).map_or(0, |r| r as u64),
+            raw_bps: raw.map_or(0, |r| r as u64),
         })
     }
 
-    /// Counts `n` raw bytes into the window, and to the level they went at.
+    /// Counts `n` frame bytes into the window, and to the controller's level.
     fn count(&mut self, n: usize) {
         self.window.raw += n as u64;
         if let Some(i) = LADDER.iter().position(|&l| l == self.level)
@@ -749,13 +776,30 @@ mod tests {
         // Loopback again: raw from the first byte.
         let levels = settle_from(memo(0, 2_000_000_000), 2e9, 2e9, 0.25);
         assert!(levels.iter().all(|l| *l == 0), "{levels:?}");
-        // The link changed since: the remembered raw rate stands in only for a few
-        // windows, so a slow link's memo on loopback is soon raw...
+        // The link changed since. A slow link's memo on loopback is soon raw...
         let levels = settle_from(memo(9, 2_500_000), 2e9, 2e9, 0.25);
         assert!(levels[10..].iter().all(|l| *l == 0), "{levels:?}");
-        // ...and a fast link's memo on a slow link soon compresses hard.
+        // ...and a fast link's memo on a slow link soon compresses hard, probing raw once.
         let levels = settle_from(memo(0, 2_000_000_000), 2.5e6, 1e9, 0.25);
         assert!(levels[20..].iter().all(|l| *l >= 6), "{levels:?}");
+        let levels = settle_from(memo(1, 110_000_000), 2.5e6, 1e9, 0.25);
+        let raw = levels[..10].iter().filter(|l| **l == 0).count();
+        assert!(
+            raw <= 1,
+            "a LAN's raw rate held compression back: {levels:?}"
+        );
+        assert!(levels[20..].iter().all(|l| *l >= 6), "{levels:?}");
+        // A slow link's memo where the peer's disk is the limit now: raw is measured and
+        // wins, as it does for a session that remembers nothing.
+        for (link, disk) in [(2e9, 50e6), (40e6, 30e6)] {
+            let levels = settle_from(memo(9, 2_500_000), link, disk, 0.25);
+            let fresh = settle(link, disk, 0.25);
+            let raw = |l: &[i32]| l[10..].iter().filter(|l| **l == 0).count();
+            assert!(
+                raw(&levels) + 3 >= raw(&fresh) && raw(&levels) >= 15,
+                "{levels:?} vs fresh {fresh:?}"
+            );
+        }
     }
 
     #[test]
@@ -765,6 +809,8 @@ mod tests {
         assert_eq!(p.memo(), None, "too little to go by");
         p.level = 9;
         p.pass(MEMO_MIN as usize);
+        p.level = 1;
+        p.pass(4 << 20); // where it ended is not where most of it went
         assert_eq!(
             p.memo(),
             Some(LinkMemo {
@@ -772,6 +818,17 @@ mod tests {
                 raw_bps: 0
             })
         );
+        // A remembered raw rate this session never agreed with is not passed on.
+        let p = Packer::new(
+            Compress::Auto,
+            Some(LinkMemo {
+                level: 9,
+                raw_bps: 2_500_000,
+            }),
+        )
+        .unwrap();
+        assert_eq!(p.ctl.seen(0), Some(2.5e6));
+        assert_eq!(p.memo(), None, "nothing written yet");
         let mut fixed = Packer::new(Compress::Level(3), None).unwrap();
         fixed.pass(MEMO_MIN as usize * 2);
         assert_eq!(fixed.memo(), None, "a fixed level learns nothing");

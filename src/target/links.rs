@@ -5,7 +5,6 @@
 //! unreadable or malformed means starting from scratch, and one that cannot be written is
 //! not worth an error.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::credentials;
@@ -43,23 +42,9 @@ fn load_in(dir: &Path, endpoint: &str) -> Option<Link> {
 }
 
 fn save_in(dir: &Path, endpoint: &str, link: Link) {
-    let p = path(dir, endpoint);
-    if std::fs::create_dir_all(dir).is_err() {
-        return;
-    }
-    let tmp = dir.join(format!(".{}.{}", std::process::id(), rand_suffix()));
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| writeln!(f, "{} {}", link.0, link.1))
-        .and_then(|()| std::fs::rename(&tmp, &p));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp); // best effort: it may not exist
-    }
-}
-
-fn rand_suffix() -> u64 {
-    let mut b = [0u8; 8];
-    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
-    u64::from_le_bytes(b)
+    let text = format!("{} {}\n", link.0, link.1);
+    // Not worth an error: without a record the next push just starts from scratch.
+    let _ = credentials::write_private(&path(dir, endpoint), text.as_bytes(), 0o600);
 }
 
 #[cfg(test)]
