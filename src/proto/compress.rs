@@ -115,10 +115,6 @@ pub struct LinkMemo {
 /// remembering (a small push is a window or two at the level it started with).
 pub const MEMO_MIN: u64 = 16 << 20;
 
-/// Windows for which a remembered raw measurement may confirm that compression pays on a
-/// saturated link: enough to skip the raw probe on a link known to be slow.
-const MEMO_RAW_RECENT: u32 = 4;
-
 /// What one stretch of writing cost, as the frame writer saw it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Window {
@@ -244,13 +240,12 @@ impl Adaptive {
         (self.windows.saturating_sub(t.at) <= RECENT).then_some(t.goodput)
     }
 
-    /// The raw rate an earlier session on this link measured, while it may stand in for a
-    /// measurement: in the first windows, a saturated window that drains about as much
-    /// confirms it (no raw probe on a link known to be slow). Unconfirmed, it never holds a
-    /// level nor gives compression up: the link may not be the one it was.
+    /// The raw rate an earlier session on this link measured, until the first saturated
+    /// window judges it: one that drains about as much confirms it (no raw probe on a link
+    /// known to be slow), any other makes it forgotten. Until then it neither holds a level
+    /// nor gives compression up: the link may not be the one it was.
     fn remembered_raw(&self) -> Option<f64> {
-        self.seen(0)
-            .filter(|_| self.raw_remembered && self.windows <= MEMO_RAW_RECENT)
+        self.seen(0).filter(|_| self.raw_remembered)
     }
 
     /// Forgets a remembered raw rate: from now on raw is measured, or unknown.
@@ -351,11 +346,12 @@ impl Adaptive {
         }
         if self.raw_remembered {
             match self.remembered_raw() {
-                // The same link: saturated, it drains what raw data did then (wire bytes are
-                // wire bytes, whatever they carry). From now on it counts as measured.
-                Some(r) if (0.75..=1.33).contains(&(drain / r)) => self.raw_remembered = false,
-                // Too long ago, or not the link it was (a LAN then, a slow link now; now a
-                // drain faster than that link, as a peer's disk can be): measure raw.
+                // The same link: saturated, it drains about what raw data did then (wire
+                // bytes are wire bytes, whatever they carry; a probe behind buffered data
+                // reads a link slower than it is). From now on it counts as measured.
+                Some(r) if (0.5..=2.0).contains(&(drain / r)) => self.raw_remembered = false,
+                // Not the link it was (a LAN then, a slow link now; a drain several times
+                // faster, as a peer's disk can be): measure raw.
                 _ => self.forget_remembered(),
             }
         }
