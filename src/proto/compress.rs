@@ -230,7 +230,7 @@ impl Adaptive {
         if step == 0 {
             // Not forever either: a stall of the peer's disk measured once must not keep a
             // compressor-bound level for the rest of a push once raw would do better.
-            // (A remembered rate is no measurement of this session: see `remembered_raw`.)
+            // (A remembered rate is no measurement of this session, see `judge`.)
             return self
                 .seen(0)
                 .filter(|_| !self.raw_remembered)
@@ -238,14 +238,6 @@ impl Adaptive {
         }
         let t = self.tried.get(step).copied().flatten()?;
         (self.windows.saturating_sub(t.at) <= RECENT).then_some(t.goodput)
-    }
-
-    /// The raw rate an earlier session on this link measured, until the first saturated
-    /// window judges it: one that drains about as much confirms it (no raw probe on a link
-    /// known to be slow), any other makes it forgotten. Until then it neither holds a level
-    /// nor gives compression up: the link may not be the one it was.
-    fn remembered_raw(&self) -> Option<f64> {
-        self.seen(0).filter(|_| self.raw_remembered)
     }
 
     /// Forgets a remembered raw rate: from now on raw is measured, or unknown.
@@ -344,8 +336,12 @@ impl Adaptive {
             }
             return self.level();
         }
+        // A raw rate an earlier session on this link measured is judged by the first
+        // saturated window: one that drains about as much confirms it (no raw probe on a
+        // link known to be slow), any other makes it forgotten. Until then it neither held a
+        // level nor gave compression up (`tried(0)`): the link may not be the one it was.
         if self.raw_remembered {
-            match self.remembered_raw() {
+            match self.seen(0) {
                 // The same link: saturated, it drains about what raw data did then (wire
                 // bytes are wire bytes, whatever they carry; a probe behind buffered data
                 // reads a link slower than it is). From now on it counts as measured.

@@ -150,15 +150,14 @@ fn hello_msg(role: Role, remote_root: &[u8], opts: &SyncOptions) -> Msg {
 
 /// Answers the helper's greeting, tells it what to do (it plays the role other than `role`)
 /// and waits for it to agree; from then on `writer` compresses if both ends agreed to.
-/// `sent`: the transport already sent [`hello_bytes`]; only the answer is awaited. `memo`:
-/// where our compressor starts.
+/// `sent`: the transport already sent [`hello_bytes`]; only the answer is awaited.
 pub(super) async fn hello<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
-    (role, remote_root): (Role, &[u8]),
+    role: Role,
+    remote_root: &[u8],
     opts: &SyncOptions,
     sent: bool,
-    memo: Option<LinkMemo>,
 ) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin + Send,
@@ -168,7 +167,8 @@ where
         send_hello(writer, &hello_bytes(role, remote_root, opts)).await?;
     }
     if let Some(mode) = await_hello_ok(reader, opts).await? {
-        writer.compress(mode, memo);
+        // No remembered link here (a watch, a relay): only a one-shot push starts from one.
+        writer.compress(mode, None);
     }
     Ok(())
 }
@@ -248,10 +248,10 @@ where
     hello(
         &mut reader,
         &mut writer,
-        (Role::Sender, remote_root),
+        Role::Sender,
+        remote_root,
         opts,
         hello_sent,
-        None,
     )
     .await?;
     let (out, pending) = conn::channel();

@@ -39,24 +39,8 @@ where
     let (mut rb, mut wb) = (to.reader, FrameWriter::new(to.writer));
     // We "receive" from the first (it sends) and "send" to the second (it receives).
     let (sent_a, sent_b) = (from.hello_sent, to.hello_sent);
-    hello(
-        &mut ra,
-        &mut wa,
-        (Role::Receiver, &from.root),
-        opts,
-        sent_a,
-        None,
-    )
-    .await?;
-    hello(
-        &mut rb,
-        &mut wb,
-        (Role::Sender, &to.root),
-        opts,
-        sent_b,
-        None,
-    )
-    .await?;
+    hello(&mut ra, &mut wa, Role::Receiver, &from.root, opts, sent_a).await?;
+    hello(&mut rb, &mut wb, Role::Sender, &to.root, opts, sent_b).await?;
     crate::trace!("relay", "both helpers ready");
     let (a_to_b, b_to_a) = tokio::join!(forward(ra, wb, obs.clone()), forward(rb, wa, obs.clone()));
     // What a helper said when it gave up explains more than the other side's broken pipe.

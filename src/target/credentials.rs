@@ -67,6 +67,12 @@ pub fn state_dir() -> Result<PathBuf, CredError> {
     Ok(home()?.join(".local/state/devsync"))
 }
 
+/// The name under which state kept per host (kept connections, what was learned about the
+/// link) is filed: 16 hex digits of the endpoint's hash, the same for every such file.
+pub fn endpoint_key(endpoint: &str) -> String {
+    blake3::hash(endpoint.as_bytes()).to_hex()[..16].to_string()
+}
+
 /// Pinned devbox host keys (known_hosts format).
 pub fn pin_file() -> Result<PathBuf, CredError> {
     Ok(state_dir()?.join("known_hosts"))

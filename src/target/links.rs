@@ -17,8 +17,7 @@ fn dir() -> Option<PathBuf> {
 }
 
 fn path(dir: &Path, endpoint: &str) -> PathBuf {
-    let key = blake3::hash(endpoint.as_bytes()).to_hex();
-    dir.join(&key[..16])
+    dir.join(credentials::endpoint_key(endpoint))
 }
 
 /// The record for `endpoint` (a target without its path), if there is a sound one.

@@ -92,7 +92,7 @@ fn make_dir() -> Result<PathBuf, TransportError> {
 
 pub fn place(endpoint: &str) -> Result<Place, TransportError> {
     let d = dir()?;
-    let key = &blake3::hash(endpoint.as_bytes()).to_hex()[..16];
+    let key = credentials::endpoint_key(endpoint);
     Ok(Place {
         socket: d.join(format!("{key}.sock")),
         lock: d.join(format!("{key}.lock")),
