@@ -369,6 +369,29 @@ pub fn window_bytes(start: u64, count: u64, base_len: u64) -> (u64, u64) {
     (lo, hi)
 }
 
+/// Granularity of [`changed_runs`]: a page, the unit a filesystem shares and copies on write.
+pub const PAGE: usize = 4096;
+
+/// The byte ranges (offset, length) where `new` differs from `old`, by whole [`PAGE`]s
+/// (adjacent pages joined), for slices of the same length. Writing only these into a file
+/// that already holds `old` (a reflink clone, or the file itself) gives `new` while the
+/// other pages stay shared with the original.
+pub fn changed_runs(old: &[u8], new: &[u8]) -> Vec<(usize, usize)> {
+    debug_assert_eq!(old.len(), new.len());
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, (a, b)) in old.chunks(PAGE).zip(new.chunks(PAGE)).enumerate() {
+        if a == b {
+            continue;
+        }
+        let at = i * PAGE;
+        match runs.last_mut() {
+            Some((off, n)) if *off + *n == at => *n += b.len(),
+            _ => runs.push((at, b.len())),
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,5 +611,28 @@ mod tests {
             window_bytes(8, 2, 9 * CHUNK + 7),
             (8 * CHUNK, 9 * CHUNK + 7)
         );
+    }
+
+    #[test]
+    fn changed_runs_are_whole_pages_joined_when_adjacent() {
+        let old = random(10 * PAGE + 100, 11);
+        assert!(changed_runs(&old, &old).is_empty());
+        let mut new = old.clone();
+        new[5] ^= 1; // page 0
+        new[3 * PAGE + 7] ^= 1; // pages 3 and 4, joined
+        new[4 * PAGE] ^= 1;
+        new[10 * PAGE + 99] ^= 1; // the short last page
+        assert_eq!(
+            changed_runs(&old, &new),
+            vec![(0, PAGE), (3 * PAGE, 2 * PAGE), (10 * PAGE, 100)]
+        );
+        // Applying the runs to the old bytes rebuilds the new ones.
+        let mut out = old.clone();
+        for (off, n) in changed_runs(&old, &new) {
+            out[off..off + n].copy_from_slice(&new[off..off + n]);
+        }
+        assert_eq!(out, new);
+        let other: Vec<u8> = old.iter().map(|b| !b).collect();
+        assert_eq!(changed_runs(&old, &other), vec![(0, old.len())]);
     }
 }

@@ -558,9 +558,51 @@ impl Ctx {
             }
             let cv = hash::chunk_cv(k, &data);
             let t = self.temp_file(inc)?;
+            // In a clone of our copy (or, with --inplace, over it) the chunk is there already
+            // as our copy has it: only the pages that differ are written, so a small edit
+            // costs its pages, not the chunk, and the rest stays shared. (What they are
+            // compared with is checked unchanged before the file is committed.)
+            let (over, inplace) = {
+                let st = lock(&inc.st);
+                (
+                    st.base.clone().filter(|_| st.cloned || st.inplace),
+                    st.inplace,
+                )
+            };
+            let runs = over
+                .as_deref()
+                .and_then(|b| b.chunk(k))
+                .filter(|old| old.len() == data.len())
+                .map(|old| delta::changed_runs(old, &data));
             {
                 let _serial = lock(&inc.write);
-                write_chunk(&t, &data, k * CHUNK, sparse).map_err(|e| self.write_error(inc, e))?;
+                match &runs {
+                    Some(runs) => {
+                        for &(off, n) in runs {
+                            let piece = data.get(off..off + n).unwrap_or_default();
+                            t.file()
+                                .write_all_at(piece, k * CHUNK + off as u64)
+                                .map_err(|e| self.write_error(inc, e))?;
+                        }
+                    }
+                    None => write_chunk(&t, &data, k * CHUNK, sparse)
+                        .map_err(|e| self.write_error(inc, e))?,
+                }
+            }
+            if let Some(runs) = runs {
+                let differ: usize = runs.iter().map(|r| r.1).sum();
+                crate::trace!(
+                    "recv",
+                    "{}: chunk {k}: {differ} of {} bytes differ",
+                    inc.path,
+                    data.len()
+                );
+                if inplace {
+                    let at = |(off, n): (usize, usize)| (k * CHUNK + off as u64, n as u64);
+                    lock(&inc.st)
+                        .runs
+                        .insert(k, runs.into_iter().map(at).collect());
+                }
             }
             self.obs.progressed(data.len() as u64);
             Ok((data.len(), cv))
@@ -716,22 +758,25 @@ impl Ctx {
                 st.base
                     .clone()
                     .filter(|_| st.inplace)
-                    .map(|b| (b, st.kept.clone()))
+                    .map(|b| (b, st.kept.clone(), st.runs.clone()))
             };
             let done = match inplace {
                 // Checked again just before the first write: our copy must still be what the
                 // kept chunks were hashed from.
-                Some((base, _)) if !base.unchanged() => Err(DestError::io(
+                Some((base, ..)) if !base.unchanged() => Err(DestError::io(
                     &inc.path,
                     "updating in place",
                     io::Error::other("the old copy changed during the transfer; not updated"),
                 )),
-                Some((base, kept)) => {
+                Some((base, kept, runs)) => {
                     let ranges: Vec<(u64, u64)> = (0..chunk_count(len))
                         .filter(|k| !kept.contains(k))
-                        .map(|k| {
-                            let (off, n) = chunk_span(len, k);
-                            (off, n as u64)
+                        .flat_map(|k| match runs.get(&k) {
+                            Some(r) => r.clone(),
+                            None => {
+                                let (off, n) = chunk_span(len, k);
+                                vec![(off, n as u64)]
+                            }
                         })
                         .collect();
                     t.patch_into(
@@ -908,6 +953,7 @@ impl Assembly {
         self.cloned = false;
         self.inplace = false;
         self.kept.clear();
+        self.runs.clear();
         self.end = None;
         self.finalizing = false;
         self.error = None;

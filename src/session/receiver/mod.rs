@@ -158,6 +158,9 @@ struct Assembly {
     /// itself once the whole file is verified. Chunks that match are in `kept`.
     inplace: bool,
     kept: HashSet<u64>,
+    /// `--inplace`: chunks staged only where they differ from our copy, and those ranges
+    /// (offset in the file, length); only these are copied into it.
+    runs: HashMap<u64, Vec<(u64, u64)>>,
     /// Written chunks: index → (length, chaining value).
     chunks: HashMap<u64, (usize, Cv)>,
     /// Work handed to the pool for this file and not finished yet.
