@@ -78,6 +78,25 @@ fn settled(src: &Source, sent: bool) -> Result<(), Fail> {
     }
 }
 
+/// Chunk `k` of `src` (`len` bytes): its chaining value and, for a file of at most one chunk,
+/// its digest.
+fn chunk_hash(src: &Source, len: u64, k: u64) -> io::Result<(Cv, Option<Digest>)> {
+    let (off, n) = chunk_span(len, k);
+    // A hole is zeros: hashed without reading it.
+    if len > CHUNK && src.is_hole(off, n as u64) {
+        return Ok((hash::zero_cv(k, n), None));
+    }
+    hash::read_chunk(&src.file, len, k).map(|b| {
+        let whole = (len <= CHUNK).then(|| *blake3::hash(&b).as_bytes());
+        (hash::chunk_cv(k, &b), whole)
+    })
+}
+
+/// Chunk `k`'s chaining value, as [`own_hashes`](Ctx::own_hashes) computes it.
+pub(super) fn chunk_cv(src: &Source, len: u64, k: u64) -> io::Result<Cv> {
+    chunk_hash(src, len, k).map(|(cv, _)| cv)
+}
+
 impl Ctx {
     /// Runs `attempt` until it has read a stable version of file `id`, retrying at once what
     /// never went out and restarting on the receiver what did. `None` when it gave up (and
@@ -340,17 +359,7 @@ impl Ctx {
     ) -> io::Result<(Vec<Cv>, Option<Digest>, Vec<bool>)> {
         let hashed: Vec<(Cv, Option<Digest>)> = (0..chunk_count(len))
             .into_par_iter()
-            .map(|k| {
-                let (off, n) = chunk_span(len, k);
-                // A hole is zeros: hashed without reading it.
-                if len > CHUNK && src.is_hole(off, n as u64) {
-                    return Ok((hash::zero_cv(k, n), None));
-                }
-                hash::read_chunk(&src.file, len, k).map(|b| {
-                    let whole = (len <= CHUNK).then(|| *blake3::hash(&b).as_bytes());
-                    (hash::chunk_cv(k, &b), whole)
-                })
-            })
+            .map(|k| chunk_hash(src, len, k))
             .collect::<io::Result<_>>()?;
         let one_chunk = match hashed.first() {
             Some((_, d)) => *d,
@@ -500,14 +509,38 @@ impl Ctx {
     ) {
         let first = self.first_attempt(id);
         self.stable(id, false, || {
-            let src = Source::open(&path)?;
+            // What was hashed ahead is used once: a retry reads the file afresh.
+            let ahead = self.ahead.take(id).filter(|a| a.src.len() > CHUNK);
+            let fresh: Source;
+            let (src, cvs, one_chunk) = match ahead.as_deref().and_then(|a| {
+                crate::trace!(
+                    "send",
+                    "{}: finishing what was hashed ahead",
+                    path.display()
+                );
+                Some((a, self.ahead.finish(a)?))
+            }) {
+                Some((a, (cvs, early))) => {
+                    let n = cvs.len();
+                    crate::trace!(
+                        "send",
+                        "{}: {early} of {n} chunks hashed ahead",
+                        path.display()
+                    );
+                    (&a.src, cvs, None)
+                }
+                None => {
+                    fresh = Source::open(&path)?;
+                    crate::trace!("send", "{}: hashing own chunks", path.display());
+                    let (cvs, one_chunk, _) = self.own_hashes(&fresh, fresh.len(), 0, &[])?;
+                    (&fresh, cvs, one_chunk)
+                }
+            };
             let len = src.len();
             if first {
                 self.obs.planned(len);
             }
-            crate::trace!("send", "{}: hashing own chunks", path.display());
-            let (cvs, one_chunk, _) = self.own_hashes(&src, len, 0, &[])?;
-            settled(&src, false)?;
+            settled(src, false)?;
             crate::trace!("send", "{}: own chunks hashed", path.display());
             if src.is_sparse() {
                 let _ = self.out.send(Msg::Sparse { id });

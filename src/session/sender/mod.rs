@@ -4,6 +4,7 @@
 //! loop here only reads frames and dispatches, so it never blocks and the receiver can always
 //! make progress.
 
+mod ahead;
 mod files;
 
 use std::collections::HashMap;
@@ -62,8 +63,17 @@ impl ListBatch<'_> {
         // (the receiver requires that); encoding here, straight into the connection's list
         // buffer, lets the entries move into the table instead of being copied for the writer.
         let mut all = self.ctx.entries.write().unwrap_or_else(|p| p.into_inner());
+        let first_id = all.len();
+        for (i, e) in self.buf.iter().enumerate() {
+            if let EntryKind::File { size, .. } = e.kind {
+                if size >= ahead::AHEAD_MIN {
+                    let path = self.ctx.root.join(e.path.as_os_str());
+                    self.ctx.ahead.offer(first_id + i as FileId, path, size);
+                }
+            }
+        }
         let msg = Msg::Entries {
-            first_id: all.len(),
+            first_id,
             entries: std::mem::take(&mut self.buf),
             changed: self.changed,
         };
@@ -128,6 +138,9 @@ struct Shared {
     scan: ScanOptions,
     fatal: Arc<super::Fatal>,
     gens: AtomicU64,
+    /// Big files are hashed ahead of the receiver's request (not in a dry run: it asks for
+    /// nothing; nor with `DEVSYNC_NO_HASH_AHEAD` set, to measure what it saves).
+    hash_ahead: bool,
 }
 
 /// One generation's state.
@@ -144,6 +157,13 @@ struct Ctx {
     /// Files sent again because they changed while being read: how many times so far.
     attempts: Mutex<HashMap<FileId, u32>>,
     fatal: Arc<super::Fatal>,
+    ahead: Arc<ahead::HashAhead>,
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        self.ahead.stop();
+    }
 }
 
 /// A big file waiting for the block signatures it asked for.
@@ -240,6 +260,7 @@ impl Sender {
             },
             fatal: Default::default(),
             gens: AtomicU64::new(0),
+            hash_ahead: !opts.dry_run && std::env::var_os("DEVSYNC_NO_HASH_AHEAD").is_none(),
         })))
     }
 
@@ -264,6 +285,7 @@ impl Sender {
             big: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
             fatal: sh.fatal.clone(),
+            ahead: ahead::HashAhead::new(Arc::new(files::chunk_cv), sh.hash_ahead),
         });
         let out = &sh.out;
         out.send_listed(&Msg::GenStart {
@@ -371,6 +393,14 @@ pub async fn serve<R: AsyncRead + Unpin>(
     generation: &Gen,
 ) -> Result<GenDone, SessionError> {
     let ctx = &generation.0;
+    // However the generation ends, nothing more is hashed ahead for it.
+    struct Over<'a>(&'a ahead::HashAhead);
+    impl Drop for Over<'_> {
+        fn drop(&mut self) {
+            self.0.stop();
+        }
+    }
+    let _over = Over(&ctx.ahead);
     loop {
         let (msg, payload) = super::next_frame(reader, &ctx.fatal, &ctx.out).await?;
         match msg {
@@ -378,6 +408,7 @@ pub async fn serve<R: AsyncRead + Unpin>(
                 let mut small = Vec::new();
                 let mut small_bytes = 0;
                 for id in ids {
+                    ctx.ahead.unwanted(id);
                     let (path, size) = ctx.file(id)?;
                     if size > SMALL_FILE {
                         let c = ctx.clone();
@@ -403,6 +434,7 @@ pub async fn serve<R: AsyncRead + Unpin>(
                 params,
                 cvs,
             } => {
+                ctx.ahead.unwanted(id);
                 let path = ctx.file_path(id)?;
                 let c = ctx.clone();
                 ctx.pool
