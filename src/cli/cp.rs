@@ -243,7 +243,8 @@ async fn one(
                 remote_root: Vec::new(),
                 opts,
                 obs: reporter.clone(),
-                memo: None, // run_remote looks it up
+                memo: None,        // run_remote looks it up
+                ahead_since: None, // so does this
             };
             super::sync::run_remote(with_path(dst, dst_root.to_string()), job, ropts, reporter)
                 .await
@@ -258,7 +259,8 @@ async fn one(
                 remote_root: Vec::new(),
                 opts,
                 obs: reporter.clone(),
-                memo: None, // run_remote looks it up
+                memo: None,        // run_remote looks it up
+                ahead_since: None, // so does this
             };
             super::sync::run_remote(src.clone(), job, ropts, reporter).await
         }

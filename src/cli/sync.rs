@@ -12,7 +12,7 @@ use super::{SyncArgs, exit};
 use crate::engine::scan::check_root;
 use crate::proto::{LinkMemo, Role, SyncOptions};
 use crate::session::client::{self, Job, Outcome, Ran};
-use crate::target::{Target, links};
+use crate::target::{Target, links, pushed};
 use crate::transport::keep;
 use crate::transport::local::{self, LocalHelper};
 use crate::transport::remote::{self, Notice, RemoteOptions};
@@ -75,7 +75,8 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
         remote_root: Vec::new(),
         opts,
         obs: reporter.clone(),
-        memo: None, // run_remote looks it up
+        memo: None,        // run_remote looks it up
+        ahead_since: None, // so does this
     };
     let ropts = a.remote.options();
     let rt = super::runtime()?;
@@ -133,9 +134,16 @@ pub(super) async fn run_remote(
         }
         target => {
             let notice: Notice = Arc::new(move |m: String| reporter.notice(&m));
+            job.remote_root = target.remote_path().as_bytes().to_vec();
+            // Big files this push has not seen change since the last one of these trees are
+            // not hashed ahead (the helper most likely has them).
+            let pushed = keep::endpoint(&target)
+                .filter(|_| job.role == Role::Sender)
+                .map(|ep| pushed::key(&ep, &job.local_root, &job.remote_root));
+            job.ahead_since = pushed.as_deref().and_then(pushed::load);
+            let began = pushed::now();
             // Scan while connecting: the handshakes and the walk overlap.
             let mut prepared = client::prepare(&job)?;
-            job.remote_root = target.remote_path().as_bytes().to_vec();
             // Our compressor starts where the last big push to this host settled. (Only a
             // push's: on a pull the helper's writer carries the data.)
             let link = keep::endpoint(&target).filter(|_| {
@@ -156,6 +164,9 @@ pub(super) async fn run_remote(
             let remember = |o: &Outcome| {
                 if let (Some(l), Some(m)) = (&link, o.memo) {
                     links::save(l, (m.level, m.raw_bps));
+                }
+                if let Some(k) = &pushed {
+                    pushed::save(k, began);
                 }
             };
             let endpoint = keep::wanted(&target, ropts);

@@ -24,6 +24,9 @@ pub struct Job {
     /// What the last session to this target learned about the link: our compressor starts
     /// there.
     pub memo: Option<LinkMemo>,
+    /// When the last completed push of these trees began: big files not changed since are
+    /// not hashed ahead of the receiver's request (it most likely has them).
+    pub ahead_since: Option<crate::engine::Mtime>,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +100,7 @@ pub fn prepare(job: &Job) -> Result<Prepared, SessionError> {
                 job.local_root.clone(),
                 &job.opts,
                 job.obs.clone(),
+                job.ahead_since,
             )?;
             let plan = super::copy::plan(&job.opts, &job.local_root, false, &*job.obs)?;
             let generation = s.start(plan)?;
@@ -255,7 +259,7 @@ where
     )
     .await?;
     let (out, pending) = conn::channel();
-    let sender = sender::Sender::new(out, local_root, opts, obs)?;
+    let sender = sender::Sender::new(out, local_root, opts, obs, None)?;
     Ok(Live {
         reader,
         sender,

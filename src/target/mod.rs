@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 pub mod credentials;
 pub mod links;
+pub mod pushed;
 
 /// One side of a sync.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use rayon::prelude::*;
 
+use crate::engine::Mtime;
 use crate::engine::hash::{Cv, chunk_count};
 use crate::engine::source::Source;
 use crate::proto::FileId;
@@ -129,20 +130,28 @@ pub(super) struct HashAhead {
     /// The threads run at idle priority (always, but in tests that must not depend on the
     /// machine being idle).
     idle: bool,
+    /// Files last changed before this are left alone (see `Job::ahead_since`).
+    since: Option<Mtime>,
 }
 
 impl HashAhead {
-    pub(super) fn new(hash: Arc<Hasher>, enabled: bool) -> Arc<HashAhead> {
-        Self::with_priority(hash, enabled, true)
+    pub(super) fn new(hash: Arc<Hasher>, enabled: bool, since: Option<Mtime>) -> Arc<HashAhead> {
+        Self::with_priority(hash, enabled, since, true)
     }
 
-    fn with_priority(hash: Arc<Hasher>, enabled: bool, idle: bool) -> Arc<HashAhead> {
+    fn with_priority(
+        hash: Arc<Hasher>,
+        enabled: bool,
+        since: Option<Mtime>,
+        idle: bool,
+    ) -> Arc<HashAhead> {
         Arc::new(HashAhead {
             queue: Mutex::default(),
             hash,
             over: AtomicBool::new(false),
             enabled: enabled && cfg!(target_os = "linux"),
             idle,
+            since,
         })
     }
 
@@ -255,6 +264,21 @@ impl HashAhead {
             let Ok(src) = src else {
                 continue;
             };
+            // Unchanged since the last push of this tree began (a second's margin for
+            // coarse timestamps): the receiver most likely has it as it is.
+            if let Some(since) = self.since {
+                let margin = Mtime {
+                    sec: since.sec.saturating_sub(1),
+                    nsec: since.nsec,
+                };
+                if src.before.ctime < margin {
+                    crate::trace!(
+                        "send",
+                        "file {id}: unchanged since the last push, not hashed ahead"
+                    );
+                    continue;
+                }
+            }
             let ahead = Arc::new(Ahead::new(src));
             q.open.insert(id, ahead.clone());
             return Some((id, ahead));
@@ -341,13 +365,14 @@ mod tests {
     #[test]
     fn threads_hash_offered_files_and_stop_when_unwanted_or_over() {
         let dir = tempfile::tempdir().unwrap();
-        let (big, data) = file(dir.path(), "big", 17, 3);
-        let (other, _) = file(dir.path(), "other", 17, 4);
+        let (big, data) = file(dir.path(), "big", 3, 3);
+        let (other, _) = file(dir.path(), "other", 3, 4);
         let small = file(dir.path(), "small", 1, 5).0;
-        let ahead = HashAhead::with_priority(hasher(), true, false);
-        ahead.offer(0, small, CHUNK + 5); // too small: never hashed ahead
-        ahead.offer(1, big, 17 * CHUNK + 5);
-        ahead.offer(2, other, 17 * CHUNK + 5);
+        let ahead = HashAhead::with_priority(hasher(), true, None, false);
+        // (Sizes as listed: the files themselves are small, to keep the test quick.)
+        ahead.offer(0, small, AHEAD_MIN - 1); // too small: never hashed ahead
+        ahead.offer(1, big, AHEAD_MIN);
+        ahead.offer(2, other, AHEAD_MIN);
         assert!(ahead.take(0).is_none());
         // The threads open file 1 first; give them (a bounded) while.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -368,8 +393,40 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         // Nothing is started once the generation is over.
-        ahead.offer(3, dir.path().join("big"), 17 * CHUNK + 5);
+        ahead.offer(3, dir.path().join("big"), AHEAD_MIN);
         assert_eq!(super::super::super::lock(&ahead.queue).threads, 0);
+    }
+
+    #[test]
+    fn files_unchanged_since_the_last_push_are_not_hashed_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, _) = file(dir.path(), "old", 3, 6);
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        let (new, _) = file(dir.path(), "new", 3, 7);
+        // The last push began 1.5 s after `old` last changed: `old` is older than that by
+        // more than the second's margin, `new` (written 0.6 s after `old`) is not.
+        let c = Source::open(&old).unwrap().before.ctime;
+        let at = i128::from(c.sec) * 1_000_000_000 + i128::from(c.nsec) + 1_500_000_000;
+        let since = Mtime {
+            sec: (at / 1_000_000_000) as i64,
+            nsec: (at % 1_000_000_000) as u32,
+        };
+        let ahead = HashAhead::with_priority(hasher(), true, Some(since), false);
+        ahead.offer(0, old, AHEAD_MIN);
+        ahead.offer(1, new, AHEAD_MIN);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let q = super::super::super::lock(&ahead.queue);
+            if q.waiting.is_empty() && q.opening.is_empty() && q.open.contains_key(&1) {
+                break;
+            }
+            drop(q);
+            assert!(std::time::Instant::now() < deadline, "file 1 never opened");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(ahead.take(0).is_none(), "unchanged since: not hashed ahead");
+        assert!(ahead.take(1).is_some(), "changed since: hashed ahead");
+        ahead.stop();
     }
 
     #[test]

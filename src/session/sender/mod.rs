@@ -141,6 +141,8 @@ struct Shared {
     /// Big files are hashed ahead of the receiver's request (not in a dry run: it asks for
     /// nothing; nor with `DEVSYNC_NO_HASH_AHEAD` set, to measure what it saves).
     hash_ahead: bool,
+    /// Only those changed since this are (see [`Job::ahead_since`](super::client::Job)).
+    ahead_since: Option<crate::engine::Mtime>,
 }
 
 /// One generation's state.
@@ -239,11 +241,13 @@ pub struct GenDone {
 }
 
 impl Sender {
+    /// `ahead_since`: see [`Job::ahead_since`](super::client::Job::ahead_since).
     pub fn new(
         out: Out,
         root: PathBuf,
         opts: &SyncOptions,
         obs: Arc<dyn Observer>,
+        ahead_since: Option<crate::engine::Mtime>,
     ) -> Result<Sender, SessionError> {
         Ok(Sender(Arc::new(Shared {
             pool: super::worker_pool("send")?,
@@ -261,6 +265,7 @@ impl Sender {
             fatal: Default::default(),
             gens: AtomicU64::new(0),
             hash_ahead: !opts.dry_run && std::env::var_os("DEVSYNC_NO_HASH_AHEAD").is_none(),
+            ahead_since,
         })))
     }
 
@@ -285,7 +290,7 @@ impl Sender {
             big: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
             fatal: sh.fatal.clone(),
-            ahead: ahead::HashAhead::new(Arc::new(files::chunk_cv), sh.hash_ahead),
+            ahead: ahead::HashAhead::new(Arc::new(files::chunk_cv), sh.hash_ahead, sh.ahead_since),
         });
         let out = &sh.out;
         out.send_listed(&Msg::GenStart {
@@ -371,7 +376,7 @@ pub async fn run<R: AsyncRead + Unpin>(
     obs: Arc<dyn Observer>,
 ) -> Result<Stats, SessionError> {
     let plan = super::copy::plan(&opts, &root, false, &*obs)?;
-    let sender = Sender::new(out, root, &opts, obs)?;
+    let sender = Sender::new(out, root, &opts, obs, None)?;
     let generation = sender.start(plan)?;
     finish(reader, &sender, &generation).await
 }

@@ -1,0 +1,97 @@
+//! When the last completed push of one local tree to one remote tree began: files there that
+//! have not changed since were most likely sent then, so the next push does not hash them
+//! ahead of the receiver's request (see `session::sender::ahead`), which would cost CPU for a
+//! file the receiver already has. One small file per (target, local root, remote root) under
+//! the state directory. Must not: fail a sync, or decide what is sent — a missing or bad
+//! record only means hashing every big file ahead, as without one.
+
+use std::path::{Path, PathBuf};
+
+use super::credentials;
+use crate::engine::Mtime;
+
+fn dir() -> Option<PathBuf> {
+    credentials::state_dir().ok().map(|d| d.join("pushed"))
+}
+
+fn path(dir: &Path, key: &str) -> PathBuf {
+    dir.join(credentials::endpoint_key(key))
+}
+
+/// The record's key: `endpoint` (a target without its path), our root and the remote root.
+pub fn key(endpoint: &str, local_root: &Path, remote_root: &[u8]) -> String {
+    format!(
+        "{endpoint}\0{}\0{}",
+        local_root.display(),
+        String::from_utf8_lossy(remote_root)
+    )
+}
+
+/// When the last completed push under `key` began, if there is a sound record.
+pub fn load(key: &str) -> Option<Mtime> {
+    load_in(&dir()?, key)
+}
+
+/// Records that a push under `key` that began at `at` completed.
+pub fn save(key: &str, at: Mtime) {
+    if let Some(d) = dir() {
+        save_in(&d, key, at);
+    }
+}
+
+fn load_in(dir: &Path, key: &str) -> Option<Mtime> {
+    let text = std::fs::read_to_string(path(dir, key)).ok()?;
+    let mut f = text.split_whitespace();
+    let sec = f.next()?.parse::<i64>().ok()?;
+    let nsec = f
+        .next()?
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n < 1_000_000_000)?;
+    f.next().is_none().then_some(Mtime { sec, nsec })
+}
+
+fn save_in(dir: &Path, key: &str, at: Mtime) {
+    let text = format!("{} {}\n", at.sec, at.nsec);
+    // Not worth an error: without a record the next push hashes every big file ahead.
+    let _ = credentials::write_private(&path(dir, key), text.as_bytes(), 0o600);
+}
+
+/// Now, as a file time.
+pub fn now() -> Mtime {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+    Mtime {
+        sec: t.tv_sec,
+        nsec: t.tv_nsec as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_round_trips_per_pair_of_trees_and_a_bad_one_is_no_record() {
+        let td = tempfile::tempdir().unwrap();
+        let d = td.path().join("pushed");
+        let k = key("ssh://u@h/", Path::new("/src"), b"/dst");
+        assert_eq!(load_in(&d, &k), None);
+        let at = Mtime {
+            sec: 1_764_000_000,
+            nsec: 123,
+        };
+        save_in(&d, &k, at);
+        assert_eq!(load_in(&d, &k), Some(at));
+        for other in [
+            key("ssh://u@h/", Path::new("/src2"), b"/dst"),
+            key("ssh://u@h/", Path::new("/src"), b"/dst2"),
+            key("ssh://u@other/", Path::new("/src"), b"/dst"),
+        ] {
+            assert_eq!(load_in(&d, &other), None);
+        }
+        for bad in ["", "5", "x 1", "5 1000000000", "5 1 extra"] {
+            std::fs::write(path(&d, &k), bad).unwrap();
+            assert_eq!(load_in(&d, &k), None, "{bad:?}");
+        }
+    }
+}
