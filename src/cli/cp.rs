@@ -17,6 +17,7 @@ use crate::engine::filter::FilterOptions;
 use crate::proto::{CopySpec, Role, SyncOptions};
 use crate::session::client::{self, Job, Outcome};
 use crate::session::relay;
+use crate::session::sender::AheadPolicy;
 use crate::target::Target;
 use crate::transport::remote::{self, Notice};
 use crate::transport::ssh;
@@ -243,8 +244,8 @@ async fn one(
                 remote_root: Vec::new(),
                 opts,
                 obs: reporter.clone(),
-                memo: None,        // run_remote looks it up
-                ahead_since: None, // so does this
+                memo: None,              // run_remote looks it up
+                ahead: AheadPolicy::Off, // run_remote decides
             };
             super::sync::run_remote(with_path(dst, dst_root.to_string()), job, ropts, reporter)
                 .await
@@ -259,8 +260,8 @@ async fn one(
                 remote_root: Vec::new(),
                 opts,
                 obs: reporter.clone(),
-                memo: None,        // run_remote looks it up
-                ahead_since: None, // so does this
+                memo: None,              // run_remote looks it up
+                ahead: AheadPolicy::Off, // run_remote decides
             };
             super::sync::run_remote(src.clone(), job, ropts, reporter).await
         }

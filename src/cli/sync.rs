@@ -12,6 +12,7 @@ use super::{SyncArgs, exit};
 use crate::engine::scan::check_root;
 use crate::proto::{LinkMemo, Role, SyncOptions};
 use crate::session::client::{self, Job, Outcome, Ran};
+use crate::session::sender::AheadPolicy;
 use crate::target::{Target, links, pushed};
 use crate::transport::keep;
 use crate::transport::local::{self, LocalHelper};
@@ -75,8 +76,8 @@ fn run_inner(a: &SyncArgs, dir: Direction) -> anyhow::Result<u8> {
         remote_root: Vec::new(),
         opts,
         obs: reporter.clone(),
-        memo: None,        // run_remote looks it up
-        ahead_since: None, // so does this
+        memo: None,              // run_remote looks it up
+        ahead: AheadPolicy::Off, // run_remote decides
     };
     let ropts = a.remote.options();
     let rt = super::runtime()?;
@@ -135,12 +136,16 @@ pub(super) async fn run_remote(
         target => {
             let notice: Notice = Arc::new(move |m: String| reporter.notice(&m));
             job.remote_root = target.remote_path().as_bytes().to_vec();
-            // Big files this push has not seen change since the last one of these trees are
-            // not hashed ahead (the helper most likely has them).
+            // Big files are hashed while we connect, but not those unchanged since the last
+            // completed push of these trees began (the helper most likely has them).
             let pushed = keep::endpoint(&target)
-                .filter(|_| job.role == Role::Sender)
-                .map(|ep| pushed::key(&ep, &job.local_root, &job.remote_root));
-            job.ahead_since = pushed.as_deref().and_then(pushed::load);
+                .filter(|_| job.role == Role::Sender && !job.opts.dry_run)
+                .map(|ep| pushed::key(&ep, &job.local_root, &job.remote_root, &job.opts));
+            job.ahead = match pushed.as_deref().map(pushed::load) {
+                None => AheadPolicy::Off,
+                Some(None) => AheadPolicy::All,
+                Some(Some(t)) => AheadPolicy::ChangedSince(t),
+            };
             let began = pushed::now();
             // Scan while connecting: the handshakes and the walk overlap.
             let mut prepared = client::prepare(&job)?;
@@ -165,7 +170,9 @@ pub(super) async fn run_remote(
                 if let (Some(l), Some(m)) = (&link, o.memo) {
                     links::save(l, (m.level, m.raw_bps));
                 }
-                if let Some(k) = &pushed {
+                // Only a push that brought everything over says the helper has what did not
+                // change since.
+                if let Some(k) = pushed.as_ref().filter(|_| o.stats.errors == 0) {
                     pushed::save(k, began);
                 }
             };

@@ -24,9 +24,8 @@ pub struct Job {
     /// What the last session to this target learned about the link: our compressor starts
     /// there.
     pub memo: Option<LinkMemo>,
-    /// When the last completed push of these trees began: big files not changed since are
-    /// not hashed ahead of the receiver's request (it most likely has them).
-    pub ahead_since: Option<crate::engine::Mtime>,
+    /// Which big files a push hashes before the receiver asks for their chunk hashes.
+    pub ahead: sender::AheadPolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -100,7 +99,7 @@ pub fn prepare(job: &Job) -> Result<Prepared, SessionError> {
                 job.local_root.clone(),
                 &job.opts,
                 job.obs.clone(),
-                job.ahead_since,
+                job.ahead,
             )?;
             let plan = super::copy::plan(&job.opts, &job.local_root, false, &*job.obs)?;
             let generation = s.start(plan)?;
@@ -259,7 +258,9 @@ where
     )
     .await?;
     let (out, pending) = conn::channel();
-    let sender = sender::Sender::new(out, local_root, opts, obs, None)?;
+    // A watch's generations list what changed, which the receiver asks for at once; its
+    // first and catch-up ones list the whole tree, most of which the receiver has.
+    let sender = sender::Sender::new(out, local_root, opts, obs, sender::AheadPolicy::Off)?;
     Ok(Live {
         reader,
         sender,

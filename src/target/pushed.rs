@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::credentials;
 use crate::engine::Mtime;
+use crate::proto::SyncOptions;
 
 fn dir() -> Option<PathBuf> {
     credentials::state_dir().ok().map(|d| d.join("pushed"))
@@ -18,12 +19,17 @@ fn path(dir: &Path, key: &str) -> PathBuf {
     dir.join(credentials::endpoint_key(key))
 }
 
-/// The record's key: `endpoint` (a target without its path), our root and the remote root.
-pub fn key(endpoint: &str, local_root: &Path, remote_root: &[u8]) -> String {
+/// The record's key: `endpoint` (a target without its path), our root (made absolute), the
+/// remote root, and what selects the files sent (filters; `cp`'s names): a push that sent
+/// other files says nothing about these.
+pub fn key(endpoint: &str, local_root: &Path, remote_root: &[u8], opts: &SyncOptions) -> String {
+    let local = std::path::absolute(local_root).unwrap_or_else(|_| local_root.to_path_buf());
+    // Debug forms: exact for names that are not UTF-8.
     format!(
-        "{endpoint}\0{}\0{}",
-        local_root.display(),
-        String::from_utf8_lossy(remote_root)
+        "{endpoint}\0{local:?}\0{:?}\0{:?}\0{:?}",
+        bytes::Bytes::copy_from_slice(remote_root),
+        opts.filters,
+        opts.copy
     )
 }
 
@@ -74,7 +80,8 @@ mod tests {
     fn a_record_round_trips_per_pair_of_trees_and_a_bad_one_is_no_record() {
         let td = tempfile::tempdir().unwrap();
         let d = td.path().join("pushed");
-        let k = key("ssh://u@h/", Path::new("/src"), b"/dst");
+        let o = SyncOptions::default();
+        let k = key("ssh://u@h/", Path::new("/src"), b"/dst", &o);
         assert_eq!(load_in(&d, &k), None);
         let at = Mtime {
             sec: 1_764_000_000,
@@ -82,10 +89,13 @@ mod tests {
         };
         save_in(&d, &k, at);
         assert_eq!(load_in(&d, &k), Some(at));
+        let mut filtered = SyncOptions::default();
+        filtered.filters.excludes.push("*.log".into());
         for other in [
-            key("ssh://u@h/", Path::new("/src2"), b"/dst"),
-            key("ssh://u@h/", Path::new("/src"), b"/dst2"),
-            key("ssh://u@other/", Path::new("/src"), b"/dst"),
+            key("ssh://u@h/", Path::new("/src2"), b"/dst", &o),
+            key("ssh://u@h/", Path::new("/src"), b"/dst2", &o),
+            key("ssh://u@other/", Path::new("/src"), b"/dst", &o),
+            key("ssh://u@h/", Path::new("/src"), b"/dst", &filtered),
         ] {
             assert_eq!(load_in(&d, &other), None);
         }

@@ -152,7 +152,7 @@ async fn pull_from_fake_answering(
         opts: SyncOptions::default(),
         obs: Arc::new(Silent),
         memo: None,
-        ahead_since: None,
+        ahead: devsync::session::sender::AheadPolicy::Off,
     };
     let r = client::run(cr, cw, job).await;
     // The fake itself must not have failed (its writes fail quietly once the client hangs up).

@@ -97,21 +97,27 @@ fn src_and_dst() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) 
 fn inplace_writes_the_changed_ranges_into_the_old_file() {
     let (t, src, dst) = src_and_dst();
     let old = random_bytes(10 * CHUNK + 333, 11);
+    let names = ["same", "shrinks", "grows", "one_chunk"];
     for (name, new_len) in [
         ("same", old.len()),
         ("shrinks", 8 * CHUNK + 7),
         ("grows", 12 * CHUNK),
+        // Exactly one chunk: its digest is of the whole file as written.
+        ("one_chunk", CHUNK),
     ] {
         std::fs::write(dst.join(name), &old).unwrap();
         std::fs::hard_link(dst.join(name), t.path().join(format!("{name}.link"))).unwrap();
         let mut data = old.clone();
         data.resize(new_len, 0x5a);
-        edited(&mut data);
+        match new_len > CHUNK {
+            true => edited(&mut data),
+            false => data[100..4196].fill(0xa5),
+        }
         std::fs::write(src.join(name), &data).unwrap();
     }
     use std::os::unix::fs::MetadataExt;
     let ino = |name: &str| std::fs::metadata(dst.join(name)).unwrap().ino();
-    let inodes: Vec<u64> = ["same", "shrinks", "grows"].map(ino).to_vec();
+    let inodes: Vec<u64> = names.map(ino).to_vec();
     let mut c = crate::common::bin();
     c.args(["push", "--json", "--inplace"]).arg(&src).arg(&dst);
     let out = c.env("DEVSYNC_TRACE", "1").output().unwrap();
@@ -130,12 +136,14 @@ fn inplace_writes_the_changed_ranges_into_the_old_file() {
     assert_eq!(wrote("same"), 4 * 4096);
     assert_eq!(wrote("shrinks"), 4 * 4096 + 7);
     assert_eq!(wrote("grows"), 4 * 4096 + 2 * CHUNK as u64);
+    assert_eq!(wrote("one_chunk"), CHUNK as u64);
+    assert_eq!(num(&v, "verify_retries"), 0, "{v}");
     // The grown file's two new chunks are literal; the edits are deltas.
     assert!(
         num(&v, "literal_bytes") < (2 * CHUNK + (1 << 20)) as u64,
         "{v}"
     );
-    for (i, name) in ["same", "shrinks", "grows"].into_iter().enumerate() {
+    for (i, name) in names.into_iter().enumerate() {
         let want = std::fs::read(src.join(name)).unwrap();
         assert_eq!(std::fs::read(dst.join(name)).unwrap(), want, "{name}");
         assert_eq!(ino(name), inodes[i], "{name}: updated in place");
@@ -147,7 +155,7 @@ fn inplace_writes_the_changed_ranges_into_the_old_file() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names.len(), 3, "nothing staged is left: {names:?}");
+    assert_eq!(names.len(), 4, "nothing staged is left: {names:?}");
 
     // Without --inplace the same edit replaces the file: a new inode, the link keeps the old.
     let mut again = std::fs::read(src.join("same")).unwrap();

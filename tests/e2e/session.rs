@@ -92,7 +92,7 @@ async fn session_with(
         opts,
         obs: Arc::new(Silent),
         memo: None,
-        ahead_since: None,
+        ahead: devsync::session::sender::AheadPolicy::Off,
     };
     let r = client::run(cr, cw, job).await;
     let h = helper.await.expect("the helper task panicked");
@@ -487,7 +487,7 @@ fn failed_verification_falls_back_to_whole_file() {
             opts: SyncOptions::default(),
             obs: Arc::new(Silent),
             memo: None,
-            ahead_since: None,
+            ahead: devsync::session::sender::AheadPolicy::Off,
         };
         let o = client::run(cr, cw, job).await;
         fake.await.unwrap();
@@ -582,7 +582,7 @@ fn a_small_trees_list_goes_with_the_hello() {
             opts: SyncOptions::default(),
             obs: Arc::new(Silent),
             memo: None,
-            ahead_since: None,
+            ahead: devsync::session::sender::AheadPolicy::Off,
         };
         let (client, gate) = rt.block_on(async {
             let helper = tokio::spawn(helper::serve_with(hr, hw, true));

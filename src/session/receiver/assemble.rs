@@ -561,13 +561,12 @@ impl Ctx {
             // In a clone of our copy (or, with --inplace, over it) the chunk is there already
             // as our copy has it: only the pages that differ are written, so a small edit
             // costs its pages, not the chunk, and the rest stays shared. (What they are
-            // compared with is checked unchanged before the file is committed.)
+            // compared with is checked unchanged before the file is committed.) Not for a file
+            // of one chunk, whose digest is read back from what was written.
             let (over, inplace) = {
                 let st = lock(&inc.st);
-                (
-                    st.base.clone().filter(|_| st.cloned || st.inplace),
-                    st.inplace,
-                )
+                let base = st.base.clone().filter(|_| st.cloned || st.inplace);
+                (base.filter(|_| inc.size > CHUNK), st.inplace)
             };
             let runs = over
                 .as_deref()
@@ -579,7 +578,7 @@ impl Ctx {
                 match &runs {
                     Some(runs) => {
                         for &(off, n) in runs {
-                            let piece = data.get(off..off + n).unwrap_or_default();
+                            let piece = data.get(off..off + n).ok_or_else(|| bad("bad run"))?;
                             t.file()
                                 .write_all_at(piece, k * CHUNK + off as u64)
                                 .map_err(|e| self.write_error(inc, e))?;

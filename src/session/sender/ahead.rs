@@ -4,21 +4,22 @@
 //! receiver asks for only once it has the file's entry and has opened its old copy. On a
 //! fresh connection the list is complete long before that: the TLS and SSH handshakes and the
 //! helper's start take a round trip each. Files listed at least [`AHEAD_MIN`] big are hashed
-//! meanwhile, chunk by chunk, by threads that run only when the CPU is otherwise idle
-//! (`SCHED_IDLE`), so they cost nothing the sync or the handshakes need. When the receiver
-//! asks, the pool hashes what is left of the file alongside them ([`Ahead::finish`]); when it
-//! asks for the file whole, or the generation ends, they stop.
+//! meanwhile, chunk by chunk, by threads that run only when a CPU is otherwise idle
+//! (`SCHED_IDLE`, and the idle I/O class). When the receiver asks, the pool hashes what is
+//! left of the file alongside them ([`Ahead::finish`]); when it asks for the file whole, or
+//! the generation ends, they stop.
 //!
-//! What was hashed ahead is used only for the version it was read from: the chunks are read
-//! through one [`Source`] opened before the first of them, and the caller checks that source
-//! with [`Source::check`] as it does its own reads.
+//! Must not: make a normal-priority thread wait for an idle one (an idle thread may not run
+//! for a long time on a busy machine). So the idle threads take work from a channel, and mark
+//! progress in atomics and `OnceLock`s; the only locks they take are shared with each other.
+//! Must not: decide what is sent. What was hashed ahead is used only for the version it was
+//! read from; the caller checks that (see `Ctx::hash_for_delta`).
 
-use std::collections::HashSet;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use rayon::prelude::*;
 
@@ -29,11 +30,24 @@ use crate::proto::FileId;
 
 /// Files at least this big are hashed ahead; smaller ones take little time when asked.
 pub(super) const AHEAD_MIN: u64 = 64 << 20;
-/// Bytes of files hashed ahead per generation at most: a sync the receiver answers without
-/// asking for any of them (nothing changed) spends no more CPU than this on them.
+/// Bytes of files hashed ahead per generation at most.
 const AHEAD_MAX: u64 = 2 << 30;
 /// Threads hashing ahead at most.
 const THREADS: usize = 4;
+
+/// Which files a generation hashes ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AheadPolicy {
+    Off,
+    /// Every big file (no record of an earlier push of these trees).
+    All,
+    /// Big files changed (by ctime) since this, when the last completed push of these trees
+    /// began: the receiver most likely has the others as they are.
+    ChangedSince(Mtime),
+}
+
+/// How a chunk is hashed: chunk `k` of a source of `len` bytes.
+pub(super) type Hasher = dyn Fn(&Source, u64, u64) -> io::Result<Cv> + Send + Sync;
 
 /// One file hashed ahead, or being hashed: its chunks are claimed in order by whoever works
 /// on it (the idle threads, and the pool once the receiver asked).
@@ -65,6 +79,8 @@ impl Ahead {
                 return;
             };
             match hash(&self.src, len, k) {
+                // Only the claimer of chunk `k` hashes it here; `finish` may set it too, to
+                // the same value.
                 Ok(cv) => {
                     let _ = slot.set(cv);
                 }
@@ -73,14 +89,10 @@ impl Ahead {
         }
     }
 
-    fn complete(&self) -> bool {
-        self.next.load(Ordering::Relaxed) >= self.cvs.len() as u64
-    }
-
     /// All chunk hashes, the rest computed on the current rayon pool now (a chunk an idle
-    /// thread claimed but has not finished is hashed again rather than waited for: an idle
-    /// thread may not run for a while). `None` if a read failed; the caller then starts over
-    /// on its own. Also returns how many chunks had been hashed ahead.
+    /// thread claimed but has not finished is hashed again rather than waited for). `None` if
+    /// a read failed; the caller then reads the file afresh. Also returns how many chunks had
+    /// been hashed ahead.
     pub(super) fn finish(&self, hash: &Hasher) -> Option<(Vec<Cv>, usize)> {
         let early = self.cvs.iter().filter(|c| c.get().is_some()).count();
         let threads = rayon::current_num_threads().max(1);
@@ -104,98 +116,102 @@ impl Ahead {
     }
 }
 
-/// How a chunk is hashed: chunk `k` of a source of `len` bytes.
-pub(super) type Hasher = dyn Fn(&Source, u64, u64) -> io::Result<Cv> + Send + Sync;
-
-#[derive(Default)]
-struct Queue {
-    /// Listed big files not opened yet, in list order.
-    waiting: VecDeque<(FileId, PathBuf)>,
-    /// Being opened by a thread (taken from `waiting`, not in `open` yet).
-    opening: HashSet<FileId>,
-    /// Opened: being hashed, or hashed and waiting to be asked for.
-    open: HashMap<FileId, Arc<Ahead>>,
-    offered: u64,
-    threads: usize,
+/// A listed big file, from its offer until it is taken or the generation ends.
+struct Slot {
+    id: FileId,
+    path: PathBuf,
+    /// Opened (by the first idle thread to get to it), if it was.
+    ahead: OnceLock<Option<Arc<Ahead>>>,
+    /// Taken by the caller, or no longer wanted: the idle threads leave it.
+    taken: AtomicBool,
 }
 
 /// One generation's hashing ahead.
 pub(super) struct HashAhead {
-    queue: Mutex<Queue>,
+    policy: AheadPolicy,
     hash: Arc<Hasher>,
+    /// Offered slots not yet taken (normal-priority threads only).
+    slots: Mutex<HashMap<FileId, Arc<Slot>>>,
+    /// Work for the idle threads: each slot once per thread, so they all work on it
+    /// (normal-priority threads only; `None` once the generation is over).
+    tx: Mutex<Option<mpsc::Sender<Arc<Slot>>>>,
+    /// Shared by the idle threads only.
+    rx: Arc<Mutex<mpsc::Receiver<Arc<Slot>>>>,
+    threads: AtomicU64,
+    /// Bytes of opened files, against [`AHEAD_MAX`] (idle threads only).
+    opened: AtomicU64,
     /// The generation is over (or the session): the threads stop.
-    over: AtomicBool,
-    /// Whether to hash ahead at all.
-    enabled: bool,
+    over: Arc<AtomicBool>,
     /// The threads run at idle priority (always, but in tests that must not depend on the
     /// machine being idle).
     idle: bool,
-    /// Files last changed before this are left alone (see `Job::ahead_since`).
-    since: Option<Mtime>,
 }
 
 impl HashAhead {
-    pub(super) fn new(hash: Arc<Hasher>, enabled: bool, since: Option<Mtime>) -> Arc<HashAhead> {
-        Self::with_priority(hash, enabled, since, true)
+    pub(super) fn new(hash: Arc<Hasher>, policy: AheadPolicy) -> Arc<HashAhead> {
+        Self::with_priority(hash, policy, true)
     }
 
-    fn with_priority(
-        hash: Arc<Hasher>,
-        enabled: bool,
-        since: Option<Mtime>,
-        idle: bool,
-    ) -> Arc<HashAhead> {
+    fn with_priority(hash: Arc<Hasher>, policy: AheadPolicy, idle: bool) -> Arc<HashAhead> {
+        let policy = match cfg!(target_os = "linux") {
+            true => policy,
+            false => AheadPolicy::Off,
+        };
+        let (tx, rx) = mpsc::channel();
         Arc::new(HashAhead {
-            queue: Mutex::default(),
+            policy,
             hash,
-            over: AtomicBool::new(false),
-            enabled: enabled && cfg!(target_os = "linux"),
+            slots: Mutex::default(),
+            tx: Mutex::new(Some(tx)),
+            rx: Arc::new(Mutex::new(rx)),
+            threads: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+            over: Arc::new(AtomicBool::new(false)),
             idle,
-            since,
         })
     }
 
-    /// A listed file of `size` bytes at `path`: hashed ahead if it is big enough and there is
-    /// budget left.
+    /// A listed file of `size` bytes at `path`: hashed ahead if it is big enough.
     pub(super) fn offer(self: &Arc<Self>, id: FileId, path: PathBuf, size: u64) {
-        if !self.enabled || size < AHEAD_MIN || self.over.load(Ordering::Relaxed) {
+        if self.policy == AheadPolicy::Off || size < AHEAD_MIN {
             return;
         }
-        let start = {
-            let mut q = super::super::lock(&self.queue);
-            if q.offered.saturating_add(size) > AHEAD_MAX {
-                return;
-            }
-            q.offered += size;
-            q.waiting.push_back((id, path));
-            let want = std::thread::available_parallelism().map_or(1, |n| n.get().min(THREADS));
-            let start = want.saturating_sub(q.threads);
-            q.threads += start;
-            start
+        let tx = match &*super::super::lock(&self.tx) {
+            Some(tx) => tx.clone(),
+            None => return, // over
         };
-        for _ in 0..start {
+        let slot = Arc::new(Slot {
+            id,
+            path,
+            ahead: OnceLock::new(),
+            taken: AtomicBool::new(false),
+        });
+        super::super::lock(&self.slots).insert(id, slot.clone());
+        let want = std::thread::available_parallelism().map_or(1, |n| n.get().min(THREADS));
+        // The threads live until the generation is over (blocked on the channel meanwhile),
+        // so this only ever starts the first `want` of them.
+        while self.threads.load(Ordering::Relaxed) < want as u64 {
+            self.threads.fetch_add(1, Ordering::Relaxed);
             let me = self.clone();
-            let spawned = std::thread::Builder::new()
+            if std::thread::Builder::new()
                 .name("devsync-ahead".into())
-                .spawn(move || me.run());
-            if spawned.is_err() {
-                super::super::lock(&self.queue).threads -= 1;
+                .spawn(move || me.run())
+                .is_err()
+            {
+                break;
             }
+        }
+        for _ in 0..want {
+            let _ = tx.send(slot.clone()); // threads gone: nothing to do
         }
     }
 
     /// The receiver asks for file `id`'s chunk hashes: what was hashed of it ahead, if any
-    /// (nothing more of it is started by the threads after this).
+    /// (the idle threads leave it from now on).
     pub(super) fn take(&self, id: FileId) -> Option<Arc<Ahead>> {
-        let mut q = super::super::lock(&self.queue);
-        q.waiting.retain(|(w, _)| *w != id);
-        q.opening.remove(&id);
-        q.open.remove(&id)
-    }
-
-    /// Every chunk hash of `a` (see [`Ahead::finish`]).
-    pub(super) fn finish(&self, a: &Ahead) -> Option<(Vec<Cv>, usize)> {
-        a.finish(&*self.hash)
+        let slot = super::super::lock(&self.slots).remove(&id)?;
+        slot.taken.store(true, Ordering::Relaxed);
+        slot.ahead.get().cloned().flatten()
     }
 
     /// The receiver wants file `id` some other way: stop hashing it.
@@ -203,95 +219,101 @@ impl HashAhead {
         drop(self.take(id));
     }
 
+    /// Every chunk hash of `a` (see [`Ahead::finish`]).
+    pub(super) fn finish(&self, a: &Ahead) -> Option<(Vec<Cv>, usize)> {
+        a.finish(&*self.hash)
+    }
+
     /// The generation is over: the threads stop after the chunk they are on.
     pub(super) fn stop(&self) {
         self.over.store(true, Ordering::Relaxed);
-        let mut q = super::super::lock(&self.queue);
-        q.waiting.clear();
-        q.opening.clear();
-        q.open.clear();
+        // Dropping the sender ends the threads' wait on the channel.
+        super::super::lock(&self.tx).take();
+        for slot in super::super::lock(&self.slots).drain() {
+            slot.1.taken.store(true, Ordering::Relaxed);
+        }
     }
 
-    /// One hashing thread: works on the current file until it is hashed (or no longer
-    /// wanted), then on the next.
+    /// One idle thread: works on each slot it is handed until the generation is over.
     fn run(self: Arc<Self>) {
         if self.idle && !idle_priority() {
-            super::super::lock(&self.queue).threads -= 1;
             return;
         }
         loop {
-            let Some((id, ahead)) = self.next_file() else {
-                super::super::lock(&self.queue).threads -= 1;
+            // Waits holding a lock only other idle threads take.
+            let next = super::super::lock(&self.rx).recv();
+            let Ok(slot) = next else {
+                return; // the generation is over
+            };
+            if self.over.load(Ordering::Relaxed) {
                 return;
+            }
+            if slot.taken.load(Ordering::Relaxed) {
+                continue;
+            }
+            // The first thread opens it; the others wait for that (idle threads only).
+            let Some(ahead) = slot.ahead.get_or_init(|| self.open(&slot)).clone() else {
+                continue;
             };
-            let dropped = || {
-                self.over.load(Ordering::Relaxed)
-                    || !super::super::lock(&self.queue).open.contains_key(&id)
-            };
-            ahead.work(&*self.hash, &dropped);
-            crate::trace!(
-                "send",
-                "file {id}: hashing ahead {}",
-                if ahead.complete() { "done" } else { "stopped" }
-            );
+            let stop = || self.over.load(Ordering::Relaxed) || slot.taken.load(Ordering::Relaxed);
+            ahead.work(&*self.hash, &stop);
         }
     }
 
-    /// The file to work on: an open one with chunks left to claim (the threads work on one
-    /// file together), else the next waiting one, opened now.
-    fn next_file(&self) -> Option<(FileId, Arc<Ahead>)> {
-        loop {
-            let (id, path) = {
-                let mut q = super::super::lock(&self.queue);
-                if self.over.load(Ordering::Relaxed) {
-                    return None;
-                }
-                if let Some((id, a)) = q.open.iter().find(|(_, a)| !a.complete()) {
-                    return Some((*id, a.clone()));
-                }
-                let (id, path) = q.waiting.pop_front()?;
-                q.opening.insert(id);
-                (id, path)
+    /// Opens `slot`'s file, unless the policy or the budget leaves it alone.
+    fn open(&self, slot: &Slot) -> Option<Arc<Ahead>> {
+        // May wait out a racy window; unreadable, it is left to the usual path, which
+        // reports what is wrong when the file is asked for.
+        let src = Source::open(&slot.path).ok()?;
+        if let AheadPolicy::ChangedSince(since) = self.policy {
+            // A second's margin for coarse timestamps.
+            let margin = Mtime {
+                sec: since.sec.saturating_sub(1),
+                nsec: since.nsec,
             };
-            // Opened outside the lock: it may wait out a racy window.
-            let src = Source::open(&path);
-            let mut q = super::super::lock(&self.queue);
-            // Asked for (or the generation ended) meanwhile: the usual path has it.
-            if !q.opening.remove(&id) || self.over.load(Ordering::Relaxed) {
-                continue;
+            if src.before.ctime < margin {
+                let id = slot.id;
+                crate::trace!(
+                    "send",
+                    "file {id}: unchanged since the last push, not hashed ahead"
+                );
+                return None;
             }
-            // Unreadable: when asked for, the usual path reports what is wrong.
-            let Ok(src) = src else {
-                continue;
-            };
-            // Unchanged since the last push of this tree began (a second's margin for
-            // coarse timestamps): the receiver most likely has it as it is.
-            if let Some(since) = self.since {
-                let margin = Mtime {
-                    sec: since.sec.saturating_sub(1),
-                    nsec: since.nsec,
-                };
-                if src.before.ctime < margin {
-                    crate::trace!(
-                        "send",
-                        "file {id}: unchanged since the last push, not hashed ahead"
-                    );
-                    continue;
-                }
-            }
-            let ahead = Arc::new(Ahead::new(src));
-            q.open.insert(id, ahead.clone());
-            return Some((id, ahead));
         }
+        let len = src.len();
+        if self
+            .opened
+            .fetch_add(len, Ordering::Relaxed)
+            .saturating_add(len)
+            > AHEAD_MAX
+        {
+            return None;
+        }
+        Some(Arc::new(Ahead::new(src)))
     }
 }
 
-/// Makes the calling thread run only when no other thread wants the CPU.
+/// Makes the calling thread run only when no other thread wants the CPU, and its reads go
+/// after everyone else's.
 #[cfg(target_os = "linux")]
 fn idle_priority() -> bool {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: plain syscall on the calling thread (pid 0) with a valid parameter block.
-    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 }
+    let cpu = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 };
+    // ioprio_set(IOPRIO_WHO_PROCESS, this thread, IOPRIO_CLASS_IDLE): best effort (not
+    // every I/O scheduler honours it).
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    // SAFETY: plain syscall with integer arguments on the calling thread.
+    unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_long,
+            IOPRIO_CLASS_IDLE << 13,
+        )
+    };
+    cpu
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -303,6 +325,8 @@ fn idle_priority() -> bool {
 mod tests {
     use super::*;
     use crate::engine::hash::{self, CHUNK};
+    use crate::session::lock;
+    use std::time::{Duration, Instant};
 
     fn hasher() -> Arc<Hasher> {
         Arc::new(|src: &Source, len: u64, k: u64| {
@@ -324,6 +348,19 @@ mod tests {
             .enumerate()
             .map(|(k, c)| hash::chunk_cv(k as u64, c))
             .collect()
+    }
+
+    /// Waits (boundedly) until the threads opened file `id` or decided to leave it.
+    fn settled_on(ahead: &HashAhead, id: FileId) -> Option<Arc<Ahead>> {
+        let slot = lock(&ahead.slots).get(&id).cloned().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(a) = slot.ahead.get() {
+                return a.clone();
+            }
+            assert!(Instant::now() < deadline, "file {id} never opened");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]
@@ -368,40 +405,29 @@ mod tests {
         let (big, data) = file(dir.path(), "big", 3, 3);
         let (other, _) = file(dir.path(), "other", 3, 4);
         let small = file(dir.path(), "small", 1, 5).0;
-        let ahead = HashAhead::with_priority(hasher(), true, None, false);
+        let ahead = HashAhead::with_priority(hasher(), AheadPolicy::All, false);
         // (Sizes as listed: the files themselves are small, to keep the test quick.)
         ahead.offer(0, small, AHEAD_MIN - 1); // too small: never hashed ahead
         ahead.offer(1, big, AHEAD_MIN);
         ahead.offer(2, other, AHEAD_MIN);
         assert!(ahead.take(0).is_none());
-        // The threads open file 1 first; give them (a bounded) while.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !super::super::super::lock(&ahead.queue)
-            .open
-            .contains_key(&1)
-        {
-            assert!(std::time::Instant::now() < deadline, "file 1 never opened");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        assert!(settled_on(&ahead, 1).is_some());
         let a = ahead.take(1).unwrap();
         assert_eq!(a.finish(&*hasher()).unwrap().0, want(&data));
+        assert!(ahead.take(1).is_none(), "taken once");
         ahead.unwanted(2);
         ahead.stop();
         assert!(ahead.take(2).is_none());
-        while super::super::super::lock(&ahead.queue).threads > 0 {
-            assert!(std::time::Instant::now() < deadline, "threads did not stop");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        // Nothing is started once the generation is over.
+        // Nothing is offered once the generation is over.
         ahead.offer(3, dir.path().join("big"), AHEAD_MIN);
-        assert_eq!(super::super::super::lock(&ahead.queue).threads, 0);
+        assert!(ahead.take(3).is_none());
     }
 
     #[test]
     fn files_unchanged_since_the_last_push_are_not_hashed_ahead() {
         let dir = tempfile::tempdir().unwrap();
         let (old, _) = file(dir.path(), "old", 3, 6);
-        std::thread::sleep(std::time::Duration::from_millis(600));
+        std::thread::sleep(Duration::from_millis(600));
         let (new, _) = file(dir.path(), "new", 3, 7);
         // The last push began 1.5 s after `old` last changed: `old` is older than that by
         // more than the second's margin, `new` (written 0.6 s after `old`) is not.
@@ -411,24 +437,31 @@ mod tests {
             sec: (at / 1_000_000_000) as i64,
             nsec: (at % 1_000_000_000) as u32,
         };
-        let ahead = HashAhead::with_priority(hasher(), true, Some(since), false);
+        let ahead = HashAhead::with_priority(hasher(), AheadPolicy::ChangedSince(since), false);
         ahead.offer(0, old, AHEAD_MIN);
         ahead.offer(1, new, AHEAD_MIN);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let q = super::super::super::lock(&ahead.queue);
-            if q.waiting.is_empty() && q.opening.is_empty() && q.open.contains_key(&1) {
-                break;
-            }
-            drop(q);
-            assert!(std::time::Instant::now() < deadline, "file 1 never opened");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        assert!(ahead.take(0).is_none(), "unchanged since: not hashed ahead");
-        assert!(ahead.take(1).is_some(), "changed since: hashed ahead");
+        assert!(
+            settled_on(&ahead, 0).is_none(),
+            "unchanged since: not hashed ahead"
+        );
+        assert!(
+            settled_on(&ahead, 1).is_some(),
+            "changed since: hashed ahead"
+        );
         ahead.stop();
     }
 
+    #[test]
+    fn nothing_is_hashed_ahead_when_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, _) = file(dir.path(), "f", 3, 8);
+        let ahead = HashAhead::with_priority(hasher(), AheadPolicy::Off, false);
+        ahead.offer(0, p, AHEAD_MIN);
+        assert!(lock(&ahead.slots).is_empty());
+        assert_eq!(ahead.threads.load(Ordering::Relaxed), 0);
+    }
+
+    #[cfg(target_os = "linux")]
     #[test]
     fn idle_priority_is_what_the_threads_get() {
         let policy = std::thread::spawn(|| {

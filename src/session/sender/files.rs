@@ -509,17 +509,19 @@ impl Ctx {
     ) {
         let first = self.first_attempt(id);
         self.stable(id, false, || {
-            // What was hashed ahead is used once: a retry reads the file afresh.
-            let ahead = self.ahead.take(id).filter(|a| a.src.len() > CHUNK);
-            let fresh: Source;
-            let (src, cvs, one_chunk) = match ahead.as_deref().and_then(|a| {
-                crate::trace!(
-                    "send",
-                    "{}: finishing what was hashed ahead",
-                    path.display()
-                );
-                Some((a, self.ahead.finish(a)?))
-            }) {
+            let fresh = Source::open(&path)?;
+            // What was hashed ahead counts if it was read from the version at `path` now:
+            // the same file, unchanged since it was opened (a file that changed is read
+            // afresh in this same attempt). Used once: a retry reads afresh.
+            let ahead = self
+                .ahead
+                .take(id)
+                .filter(|a| a.src.len() > CHUNK && fresh.same_as(&a.src.before))
+                .filter(|a| matches!(a.src.check(), Ok(source::Stability::Stable)));
+            let hashed = ahead
+                .as_deref()
+                .and_then(|a| Some((a, self.ahead.finish(a)?)));
+            let (src, cvs, one_chunk) = match hashed {
                 Some((a, (cvs, early))) => {
                     let n = cvs.len();
                     crate::trace!(
@@ -530,7 +532,6 @@ impl Ctx {
                     (&a.src, cvs, None)
                 }
                 None => {
-                    fresh = Source::open(&path)?;
                     crate::trace!("send", "{}: hashing own chunks", path.display());
                     let (cvs, one_chunk, _) = self.own_hashes(&fresh, fresh.len(), 0, &[])?;
                     (&fresh, cvs, one_chunk)

@@ -7,6 +7,8 @@
 mod ahead;
 mod files;
 
+pub use ahead::AheadPolicy;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,14 +66,15 @@ impl ListBatch<'_> {
         // buffer, lets the entries move into the table instead of being copied for the writer.
         let mut all = self.ctx.entries.write().unwrap_or_else(|p| p.into_inner());
         let first_id = all.len();
-        for (i, e) in self.buf.iter().enumerate() {
-            if let EntryKind::File { size, .. } = e.kind {
-                if size >= ahead::AHEAD_MIN {
+        let big: Vec<(FileId, PathBuf, u64)> = (self.buf.iter().enumerate())
+            .filter_map(|(i, e)| match e.kind {
+                EntryKind::File { size, .. } if size >= ahead::AHEAD_MIN => {
                     let path = self.ctx.root.join(e.path.as_os_str());
-                    self.ctx.ahead.offer(first_id + i as FileId, path, size);
+                    Some((first_id + i as FileId, path, size))
                 }
-            }
-        }
+                _ => None,
+            })
+            .collect();
         let msg = Msg::Entries {
             first_id,
             entries: std::mem::take(&mut self.buf),
@@ -85,6 +88,10 @@ impl ListBatch<'_> {
             unreachable!("built just above")
         };
         all.push(entries, std::mem::take(&mut self.inos));
+        drop(all);
+        for (id, path, size) in big {
+            self.ctx.ahead.offer(id, path, size);
+        }
         match encoded {
             // Writer gone: the read loop sees the end.
             Err(_) | Ok(Ok(())) => {}
@@ -138,11 +145,8 @@ struct Shared {
     scan: ScanOptions,
     fatal: Arc<super::Fatal>,
     gens: AtomicU64,
-    /// Big files are hashed ahead of the receiver's request (not in a dry run: it asks for
-    /// nothing; nor with `DEVSYNC_NO_HASH_AHEAD` set, to measure what it saves).
-    hash_ahead: bool,
-    /// Only those changed since this are (see [`Job::ahead_since`](super::client::Job)).
-    ahead_since: Option<crate::engine::Mtime>,
+    /// Which big files are hashed ahead of the receiver's request.
+    ahead: AheadPolicy,
 }
 
 /// One generation's state.
@@ -241,14 +245,16 @@ pub struct GenDone {
 }
 
 impl Sender {
-    /// `ahead_since`: see [`Job::ahead_since`](super::client::Job::ahead_since).
+    /// `ahead`: which big files to hash before the receiver asks (never in a dry run, which
+    /// asks for nothing, nor with `DEVSYNC_NO_HASH_AHEAD` set, to measure what it saves).
     pub fn new(
         out: Out,
         root: PathBuf,
         opts: &SyncOptions,
         obs: Arc<dyn Observer>,
-        ahead_since: Option<crate::engine::Mtime>,
+        ahead: AheadPolicy,
     ) -> Result<Sender, SessionError> {
+        let off = opts.dry_run || std::env::var_os("DEVSYNC_NO_HASH_AHEAD").is_some();
         Ok(Sender(Arc::new(Shared {
             pool: super::worker_pool("send")?,
             root,
@@ -264,8 +270,7 @@ impl Sender {
             },
             fatal: Default::default(),
             gens: AtomicU64::new(0),
-            hash_ahead: !opts.dry_run && std::env::var_os("DEVSYNC_NO_HASH_AHEAD").is_none(),
-            ahead_since,
+            ahead: if off { AheadPolicy::Off } else { ahead },
         })))
     }
 
@@ -290,7 +295,7 @@ impl Sender {
             big: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
             fatal: sh.fatal.clone(),
-            ahead: ahead::HashAhead::new(Arc::new(files::chunk_cv), sh.hash_ahead, sh.ahead_since),
+            ahead: ahead::HashAhead::new(Arc::new(files::chunk_cv), sh.ahead),
         });
         let out = &sh.out;
         out.send_listed(&Msg::GenStart {
@@ -376,7 +381,9 @@ pub async fn run<R: AsyncRead + Unpin>(
     obs: Arc<dyn Observer>,
 ) -> Result<Stats, SessionError> {
     let plan = super::copy::plan(&opts, &root, false, &*obs)?;
-    let sender = Sender::new(out, root, &opts, obs, None)?;
+    // (A pull's helper: its window before the request is one round trip, and it keeps no
+    // record of what the client has.)
+    let sender = Sender::new(out, root, &opts, obs, AheadPolicy::Off)?;
     let generation = sender.start(plan)?;
     finish(reader, &sender, &generation).await
 }
