@@ -134,6 +134,7 @@ pub(super) async fn run_remote(
             }
         }
         target => {
+            let rep = reporter.clone();
             let notice: Notice = Arc::new(move |m: String| reporter.notice(&m));
             job.remote_root = target.remote_path().as_bytes().to_vec();
             // Big files are hashed while we connect, but not those unchanged since the last
@@ -172,7 +173,8 @@ pub(super) async fn run_remote(
                 }
                 // Only a push that brought everything over says the helper has what did not
                 // change since.
-                if let Some(k) = pushed.as_ref().filter(|_| o.stats.errors == 0) {
+                let complete = super::OutputArgs::exit_code(o, &rep) == super::exit::OK;
+                if let Some(k) = pushed.as_ref().filter(|_| complete) {
                     pushed::save(k, began);
                 }
             };

@@ -152,6 +152,34 @@ impl Source {
         })
     }
 
+    /// Opens `path` as [`Source::open`] does, but a file changed within [`RACY_WINDOW`] is
+    /// `None` instead of waited on or probed ([`changes_all_show`] takes a lease and a shared
+    /// lock): for readers that would rather skip a file than make anyone wait.
+    pub fn open_settled(path: &Path) -> io::Result<Option<Source>> {
+        let file = File::options()
+            .read(true)
+            .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
+            .open(path)?;
+        let seen_at = now();
+        let st = rfs::fstat(&file)?;
+        if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no longer a regular file",
+            ));
+        }
+        let before = snapshot_of(&st);
+        if nanos(seen_at) - nanos(before.ctime) < RACY_WINDOW.as_nanos() as i128 {
+            return Ok(None);
+        }
+        Ok(Some(Source {
+            file,
+            before,
+            seen_at,
+            racy: RACY_WINDOW,
+        }))
+    }
+
     pub fn len(&self) -> u64 {
         self.before.size
     }
@@ -382,6 +410,25 @@ mod tests {
         let t0 = std::time::Instant::now();
         wait_out_racy(&future);
         assert!(t0.elapsed() < RACY_WINDOW * 2, "{:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn a_quiet_open_skips_a_file_changed_just_now_and_opens_it_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let written = std::time::Instant::now();
+        std::fs::write(&p, b"data").unwrap();
+        let quiet = Source::open_settled(&p).unwrap();
+        // (On a machine so loaded that the open came a window after the write, it may open.)
+        if written.elapsed() < RACY_WINDOW - Duration::from_millis(5) {
+            assert!(quiet.is_none());
+        }
+        std::thread::sleep(RACY_WINDOW + Duration::from_millis(5));
+        let src = Source::open_settled(&p).unwrap().expect("settled by now");
+        assert_eq!(src.len(), 4);
+        assert!(matches!(src.check().unwrap(), Stability::Stable));
+        std::os::unix::fs::symlink(&p, dir.path().join("link")).unwrap();
+        assert!(Source::open_settled(&dir.path().join("link")).is_err());
     }
 
     #[test]

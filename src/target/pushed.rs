@@ -1,8 +1,9 @@
 //! When the last completed push of one local tree to one remote tree began: files there that
 //! have not changed since were most likely sent then, so the next push does not hash them
 //! ahead of the receiver's request (see `session::sender::ahead`), which would cost CPU for a
-//! file the receiver already has. One small file per (target, local root, remote root) under
-//! the state directory. Must not: fail a sync, or decide what is sent — a missing or bad
+//! file the receiver already has. One small file per pair of trees under
+//! the state directory, keyed by target, local and remote root and what selects the files
+//! (filters, `cp`'s names). Must not: fail a sync, or decide what is sent — a missing or bad
 //! record only means hashing every big file ahead, as without one.
 
 use std::path::{Path, PathBuf};

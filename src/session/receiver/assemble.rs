@@ -163,7 +163,8 @@ impl Ctx {
         stamp: Stamp,
     ) -> Result<(), FileError> {
         let (base, params, resumed, partial, sparse) = {
-            let st = lock(&inc.st);
+            let mut st = lock(&inc.st);
+            st.new_len = len;
             let partial = st.temp.clone().filter(|_| st.resumed > 0);
             (st.base.clone(), st.params, st.resumed, partial, st.sparse)
         };
@@ -566,7 +567,7 @@ impl Ctx {
             let (over, inplace) = {
                 let st = lock(&inc.st);
                 let base = st.base.clone().filter(|_| st.cloned || st.inplace);
-                (base.filter(|_| inc.size > CHUNK), st.inplace)
+                (base.filter(|_| st.new_len > CHUNK), st.inplace)
             };
             let runs = over
                 .as_deref()
@@ -953,6 +954,7 @@ impl Assembly {
         self.inplace = false;
         self.kept.clear();
         self.runs.clear();
+        self.new_len = 0;
         self.end = None;
         self.finalizing = false;
         self.error = None;

@@ -161,6 +161,8 @@ struct Assembly {
     /// `--inplace`: chunks staged only where they differ from our copy, and those ranges
     /// (offset in the file, length); only these are copied into it.
     runs: HashMap<u64, Vec<(u64, u64)>>,
+    /// The length of the version the sender hashed (its `NewHashes`), once known.
+    new_len: u64,
     /// Written chunks: index → (length, chaining value).
     chunks: HashMap<u64, (usize, Cv)>,
     /// Work handed to the pool for this file and not finished yet.

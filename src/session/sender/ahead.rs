@@ -5,13 +5,16 @@
 //! fresh connection the list is complete long before that: the TLS and SSH handshakes and the
 //! helper's start take a round trip each. Files listed at least [`AHEAD_MIN`] big are hashed
 //! meanwhile, chunk by chunk, by threads that run only when a CPU is otherwise idle
-//! (`SCHED_IDLE`, and the idle I/O class). When the receiver asks, the pool hashes what is
+//! (`SCHED_IDLE`). When the receiver asks, the pool hashes what is
 //! left of the file alongside them ([`Ahead::finish`]); when it asks for the file whole, or
 //! the generation ends, they stop.
 //!
 //! Must not: make a normal-priority thread wait for an idle one (an idle thread may not run
-//! for a long time on a busy machine). So the idle threads take work from a channel, and mark
-//! progress in atomics and `OnceLock`s; the only locks they take are shared with each other.
+//! for a long time on a busy machine). So the idle threads poll their work from a channel
+//! (`try_recv`, which never registers a waiter a sender would have to lock) and are woken with
+//! `unpark`; they mark progress in atomics and `OnceLock`s; they open files without waiting
+//! out or probing a racy window (no lease, no shared lock). Their remaining locks are the
+//! receiver end of the channel (shared with each other only) and the allocator's.
 //! Must not: decide what is sent. What was hashed ahead is used only for the version it was
 //! read from; the caller checks that (see `Ctx::hash_for_delta`).
 
@@ -20,6 +23,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::Duration;
 
 use rayon::prelude::*;
 
@@ -79,8 +83,7 @@ impl Ahead {
                 return;
             };
             match hash(&self.src, len, k) {
-                // Only the claimer of chunk `k` hashes it here; `finish` may set it too, to
-                // the same value.
+                // Claims are unique: nobody else sets this slot.
                 Ok(cv) => {
                     let _ = slot.set(cv);
                 }
@@ -132,16 +135,20 @@ pub(super) struct HashAhead {
     hash: Arc<Hasher>,
     /// Offered slots not yet taken (normal-priority threads only).
     slots: Mutex<HashMap<FileId, Arc<Slot>>>,
-    /// Work for the idle threads: each slot once per thread, so they all work on it
-    /// (normal-priority threads only; `None` once the generation is over).
-    tx: Mutex<Option<mpsc::Sender<Arc<Slot>>>>,
+    /// Work for the idle threads: each slot once per thread wanted, so they all work on it
+    /// (normal-priority threads only).
+    tx: Mutex<mpsc::Sender<Arc<Slot>>>,
     /// Shared by the idle threads only.
-    rx: Arc<Mutex<mpsc::Receiver<Arc<Slot>>>>,
+    rx: Mutex<mpsc::Receiver<Arc<Slot>>>,
+    /// The idle threads, to wake (normal-priority threads only).
+    woken: Mutex<Vec<std::thread::Thread>>,
     threads: AtomicU64,
+    /// Threads wanted: one per CPU, at most [`THREADS`].
+    want: u64,
     /// Bytes of opened files, against [`AHEAD_MAX`] (idle threads only).
     opened: AtomicU64,
     /// The generation is over (or the session): the threads stop.
-    over: Arc<AtomicBool>,
+    over: AtomicBool,
     /// The threads run at idle priority (always, but in tests that must not depend on the
     /// machine being idle).
     idle: bool,
@@ -158,28 +165,31 @@ impl HashAhead {
             false => AheadPolicy::Off,
         };
         let (tx, rx) = mpsc::channel();
+        let want = match policy {
+            AheadPolicy::Off => 0,
+            _ => std::thread::available_parallelism().map_or(1, |n| n.get().min(THREADS)),
+        };
         Arc::new(HashAhead {
             policy,
             hash,
             slots: Mutex::default(),
-            tx: Mutex::new(Some(tx)),
-            rx: Arc::new(Mutex::new(rx)),
+            tx: Mutex::new(tx),
+            rx: Mutex::new(rx),
+            woken: Mutex::default(),
             threads: AtomicU64::new(0),
+            want: want as u64,
             opened: AtomicU64::new(0),
-            over: Arc::new(AtomicBool::new(false)),
+            over: AtomicBool::new(false),
             idle,
         })
     }
 
     /// A listed file of `size` bytes at `path`: hashed ahead if it is big enough.
     pub(super) fn offer(self: &Arc<Self>, id: FileId, path: PathBuf, size: u64) {
-        if self.policy == AheadPolicy::Off || size < AHEAD_MIN {
+        if self.policy == AheadPolicy::Off || size < AHEAD_MIN || self.over.load(Ordering::Relaxed)
+        {
             return;
         }
-        let tx = match &*super::super::lock(&self.tx) {
-            Some(tx) => tx.clone(),
-            None => return, // over
-        };
         let slot = Arc::new(Slot {
             id,
             path,
@@ -187,22 +197,35 @@ impl HashAhead {
             taken: AtomicBool::new(false),
         });
         super::super::lock(&self.slots).insert(id, slot.clone());
-        let want = std::thread::available_parallelism().map_or(1, |n| n.get().min(THREADS));
-        // The threads live until the generation is over (blocked on the channel meanwhile),
-        // so this only ever starts the first `want` of them.
-        while self.threads.load(Ordering::Relaxed) < want as u64 {
-            self.threads.fetch_add(1, Ordering::Relaxed);
-            let me = self.clone();
-            if std::thread::Builder::new()
-                .name("devsync-ahead".into())
-                .spawn(move || me.run())
-                .is_err()
-            {
-                break;
+        {
+            let tx = super::super::lock(&self.tx);
+            for _ in 0..self.want {
+                let _ = tx.send(slot.clone()); // cannot fail: the receiver lives in `self`
             }
         }
-        for _ in 0..want {
-            let _ = tx.send(slot.clone()); // threads gone: nothing to do
+        // The threads live until the generation is over (parked when there is no work), so
+        // this only ever starts the first `want` of them.
+        let more = |n: u64| (n < self.want).then_some(n + 1);
+        while self
+            .threads
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, more)
+            .is_ok()
+        {
+            let me = self.clone();
+            match std::thread::Builder::new()
+                .name("devsync-ahead".into())
+                .spawn(move || me.run())
+            {
+                Ok(h) => super::super::lock(&self.woken).push(h.thread().clone()),
+                Err(_) => break,
+            }
+        }
+        self.wake();
+    }
+
+    fn wake(&self) {
+        for t in super::super::lock(&self.woken).iter() {
+            t.unpark();
         }
     }
 
@@ -227,11 +250,10 @@ impl HashAhead {
     /// The generation is over: the threads stop after the chunk they are on.
     pub(super) fn stop(&self) {
         self.over.store(true, Ordering::Relaxed);
-        // Dropping the sender ends the threads' wait on the channel.
-        super::super::lock(&self.tx).take();
         for slot in super::super::lock(&self.slots).drain() {
             slot.1.taken.store(true, Ordering::Relaxed);
         }
+        self.wake();
     }
 
     /// One idle thread: works on each slot it is handed until the generation is over.
@@ -240,14 +262,20 @@ impl HashAhead {
             return;
         }
         loop {
-            // Waits holding a lock only other idle threads take.
-            let next = super::super::lock(&self.rx).recv();
-            let Ok(slot) = next else {
-                return; // the generation is over
-            };
             if self.over.load(Ordering::Relaxed) {
                 return;
             }
+            // A lock only other idle threads take.
+            let next = super::super::lock(&self.rx).try_recv();
+            let slot = match next {
+                Ok(slot) => slot,
+                Err(mpsc::TryRecvError::Empty) => {
+                    // Woken by `offer` and `stop`; the timeout only bounds a lost wakeup.
+                    std::thread::park_timeout(Duration::from_millis(200));
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            };
             if slot.taken.load(Ordering::Relaxed) {
                 continue;
             }
@@ -262,9 +290,18 @@ impl HashAhead {
 
     /// Opens `slot`'s file, unless the policy or the budget leaves it alone.
     fn open(&self, slot: &Slot) -> Option<Arc<Ahead>> {
-        // May wait out a racy window; unreadable, it is left to the usual path, which
-        // reports what is wrong when the file is asked for.
-        let src = Source::open(&slot.path).ok()?;
+        // Changed just now (an edit right before the push): waited out here, where waiting
+        // blocks nobody, a few times at most. Unreadable, or still changing: left to the
+        // usual path, which reports what is wrong when the file is asked for.
+        let mut src = None;
+        for _ in 0..4 {
+            src = Source::open_settled(&slot.path).ok()?;
+            if src.is_some() || slot.taken.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(crate::engine::source::RACY_WINDOW);
+        }
+        let src = src?;
         if let AheadPolicy::ChangedSince(since) = self.policy {
             // A second's margin for coarse timestamps.
             let margin = Mtime {
@@ -281,39 +318,21 @@ impl HashAhead {
             }
         }
         let len = src.len();
-        if self
-            .opened
-            .fetch_add(len, Ordering::Relaxed)
-            .saturating_add(len)
-            > AHEAD_MAX
-        {
-            return None;
-        }
+        let fits = |n: u64| n.checked_add(len).filter(|t| *t <= AHEAD_MAX);
+        self.opened
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
+            .ok()?;
         Some(Arc::new(Ahead::new(src)))
     }
 }
 
-/// Makes the calling thread run only when no other thread wants the CPU, and its reads go
-/// after everyone else's.
+/// Makes the calling thread run only when no other thread wants the CPU. (Not the idle I/O
+/// class too: a normal reader of a page an idle-class read is bringing in would wait for it.)
 #[cfg(target_os = "linux")]
 fn idle_priority() -> bool {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: plain syscall on the calling thread (pid 0) with a valid parameter block.
-    let cpu = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 };
-    // ioprio_set(IOPRIO_WHO_PROCESS, this thread, IOPRIO_CLASS_IDLE): best effort (not
-    // every I/O scheduler honours it).
-    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
-    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
-    // SAFETY: plain syscall with integer arguments on the calling thread.
-    unsafe {
-        libc::syscall(
-            libc::SYS_ioprio_set,
-            IOPRIO_WHO_PROCESS,
-            0 as libc::c_long,
-            IOPRIO_CLASS_IDLE << 13,
-        )
-    };
-    cpu
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 }
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -340,6 +359,8 @@ mod tests {
             .collect();
         let p = dir.join(name);
         std::fs::write(&p, &data).unwrap();
+        // Past the racy window: the idle threads leave a file that changed just now.
+        std::thread::sleep(crate::engine::source::RACY_WINDOW + Duration::from_millis(5));
         (p, data)
     }
 
@@ -418,9 +439,16 @@ mod tests {
         ahead.unwanted(2);
         ahead.stop();
         assert!(ahead.take(2).is_none());
-        // Nothing is offered once the generation is over.
+        // Nothing is offered once the generation is over, and the threads end.
         ahead.offer(3, dir.path().join("big"), AHEAD_MIN);
         assert!(ahead.take(3).is_none());
+        let gone = Arc::downgrade(&ahead);
+        drop(ahead);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while gone.strong_count() > 0 {
+            assert!(Instant::now() < deadline, "the threads did not end");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]

@@ -509,13 +509,13 @@ impl Ctx {
     ) {
         let first = self.first_attempt(id);
         self.stable(id, false, || {
+            // Taken first, so that the idle threads leave it whatever happens next.
+            let ahead = self.ahead.take(id);
             let fresh = Source::open(&path)?;
             // What was hashed ahead counts if it was read from the version at `path` now:
             // the same file, unchanged since it was opened (a file that changed is read
             // afresh in this same attempt). Used once: a retry reads afresh.
-            let ahead = self
-                .ahead
-                .take(id)
+            let ahead = ahead
                 .filter(|a| a.src.len() > CHUNK && fresh.same_as(&a.src.before))
                 .filter(|a| matches!(a.src.check(), Ok(source::Stability::Stable)));
             let hashed = ahead
