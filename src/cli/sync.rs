@@ -147,7 +147,7 @@ pub(super) async fn run_remote(
                 Some(None) => AheadPolicy::All,
                 Some(Some(t)) => AheadPolicy::ChangedSince(t),
             };
-            let began = pushed::now();
+            let began = crate::engine::Mtime::now();
             // Scan while connecting: the handshakes and the walk overlap.
             let mut prepared = client::prepare(&job)?;
             // Our compressor starts where the last big push to this host settled. (Only a

@@ -52,6 +52,15 @@ impl Mtime {
     pub fn is_valid(&self) -> bool {
         self.nsec < 1_000_000_000
     }
+
+    /// The wall clock now, as a file time (to compare with ctimes and mtimes).
+    pub fn now() -> Mtime {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+        Mtime {
+            sec: t.tv_sec,
+            nsec: t.tv_nsec as u32,
+        }
+    }
 }
 
 /// What a sender entry is.

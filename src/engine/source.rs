@@ -97,12 +97,23 @@ pub struct Source {
     racy: Duration,
 }
 
-fn now() -> Mtime {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
-    Mtime {
-        sec: t.tv_sec,
-        nsec: t.tv_nsec as u32,
+/// Opens the regular file `path` for reading (not following a symlink there) and looks at
+/// it: the file, when it was looked at, and what was seen. Something else by now at that
+/// path is an error.
+fn open_regular(path: &Path) -> io::Result<(File, Mtime, rfs::Stat)> {
+    let file = File::options()
+        .read(true)
+        .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
+        .open(path)?;
+    let seen_at = Mtime::now();
+    let st = rfs::fstat(&file)?;
+    if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no longer a regular file",
+        ));
     }
+    Ok((file, seen_at, st))
 }
 
 fn nanos(t: Mtime) -> i128 {
@@ -114,18 +125,7 @@ impl Source {
     /// at that path is an error. A file changed within [`RACY_WINDOW`] is waited on first,
     /// unless [`changes_all_show`].
     pub fn open(path: &Path) -> io::Result<Source> {
-        let file = File::options()
-            .read(true)
-            .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
-            .open(path)?;
-        let mut seen_at = now();
-        let mut st = rfs::fstat(&file)?;
-        if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "no longer a regular file",
-            ));
-        }
+        let (file, mut seen_at, mut st) = open_regular(path)?;
         let mut racy = RACY_WINDOW;
         // Changed just now: wait out the window before reading rather than read it twice
         // (a few times at most; `check` still catches a file that keeps changing).
@@ -141,7 +141,7 @@ impl Source {
                 break;
             }
             wait_out_racy(&snap);
-            seen_at = now();
+            seen_at = Mtime::now();
             st = rfs::fstat(&file)?;
         }
         Ok(Source {
@@ -156,18 +156,7 @@ impl Source {
     /// `None` instead of waited on or probed ([`changes_all_show`] takes a lease and a shared
     /// lock): for readers that would rather skip a file than make anyone wait.
     pub fn open_settled(path: &Path) -> io::Result<Option<Source>> {
-        let file = File::options()
-            .read(true)
-            .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
-            .open(path)?;
-        let seen_at = now();
-        let st = rfs::fstat(&file)?;
-        if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "no longer a regular file",
-            ));
-        }
+        let (file, seen_at, st) = open_regular(path)?;
         let before = snapshot_of(&st);
         if nanos(seen_at) - nanos(before.ctime) < RACY_WINDOW.as_nanos() as i128 {
             return Ok(None);
@@ -233,7 +222,7 @@ impl Source {
 /// to wait more).
 pub fn wait_out_racy(before: &Snapshot) {
     let until = nanos(before.ctime) + RACY_WINDOW.as_nanos() as i128;
-    let left = (until - nanos(now())).clamp(0, RACY_WINDOW.as_nanos() as i128);
+    let left = (until - nanos(Mtime::now())).clamp(0, RACY_WINDOW.as_nanos() as i128);
     if left > 0 {
         std::thread::sleep(Duration::from_nanos(left as u64));
     }
@@ -402,7 +391,7 @@ mod tests {
         // A ctime in the future is waited out for no longer than the window.
         let future = Snapshot {
             ctime: Mtime {
-                sec: now().sec + 3600,
+                sec: Mtime::now().sec + 3600,
                 nsec: 0,
             },
             ..s.before

@@ -64,15 +64,6 @@ fn save_in(dir: &Path, key: &str, at: Mtime) {
     let _ = credentials::write_private(&path(dir, key), text.as_bytes(), 0o600);
 }
 
-/// Now, as a file time.
-pub fn now() -> Mtime {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
-    Mtime {
-        sec: t.tv_sec,
-        nsec: t.tv_nsec as u32,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
