@@ -73,6 +73,23 @@ pub fn endpoint_key(endpoint: &str) -> String {
     blake3::hash(endpoint.as_bytes()).to_hex()[..16].to_string()
 }
 
+/// A directory of small records kept per key (a host, a pair of trees) under the state
+/// directory: `kind` names it.
+pub fn records(kind: &str) -> Option<PathBuf> {
+    state_dir().ok().map(|d| d.join(kind))
+}
+
+/// The record filed under `key` in `dir`, if there is one that can be read.
+pub fn read_record(dir: &Path, key: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(endpoint_key(key))).ok()
+}
+
+/// Files `text` under `key` in `dir`, replacing what was there in one step. Records are
+/// hints: one that cannot be written is not worth an error.
+pub fn write_record(dir: &Path, key: &str, text: &str) {
+    let _ = write_private(&dir.join(endpoint_key(key)), text.as_bytes(), 0o600);
+}
+
 /// Pinned devbox host keys (known_hosts format).
 pub fn pin_file() -> Result<PathBuf, CredError> {
     Ok(state_dir()?.join("known_hosts"))

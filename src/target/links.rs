@@ -5,35 +5,27 @@
 //! unreadable or malformed means starting from scratch, and one that cannot be written is
 //! not worth an error.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::credentials;
 
 /// What is remembered about one link: (zstd level, raw bytes per second; 0 = not measured).
 pub type Link = (u8, u64);
 
-fn dir() -> Option<PathBuf> {
-    credentials::state_dir().ok().map(|d| d.join("links"))
-}
-
-fn path(dir: &Path, endpoint: &str) -> PathBuf {
-    dir.join(credentials::endpoint_key(endpoint))
-}
-
 /// The record for `endpoint` (a target without its path), if there is a sound one.
 pub fn load(endpoint: &str) -> Option<Link> {
-    load_in(&dir()?, endpoint)
+    load_in(&credentials::records("links")?, endpoint)
 }
 
 /// Records `link` for `endpoint`, replacing what was there in one step.
 pub fn save(endpoint: &str, link: Link) {
-    if let Some(d) = dir() {
+    if let Some(d) = credentials::records("links") {
         save_in(&d, endpoint, link);
     }
 }
 
 fn load_in(dir: &Path, endpoint: &str) -> Option<Link> {
-    let text = std::fs::read_to_string(path(dir, endpoint)).ok()?;
+    let text = credentials::read_record(dir, endpoint)?;
     let mut f = text.split_whitespace();
     let level = f.next()?.parse::<u8>().ok().filter(|l| *l <= 19)?;
     let raw = f.next()?.parse::<u64>().ok()?;
@@ -41,9 +33,8 @@ fn load_in(dir: &Path, endpoint: &str) -> Option<Link> {
 }
 
 fn save_in(dir: &Path, endpoint: &str, link: Link) {
-    let text = format!("{} {}\n", link.0, link.1);
-    // Not worth an error: without a record the next push just starts from scratch.
-    let _ = credentials::write_private(&path(dir, endpoint), text.as_bytes(), 0o600);
+    // (Without a record the next push just starts from scratch.)
+    credentials::write_record(dir, endpoint, &format!("{} {}\n", link.0, link.1));
 }
 
 #[cfg(test)]
@@ -66,7 +57,7 @@ mod tests {
             "no temp files left"
         );
         for bad in ["", "9", "x 1", "20 5", "9 1 extra"] {
-            std::fs::write(path(&d, "ssh://u@h/"), bad).unwrap();
+            credentials::write_record(&d, "ssh://u@h/", bad);
             assert_eq!(load_in(&d, "ssh://u@h/"), None, "{bad:?}");
         }
     }

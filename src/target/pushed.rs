@@ -6,19 +6,11 @@
 //! (filters, `cp`'s names). Must not: fail a sync, or decide what is sent — a missing or bad
 //! record only means hashing every big file ahead, as without one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::credentials;
 use crate::engine::Mtime;
 use crate::proto::SyncOptions;
-
-fn dir() -> Option<PathBuf> {
-    credentials::state_dir().ok().map(|d| d.join("pushed"))
-}
-
-fn path(dir: &Path, key: &str) -> PathBuf {
-    dir.join(credentials::endpoint_key(key))
-}
 
 /// The record's key: `endpoint` (a target without its path), our root (made absolute), the
 /// remote root, and what selects the files sent (filters; `cp`'s names): a push that sent
@@ -36,18 +28,18 @@ pub fn key(endpoint: &str, local_root: &Path, remote_root: &[u8], opts: &SyncOpt
 
 /// When the last completed push under `key` began, if there is a sound record.
 pub fn load(key: &str) -> Option<Mtime> {
-    load_in(&dir()?, key)
+    load_in(&credentials::records("pushed")?, key)
 }
 
 /// Records that a push under `key` that began at `at` completed.
 pub fn save(key: &str, at: Mtime) {
-    if let Some(d) = dir() {
+    if let Some(d) = credentials::records("pushed") {
         save_in(&d, key, at);
     }
 }
 
 fn load_in(dir: &Path, key: &str) -> Option<Mtime> {
-    let text = std::fs::read_to_string(path(dir, key)).ok()?;
+    let text = credentials::read_record(dir, key)?;
     let mut f = text.split_whitespace();
     let sec = f.next()?.parse::<i64>().ok()?;
     let nsec = f
@@ -59,9 +51,8 @@ fn load_in(dir: &Path, key: &str) -> Option<Mtime> {
 }
 
 fn save_in(dir: &Path, key: &str, at: Mtime) {
-    let text = format!("{} {}\n", at.sec, at.nsec);
-    // Not worth an error: without a record the next push hashes every big file ahead.
-    let _ = credentials::write_private(&path(dir, key), text.as_bytes(), 0o600);
+    // (Without a record the next push hashes every big file ahead.)
+    credentials::write_record(dir, key, &format!("{} {}\n", at.sec, at.nsec));
 }
 
 #[cfg(test)]
@@ -92,7 +83,7 @@ mod tests {
             assert_eq!(load_in(&d, &other), None);
         }
         for bad in ["", "5", "x 1", "5 1000000000", "5 1 extra"] {
-            std::fs::write(path(&d, &k), bad).unwrap();
+            credentials::write_record(&d, &k, bad);
             assert_eq!(load_in(&d, &k), None, "{bad:?}");
         }
     }
