@@ -137,11 +137,15 @@ pub(super) async fn run_remote(
             let rep = reporter.clone();
             let notice: Notice = Arc::new(move |m: String| reporter.notice(&m));
             job.remote_root = target.remote_path().as_bytes().to_vec();
+            // What earlier pushes to this host left behind (pushes only: on a pull the helper
+            // sends, and it keeps no records).
+            let host = keep::endpoint(&target).filter(|_| job.role == Role::Sender);
             // Big files are hashed while we connect, but not those unchanged since the last
             // completed push of these trees began (the helper most likely has them).
-            let pushed = keep::endpoint(&target)
-                .filter(|_| job.role == Role::Sender && !job.opts.dry_run)
-                .map(|ep| pushed::key(&ep, &job.local_root, &job.remote_root, &job.opts));
+            let pushed = host
+                .as_deref()
+                .filter(|_| !job.opts.dry_run)
+                .map(|ep| pushed::key(ep, &job.local_root, &job.remote_root, &job.opts));
             job.ahead = match pushed.as_deref().map(pushed::load) {
                 None => AheadPolicy::Off,
                 Some(None) => AheadPolicy::All,
@@ -152,9 +156,7 @@ pub(super) async fn run_remote(
             let mut prepared = client::prepare(&job)?;
             // Our compressor starts where the last big push to this host settled. (Only a
             // push's: on a pull the helper's writer carries the data.)
-            let link = keep::endpoint(&target).filter(|_| {
-                job.role == Role::Sender && job.opts.compress == crate::proto::Compress::Auto
-            });
+            let link = host.filter(|_| job.opts.compress == crate::proto::Compress::Auto);
             job.memo = link
                 .as_deref()
                 .and_then(links::load)

@@ -137,7 +137,7 @@ pub(super) struct HashAhead {
     slots: Mutex<HashMap<FileId, Arc<Slot>>>,
     /// Work for the idle threads: each slot once per thread wanted, so they all work on it
     /// (normal-priority threads only).
-    tx: Mutex<mpsc::Sender<Arc<Slot>>>,
+    tx: mpsc::Sender<Arc<Slot>>,
     /// Shared by the idle threads only.
     rx: Mutex<mpsc::Receiver<Arc<Slot>>>,
     /// The idle threads, to wake (normal-priority threads only).
@@ -173,7 +173,7 @@ impl HashAhead {
             policy,
             hash,
             slots: Mutex::default(),
-            tx: Mutex::new(tx),
+            tx,
             rx: Mutex::new(rx),
             woken: Mutex::default(),
             threads: AtomicU64::new(0),
@@ -197,11 +197,8 @@ impl HashAhead {
             taken: AtomicBool::new(false),
         });
         super::super::lock(&self.slots).insert(id, slot.clone());
-        {
-            let tx = super::super::lock(&self.tx);
-            for _ in 0..self.want {
-                let _ = tx.send(slot.clone()); // cannot fail: the receiver lives in `self`
-            }
+        for _ in 0..self.want {
+            let _ = self.tx.send(slot.clone()); // cannot fail: the receiver lives in `self`
         }
         // The threads live until the generation is over (parked when there is no work), so
         // this only ever starts the first `want` of them.
@@ -371,17 +368,22 @@ mod tests {
             .collect()
     }
 
-    /// Waits (boundedly) until the threads opened file `id` or decided to leave it.
-    fn settled_on(ahead: &HashAhead, id: FileId) -> Option<Arc<Ahead>> {
-        let slot = lock(&ahead.slots).get(&id).cloned().unwrap();
+    /// Waits (30 s at most) until `done`, or fails the test with `what`.
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(a) = slot.ahead.get() {
-                return a.clone();
-            }
-            assert!(Instant::now() < deadline, "file {id} never opened");
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Waits until the threads opened file `id` or decided to leave it.
+    fn settled_on(ahead: &HashAhead, id: FileId) -> Option<Arc<Ahead>> {
+        let slot = lock(&ahead.slots).get(&id).cloned().unwrap();
+        wait_until(&format!("file {id} never opened"), || {
+            slot.ahead.get().is_some()
+        });
+        slot.ahead.get().cloned().flatten()
     }
 
     #[test]
@@ -444,11 +446,7 @@ mod tests {
         assert!(ahead.take(3).is_none());
         let gone = Arc::downgrade(&ahead);
         drop(ahead);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while gone.strong_count() > 0 {
-            assert!(Instant::now() < deadline, "the threads did not end");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("the threads did not end", || gone.strong_count() == 0);
     }
 
     #[test]
