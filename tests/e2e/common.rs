@@ -512,7 +512,7 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A filesystem of `kind` (`xfs` with reflinks, `btrfs`) in an image file, loop-mounted,
+/// A filesystem of `kind` (`xfs` with reflinks, `btrfs`, `ext4`) in an image file, loop-mounted,
 /// unmounted and deleted when dropped.
 pub struct LoopFs {
     dir: tempfile::TempDir,
@@ -521,6 +521,11 @@ pub struct LoopFs {
 impl LoopFs {
     /// `None` if it cannot be made here (it needs root, `mkfs.<kind>` and loop devices).
     pub fn new(kind: &str, size: &str) -> Option<LoopFs> {
+        LoopFs::with_options(kind, size, "loop")
+    }
+
+    /// The same, mounted with `opts` (which must include `loop`).
+    pub fn with_options(kind: &str, size: &str, opts: &str) -> Option<LoopFs> {
         let dir = tempfile::tempdir().ok()?;
         let img = dir.path().join("fs.img");
         let mnt = dir.path().join("mnt");
@@ -533,6 +538,7 @@ impl LoopFs {
         };
         let mkfs_args: &[&str] = match kind {
             "xfs" => &["-q", "-f", "-m", "reflink=1"],
+            "ext4" => &["-q", "-F"],
             _ => &["-q", "-f"],
         };
         let made = ok(std::process::Command::new("truncate")
@@ -542,7 +548,7 @@ impl LoopFs {
                 .args(mkfs_args)
                 .arg(&img))
             && ok(std::process::Command::new("mount")
-                .args(["-o", "loop"])
+                .args(["-o", opts])
                 .arg(&img)
                 .arg(&mnt));
         made.then_some(LoopFs { dir })

@@ -1,7 +1,8 @@
 //! Big-file deltas on filesystems with reflinks (XFS, btrfs): the new file starts as a clone
 //! of the old copy, so only the changed pages are written; elsewhere (ext4) everything is
 //! written. Checked by the space the new file takes, next to a hard link that keeps the old
-//! version alive: a clone shares all but the changed blocks.
+//! version alive: a clone shares all but the changed blocks. On ext4, big replacements are
+//! written past the page cache; `--inplace` writes only changed ranges into the old file.
 
 use crate::common::*;
 
@@ -79,6 +80,89 @@ fn xfs_deltas_clone_the_old_copy_and_write_only_what_changed() {
 #[test]
 fn btrfs_deltas_clone_the_old_copy_and_write_only_what_changed() {
     check("btrfs");
+}
+
+/// Bytes of `path` in the page cache (util-linux `fincore`).
+fn resident(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "-o", "RES"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fincore failed");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// On ext4, whose rename over an existing file writes the new one back (`auto_da_alloc`), a
+/// big replacement is written past the page cache, so the rename has nothing left to flush:
+/// an edited file rebuilt from its old copy and a file whose every byte changed. A new file
+/// (no rename over anything), a small one, and the same push on a filesystem mounted
+/// `noauto_da_alloc` go through the page cache as usual. Checked by what the result leaves in
+/// the page cache, and by the content.
+#[test]
+fn ext4_big_replacements_bypass_the_page_cache_where_the_rename_would_flush() {
+    if !require(
+        std::process::Command::new("fincore")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "util-linux fincore (.ci/run installs util-linux)",
+    ) {
+        return;
+    }
+    let Some(fs) = LoopFs::new("ext4", "600m") else {
+        require(false, "a loop-mounted ext4 (root, mkfs.ext4)");
+        return;
+    };
+    let Some(plain) = LoopFs::with_options("ext4", "600m", "loop,noauto_da_alloc") else {
+        require(false, "a loop-mounted ext4 with noauto_da_alloc");
+        return;
+    };
+    // 10 chunks and an unaligned tail, which goes through the page cache.
+    let len = 10 * CHUNK + 333;
+    for (fs, flushes) in [(&fs, true), (&plain, false)] {
+        let root = fs.path();
+        let (src, dst) = (root.join("src"), root.join("dst"));
+        std::fs::create_dir(&src).unwrap();
+        std::fs::create_dir(&dst).unwrap();
+        let mut edit = random_bytes(len, 21);
+        std::fs::write(dst.join("edited"), &edit).unwrap();
+        edited(&mut edit);
+        std::fs::write(src.join("edited"), &edit).unwrap();
+        std::fs::write(dst.join("replaced"), random_bytes(len, 22)).unwrap();
+        let replaced = random_bytes(len - 5 * CHUNK, 23);
+        std::fs::write(src.join("replaced"), &replaced).unwrap();
+        let fresh = random_bytes(len, 24);
+        std::fs::write(src.join("new"), &fresh).unwrap();
+        let small = random_bytes(CHUNK + 5, 25);
+        std::fs::write(dst.join("small"), random_bytes(CHUNK + 5, 26)).unwrap();
+        std::fs::write(src.join("small"), &small).unwrap();
+        let mut c = crate::common::bin();
+        c.args(["push", "--json"]).arg(&src).arg(&dst);
+        let out = c.env("DEVSYNC_TRACE", "1").output().unwrap();
+        let trace = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{trace}");
+        for (name, want) in [
+            ("edited", &edit),
+            ("replaced", &replaced),
+            ("new", &fresh),
+            ("small", &small),
+        ] {
+            let path = dst.join(name);
+            let cached = resident(&path);
+            let direct = trace.contains(&format!("{name}: writing past the page cache"));
+            let expect = flushes && matches!(name, "edited" | "replaced");
+            assert_eq!(direct, expect, "{name} (flushing fs: {flushes}): {trace}");
+            match expect {
+                // The tail page at most.
+                true => assert!(cached <= 4096, "{name}: {cached} bytes cached"),
+                false => assert!(cached as usize >= want.len() / 2, "{name}: {cached} cached"),
+            }
+            assert!(std::fs::read(&path).unwrap() == *want, "{name} differs");
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(num(&v, "verify_retries"), 0, "{v}");
+    }
 }
 
 /// A temp dir with empty `src` and `dst` in it.

@@ -8,6 +8,7 @@
 //!
 //! This module does not decide anything; `session` tells it what to do.
 
+mod direct;
 mod inplace;
 mod stage;
 

@@ -17,12 +17,13 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use rustix::fs::{self as rfs, AtFlags, CWD, FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
+use super::direct::Direct;
 use super::{Dest, DestError, Result, set_fd_meta};
 use crate::engine::tempname::{self, Ours};
 use crate::engine::{Mtime, RelPath};
@@ -61,6 +62,9 @@ pub struct TempFile {
     /// Set once the file is at its final path (its staging name, if any, is gone).
     placed: AtomicBool,
     discarded: AtomicBool,
+    /// The `O_DIRECT` descriptor for [`TempFile::write_direct`], opened on first use (`None`
+    /// where the filesystem gains nothing from it).
+    direct: OnceLock<Option<Direct>>,
 }
 
 /// A staged file and, for a resumed partial, how many bytes it already holds.
@@ -162,6 +166,7 @@ impl Dest {
                         committed: AtomicBool::new(false),
                         placed: AtomicBool::new(false),
                         discarded: AtomicBool::new(false),
+                        direct: OnceLock::new(),
                     });
                 }
                 // Some directories (other filesystems) may not support it: fall back.
@@ -187,6 +192,7 @@ impl Dest {
             committed: AtomicBool::new(false),
             placed: AtomicBool::new(false),
             discarded: AtomicBool::new(false),
+            direct: OnceLock::new(),
         };
         lock_own(&staged.file).map_err(|e| DestError::io(path, "locking temp file", e))?;
         Ok(staged)
@@ -245,6 +251,7 @@ impl Dest {
                 committed: AtomicBool::new(false),
                 placed: AtomicBool::new(false),
                 discarded: AtomicBool::new(false),
+                direct: OnceLock::new(),
             };
             return Ok(Staged {
                 file,
@@ -407,6 +414,42 @@ impl TempFile {
         match rfs::fallocate(&self.file, rfs::FallocateFlags::KEEP_SIZE, 0, len) {
             Ok(()) | Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => Ok(()),
             Err(e) => Err(DestError::io(&self.path, "reserving space", e)),
+        }
+    }
+
+    /// Whether [`TempFile::write_direct`] goes past the page cache: only where the rename over
+    /// the old file would write the new one back anyway (ext4, see [`super::direct`]). For a
+    /// file that replaces an existing one; decided (and the descriptor opened) on first ask.
+    pub fn writes_direct(&self) -> bool {
+        self.direct
+            .get_or_init(|| {
+                let d = Direct::for_replacement(&*self.dir, &self.file);
+                if d.is_some() {
+                    crate::trace!("dest", "{}: writing past the page cache", self.path);
+                }
+                d
+            })
+            .is_some()
+    }
+
+    /// Writes `src` at `at` through a private copy that `inspect` sees first, so what it sees
+    /// (to hash) is exactly what is written even if `src` is a mapping someone else changes.
+    /// Past the page cache if [`TempFile::writes_direct`], else a plain copy and write.
+    pub fn write_direct<R>(
+        &self,
+        src: &[u8],
+        at: u64,
+        inspect: impl FnOnce(&[u8]) -> R,
+    ) -> std::io::Result<R> {
+        match self.direct.get().and_then(Option::as_ref) {
+            Some(d) => d.write_copy(&self.file, src, at, inspect),
+            None => {
+                use std::os::unix::fs::FileExt;
+                let copy = src.to_vec();
+                let r = inspect(&copy);
+                self.file.write_all_at(&copy, at)?;
+                Ok(r)
+            }
         }
     }
 

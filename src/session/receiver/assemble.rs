@@ -244,6 +244,18 @@ impl Ctx {
                 return Ok(Some(cv));
             }
             let t = self.temp_file(inc)?;
+            if self.direct(inc, &t) {
+                // The copy is hashed, then written; the disk write needs no serializing (see
+                // `Incoming::write`): it waits on the device, not spinning on the inode lock.
+                let cv = t
+                    .write_direct(data, k * CHUNK, |copy| hash::chunk_cv(k, copy))
+                    .map_err(|e| self.write_error(inc, e))?;
+                if want.is_some_and(|w| *w != cv) {
+                    return Ok(None);
+                }
+                record(k, data.len(), cv);
+                return Ok(Some(cv));
+            }
             let cv = hash::stream_cv(k, data, |off, piece| {
                 let at = k * CHUNK + off as u64;
                 if sparse && is_zero(piece) {
@@ -418,6 +430,24 @@ impl Ctx {
         });
     }
 
+    /// Whether `inc`'s chunks are written into `t` past the page cache: a big file that
+    /// replaces a regular one, on a filesystem that would otherwise write the new file back
+    /// inside the rename (ext4; see `engine::dest::direct`). Not for a sparse file (its holes),
+    /// a clone or `--inplace` (only changed pages are written there), nor with
+    /// `DEVSYNC_NO_DIRECT` set (to measure what it saves).
+    fn direct(&self, inc: &Incoming, t: &TempFile) -> bool {
+        let eligible = {
+            let st = lock(&inc.st);
+            !self.no_direct
+                && inc.before.is_some_and(|b| b.kind == LocalKind::File)
+                && inc.size.max(st.new_len) >= DIRECT_MIN
+                && !st.sparse
+                && !st.cloned
+                && !st.inplace
+        };
+        eligible && t.writes_direct()
+    }
+
     /// The file the current attempt writes into, created on first use.
     fn temp_file(&self, inc: &Incoming) -> Result<Arc<TempFile>, FileError> {
         if let Some(t) = &lock(&inc.st).temp {
@@ -574,7 +604,10 @@ impl Ctx {
                 .and_then(|b| b.chunk(k))
                 .filter(|old| old.len() == data.len())
                 .map(|old| delta::changed_runs(old, &data));
-            {
+            if runs.is_none() && !sparse && self.direct(inc, &t) {
+                t.write_direct(&data, k * CHUNK, |_| ())
+                    .map_err(|e| self.write_error(inc, e))?;
+            } else {
                 let _serial = lock(&inc.write);
                 match &runs {
                     Some(runs) => {

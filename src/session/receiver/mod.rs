@@ -40,6 +40,9 @@ mod planning;
 const RECV_BUDGET: usize = 64 << 20;
 /// Files at least this big get their blocks reserved before writing.
 const PREALLOCATE_MIN: u64 = 1 << 20;
+/// Replacements at least this big are written past the page cache where that pays
+/// (`Ctx::direct`): below it, a rename's writeback is too small to matter.
+const DIRECT_MIN: u64 = 8 << 20;
 /// A sender that restarts one file more often than this is not acting in good faith.
 const MAX_RESTARTS: u32 = 8;
 
@@ -228,6 +231,8 @@ struct Ctx {
     /// A reflink clone failed here once (ext4, tmpfs, another filesystem per file): do not
     /// try again this session.
     no_reflink: AtomicBool,
+    /// `DEVSYNC_NO_DIRECT`: big replacements go through the page cache everywhere.
+    no_direct: bool,
     /// `--inplace`: the inodes (device, inode) opened as delta bases this session, and whether
     /// for writing. A file is only updated in place if no other path of this sync (a hard
     /// link) maps the same inode, and a path whose inode is being updated is not mapped.
@@ -312,6 +317,7 @@ impl Session {
             fatal: self.fatal.clone(),
             done: Mutex::new(None),
             no_reflink: AtomicBool::new(std::env::var_os("DEVSYNC_NO_REFLINK").is_some()),
+            no_direct: std::env::var_os("DEVSYNC_NO_DIRECT").is_some(),
             base_inodes: Mutex::new(HashMap::new()),
         });
         let (plan_tx, plan_rx) = mpsc::channel::<PlanItem>();
