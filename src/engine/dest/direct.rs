@@ -12,9 +12,12 @@
 //! Where the rename does not flush (new files, other filesystems, `noauto_da_alloc`), the
 //! page cache is faster and nothing here is used.
 //!
+//! What cannot go direct (an unaligned tail, everything on a filesystem that refuses direct
+//! writes) goes through the page cache and is written back before the write returns, so the
+//! whole file is on the device before the rename, not only most of it.
+//!
 //! Must not: be used for a file that is not replacing one (it would trade a deferred write for
-//! a synchronous one), nor leave a write half done on an unaligned or refused request: those
-//! go through the ordinary descriptor.
+//! a synchronous one); leave anything it wrote only in the page cache.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -26,8 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rustix::fs::{self as rfs, CWD, Mode, OFlags};
 use rustix::io::Errno;
 
-/// Offset, length and memory alignment asked of direct writes: the page size, which covers
-/// the logical block size of every device this runs on.
+/// Offset, length and memory alignment asked of direct writes: covers the logical block size
+/// and the memory alignment of every block device in use (512 or 4096 bytes).
 const ALIGN: usize = 4096;
 const EXT4_SUPER_MAGIC: i64 = 0xEF53;
 
@@ -54,29 +57,37 @@ impl Direct {
         // Through /proc the same open file is reached whatever its name (an O_TMPFILE has
         // none yet).
         let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-        let fd = rfs::openat(
+        let opened = rfs::openat(
             CWD,
             path.as_str(),
             OFlags::WRONLY | OFlags::DIRECT | OFlags::CLOEXEC,
             Mode::empty(),
-        )
-        .ok()?;
-        Some(Direct {
-            file: File::from(fd),
-            refused: AtomicBool::new(false),
-        })
+        );
+        match opened {
+            Ok(fd) => Some(Direct {
+                file: File::from(fd),
+                refused: AtomicBool::new(false),
+            }),
+            Err(e) => {
+                crate::trace!(
+                    "dest",
+                    "no O_DIRECT descriptor ({e}): through the page cache"
+                );
+                None
+            }
+        }
     }
 
-    /// Copies `src` into an aligned private buffer, lets `inspect` see the copy, then writes
-    /// exactly that copy at `at`: its aligned part directly, an unaligned tail through
-    /// `buffered`. `inspect` sees precisely the bytes that end up in the file even if `src`
-    /// is a mapping someone else is changing.
+    /// Copies `src` into an aligned private buffer and lets `inspect` see the copy; if it
+    /// says so, writes exactly that copy at `at`: its aligned part directly, an unaligned tail
+    /// through `buffered` (then written back). `inspect` sees precisely the bytes that end up
+    /// in the file even if `src` is a mapping someone else is changing.
     pub(super) fn write_copy<R>(
         &self,
         buffered: &File,
         src: &[u8],
         at: u64,
-        inspect: impl FnOnce(&[u8]) -> R,
+        inspect: impl FnOnce(&[u8]) -> (R, bool),
     ) -> io::Result<R> {
         BUF.with(|cell| match cell.try_borrow_mut() {
             Ok(mut buf) => {
@@ -88,15 +99,20 @@ impl Direct {
                     .get_mut(start..start + src.len())
                     .ok_or_else(|| io::Error::other("direct-write buffer misaligned"))?;
                 copy.copy_from_slice(src);
-                let r = inspect(copy);
-                self.write_at(buffered, copy, at)?;
+                let (r, write) = inspect(copy);
+                if write {
+                    self.write_at(buffered, copy, at)?;
+                }
                 Ok(r)
             }
             // Only if `inspect` itself wrote: a plain copy then.
             Err(_) => {
                 let copy = src.to_vec();
-                let r = inspect(&copy);
-                buffered.write_all_at(&copy, at)?;
+                let (r, write) = inspect(&copy);
+                if write {
+                    buffered.write_all_at(&copy, at)?;
+                    write_back(buffered, at, copy.len())?;
+                }
                 Ok(r)
             }
         })
@@ -128,9 +144,30 @@ impl Direct {
             }
         }
         match data.get(done..) {
-            Some(rest) if !rest.is_empty() => buffered.write_all_at(rest, at + done as u64),
+            Some(rest) if !rest.is_empty() => {
+                buffered.write_all_at(rest, at + done as u64)?;
+                write_back(buffered, at + done as u64, rest.len())
+            }
             _ => Ok(()),
         }
+    }
+}
+
+/// Writes `[at, at + len)` of `file` back to the device and waits for it, as a direct write
+/// would have: without this, a range written into reserved blocks would be left to the
+/// flusher, and a crash after the rename could show it as zeros.
+fn write_back(file: &File, at: u64, len: usize) -> io::Result<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    let (Ok(off), Ok(n)) = (i64::try_from(at), i64::try_from(len)) else {
+        return Err(io::Error::other("range too large"));
+    };
+    // SAFETY: a plain system call on a descriptor `file` keeps open; no memory is passed.
+    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, flags) };
+    match r {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 
@@ -142,7 +179,7 @@ fn is_ext4(fs: &rfs::StatFs) -> bool {
 
 /// Whether a rename over an existing file in `dir`'s filesystem writes the new file back
 /// first: ext4 with delayed allocation and `auto_da_alloc`, as it is by default.
-fn flushes_at_replace(dir: &impl AsFd) -> bool {
+pub(super) fn flushes_at_replace(dir: &impl AsFd) -> bool {
     let Ok(fs) = rfs::fstatfs(dir) else {
         return false;
     };
@@ -154,14 +191,30 @@ fn flushes_at_replace(dir: &impl AsFd) -> bool {
     };
     let dev = format!("{}:{}", rfs::major(st.st_dev), rfs::minor(st.st_dev));
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    !info
+    flushes_in(&info, &dev)
+}
+
+/// The same, from `/proc/self/mountinfo` text for the device `major:minor`. Its lines are
+/// `id parent major:minor root mountpoint options [optional fields] - fstype source super`:
+/// the mount must be by the ext4 driver (ext2 and ext3 share its magic number) and its super
+/// options must not turn delayed allocation or `auto_da_alloc` off. Unknown: no.
+fn flushes_in(info: &str, dev: &str) -> bool {
+    let mut supers = info
         .lines()
-        .filter(|l| l.split(' ').nth(2) == Some(dev.as_str()))
+        .filter(|l| l.split(' ').nth(2) == Some(dev))
         .filter_map(|l| l.split(" - ").nth(1))
-        .filter_map(|tail| tail.split(' ').nth(2))
-        .any(|opts| {
-            opts.split(',')
-                .any(|o| matches!(o, "noauto_da_alloc" | "nodelalloc" | "data=journal"))
+        .map(|tail| {
+            let mut f = tail.split(' ');
+            (f.next(), f.nth(1))
+        })
+        .peekable();
+    supers.peek().is_some()
+        && supers.all(|(fstype, opts)| {
+            fstype == Some("ext4")
+                && !opts
+                    .unwrap_or_default()
+                    .split(',')
+                    .any(|o| matches!(o, "noauto_da_alloc" | "nodelalloc" | "data=journal"))
         })
 }
 
@@ -221,7 +274,7 @@ mod tests {
         ];
         for &(at, n) in &pieces {
             let seen = direct
-                .write_copy(&f, &want[at..at + n], at as u64, |c| c.to_vec())
+                .write_copy(&f, &want[at..at + n], at as u64, |c| (c.to_vec(), true))
                 .unwrap();
             assert_eq!(seen, &want[at..at + n]);
         }
@@ -234,21 +287,25 @@ mod tests {
 
     #[test]
     fn only_a_default_ext4_counts_as_flushing() {
-        let d = tmp("fs");
-        let dir = File::open(&d).unwrap();
-        let fs = rfs::fstatfs(&dir).unwrap();
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let ext4_default = is_ext4(&fs)
-            && !info.contains("noauto_da_alloc")
-            && !info.contains("nodelalloc")
-            && !info.contains("data=journal");
-        if ext4_default {
-            assert!(flushes_at_replace(&dir));
-        } else if !is_ext4(&fs) {
-            assert!(!flushes_at_replace(&dir));
+        let line = |dev: &str, fstype: &str, opts: &str| {
+            format!("36 25 {dev} / /mnt rw,relatime shared:1 - {fstype} /dev/x {opts}\n")
+        };
+        let info = [
+            line("8:1", "ext4", "rw,errors=remount-ro"),
+            line("8:2", "ext4", "rw,noauto_da_alloc"),
+            line("8:3", "ext4", "rw,nodelalloc"),
+            line("8:4", "ext4", "rw,data=journal"),
+            line("8:5", "ext3", "rw"),
+            line("8:6", "xfs", "rw"),
+            // A bind mount of 8:1 shows the same super options.
+            line("8:1", "ext4", "rw,errors=remount-ro"),
+        ]
+        .concat();
+        assert!(flushes_in(&info, "8:1"));
+        for dev in ["8:2", "8:3", "8:4", "8:5", "8:6", "8:9", "8:1x"] {
+            assert!(!flushes_in(&info, dev), "{dev}");
         }
         // /proc is never ext4.
         assert!(!flushes_at_replace(&File::open("/proc").unwrap()));
-        std::fs::remove_dir_all(&d).unwrap();
     }
 }

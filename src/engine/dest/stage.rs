@@ -433,24 +433,34 @@ impl TempFile {
     }
 
     /// Writes `src` at `at` through a private copy that `inspect` sees first, so what it sees
-    /// (to hash) is exactly what is written even if `src` is a mapping someone else changes.
-    /// Past the page cache if [`TempFile::writes_direct`], else a plain copy and write.
+    /// (to hash) is exactly what is written even if `src` is a mapping someone else changes;
+    /// `inspect` also says whether to write it at all. Past the page cache if
+    /// [`TempFile::writes_direct`], else a plain copy and write.
     pub fn write_direct<R>(
         &self,
         src: &[u8],
         at: u64,
-        inspect: impl FnOnce(&[u8]) -> R,
+        inspect: impl FnOnce(&[u8]) -> (R, bool),
     ) -> std::io::Result<R> {
         match self.direct.get().and_then(Option::as_ref) {
             Some(d) => d.write_copy(&self.file, src, at, inspect),
             None => {
                 use std::os::unix::fs::FileExt;
                 let copy = src.to_vec();
-                let r = inspect(&copy);
-                self.file.write_all_at(&copy, at)?;
+                let (r, write) = inspect(&copy);
+                if write {
+                    self.file.write_all_at(&copy, at)?;
+                }
                 Ok(r)
             }
         }
+    }
+
+    /// Whether a rename of this file over an existing one writes it back first (ext4's
+    /// `auto_da_alloc`), which makes a crash show the old content or the new, never zeros,
+    /// unless the file's blocks were reserved ([`TempFile::preallocate`]) beforehand.
+    pub fn rename_flushes(&self) -> bool {
+        super::direct::flushes_at_replace(&*self.dir)
     }
 
     /// Makes `[off, off + len)` a hole (for a reused partial whose old bytes there must go;

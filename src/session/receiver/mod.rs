@@ -34,6 +34,7 @@ use crate::proto::{Event, FileId, FrameReader, Msg, Stamp, Stats, SyncOptions};
 
 mod assemble;
 mod finish;
+mod matching;
 mod planning;
 
 /// File data received but not yet written to disk.
