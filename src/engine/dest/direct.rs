@@ -143,13 +143,14 @@ impl Direct {
                 }
             }
         }
-        match data.get(done..) {
-            Some(rest) if !rest.is_empty() => {
-                buffered.write_all_at(rest, at + done as u64)?;
-                write_back(buffered, at + done as u64, rest.len())
-            }
-            _ => Ok(()),
+        if let Some(rest) = data.get(done..).filter(|r| !r.is_empty()) {
+            buffered.write_all_at(rest, at + done as u64)?;
         }
+        // The whole range, not only what went through the page cache here: ext4 quietly
+        // falls back to buffered writes for some files (encrypted ones, data journalling set
+        // on the inode). Where the direct write really went to the device this finds no dirty
+        // page and returns at once.
+        write_back(buffered, at, data.len())
     }
 }
 
@@ -157,6 +158,10 @@ impl Direct {
 /// would have: without this, a range written into reserved blocks would be left to the
 /// flusher, and a crash after the rename could show it as zeros.
 fn write_back(file: &File, at: u64, len: usize) -> io::Result<()> {
+    if len == 0 {
+        // (0 would mean "to the end of the file".)
+        return Ok(());
+    }
     let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
         | libc::SYNC_FILE_RANGE_WRITE
         | libc::SYNC_FILE_RANGE_WAIT_AFTER;

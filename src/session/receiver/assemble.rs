@@ -173,15 +173,14 @@ impl Ctx {
             let in_place = st.resumed == 0 && st.base.as_ref().is_some_and(|b| b.writable);
             !st.sparse && !in_place
         };
-        // On ext4 a rename over the old file writes the new one back first, so a crash shows
-        // the old content or the new; reserved blocks would skip that and could show zeros.
-        // There a replacement is reserved only if it is written directly (`direct`), which
-        // puts it on the device before the rename anyway.
-        let keep_flush = reserve
-            && inc.before.is_some_and(|b| b.kind == LocalKind::File)
-            && (self.no_direct || inc.size < DIRECT_MIN)
-            && t.rename_flushes();
         if inc.size >= PREALLOCATE_MIN && reserve {
+            // On ext4 a rename over the old file writes the new one back first, so a crash
+            // shows the old content or the new; reserved blocks would skip that and could
+            // show zeros. There a replacement is reserved only if it is written directly
+            // (`direct`), which puts it on the device before the rename anyway.
+            let keep_flush = inc.before.is_some_and(|b| b.kind == LocalKind::File)
+                && t.rename_flushes()
+                && !(!self.no_direct && inc.size >= DIRECT_MIN && t.writes_direct());
             match keep_flush {
                 true => crate::trace!("recv", "{}: not reserved (the rename flushes it)", inc.path),
                 false => t.preallocate(inc.size).map_err(report)?,
@@ -206,9 +205,12 @@ impl Ctx {
                 return Err(FileError::Digest);
             }
             let t = self.temp_file(inc)?;
-            t.file()
-                .write_all_at(data, 0)
-                .map_err(|e| self.write_error(inc, e))?;
+            // (Listed big, it may have been reserved: then it goes direct too.)
+            match self.direct(inc, &t) {
+                true => t.write_direct(data, 0, |_| ((), true)),
+                false => t.file().write_all_at(data, 0),
+            }
+            .map_err(|e| self.write_error(inc, e))?;
             if t.is_partial() {
                 // Listed big, sent small: what an earlier attempt left beyond it must go.
                 t.set_len(data.len() as u64).map_err(FileError::Dest)?;

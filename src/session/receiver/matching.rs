@@ -122,7 +122,8 @@ impl Ctx {
         };
         // Our copy is a live mapping that another process could rewrite in place, so a chunk
         // is never hashed from it and then written from it again: it streams through a small
-        // private buffer that is hashed and written piece by piece. Returns the chunk's
+        // private buffer that is hashed and written piece by piece (written directly, through
+        // a private copy of the whole chunk, hashed before it is written). Returns the chunk's
         // chaining value; it is recorded (the chunk counts as written) only if it is `want`.
         let stream = |k: u64, data: &[u8], want: Option<&Cv>| -> Result<Option<Cv>, FileError> {
             if same_span(k) && clone_base() {
