@@ -5,7 +5,8 @@ A 1 GiB random file with three 4 KiB edits is pushed onto its old copy on a "dev
 real OpenSSH (sshd behind `devsync serve --upstream`, a bench user with a pyenv-style
 .bashrc: benches/watch.py's Env), against rsync over ssh -> openssl s_client -> stunnel ->
 the same sshd, as the official devbox CLI runs it. All tools alternate round by round, the
-old copy restored (and its mtime set older) before every run; medians and min–max.
+old copy restored (and its mtime set older) and the edited file's ctime refreshed before
+every run; medians and min–max.
 
 Env: ROUNDS=5, BENCH_DIR (where big.orig / big.edit are; benches/compare.sh makes them).
 """
@@ -58,6 +59,11 @@ def main():
         for r in range(ROUNDS):
             for name, cmd, d, e in jobs:
                 restore(d)()
+                # The edit is new to this push, as an edit since the last push would be (the
+                # old copy was put back, not pushed): devsync hashes big files changed since
+                # its last push of the same trees before the receiver asks. Same as reflink.py.
+                st = os.stat(f'{src}/big.bin')
+                os.utime(f'{src}/big.bin', ns=(st.st_atime_ns, st.st_mtime_ns))
                 subprocess.run(['sync'])
                 t = time.perf_counter()
                 subprocess.run(cmd, check=True, capture_output=True, env=e)
