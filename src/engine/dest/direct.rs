@@ -20,10 +20,12 @@
 //! a synchronous one); leave anything it wrote only in the page cache.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{self as rfs, CWD, Mode, OFlags};
@@ -194,9 +196,19 @@ pub(super) fn flushes_at_replace(dir: &impl AsFd) -> bool {
     let Ok(st) = rfs::fstat(dir) else {
         return false;
     };
-    let dev = format!("{}:{}", rfs::major(st.st_dev), rfs::minor(st.st_dev));
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    flushes_in(&info, &dev)
+    // Asked for every big replaced file, and mountinfo can be long (thousands of mounts on a
+    // container host): read once per device for the process's life. (A remount meanwhile
+    // keeps the old answer; either answer leaves files whole and verified.)
+    static KNOWN: Mutex<Option<HashMap<rfs::Dev, bool>>> = Mutex::new(None);
+    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    *known
+        .get_or_insert_with(HashMap::new)
+        .entry(st.st_dev)
+        .or_insert_with(|| {
+            let dev = format!("{}:{}", rfs::major(st.st_dev), rfs::minor(st.st_dev));
+            let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            flushes_in(&info, &dev)
+        })
 }
 
 /// The same, from `/proc/self/mountinfo` text for the device `major:minor`. Its lines are
