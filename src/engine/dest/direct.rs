@@ -56,20 +56,8 @@ impl Direct {
         if !flushes_at_replace(dir) {
             return None;
         }
-        // Through /proc the same open file is reached whatever its name (an O_TMPFILE has
-        // none yet).
-        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-        let opened = rfs::openat(
-            CWD,
-            path.as_str(),
-            OFlags::WRONLY | OFlags::DIRECT | OFlags::CLOEXEC,
-            Mode::empty(),
-        );
-        match opened {
-            Ok(fd) => Some(Direct {
-                file: File::from(fd),
-                refused: AtomicBool::new(false),
-            }),
+        match Direct::open(file) {
+            Ok(d) => Some(d),
             Err(e) => {
                 crate::trace!(
                     "dest",
@@ -78,6 +66,23 @@ impl Direct {
                 None
             }
         }
+    }
+
+    /// `file` opened again with `O_DIRECT`, whatever its filesystem.
+    fn open(file: &File) -> rustix::io::Result<Direct> {
+        // Through /proc the same open file is reached whatever its name (an O_TMPFILE has
+        // none yet).
+        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let fd = rfs::openat(
+            CWD,
+            path.as_str(),
+            OFlags::WRONLY | OFlags::DIRECT | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Direct {
+            file: File::from(fd),
+            refused: AtomicBool::new(false),
+        })
     }
 
     /// Copies `src` into an aligned private buffer and lets `inspect` see the copy; if it
@@ -108,15 +113,7 @@ impl Direct {
                 Ok(r)
             }
             // Only if `inspect` itself wrote: a plain copy then.
-            Err(_) => {
-                let copy = src.to_vec();
-                let (r, write) = inspect(&copy);
-                if write {
-                    buffered.write_all_at(&copy, at)?;
-                    write_back(buffered, at, copy.len())?;
-                }
-                Ok(r)
-            }
+            Err(_) => write_copied(buffered, src, at, inspect),
         })
     }
 
@@ -154,6 +151,23 @@ impl Direct {
         // page and returns at once.
         write_back(buffered, at, data.len())
     }
+}
+
+/// [`Direct::write_copy`] without the direct part: copies `src`, lets `inspect` see the copy
+/// and, if it says so, writes that copy at `at` through `file` and writes it back.
+pub(super) fn write_copied<R>(
+    file: &File,
+    src: &[u8],
+    at: u64,
+    inspect: impl FnOnce(&[u8]) -> (R, bool),
+) -> io::Result<R> {
+    let copy = src.to_vec();
+    let (r, write) = inspect(&copy);
+    if write {
+        file.write_all_at(&copy, at)?;
+        write_back(file, at, copy.len())?;
+    }
+    Ok(r)
 }
 
 /// Writes `[at, at + len)` of `file` back to the device and waits for it, as a direct write
@@ -240,43 +254,20 @@ mod tests {
     use super::*;
     use rand::{RngCore, SeedableRng};
 
-    fn tmp(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("devsync-direct-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    /// Opens the O_DIRECT descriptor whatever the filesystem (the test's temp dir may not be
-    /// ext4): the writing logic is what is checked here.
-    fn open_direct(f: &File) -> Option<Direct> {
-        let path = format!("/proc/self/fd/{}", f.as_raw_fd());
-        let fd = rfs::openat(
-            CWD,
-            path.as_str(),
-            OFlags::WRONLY | OFlags::DIRECT | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ok()?;
-        Some(Direct {
-            file: File::from(fd),
-            refused: AtomicBool::new(false),
-        })
-    }
-
     #[test]
     fn writes_exactly_what_it_shows_at_any_alignment() {
-        let d = tmp("write");
+        let td = tempfile::tempdir().unwrap();
         let f = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(d.join("f"))
+            .open(td.path().join("f"))
             .unwrap();
-        // Where the filesystem has no O_DIRECT (tmpfs on older kernels) the buffered
-        // fallback is what runs: the result must be the same.
-        let direct = open_direct(&f).unwrap_or(Direct {
+        // Opened whatever the filesystem (the test's temp dir may not be ext4): the writing
+        // logic is what is checked. Where it has no O_DIRECT (tmpfs on older kernels) the
+        // buffered fallback is what runs: the result must be the same.
+        let direct = Direct::open(&f).unwrap_or(Direct {
             file: f.try_clone().unwrap(),
             refused: AtomicBool::new(true),
         });
@@ -299,7 +290,6 @@ mod tests {
         let mut got = vec![0u8; end];
         f.read_exact_at(&mut got, 0).unwrap();
         assert!(got == want[..end], "the file differs from what was written");
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

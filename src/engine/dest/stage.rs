@@ -435,7 +435,7 @@ impl TempFile {
     /// Writes `src` at `at` through a private copy that `inspect` sees first, so what it sees
     /// (to hash) is exactly what is written even if `src` is a mapping someone else changes;
     /// `inspect` also says whether to write it at all. Past the page cache if
-    /// [`TempFile::writes_direct`], else a plain copy and write.
+    /// [`TempFile::writes_direct`], else through it and written back.
     pub fn write_direct<R>(
         &self,
         src: &[u8],
@@ -444,15 +444,7 @@ impl TempFile {
     ) -> std::io::Result<R> {
         match self.direct.get().and_then(Option::as_ref) {
             Some(d) => d.write_copy(&self.file, src, at, inspect),
-            None => {
-                use std::os::unix::fs::FileExt;
-                let copy = src.to_vec();
-                let (r, write) = inspect(&copy);
-                if write {
-                    self.file.write_all_at(&copy, at)?;
-                }
-                Ok(r)
-            }
+            None => super::direct::write_copied(&self.file, src, at, inspect),
         }
     }
 

@@ -180,7 +180,7 @@ impl Ctx {
             // (`direct`), which puts it on the device before the rename anyway.
             let keep_flush = inc.before.is_some_and(|b| b.kind == LocalKind::File)
                 && t.rename_flushes()
-                && !(!self.no_direct && inc.size >= DIRECT_MIN && t.writes_direct());
+                && !self.direct(inc, &t);
             match keep_flush {
                 true => crate::trace!("recv", "{}: not reserved (the rename flushes it)", inc.path),
                 false => t.preallocate(inc.size).map_err(report)?,
