@@ -38,6 +38,8 @@ Usage: benches/compare.sh shaped   (or python3 benches/shaped.py; needs root, op
   RATES="20mbit 100mbit"  tc rates, one run each;  ROUNDS=3;  BENCH_DIR=/tmp/devsync-bench
   TOOLS="OpenSSH,rsync -a"  only these tools (substrings of their names; rsync -az always)
   CRATES_SRC=~/.cargo/registry/src  where the source tree is taken from.
+  REMOTE_FS=ext4  the remote copies go to a fresh loop-mounted ext4 image per rate (the
+                  receiving side starts as a devbox's disk does); root: the root filesystem.
   Each run's stderr goes to $BENCH_DIR/shaped-RATE.log (with DEVSYNC_TRACE=1: devsync's
   timed milestones), the numbers to $BENCH_DIR/shaped-RATE.json.
 """
@@ -59,6 +61,7 @@ NS = 'devsync-shaped'
 SRC = f'{DATA}/shaped-src'
 TRASH = f'{DATA}/shaped-trash'
 TREE_BYTES = 110 << 20
+REMOTE_FS = os.environ.get('REMOTE_FS', 'ext4')
 PROBE = 28999  # the port the link rate is measured on
 # What a client connects to: stunnel, the two devsync gateways, their key APIs (watch.Env).
 CLIENT_PORTS = (22443, 28543, 28544, 28180, 28181, PROBE)
@@ -76,11 +79,56 @@ _trash_n = [0]
 
 def rm(p):
     """Out of the way by rename (ext4 crawls after mass deletes), emptied at the very end.
-    One trash for everything: the data, the env and the bench user's home share a disk."""
+    One trash per filesystem: the data, the env and the bench user's home share the root
+    disk; the remote copies have a filesystem of their own (see RemoteFs)."""
     if os.path.lexists(p):
-        os.makedirs(TRASH, exist_ok=True)
+        trash = TRASH
+        if REMOTE_FS != 'root' and os.path.abspath(p).startswith(remote_dir() + '/'):
+            trash = f'{remote_dir()}/.trash'
+        os.makedirs(trash, exist_ok=True)
         _trash_n[0] += 1
-        os.rename(p, f'{TRASH}/{os.getpid()}-{_trash_n[0]}')
+        os.rename(p, f'{trash}/{os.getpid()}-{_trash_n[0]}')
+
+
+def remote_dir():
+    """Where every tool's remote copies go (the bench user's, as watch.Env sets it up)."""
+    return f'{os.path.expanduser("~" + watch.USER)}/remote'
+
+
+class RemoteFs:
+    """A fresh ext4 filesystem for the remote copies, one per rate (REMOTE_FS=ext4, the
+    default): the receiving side of every tool starts where a devbox's disk is, not on a root
+    filesystem that earlier runs filled and emptied (after a mass delete, ext4's inode
+    allocation crawls through recently freed inodes: one run's rsync -az took 2.1 s, a
+    later run's 3.3 to 5.9 s on the same link). The loop device is in direct-I/O mode so the
+    image's pages are not cached twice; inode tables and journal are written at mkfs time,
+    not by a background thread during the run."""
+
+    def __init__(self):
+        self.img = f'{DATA}/shaped-remote.img'
+        self.mnt = remote_dir()
+        self.dev = None
+        if REMOTE_FS == 'root':
+            return
+        if REMOTE_FS != 'ext4':
+            raise SystemExit(f'REMOTE_FS={REMOTE_FS}: use ext4 (a fresh image) or root')
+        if os.path.ismount(self.mnt):
+            subprocess.run(['umount', self.mnt], check=False)
+        rm(self.mnt)
+        os.makedirs(self.mnt)
+        with open(self.img, 'wb') as f:
+            f.truncate(4 << 30)
+        sh(['mkfs.ext4', '-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', self.img])
+        self.dev = sh(['losetup', '--direct-io=on', '--show', '-f', self.img]).stdout.strip()
+        sh(['mount', self.dev, self.mnt])
+        sh(['chown', f'{watch.USER}:{watch.USER}', self.mnt])
+
+    def close(self):
+        if self.dev is None:
+            return
+        subprocess.run(['umount', self.mnt], check=False)
+        subprocess.run(['losetup', '-d', self.dev], check=False)
+        os.remove(self.img)
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -365,7 +413,8 @@ def main():
         for rate in RATES:
             # What an earlier rate's run left behind goes to the trash, not through rmtree.
             rm(f'{DATA}/env')
-            rm(f'{os.path.expanduser("~" + watch.USER)}/remote')
+            rm(remote_dir())
+            fs = RemoteFs()
             sh(['ip', 'netns', 'add', NS])
             try:
                 sh(['ip', '-n', NS, 'link', 'set', 'lo', 'mtu', '1500', 'up'])
@@ -383,6 +432,7 @@ def main():
                     except ProcessLookupError:
                         pass
                 subprocess.run(['ip', 'netns', 'del', NS], check=False)
+                fs.close()
     finally:
         # The copies go; env/ stays for its logs.
         for p in (f'{DATA}/env/remote-serve', f'{os.path.expanduser("~" + watch.USER)}/remote',
