@@ -91,8 +91,21 @@ def rm(p):
 
 
 def remote_dir():
-    """Where every tool's remote copies go (the bench user's, as watch.Env sets it up)."""
-    return f'{os.path.expanduser("~" + watch.USER)}/remote'
+    """Where the remote copies go: the bench user's (as watch.Env sets it up), with the
+    serve tool's beside them (see inner)."""
+    home = os.path.expanduser('~' + watch.USER)
+    if not os.path.isabs(home):
+        raise SystemExit(f'no home directory for {watch.USER} (is the user there?)')
+    return f'{home}/remote'
+
+
+def unmount(mnt):
+    """Unmounts `mnt` if it is a mount point (one a killed run left behind included)."""
+    if os.path.ismount(mnt):
+        if subprocess.run(['umount', mnt]).returncode != 0:
+            # Something still has it open (a server that has not exited yet): detach it
+            # now, it goes when they do.
+            subprocess.run(['umount', '-l', mnt], check=False)
 
 
 class RemoteFs:
@@ -105,19 +118,23 @@ class RemoteFs:
     not by a background thread during the run."""
 
     def __init__(self):
+        if subprocess.run(['id', watch.USER], capture_output=True).returncode != 0:
+            sh(['useradd', '-m', '-s', '/bin/bash', watch.USER])  # as watch.Env would
         self.img = f'{DATA}/shaped-remote.img'
         self.mnt = remote_dir()
         self.dev = None
+        unmount(self.mnt)
+        rm(self.mnt)
         if REMOTE_FS == 'root':
             return
         if REMOTE_FS != 'ext4':
             raise SystemExit(f'REMOTE_FS={REMOTE_FS}: use ext4 (a fresh image) or root')
-        if os.path.ismount(self.mnt):
-            subprocess.run(['umount', self.mnt], check=False)
-        rm(self.mnt)
         os.makedirs(self.mnt)
+        # Sparse: only what is written takes space. Room for every round's copies of every
+        # tool (they go to the image's own trash, emptied with the image): 5 rounds of 6
+        # tools are ~3.5 GB and ~400k inodes.
         with open(self.img, 'wb') as f:
-            f.truncate(4 << 30)
+            f.truncate(16 << 30)
         sh(['mkfs.ext4', '-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', self.img])
         self.dev = sh(['losetup', '--direct-io=on', '--show', '-f', self.img]).stdout.strip()
         sh(['mount', self.dev, self.mnt])
@@ -126,9 +143,10 @@ class RemoteFs:
     def close(self):
         if self.dev is None:
             return
-        subprocess.run(['umount', self.mnt], check=False)
+        unmount(self.mnt)
         subprocess.run(['losetup', '-d', self.dev], check=False)
         os.remove(self.img)
+        self.dev = None
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -312,6 +330,10 @@ def inner(rate):
     print(f'[{rate}] link rate measured in {NS}: {mbit:.1f} Mbit/s on the shaped ports, '
           f'{fast:.0f} Mbit/s unshaped (gateway -> sshd); one TCP stream, 20 MB', flush=True)
     env = watch.Env()
+    if REMOTE_FS != 'root':
+        # devsync serve's copies go to the fresh filesystem too (it runs as root).
+        env.remote['serve'] = f'{remote_dir()}/via-serve'
+        os.makedirs(env.remote['serve'], exist_ok=True)
     log = open(f'{DATA}/shaped-{rate}.log', 'w')
     try:
         ssh_config = env.official_cli()
@@ -413,10 +435,9 @@ def main():
         for rate in RATES:
             # What an earlier rate's run left behind goes to the trash, not through rmtree.
             rm(f'{DATA}/env')
-            rm(remote_dir())
             fs = RemoteFs()
-            sh(['ip', 'netns', 'add', NS])
             try:
+                sh(['ip', 'netns', 'add', NS])
                 sh(['ip', '-n', NS, 'link', 'set', 'lo', 'mtu', '1500', 'up'])
                 shape(rate)
                 subprocess.run(['ip', 'netns', 'exec', NS, sys.executable,
@@ -435,8 +456,8 @@ def main():
                 fs.close()
     finally:
         # The copies go; env/ stays for its logs.
-        for p in (f'{DATA}/env/remote-serve', f'{os.path.expanduser("~" + watch.USER)}/remote',
-                  f'{DATA}/shaped-work'):
+        unmount(remote_dir())
+        for p in (f'{DATA}/env/remote-serve', remote_dir(), f'{DATA}/shaped-work'):
             rm(p)
         shutil.rmtree(TRASH, ignore_errors=True)
     print(f'\nsource: {st["files"]} files, {st["bytes"] / 1e6:.1f} MB, gzip -6 {st["ratio"]:.2f}x')

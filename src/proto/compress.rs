@@ -657,7 +657,9 @@ impl Packer {
         // push that remembered the link, each change ending the zstd frame and its history.
         // A saturated window confirms the memory (or not) as before; one that no longer fits
         // the link costs at most START_HOLD.
-        let young = self.began.is_none_or(|t| now - t < START_HOLD);
+        let young = self
+            .began
+            .is_none_or(|t| now.saturating_duration_since(t) < START_HOLD);
         if self.ctl.raw_remembered && young && w.share(w.blocked) < 0.5 {
             return;
         }
@@ -1249,11 +1251,16 @@ mod tests {
             raw_bps: 12_000_000,
         };
         let text: Vec<Vec<u8>> = (0..32).map(|k| hex_noise(k, 1 << 20)).collect();
-        let far = Duration::from_secs(3600);
         for young in [true, false] {
             let mut p = Packer::new(Compress::Auto, Some(memo)).unwrap();
             let now = Instant::now();
-            p.began = Some(if young { now + far } else { now - far });
+            // (Ahead: a session that stays young throughout; behind: one long past it.)
+            p.began = if young {
+                now.checked_add(Duration::from_secs(3600))
+            } else {
+                now.checked_sub(START_HOLD * 2)
+            };
+            assert!(p.began.is_some(), "the clock cannot be set there");
             for t in &text {
                 let wire = p.pack(t).map_or(t.len(), <[u8]>::len);
                 p.wrote(wire, Duration::ZERO);
