@@ -141,6 +141,10 @@ impl Window {
     fn share(&self, d: Duration) -> f64 {
         d.as_secs_f64() / self.wall.as_secs_f64().max(1e-6)
     }
+    /// Blocked most of the time: the drain (link or peer) was the limit.
+    fn saturated(&self) -> bool {
+        self.share(self.blocked) >= 0.5
+    }
     /// Whether there is enough of it to judge by.
     fn judgeable(&self) -> bool {
         (self.wall >= Duration::from_millis(50) && self.raw >= 256 << 10) || self.raw >= 8 << 20
@@ -275,7 +279,7 @@ impl Adaptive {
         let g = w.goodput();
         let blocked = w.share(w.blocked);
         let compressing = w.share(w.compress);
-        let saturated = blocked >= 0.5;
+        let saturated = w.saturated();
         let drain = w.wire as f64 / w.wall.as_secs_f64().max(1e-6);
         // (A probe of raw judged before what was buffered drained, see `Packer::wrote`, may
         // read the link faster than it is; what matters is that it is slow.)
@@ -337,9 +341,11 @@ impl Adaptive {
             }
             // Down to another level only once it is clear (see BOUND_WINDOWS); going raw has
             // its own back-off.
-            self.bound_windows += 1;
-            if below > 0 && self.bound_windows < BOUND_WINDOWS {
-                return self.level();
+            if below > 0 {
+                self.bound_windows += 1;
+                if self.bound_windows < BOUND_WINDOWS {
+                    return self.level();
+                }
             }
             self.bound_windows = 0;
             self.step = below;
@@ -660,7 +666,7 @@ impl Packer {
         let young = self
             .began
             .is_none_or(|t| now.saturating_duration_since(t) < START_HOLD);
-        if self.ctl.raw_remembered && young && w.share(w.blocked) < 0.5 {
+        if self.ctl.raw_remembered && young && !w.saturated() {
             return;
         }
         let level = self.ctl.judge(&w);
