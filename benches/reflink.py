@@ -53,24 +53,10 @@ def same(a, b):
                 return True
 
 
-class Mount:
-    def __init__(self, fs):
-        self.img, self.mnt = f'{DATA}/img-{fs}.img', f'/mnt/devsync-bench-{fs}'
-        if os.path.ismount(self.mnt):
-            subprocess.run(['umount', self.mnt])
-        if os.path.exists(self.img):
-            os.remove(self.img)
-        with open(self.img, 'wb') as f:
-            f.truncate(IMG_GB << 30)
-        sh(MKFS[fs] + [self.img])
-        os.makedirs(self.mnt, exist_ok=True)
-        self.dev = sh(['losetup', '--direct-io=on', '--show', '-f', self.img]).stdout.strip()
-        sh(['mount', self.dev, self.mnt])
-
-    def close(self):
-        subprocess.run(['umount', self.mnt])
-        subprocess.run(['losetup', '-d', self.dev])
-        os.remove(self.img)
+def Mount(fs):
+    """A fresh `fs` image mounted at /mnt/devsync-bench-FS."""
+    return watch.LoopFs(f'{DATA}/img-{fs}.img', f'/mnt/devsync-bench-{fs}', MKFS[fs],
+                        IMG_GB << 30)
 
 
 def bench(fs, path, env, cfg):

@@ -99,54 +99,36 @@ def remote_dir():
     return f'{home}/remote'
 
 
-def unmount(mnt):
-    """Unmounts `mnt` if it is a mount point (one a killed run left behind included)."""
-    if os.path.ismount(mnt):
-        if subprocess.run(['umount', mnt]).returncode != 0:
-            # Something still has it open (a server that has not exited yet): detach it
-            # now, it goes when they do.
-            subprocess.run(['umount', '-l', mnt], check=False)
-
-
 class RemoteFs:
     """A fresh ext4 filesystem for the remote copies, one per rate (REMOTE_FS=ext4, the
     default): the receiving side of every tool starts where a devbox's disk is, not on a root
     filesystem that earlier runs filled and emptied (after a mass delete, ext4's inode
     allocation crawls through recently freed inodes: one run's rsync -az took 2.1 s, a
-    later run's 3.3 to 5.9 s on the same link). The loop device is in direct-I/O mode so the
-    image's pages are not cached twice; inode tables and journal are written at mkfs time,
-    not by a background thread during the run."""
+    later run's 3.3 to 5.9 s on the same link). Inode tables and journal are written at mkfs
+    time, not by a background thread during the run."""
 
     def __init__(self):
-        if subprocess.run(['id', watch.USER], capture_output=True).returncode != 0:
-            sh(['useradd', '-m', '-s', '/bin/bash', watch.USER])  # as watch.Env would
-        self.img = f'{DATA}/shaped-remote.img'
+        watch.ensure_user()  # before its home is looked up and mounted over
         self.mnt = remote_dir()
-        self.dev = None
-        unmount(self.mnt)
+        self.loop = None
+        watch.unmount(self.mnt)
         rm(self.mnt)
         if REMOTE_FS == 'root':
             return
         if REMOTE_FS != 'ext4':
             raise SystemExit(f'REMOTE_FS={REMOTE_FS}: use ext4 (a fresh image) or root')
-        os.makedirs(self.mnt)
         # Sparse: only what is written takes space. Room for every round's copies of every
         # tool (they go to the image's own trash, emptied with the image): 5 rounds of 6
         # tools are ~3.5 GB and ~400k inodes.
-        with open(self.img, 'wb') as f:
-            f.truncate(16 << 30)
-        sh(['mkfs.ext4', '-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', self.img])
-        self.dev = sh(['losetup', '--direct-io=on', '--show', '-f', self.img]).stdout.strip()
-        sh(['mount', self.dev, self.mnt])
+        self.loop = watch.LoopFs(
+            f'{DATA}/shaped-remote.img', self.mnt,
+            ['mkfs.ext4', '-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0'], 16 << 30)
         sh(['chown', f'{watch.USER}:{watch.USER}', self.mnt])
 
     def close(self):
-        if self.dev is None:
-            return
-        unmount(self.mnt)
-        subprocess.run(['losetup', '-d', self.dev], check=False)
-        os.remove(self.img)
-        self.dev = None
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -456,7 +438,7 @@ def main():
                 fs.close()
     finally:
         # The copies go; env/ stays for its logs.
-        unmount(remote_dir())
+        watch.unmount(remote_dir())
         for p in (f'{DATA}/env/remote-serve', remote_dir(), f'{DATA}/shaped-work'):
             rm(p)
         shutil.rmtree(TRASH, ignore_errors=True)

@@ -36,6 +36,44 @@ def sh(cmd, **kw):
                           text=True, **kw)
 
 
+def ensure_user():
+    """The bench user, created if it is not there yet (Env unlocks it for sshd)."""
+    if subprocess.run(['id', USER], capture_output=True).returncode != 0:
+        sh(['useradd', '-m', '-s', '/bin/bash', USER])
+
+
+def unmount(mnt):
+    """Unmounts `mnt` if it is a mount point (one a killed run left behind included)."""
+    if os.path.ismount(mnt):
+        if subprocess.run(['umount', mnt]).returncode != 0:
+            # Something still has it open (a server that has not exited yet): detach it
+            # now, it goes when they do.
+            subprocess.run(['umount', '-l', mnt], check=False)
+
+
+class LoopFs:
+    """A fresh filesystem: a sparse image of `size` bytes at `img`, made by `mkfs` (its argv
+    without the image) and mounted at `mnt` through a loop device in direct-I/O mode, so the
+    image's pages are not cached twice. close() unmounts it and removes the image."""
+
+    def __init__(self, img, mnt, mkfs, size):
+        self.img, self.mnt = img, mnt
+        unmount(mnt)
+        if os.path.exists(img):
+            os.remove(img)
+        with open(img, 'wb') as f:
+            f.truncate(size)
+        sh(mkfs + [img])
+        os.makedirs(mnt, exist_ok=True)
+        self.dev = sh(['losetup', '--direct-io=on', '--show', '-f', img]).stdout.strip()
+        sh(['mount', self.dev, mnt])
+
+    def close(self):
+        unmount(self.mnt)
+        subprocess.run(['losetup', '-d', self.dev], check=False)
+        os.remove(self.img)
+
+
 def pct(xs, p):
     xs = sorted(xs)
     k = (len(xs) - 1) * p / 100
@@ -88,8 +126,7 @@ class Env:
         shutil.rmtree(R, ignore_errors=True)
         os.makedirs(R)
         self.procs = []
-        if subprocess.run(['id', USER], capture_output=True).returncode != 0:
-            sh(['useradd', '-m', '-s', '/bin/bash', USER])
+        ensure_user()
         sh(['usermod', '-p', '*', USER])  # no password, but not locked (sshd refuses those)
         self.home = os.path.expanduser(f'~{USER}')
         # A login shell like a dev box's: pyenv and nvm set up in ~/.bashrc (~0.1 s of work).
