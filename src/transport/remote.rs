@@ -306,22 +306,27 @@ fn load_key(path: &Path) -> Result<Credential, TransportError> {
             russh::keys::Error::KeyIsEncrypted => {
                 " (it is passphrase-protected: add it to ssh-agent instead)"
             }
-            _ => " (supported: Ed25519 and ECDSA keys in OpenSSH, PKCS#8 or SEC1 PEM; RSA is not)",
+            _ => {
+                " (supported: Ed25519 and ECDSA keys in OpenSSH, PKCS#8 or SEC1 PEM; RSA keys \
+                 only through ssh-agent)"
+            }
         };
         TransportError::Config(format!("private key {}: {e}{hint}", path.display()))
     })?;
     // This build signs with Ed25519 and ECDSA only (russh without its `rsa` feature); an RSA
-    // key would load but fail when it is asked to sign.
+    // key would load but fail when it is asked to sign. The agent signs RSA keys itself.
     if !matches!(
         key.algorithm(),
         russh::keys::Algorithm::Ed25519 | russh::keys::Algorithm::Ecdsa { .. }
     ) {
         return Err(TransportError::Config(format!(
-            "private key {} is an `{}` key, which devsync cannot sign with (supported: Ed25519 \
-             and ECDSA): make one with `ssh-keygen -t ed25519` and add its .pub to the \
+            "private key {} is an `{}` key, which devsync cannot sign with from a file \
+             (supported: Ed25519 and ECDSA): add it to your ssh-agent (`ssh-add {}`), which \
+             devsync uses, or make one with `ssh-keygen -t ed25519` and add its .pub to the \
              server's authorized_keys",
             path.display(),
-            key.algorithm()
+            key.algorithm(),
+            path.display()
         )));
     }
     Ok(Credential::Key {

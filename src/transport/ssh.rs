@@ -15,7 +15,7 @@ use bytes::Bytes;
 use russh::client::{self, Handle};
 use russh::keys::agent::AgentIdentity;
 use russh::keys::agent::client::AgentClient;
-use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Preferred, cipher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
@@ -264,20 +264,44 @@ impl Connection {
             .request_identities()
             .await
             .map_err(|e| e.to_string())?;
+        let mut rsa_hashes = None;
         for id in ids {
             let AgentIdentity::PublicKey { key, .. } = id else {
                 continue;
             };
-            match self
-                .handle
-                .authenticate_publickey_with(user, key, None, &mut agent)
-                .await
-            {
-                Ok(r) if r.success() => return Ok(true),
-                _ => continue,
+            // The agent signs, so RSA keys work here (unlike key files, see remote::load_key),
+            // but only with the hash asked for: `None` means SHA-1 `ssh-rsa`, which OpenSSH
+            // >= 8.8 refuses by default.
+            let hashes = if matches!(key.algorithm(), russh::keys::Algorithm::Rsa { .. }) {
+                if rsa_hashes.is_none() {
+                    rsa_hashes = Some(self.rsa_hashes().await);
+                }
+                rsa_hashes.clone().unwrap_or_default()
+            } else {
+                vec![None]
+            };
+            for hash in hashes {
+                match self
+                    .handle
+                    .authenticate_publickey_with(user, key.clone(), hash, &mut agent)
+                    .await
+                {
+                    Ok(r) if r.success() => return Ok(true),
+                    _ => continue,
+                }
             }
         }
         Ok(false)
+    }
+
+    /// The RSA signature hashes to try, best first, from the server's `server-sig-algs`
+    /// (OpenSSH has sent it since 7.2, before any auth request). A server that does not send
+    /// it gets SHA-256, then SHA-1 for servers older than RFC 8332.
+    async fn rsa_hashes(&self) -> Vec<Option<HashAlg>> {
+        match self.handle.best_supported_rsa_hash().await {
+            Ok(Some(best)) => vec![best],
+            Ok(None) | Err(_) => vec![Some(HashAlg::Sha256), None],
+        }
     }
 
     pub fn label(&self) -> &str {

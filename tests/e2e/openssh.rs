@@ -369,9 +369,9 @@ fn devbox_over_tls_to_an_upstream_openssh() {
     assert_same_tree(&remote, &back);
 }
 
-#[test]
-fn ssh_agent_keys_are_used() {
-    let Some(sshd) = sshd() else { return };
+/// Pushes a one-file tree to `sshd` with only an ssh-agent holding `key` to sign with.
+/// Returns the exit code, stderr and the file as it arrived.
+fn push_with_agent_key(sshd: &Sshd, key: &Path) -> (Option<i32>, String, Option<Vec<u8>>) {
     let td = tempfile::tempdir().unwrap();
     let sock = td.path().join("agent.sock");
     let mut agent = Command::new("ssh-agent")
@@ -385,7 +385,7 @@ fn ssh_agent_keys_are_used() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let added = Command::new("ssh-add")
-        .arg(&sshd.client_key)
+        .arg(key)
         .env("SSH_AUTH_SOCK", &sock)
         .output()
         .unwrap();
@@ -412,15 +412,40 @@ fn ssh_agent_keys_are_used() {
         .unwrap();
     let _ = agent.kill();
     let _ = agent.wait();
-    assert_eq!(
+    (
         out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        std::fs::read(remote.join("hello")).ok(),
+    )
+}
+
+#[test]
+fn ssh_agent_keys_are_used() {
+    let Some(sshd) = sshd() else { return };
+    let (code, err, got) = push_with_agent_key(&sshd, &sshd.client_key);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(got.as_deref(), Some(&b"signed by the agent"[..]));
+}
+
+/// The agent signs RSA keys itself, so they work there; they must ask it for an
+/// `rsa-sha2-*` signature: OpenSSH >= 8.8 refuses SHA-1 (`ssh-rsa`) ones by default.
+#[test]
+fn rsa_keys_in_the_agent_sign_with_sha2() {
+    let Some(sshd) = sshd() else { return };
+    let td = tempfile::tempdir().unwrap();
+    let rsa = td.path().join("rsa");
+    keygen_as(&rsa, &["-t", "rsa", "-b", "2048"]);
+    authorize(
+        &sshd,
+        &std::fs::read_to_string(rsa.with_extension("pub")).unwrap(),
     );
-    assert_eq!(
-        std::fs::read(remote.join("hello")).unwrap(),
-        b"signed by the agent"
+    let (code, err, got) = push_with_agent_key(&sshd, &rsa);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(got.as_deref(), Some(&b"signed by the agent"[..]));
+    let log = std::fs::read_to_string(sshd.dir.path().join("sshd.log")).unwrap();
+    assert!(
+        log.contains("Accepted publickey") && log.contains("RSA SHA256:"),
+        "{log}"
     );
 }
 
